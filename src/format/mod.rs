@@ -1,0 +1,1 @@
+//! On-disk qcow2 structures: parse and serialize from byte slices, no I/O.

@@ -1,0 +1,1 @@
+//! Reads an image's metadata and fills a metadata map.

@@ -1,0 +1,1 @@
+//! Positioned I/O over an image file or an in-memory buffer.
