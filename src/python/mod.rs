@@ -1,4 +1,9 @@
-//! PyO3 bindings: a thin layer over the Rust core.
+//! PyO3 bindings: a thin layer over the Rust core. No qcow2 rules live here; this layer only
+//! converts arguments, maps errors to the Python exceptions of `qcow2ovl.errors`, and releases the
+//! GIL around I/O.
+
+mod convert;
+mod map;
 
 use pyo3::prelude::*;
 
@@ -6,5 +11,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<map::PyMetadataMap>()?;
+    m.add_class::<map::PyNaiveChecker>()?;
     Ok(())
 }

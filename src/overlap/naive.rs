@@ -1,0 +1,259 @@
+//! QEMU's metadata overlap check, as QEMU does it today: scan the tables on every check.
+//!
+//! This is the reference the metadata map is tested against and the baseline it is measured
+//! against. The algorithm follows `qcow2_check_metadata_overlap`: round the write out to whole
+//! clusters, then compare it with the header cluster, the active L1 table, the refcount table,
+//! the snapshot table and each snapshot L1 table by one range comparison each, with every active
+//! L2 table by a loop over the active L1 table, with every refcount block by a loop over the
+//! refcount table, and — in `all` mode — with every inactive L2 table by reading each snapshot's
+//! L1 table from the image and looping over it, on every single check. Two differences, both
+//! needed for an oracle: the result is the OR of every overlapping type (QEMU stops at the first),
+//! and our two extra types (encryption header, bitmap tables) are checked the same naive way.
+
+use std::io;
+
+use super::types::MetadataType;
+
+/// Reads snapshot L1 tables from the image on every `all`-mode check, as QEMU does.
+pub trait SnapshotL1Reader {
+    /// Fills `buf` from host offset `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl SnapshotL1Reader for std::fs::File {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl SnapshotL1Reader for [u8] {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let src = start
+            .checked_add(buf.len())
+            .and_then(|end| self.get(start..end))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl SnapshotL1Reader for Vec<u8> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.as_slice().read_at(offset, buf)
+    }
+}
+
+/// What QEMU keeps in memory about an image's metadata, in the units QEMU uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NaiveLayout {
+    /// Cluster size in bytes (a power of two).
+    pub cluster_size: u64,
+    /// Host offset of the active L1 table.
+    pub l1_table_offset: u64,
+    /// The active L1 table's entries (raw, as on disk after byte-swapping).
+    pub l1_table: Vec<u64>,
+    /// Host offset of the refcount table.
+    pub refcount_table_offset: u64,
+    /// The refcount table's entries; its byte size is `len * 8`.
+    pub refcount_table: Vec<u64>,
+    /// Host offset of the snapshot table.
+    pub snapshots_offset: u64,
+    /// Byte size of the snapshot table (0 when there are no snapshots).
+    pub snapshots_size: u64,
+    /// `(l1_table_offset, l1_size)` of every snapshot; the tables themselves stay on disk.
+    pub snapshots: Vec<(u64, u32)>,
+    /// `(offset, size)` of the bitmap directory, when the bitmaps autoclear bit is set.
+    pub bitmap_directory: Option<(u64, u64)>,
+    /// `(offset, entries)` of every bitmap table.
+    pub bitmap_tables: Vec<(u64, u32)>,
+    /// `(offset, length)` of the encryption header.
+    pub crypto_header: Option<(u64, u64)>,
+}
+
+/// QEMU's scanning checker over a [`NaiveLayout`], reading snapshot L1 tables through `R`.
+pub struct NaiveChecker<R: ?Sized> {
+    layout: NaiveLayout,
+    enabled: MetadataType,
+    /// Index one past the last non-zero refcount table entry (QEMU's
+    /// `max_refcount_table_index + 1`): the loop over refcount blocks stops there.
+    refcount_table_used: usize,
+    reader: Box<R>,
+}
+
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+impl<R: SnapshotL1Reader + ?Sized> NaiveChecker<R> {
+    /// A checker for `layout` that checks the `enabled` types.
+    pub fn new(layout: NaiveLayout, enabled: MetadataType, reader: Box<R>) -> Self {
+        let refcount_table_used = layout
+            .refcount_table
+            .iter()
+            .rposition(|&e| e & REFTABLE_OFFSET_MASK != 0)
+            .map_or(0, |i| i + 1);
+        NaiveChecker {
+            layout,
+            enabled,
+            refcount_table_used,
+            reader,
+        }
+    }
+
+    /// The layout being checked.
+    pub fn layout(&self) -> &NaiveLayout {
+        &self.layout
+    }
+
+    /// The OR of every enabled type (minus `ignore`) that `[offset, offset + size)` overlaps.
+    ///
+    /// Errors only when reading a snapshot L1 table fails (`all` mode) or the range overflows.
+    pub fn check(&self, offset: u64, size: u64, ignore: MetadataType) -> io::Result<MetadataType> {
+        let chk = self.enabled - ignore;
+        let l = &self.layout;
+        if size == 0 || chk.is_empty() {
+            return Ok(MetadataType::empty());
+        }
+        let cs = l.cluster_size;
+        // Round out to whole clusters, as QEMU does before comparing.
+        let start = offset & !(cs - 1);
+        let end = offset
+            .checked_add(size)
+            .and_then(|e| e.checked_add(cs - 1))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))?
+            & !(cs - 1);
+        let hits = |ofs: u64, sz: u64| sz != 0 && ofs < end && start < ofs.saturating_add(sz);
+        let mut ret = MetadataType::empty();
+        let mut test = |t: MetadataType, hit: &dyn Fn() -> bool| {
+            if chk.contains(t) && hit() {
+                ret |= t;
+            }
+        };
+
+        test(MetadataType::MAIN_HEADER, &|| start < cs);
+        test(MetadataType::ACTIVE_L1, &|| {
+            hits(l.l1_table_offset, l.l1_table.len() as u64 * 8)
+        });
+        test(MetadataType::REFCOUNT_TABLE, &|| {
+            hits(l.refcount_table_offset, l.refcount_table.len() as u64 * 8)
+        });
+        test(MetadataType::SNAPSHOT_TABLE, &|| {
+            hits(l.snapshots_offset, l.snapshots_size)
+        });
+        test(MetadataType::INACTIVE_L1, &|| {
+            l.snapshots
+                .iter()
+                .any(|&(ofs, n)| hits(ofs, u64::from(n) * 8))
+        });
+        test(MetadataType::ACTIVE_L2, &|| {
+            l.l1_table.iter().any(|&e| {
+                let ofs = e & L1_OFFSET_MASK;
+                ofs != 0 && hits(ofs, cs)
+            })
+        });
+        test(MetadataType::REFCOUNT_BLOCK, &|| {
+            l.refcount_table[..self.refcount_table_used]
+                .iter()
+                .any(|&e| {
+                    let ofs = e & REFTABLE_OFFSET_MASK;
+                    ofs != 0 && hits(ofs, cs)
+                })
+        });
+        test(MetadataType::BITMAP_DIRECTORY, &|| {
+            l.bitmap_directory.is_some_and(|(ofs, sz)| hits(ofs, sz))
+        });
+        test(MetadataType::CRYPTO_HEADER, &|| {
+            l.crypto_header.is_some_and(|(ofs, sz)| hits(ofs, sz))
+        });
+        test(MetadataType::BITMAP_TABLE, &|| {
+            l.bitmap_tables
+                .iter()
+                .any(|&(ofs, n)| hits(ofs, u64::from(n) * 8))
+        });
+
+        if chk.contains(MetadataType::INACTIVE_L2) {
+            // QEMU reads every snapshot's L1 table from the image on every check.
+            let mut buf = Vec::new();
+            'snapshots: for &(l1_ofs, l1_size) in &l.snapshots {
+                buf.clear();
+                buf.resize(l1_size as usize * 8, 0);
+                self.reader.read_at(l1_ofs, &mut buf)?;
+                for raw in buf.chunks_exact(8) {
+                    let mut be = [0u8; 8];
+                    be.copy_from_slice(raw);
+                    let ofs = u64::from_be_bytes(be) & L1_OFFSET_MASK;
+                    if ofs != 0 && hits(ofs, cs) {
+                        ret |= MetadataType::INACTIVE_L2;
+                        break 'snapshots;
+                    }
+                }
+            }
+        }
+        Ok(ret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MetadataType as T;
+
+    const CS: u64 = 4096;
+
+    /// A small layout whose snapshot L1 table lives in an in-memory "file".
+    fn checker(enabled: MetadataType) -> NaiveChecker<Vec<u8>> {
+        let mut file = vec![0u8; 64 * CS as usize];
+        // Snapshot L1 at cluster 20 with one entry pointing at cluster 21.
+        file[20 * CS as usize..20 * CS as usize + 8].copy_from_slice(&(21 * CS).to_be_bytes());
+        let layout = NaiveLayout {
+            cluster_size: CS,
+            l1_table_offset: 3 * CS,
+            l1_table: vec![(1 << 63) | (5 * CS), 0, 6 * CS],
+            refcount_table_offset: CS,
+            refcount_table: vec![2 * CS, 0, 0],
+            snapshots_offset: 10 * CS,
+            snapshots_size: 100,
+            snapshots: vec![(20 * CS, 1)],
+            bitmap_directory: Some((30 * CS, 200)),
+            bitmap_tables: vec![(31 * CS, 2)],
+            crypto_header: Some((32 * CS, 2 * CS)),
+        };
+        NaiveChecker::new(layout, enabled, Box::new(file))
+    }
+
+    #[test]
+    fn finds_every_type() {
+        let c = checker(T::all());
+        let at = |cluster: u64| c.check(cluster * CS + 7, 1, T::empty()).unwrap();
+        assert_eq!(at(0), T::MAIN_HEADER);
+        assert_eq!(at(1), T::REFCOUNT_TABLE);
+        assert_eq!(at(2), T::REFCOUNT_BLOCK);
+        assert_eq!(at(3), T::ACTIVE_L1);
+        assert_eq!(at(4), T::empty());
+        assert_eq!(at(5), T::ACTIVE_L2);
+        assert_eq!(at(6), T::ACTIVE_L2);
+        assert_eq!(at(10), T::SNAPSHOT_TABLE);
+        assert_eq!(at(20), T::INACTIVE_L1);
+        assert_eq!(at(21), T::INACTIVE_L2);
+        assert_eq!(at(30), T::BITMAP_DIRECTORY);
+        assert_eq!(at(31), T::BITMAP_TABLE);
+        assert_eq!(at(33), T::CRYPTO_HEADER);
+        assert_eq!(at(34), T::empty());
+        assert_eq!(
+            c.check(CS, 3 * CS, T::REFCOUNT_BLOCK).unwrap(),
+            T::REFCOUNT_TABLE | T::ACTIVE_L1
+        );
+    }
+
+    #[test]
+    fn cached_mode_reads_nothing() {
+        let mut c = checker(T::TEMPLATE_CACHED);
+        *c.reader = Vec::new(); // any read would fail
+        assert_eq!(c.check(21 * CS, 1, T::empty()).unwrap(), T::empty());
+        let all = checker(T::all());
+        let mut broken = NaiveChecker::new(all.layout().clone(), T::all(), Box::new(Vec::new()));
+        assert!(broken.check(21 * CS, 1, T::empty()).is_err());
+        broken.enabled = T::TEMPLATE_CACHED;
+        assert!(broken.check(21 * CS, 1, T::empty()).is_ok());
+    }
+}

@@ -1,0 +1,24 @@
+//! Conversions between Rust values and their Python faces.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+
+use crate::overlap::MetadataType;
+
+/// Type bits from a Python int (or `MetadataType`); unknown bits are a `ValueError`.
+pub(crate) fn types_from_py(bits: u64) -> PyResult<MetadataType> {
+    u16::try_from(bits)
+        .ok()
+        .and_then(MetadataType::from_bits)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown metadata type bits {bits:#x}")))
+}
+
+/// The Python `qcow2ovl.types.MetadataType` flag for `t`.
+pub(crate) fn types_to_py(py: Python<'_>, t: MetadataType) -> PyResult<Bound<'_, PyAny>> {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    CLASS
+        .import(py, "qcow2ovl.types", "MetadataType")?
+        .call1((t.bits(),))
+}
