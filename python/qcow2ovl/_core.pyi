@@ -1,1 +1,66 @@
+"""Type stubs for the Rust extension module ``qcow2ovl._core``."""
+
+from os import PathLike
+
+from qcow2ovl.types import MetadataType
+
 __version__: str
+
+class MetadataMap:
+    """Which host clusters hold which qcow2 metadata; constant-time overlap checks.
+
+    ``check`` rounds the range out to whole clusters and returns the OR of every enabled type in
+    them (plus ``MAIN_HEADER`` for a range starting in cluster 0). ``enter`` ignores an unaligned
+    offset; ``remove`` rounds an unaligned range out. Under ``total_size_limit`` the map never
+    under-reports: ranges it could not hold make ``check`` return every enabled type and
+    ``is_exact`` return False.
+    """
+
+    def __init__(
+        self,
+        cluster_size: int,
+        *,
+        enabled: int = ...,
+        total_size_limit: int | None = None,
+    ) -> None: ...
+    @property
+    def cluster_size(self) -> int: ...
+    @property
+    def enabled(self) -> MetadataType: ...
+    @property
+    def total_size_limit(self) -> int | None: ...
+    def enter(self, offset: int, nb_clusters: int, types: int) -> None: ...
+    def remove(self, offset: int, nb_clusters: int, types: int) -> None: ...
+    def check(self, offset: int, size: int, ignore: int = 0) -> MetadataType: ...
+    def is_exact(self, offset: int, size: int) -> bool: ...
+    def unchecked_ranges(self) -> list[tuple[int, int]]: ...
+    def extents(self) -> list[tuple[int, int, MetadataType]]: ...
+    def memory_usage(self) -> int: ...
+    def __len__(self) -> int: ...
+
+class NaiveChecker:
+    """QEMU's scanning overlap check over in-memory tables; the reference oracle.
+
+    In ``all`` mode every check reads each snapshot's L1 table from ``image`` (bytes) or
+    ``image_path`` (a file), as QEMU does.
+    """
+
+    def __init__(
+        self,
+        cluster_size: int,
+        *,
+        enabled: int = ...,
+        l1_table_offset: int = 0,
+        l1_table: list[int] = ...,
+        refcount_table_offset: int = 0,
+        refcount_table: list[int] = ...,
+        snapshots_offset: int = 0,
+        snapshots_size: int = 0,
+        snapshots: list[tuple[int, int]] = ...,
+        bitmap_directory: tuple[int, int] | None = None,
+        bitmap_tables: list[tuple[int, int]] = ...,
+        crypto_header: tuple[int, int] | None = None,
+        image: bytes | None = None,
+        image_path: str | PathLike[str] | None = None,
+    ) -> None: ...
+    def check(self, offset: int, size: int, ignore: int = 0) -> MetadataType: ...

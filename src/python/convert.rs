@@ -16,9 +16,20 @@ pub(crate) fn types_from_py(bits: u64) -> PyResult<MetadataType> {
 }
 
 /// The Python `qcow2ovl.types.MetadataType` flag for `t`.
+///
+/// Constructing an `IntFlag` costs far more than a check, so all 2048 possible values are made
+/// once and handed out from a table.
 pub(crate) fn types_to_py(py: Python<'_>, t: MetadataType) -> PyResult<Bound<'_, PyAny>> {
     static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
-    CLASS
-        .import(py, "qcow2ovl.types", "MetadataType")?
-        .call1((t.bits(),))
+    static VALUES: PyOnceLock<Vec<Py<PyAny>>> = PyOnceLock::new();
+    let values = VALUES.get_or_try_init(py, || {
+        let class = CLASS.import(py, "qcow2ovl.types", "MetadataType")?;
+        (0..=MetadataType::all().bits())
+            .map(|bits| Ok(class.call1((bits,))?.unbind()))
+            .collect::<PyResult<Vec<_>>>()
+    })?;
+    let value = values
+        .get(usize::from(t.bits()))
+        .ok_or_else(|| PyValueError::new_err("metadata type bits out of range"))?;
+    Ok(value.bind(py).clone())
 }

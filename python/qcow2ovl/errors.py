@@ -1,0 +1,33 @@
+"""Exceptions raised by qcow2ovl.
+
+Every error that comes from an image's bytes is a :class:`Qcow2Error`. Malformed images raise
+:class:`FormatError` (also a :class:`ValueError`); valid images that use something qcow2ovl does
+not support raise :class:`UnsupportedError`. Messages start with QEMU's wording where QEMU has one,
+so they can be matched against ``qemu-img`` output.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class Qcow2Error(Exception):
+    """Base class of every qcow2ovl error about an image."""
+
+
+class FormatError(Qcow2Error, ValueError):
+    """The image is malformed: a header field, table or entry breaks the qcow2 format."""
+
+
+class UnsupportedError(Qcow2Error):
+    """The image is valid qcow2 but uses a feature qcow2ovl does not support."""
+
+
+class MetadataOverlapError(Qcow2Error, OSError):
+    """A write would have overwritten qcow2 metadata; nothing was written (errno ``EIO``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+__all__ = ["FormatError", "MetadataOverlapError", "Qcow2Error", "UnsupportedError"]
