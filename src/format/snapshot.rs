@@ -69,8 +69,9 @@ impl SnapshotEntry {
             .unwrap_or(u64::from(self.vm_state_size))
     }
 
-    /// Whether the entry has the extra data version 3 requires. QEMU opens entries without it
-    /// and only `qemu-img check` reports them, so parsing does not fail on this.
+    /// Whether the entry has the extra data version 3 requires. QEMU opens version 3 images
+    /// whose entries lack it; only `qemu-img check` reports them (`snapshot table entry N is
+    /// incomplete`), so parsing does not fail on this.
     pub fn has_v3_extra_data(&self) -> bool {
         self.extra_data_size() >= V3_MIN_EXTRA_DATA
     }
