@@ -94,6 +94,9 @@ mod tests {
         let t = MetadataType::ACTIVE_L2 | MetadataType::INACTIVE_L2;
         assert_eq!(t.message_name(), Some("active L2 table"));
         assert_eq!(MetadataType::empty().message_name(), None);
-        assert_eq!(MetadataType::CRYPTO_HEADER.message_name(), Some("encryption header"));
+        assert_eq!(
+            MetadataType::CRYPTO_HEADER.message_name(),
+            Some("encryption header")
+        );
     }
 }
