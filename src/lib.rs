@@ -1,7 +1,7 @@
 //! qcow2ovl: scan qcow2 images into a compact metadata map and answer metadata overlap
 //! queries in constant time.
 //!
-//! Layers (see `docs/design/` and the project's DESIGN.md): [`format`] parses on-disk
+//! Layers (see `docs/design/` and the project's DESIGN.md): [`format`](mod@format) parses on-disk
 //! structures from bytes, [`storage`] does positioned I/O, [`overlap`] holds the metadata map
 //! and QEMU's naive reference checker, [`scan`] fills a map from an image, and `python` (behind
 //! the `python` feature) exposes all of it to Python.
@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod format;
+pub mod image;
 pub mod overlap;
 pub mod scan;
 pub mod storage;

@@ -1,1 +1,427 @@
-//! Reads an image's metadata and fills a metadata map.
+//! Reads an image's metadata through [`Storage`] and [`format`](crate::format), and fills a
+//! [`MetadataMap`] with every extent of every enabled type.
+//!
+//! What is read at open, and why:
+//! - the header cluster, the active L1 table and the refcount table (everything needs them; they
+//!   locate the active L2 tables and the refcount blocks, which are not read);
+//! - the snapshot table (the snapshot list) and, only when `INACTIVE_L2` is enabled, every
+//!   snapshot's L1 table (to locate the inactive L2 tables);
+//! - the bitmap directory, while autoclear bit 0 vouches for it (the bitmap list).
+//!
+//! Every size that comes from the file is bounded before anything is allocated for it (the
+//! header parser enforces QEMU's table limits), and bytes past the end of the file read as zeros,
+//! as they do in QEMU. Pointers that the map cannot hold (unaligned, or ending past 2^56) are not
+//! fatal for a read-only scan; they are listed in [`ScannedImage::problems`].
+
+use std::collections::HashSet;
+use std::io;
+
+use crate::format::{
+    parse_bitmap_directory, parse_snapshot_table, read_u64_table, BitmapDirectoryEntry,
+    FormatError, Header, SnapshotEntry,
+};
+use crate::overlap::{MapError, MetadataMap, MetadataType};
+use crate::storage::Storage;
+
+/// The most bytes read to parse the header: the largest cluster.
+const MAX_HEADER_READ: u64 = 2 << 20;
+/// Upper bound of one snapshot table entry: fixed part, extra data, id and name, padding.
+const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
+/// Problems listed individually before the rest are only counted.
+const MAX_PROBLEMS: usize = 64;
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// Why a scan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// A malformed or unsupported on-disk structure.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The image's structures contradict each other in a way that makes scanning unsafe.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// Reading the image failed.
+    #[error("I/O error reading {what}: {source}")]
+    Io {
+        /// What was being read.
+        what: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The map rejected its configuration (bad memory limit).
+    #[error(transparent)]
+    Map(#[from] MapError),
+}
+
+/// Everything the scan learned about an image.
+#[derive(Debug)]
+pub struct ScannedImage {
+    /// The parsed header.
+    pub header: Header,
+    /// Length of the image file in bytes at open.
+    pub file_len: u64,
+    /// The active L1 table (raw entries).
+    pub l1_table: Vec<u64>,
+    /// The refcount table (raw entries).
+    pub refcount_table: Vec<u64>,
+    /// The snapshot list, in table order.
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Byte length of the snapshot table (end of the last entry).
+    pub snapshot_table_bytes: u64,
+    /// The persistent bitmaps, when autoclear bit 0 vouches for the bitmap directory.
+    pub bitmaps: Vec<BitmapDirectoryEntry>,
+    /// The metadata map over every enabled type.
+    pub map: MetadataMap,
+    /// Non-fatal inconsistencies found on the way (at most [`MAX_PROBLEMS`] listed).
+    pub problems: Vec<String>,
+    /// How many problems were found in all (more than listed when many).
+    pub problem_count: usize,
+}
+
+/// Scans the image in `storage`, tracking the `enabled` types, with an optional memory limit for
+/// the map.
+pub fn scan(
+    storage: &dyn Storage,
+    enabled: MetadataType,
+    map_limit: Option<usize>,
+) -> Result<ScannedImage, ScanError> {
+    let file_len = storage.len().map_err(|source| ScanError::Io {
+        what: "the image length",
+        source,
+    })?;
+    if file_len == 0 {
+        return Err(FormatError::Truncated {
+            what: "qcow2 header (the file is empty)".into(),
+            needed: 72,
+            available: 0,
+        }
+        .into());
+    }
+    let cluster0 = read_clipped(
+        storage,
+        0,
+        file_len.min(MAX_HEADER_READ),
+        file_len,
+        "the header",
+    )?;
+    let header = Header::parse(&cluster0)?;
+    drop(cluster0);
+    let mut s = Scanner {
+        storage,
+        file_len,
+        cs: header.cluster_size(),
+        map: MetadataMap::new(header.cluster_size(), enabled, map_limit)?,
+        problems: Vec::new(),
+        problem_count: 0,
+    };
+    s.put(0, s.cs, MetadataType::MAIN_HEADER, "the header");
+
+    let l1_bytes = u64::from(header.l1_size) * 8;
+    s.put(
+        header.l1_table_offset,
+        l1_bytes,
+        MetadataType::ACTIVE_L1,
+        "the active L1 table",
+    );
+    let l1_table =
+        read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
+    for (i, &e) in l1_table.iter().enumerate() {
+        let ofs = e & L1_OFFSET_MASK;
+        if ofs != 0 {
+            s.put_cluster(ofs, MetadataType::ACTIVE_L2, || {
+                format!("L2 table (L1 index {i})")
+            });
+        }
+    }
+
+    let rt_bytes = u64::from(header.refcount_table_clusters) * s.cs;
+    s.put(
+        header.refcount_table_offset,
+        rt_bytes,
+        MetadataType::REFCOUNT_TABLE,
+        "the refcount table",
+    );
+    let refcount_table =
+        read_u64_table(&s.read(header.refcount_table_offset, rt_bytes, "the refcount table")?);
+    for (i, &e) in refcount_table.iter().enumerate() {
+        let ofs = e & REFTABLE_OFFSET_MASK;
+        if ofs != 0 {
+            s.put_cluster(ofs, MetadataType::REFCOUNT_BLOCK, || {
+                format!("refcount block (refcount table index {i})")
+            });
+        }
+    }
+
+    let (snapshots, snapshot_table_bytes) = s.scan_snapshots(&header, enabled)?;
+    let bitmaps = s.scan_bitmaps(&header)?;
+    if let Some((offset, length)) = header.crypto_header() {
+        s.put(
+            offset,
+            length,
+            MetadataType::CRYPTO_HEADER,
+            "the encryption header",
+        );
+    }
+
+    Ok(ScannedImage {
+        header,
+        file_len,
+        l1_table,
+        refcount_table,
+        snapshots,
+        snapshot_table_bytes,
+        bitmaps,
+        map: s.map,
+        problems: s.problems,
+        problem_count: s.problem_count,
+    })
+}
+
+/// Reads `len` bytes at `offset`; the part past `file_len` reads as zeros without touching the
+/// storage. The caller bounds `len`.
+fn read_clipped(
+    storage: &dyn Storage,
+    offset: u64,
+    len: u64,
+    file_len: u64,
+    what: &'static str,
+) -> Result<Vec<u8>, ScanError> {
+    let len = usize::try_from(len)
+        .map_err(|_| ScanError::Inconsistent(format!("{what} does not fit in memory")))?;
+    let mut buf = vec![0u8; len];
+    let in_file = file_len.saturating_sub(offset).min(len as u64) as usize;
+    if in_file > 0 {
+        storage
+            .read_at(offset, &mut buf[..in_file])
+            .map_err(|source| ScanError::Io { what, source })?;
+    }
+    Ok(buf)
+}
+
+/// Scan state: the map being filled and the problems found.
+struct Scanner<'a> {
+    storage: &'a dyn Storage,
+    file_len: u64,
+    cs: u64,
+    map: MetadataMap,
+    problems: Vec<String>,
+    problem_count: usize,
+}
+
+impl Scanner<'_> {
+    fn read(&self, offset: u64, len: u64, what: &'static str) -> Result<Vec<u8>, ScanError> {
+        read_clipped(self.storage, offset, len, self.file_len, what)
+    }
+
+    fn problem(&mut self, msg: String) {
+        self.problem_count += 1;
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(msg);
+        }
+    }
+
+    /// Enters `[offset, offset + len)`, rounded out to clusters, as `types`. A structure the map
+    /// cannot hold (unaligned or past 2^56) becomes a problem instead.
+    fn put(&mut self, offset: u64, len: u64, types: MetadataType, what: &str) {
+        if len == 0 {
+            return;
+        }
+        if offset % self.cs != 0 {
+            self.problem(format!("{what} at {offset:#x} is not cluster-aligned"));
+            return;
+        }
+        let clusters = len.div_ceil(self.cs);
+        if let Err(e) = self.map.enter(offset, clusters, types) {
+            self.problem(format!("{what} at {offset:#x} cannot be mapped: {e}"));
+        }
+    }
+
+    /// Enters the single cluster at `offset` (a table pointer from an L1, snapshot L1 or refcount
+    /// table entry), noting pointers that are unaligned or beyond the end of the file.
+    fn put_cluster(&mut self, offset: u64, types: MetadataType, what: impl Fn() -> String) {
+        if offset % self.cs != 0 {
+            let what = what();
+            self.problem(format!("{what} offset {offset:#x} is not cluster-aligned"));
+            return;
+        }
+        if offset >= self.file_len {
+            let what = what();
+            self.problem(format!(
+                "{what} at {offset:#x} lies beyond the end of the file ({:#x})",
+                self.file_len
+            ));
+        }
+        if let Err(e) = self.map.enter(offset, 1, types) {
+            let what = what();
+            self.problem(format!("{what} at {offset:#x} cannot be mapped: {e}"));
+        }
+    }
+
+    /// Reads the snapshot table and, when inactive L2 tables are tracked, every snapshot L1 table.
+    fn scan_snapshots(
+        &mut self,
+        header: &Header,
+        enabled: MetadataType,
+    ) -> Result<(Vec<SnapshotEntry>, u64), ScanError> {
+        if header.nb_snapshots == 0 {
+            return Ok((Vec::new(), 0));
+        }
+        // Entries have variable length; read the most the table can span (at most 64 MiB).
+        let bound = (u64::from(header.nb_snapshots) * MAX_SNAPSHOT_ENTRY)
+            .min(crate::format::limits::MAX_SNAPSHOT_TABLE_BYTES);
+        let buf = self.read(header.snapshots_offset, bound, "the snapshot table")?;
+        let (snapshots, table_bytes) =
+            parse_snapshot_table(&buf, header.nb_snapshots, header.version)?;
+        drop(buf);
+        self.put(
+            header.snapshots_offset,
+            table_bytes,
+            MetadataType::SNAPSHOT_TABLE,
+            "the snapshot table",
+        );
+
+        let mut seen: HashSet<(u64, u32)> = HashSet::new();
+        // Distinct snapshot L1 tables occupy distinct clusters of the file, so all of them
+        // together cannot hold more bytes than the file; more means they overlap, and reading
+        // them would cost without bound.
+        let mut budget = self.file_len;
+        for (i, snap) in snapshots.iter().enumerate() {
+            snap.check_l1_table(self.cs)?;
+            let bytes = snap.l1_table_bytes();
+            let what = format!("the L1 table of snapshot {i} ('{}')", snap.id);
+            self.put(
+                snap.l1_table_offset,
+                bytes,
+                MetadataType::INACTIVE_L1,
+                &what,
+            );
+            if !enabled.contains(MetadataType::INACTIVE_L2)
+                || !seen.insert((snap.l1_table_offset, snap.l1_size))
+            {
+                continue;
+            }
+            // Only the part inside the file can hold non-zero entries.
+            let in_file = self
+                .file_len
+                .saturating_sub(snap.l1_table_offset)
+                .min(bytes);
+            budget = budget.checked_sub(in_file).ok_or_else(|| {
+                ScanError::Inconsistent(format!(
+                    "Snapshot L1 tables overlap: snapshot {i} brings their total past the file \
+                     size of {} bytes",
+                    self.file_len
+                ))
+            })?;
+            let table =
+                read_u64_table(&self.read(snap.l1_table_offset, in_file, "a snapshot L1 table")?);
+            for (j, &e) in table.iter().enumerate() {
+                let ofs = e & L1_OFFSET_MASK;
+                if ofs != 0 {
+                    self.put_cluster(ofs, MetadataType::INACTIVE_L2, || {
+                        format!("L2 table of snapshot {i} (L1 index {j})")
+                    });
+                }
+            }
+        }
+        Ok((snapshots, table_bytes))
+    }
+
+    /// Reads the bitmap directory while autoclear bit 0 vouches for it.
+    fn scan_bitmaps(&mut self, header: &Header) -> Result<Vec<BitmapDirectoryEntry>, ScanError> {
+        let Some(ext) = header.active_bitmaps_ext().cloned() else {
+            return Ok(Vec::new());
+        };
+        ext.validate(self.cs)?;
+        let dir = self.read(ext.dir_offset, ext.dir_size, "the bitmap directory")?;
+        let bitmaps = parse_bitmap_directory(&dir, ext.nb_bitmaps, self.cs, header.size)?;
+        self.put(
+            ext.dir_offset,
+            ext.dir_size,
+            MetadataType::BITMAP_DIRECTORY,
+            "the bitmap directory",
+        );
+        for b in &bitmaps {
+            let what = format!("the table of bitmap '{}'", b.name);
+            self.put(
+                b.table_offset,
+                b.table_bytes(),
+                MetadataType::BITMAP_TABLE,
+                &what,
+            );
+        }
+        Ok(bitmaps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    const CS: u64 = 65536;
+
+    /// A minimal v3 image: header, reftable at cluster 1, refblock at 2, L1 at 3, L2 at 4.
+    fn tiny_image() -> Vec<u8> {
+        let mut img = vec![0u8; 5 * CS as usize];
+        let put32 =
+            |img: &mut Vec<u8>, o: usize, v: u32| img[o..o + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |img: &mut Vec<u8>, o: usize, v: u64| img[o..o + 8].copy_from_slice(&v.to_be_bytes());
+        img[0..4].copy_from_slice(b"QFI\xfb");
+        put32(&mut img, 4, 3);
+        put32(&mut img, 20, 16);
+        put64(&mut img, 24, 1 << 30);
+        put32(&mut img, 36, 2);
+        put64(&mut img, 40, 3 * CS);
+        put64(&mut img, 48, CS);
+        put32(&mut img, 56, 1);
+        put32(&mut img, 96, 4);
+        put32(&mut img, 100, 112);
+        put64(&mut img, CS as usize, 2 * CS);
+        put64(&mut img, 3 * CS as usize, (1 << 63) | (4 * CS));
+        img
+    }
+
+    #[test]
+    fn maps_every_structure_of_a_tiny_image() {
+        let st = MemStorage::new(tiny_image());
+        let s = scan(&st, MetadataType::all(), None).unwrap();
+        use MetadataType as T;
+        assert_eq!(
+            s.map.extents(),
+            vec![
+                (0, CS, T::MAIN_HEADER),
+                (CS, CS, T::REFCOUNT_TABLE),
+                (2 * CS, CS, T::REFCOUNT_BLOCK),
+                (3 * CS, CS, T::ACTIVE_L1),
+                (4 * CS, CS, T::ACTIVE_L2),
+            ]
+        );
+        assert!(s.problems.is_empty());
+    }
+
+    #[test]
+    fn bad_pointers_are_problems_not_failures() {
+        let mut img = tiny_image();
+        img[3 * CS as usize + 8..3 * CS as usize + 16]
+            .copy_from_slice(&(4 * CS + 512).to_be_bytes());
+        let st = MemStorage::new(img);
+        let s = scan(&st, MetadataType::all(), None).unwrap();
+        assert_eq!(s.problem_count, 1);
+        assert!(
+            s.problems[0].contains("not cluster-aligned"),
+            "{:?}",
+            s.problems
+        );
+    }
+
+    #[test]
+    fn empty_and_short_files_fail_cleanly() {
+        for len in [0usize, 3, 50, 71] {
+            let st = MemStorage::new(tiny_image()[..len].to_vec());
+            let err = scan(&st, MetadataType::all(), None).unwrap_err();
+            assert!(matches!(err, ScanError::Format(_)), "{len}: {err}");
+        }
+    }
+}

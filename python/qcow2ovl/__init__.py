@@ -2,23 +2,37 @@
 
 The Rust core (``qcow2ovl._core``) scans every metadata structure of a qcow2 image into a compact
 metadata map and answers "would this write hit metadata, and which?" in constant time. This
-package is its Python face: the types and options of the checks, the map, and the CLI.
+package is its Python face: :func:`open` and :class:`Image`, the types and options of the checks,
+the map itself, QEMU's naive checker (the reference), and the CLI.
 """
 
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
-from qcow2ovl.errors import FormatError, MetadataOverlapError, Qcow2Error, UnsupportedError
+from qcow2ovl.errors import (
+    CorruptImageError,
+    FormatError,
+    MetadataOverlapError,
+    Qcow2Error,
+    UnsupportedError,
+)
+from qcow2ovl.image import Bitmap, Image, ImageInfo, Snapshot, open
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import TEMPLATES, MetadataType
 
 __all__ = [
     "TEMPLATES",
+    "Bitmap",
+    "CorruptImageError",
     "FormatError",
+    "Image",
+    "ImageInfo",
     "MetadataMap",
     "MetadataOverlapError",
     "MetadataType",
     "NaiveChecker",
     "OverlapCheck",
     "Qcow2Error",
+    "Snapshot",
     "UnsupportedError",
     "__version__",
+    "open",
 ]

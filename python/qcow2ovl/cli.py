@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from qcow2ovl import MetadataMap, MetadataType, NaiveChecker, Qcow2Error
+from qcow2ovl.image import Image
+from qcow2ovl.image import open as open_image
 
 
 def _demo(_args: argparse.Namespace) -> int:
@@ -79,6 +83,145 @@ def _demo(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    """A byte count the way qemu-img prints it: ``1 GiB (1073741824 bytes)``."""
+    value, unit = float(n), "B"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    text = f"{value:.3g}" if unit != "B" else str(n)
+    return f"{text} {unit} ({n} bytes)" if unit != "B" else f"{n} B"
+
+
+def _types_text(types: int) -> str:
+    return "|".join(t.key for t in MetadataType(types).bits())
+
+
+def info_dict(image: Image) -> dict[str, Any]:
+    """The JSON form of ``qcow2ovl info`` (stable; see docs/cli.md)."""
+    i = image.info
+    return {
+        "filename": image.path,
+        "format": "qcow2",
+        "version": i.version,
+        "virtual-size": i.virtual_size,
+        "file-size": i.file_size,
+        "cluster-size": i.cluster_size,
+        "refcount-bits": i.refcount_bits,
+        "compression-type": i.compression_type,
+        "extended-l2": i.extended_l2,
+        "encrypted": i.encrypted,
+        "crypt-method": i.crypt_method,
+        "lazy-refcounts": i.lazy_refcounts,
+        "dirty": i.dirty,
+        "corrupt": i.corrupt,
+        "backing-filename": i.backing_file,
+        "backing-filename-format": i.backing_format,
+        "data-file": i.data_file,
+        "features": list(i.features),
+        "snapshots": [
+            {
+                "id": s.id,
+                "name": s.name,
+                "vm-state-size": s.vm_state_size,
+                "date-sec": s.date_sec,
+                "date-nsec": s.date_nsec,
+                "vm-clock-nsec": s.vm_clock_nsec,
+                "disk-size": s.disk_size,
+                "l1-table-offset": s.l1_table_offset,
+                "l1-size": s.l1_size,
+            }
+            for s in image.snapshots
+        ],
+        "bitmaps": [
+            {
+                "name": b.name,
+                "granularity": b.granularity,
+                "flags": [f for f, on in (("in-use", b.in_use), ("auto", b.auto)) if on],
+                "table-offset": b.table_offset,
+                "table-size": b.table_size,
+            }
+            for b in image.bitmaps
+        ],
+        "overlap-check": str(image.overlap_check),
+        "metadata-map-bytes": image.map_memory_usage(),
+        "problems": image.problems,
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    with open_image(args.image, overlap_check=args.overlap_check) as image:
+        d = info_dict(image)
+    if args.output == "json":
+        print(json.dumps(d, indent=4))
+        return 0
+    lines = [
+        f"image: {d['filename']}",
+        "file format: qcow2",
+        f"virtual size: {_size(d['virtual-size'])}",
+        f"file size: {_size(d['file-size'])}",
+        f"cluster_size: {d['cluster-size']}",
+    ]
+    if d["backing-filename"]:
+        lines.append(f"backing file: {d['backing-filename']}")
+        if d["backing-filename-format"]:
+            lines.append(f"backing file format: {d['backing-filename-format']}")
+    if d["snapshots"]:
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<4} {'TAG':<16} {'VM SIZE':>10} {'DATE':<19} {'L1 TABLE':>12}")
+        for s in image.snapshots:
+            date = s.date.strftime("%Y-%m-%d %H:%M:%S")
+            lines.append(
+                f"{s.id:<4} {s.name:<16} {s.vm_state_size:>10} {date:<19} {s.l1_table_offset:>#12x}"
+            )
+    lines.append("Format specific information:")
+    lines.append(f"    compat: {'1.1' if d['version'] == 3 else '0.10'}")
+    lines.append(f"    compression type: {d['compression-type']}")
+    lines.append(f"    lazy refcounts: {str(d['lazy-refcounts']).lower()}")
+    lines.append(f"    refcount bits: {d['refcount-bits']}")
+    lines.append(f"    corrupt: {str(d['corrupt']).lower()}")
+    lines.append(f"    extended l2: {str(d['extended-l2']).lower()}")
+    if d["encrypted"]:
+        lines.append(f"    encrypt method: {'luks' if d['crypt-method'] == 2 else 'aes'}")
+    if d["data-file"]:
+        lines.append(f"    data file: {d['data-file']}")
+    if d["features"]:
+        lines.append(f"    features: {', '.join(d['features'])}")
+    for b in d["bitmaps"]:
+        lines.append(
+            f"    bitmap: {b['name']} (granularity {b['granularity']}, "
+            f"flags [{', '.join(b['flags'])}])"
+        )
+    lines.append(f"overlap checks: {d['overlap-check']}")
+    lines.append(f"metadata map: {d['metadata-map-bytes']} bytes")
+    for p in d["problems"]:
+        lines.append(f"problem: {p}")
+    print("\n".join(lines))
+    return 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    with open_image(args.image, overlap_check=args.overlap_check) as image:
+        extents = image.metadata_extents()
+    if args.output == "json":
+        records = [
+            {
+                "offset": off,
+                "length": length,
+                "types": int(types),
+                "names": [t.key for t in MetadataType(types).bits()],
+            }
+            for off, length, types in extents
+        ]
+        print(json.dumps(records, indent=4))
+        return 0
+    print(f"{'Offset':<16}{'Length':<16}Types")
+    for off, length, types in extents:
+        print(f"{off:<#16x}{length:<#16x}{_types_text(types)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qcow2ovl`` command."""
     parser = argparse.ArgumentParser(
@@ -87,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="map a synthetic image and check writes against it")
     demo.set_defaults(func=_demo)
+    for name, func, text in (
+        ("info", _info, "show header facts, snapshots and bitmaps"),
+        ("map", _map, "list every metadata extent of the host file"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("image", help="path of the qcow2 image (opened read-only)")
+        p.add_argument("--output", choices=("human", "json"), default="human")
+        p.add_argument(
+            "--overlap-check",
+            default="all",
+            help="which metadata types to map (QEMU's overlap-check syntax; default: all)",
+        )
+        p.set_defaults(func=func)
     return parser
 
 
@@ -95,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error worth a message.
+        sys.stderr.close()
+        return 0
     except (Qcow2Error, OSError, ValueError) as exc:
         print(f"qcow2ovl: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,10 @@ class UnsupportedError(Qcow2Error):
     """The image is valid qcow2 but uses a feature qcow2ovl does not support."""
 
 
+class CorruptImageError(Qcow2Error, PermissionError):
+    """The image's corrupt bit is set, so it may only be opened read-only."""
+
+
 class MetadataOverlapError(Qcow2Error, OSError):
     """A write would have overwritten qcow2 metadata; nothing was written (errno ``EIO``)."""
 
@@ -30,4 +34,10 @@ class MetadataOverlapError(Qcow2Error, OSError):
         super().__init__(errno.EIO, message)
 
 
-__all__ = ["FormatError", "MetadataOverlapError", "Qcow2Error", "UnsupportedError"]
+__all__ = [
+    "CorruptImageError",
+    "FormatError",
+    "MetadataOverlapError",
+    "Qcow2Error",
+    "UnsupportedError",
+]

@@ -3,6 +3,7 @@
 //! GIL around I/O.
 
 mod convert;
+mod image;
 mod map;
 
 use pyo3::prelude::*;
@@ -13,5 +14,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<map::PyMetadataMap>()?;
     m.add_class::<map::PyNaiveChecker>()?;
+    m.add_class::<image::PyImage>()?;
+    m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     Ok(())
 }
