@@ -29,6 +29,9 @@ const MAX_HEADER_READ: u64 = 2 << 20;
 const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
 /// Problems listed individually before the rest are only counted.
 const MAX_PROBLEMS: usize = 64;
+/// Clusters that range structures may claim beyond the file's own clusters (structures that end
+/// past the end of the file, e.g. after a crash or a truncation).
+const RANGE_SLACK_CLUSTERS: u64 = 1 << 16;
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
@@ -114,8 +117,9 @@ pub fn scan(
         map: MetadataMap::new(header.cluster_size(), enabled, map_limit)?,
         problems: Vec::new(),
         problem_count: 0,
+        range_budget: file_len.div_ceil(header.cluster_size()) + RANGE_SLACK_CLUSTERS,
     };
-    s.put(0, s.cs, MetadataType::MAIN_HEADER, "the header");
+    s.put(0, s.cs, MetadataType::MAIN_HEADER, "the header")?;
 
     let l1_bytes = u64::from(header.l1_size) * 8;
     s.put(
@@ -123,7 +127,7 @@ pub fn scan(
         l1_bytes,
         MetadataType::ACTIVE_L1,
         "the active L1 table",
-    );
+    )?;
     let l1_table =
         read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
     for (i, &e) in l1_table.iter().enumerate() {
@@ -141,7 +145,7 @@ pub fn scan(
         rt_bytes,
         MetadataType::REFCOUNT_TABLE,
         "the refcount table",
-    );
+    )?;
     let refcount_table =
         read_u64_table(&s.read(header.refcount_table_offset, rt_bytes, "the refcount table")?);
     for (i, &e) in refcount_table.iter().enumerate() {
@@ -161,7 +165,7 @@ pub fn scan(
             length,
             MetadataType::CRYPTO_HEADER,
             "the encryption header",
-        );
+        )?;
     }
 
     Ok(ScannedImage {
@@ -207,6 +211,8 @@ struct Scanner<'a> {
     map: MetadataMap,
     problems: Vec<String>,
     problem_count: usize,
+    /// Clusters that multi-cluster structures may still claim (see [`Scanner::put`]).
+    range_budget: u64,
 }
 
 impl Scanner<'_> {
@@ -223,18 +229,39 @@ impl Scanner<'_> {
 
     /// Enters `[offset, offset + len)`, rounded out to clusters, as `types`. A structure the map
     /// cannot hold (unaligned or past 2^56) becomes a problem instead.
-    fn put(&mut self, offset: u64, len: u64, types: MetadataType, what: &str) {
+    ///
+    /// The clusters entered this way are charged to [`Scanner::range_budget`]: in a valid image
+    /// the tables, snapshot L1 tables and bitmap tables are distinct clusters of the file, so
+    /// together they cannot span (much) more than the file. Without the budget, a header could
+    /// declare 65536 snapshots with 32 MiB L1 tables each and make the scan enter billions of
+    /// clusters.
+    fn put(
+        &mut self,
+        offset: u64,
+        len: u64,
+        types: MetadataType,
+        what: &str,
+    ) -> Result<(), ScanError> {
         if len == 0 {
-            return;
+            return Ok(());
         }
         if offset % self.cs != 0 {
             self.problem(format!("{what} at {offset:#x} is not cluster-aligned"));
-            return;
+            return Ok(());
         }
         let clusters = len.div_ceil(self.cs);
+        self.range_budget = self.range_budget.checked_sub(clusters).ok_or_else(|| {
+            ScanError::Inconsistent(format!(
+                "Metadata structures span more clusters than the file holds: {what} at \
+                 {offset:#x} ({clusters} clusters) overlaps others or lies far beyond the end \
+                 of the file ({} bytes)",
+                self.file_len
+            ))
+        })?;
         if let Err(e) = self.map.enter(offset, clusters, types) {
             self.problem(format!("{what} at {offset:#x} cannot be mapped: {e}"));
         }
+        Ok(())
     }
 
     /// Enters the single cluster at `offset` (a table pointer from an L1, snapshot L1 or refcount
@@ -268,7 +295,12 @@ impl Scanner<'_> {
             return Ok((Vec::new(), 0));
         }
         // Entries have variable length; read the most the table can span (at most 64 MiB).
-        let bound = (u64::from(header.nb_snapshots) * MAX_SNAPSHOT_ENTRY)
+        // Past the end of the file every entry is zeros: 40 bytes each. So the buffer needs the
+        // part in the file, one entry running out of it, and 40 bytes per remaining entry.
+        let nb = u64::from(header.nb_snapshots);
+        let in_file = self.file_len.saturating_sub(header.snapshots_offset);
+        let bound = (nb * MAX_SNAPSHOT_ENTRY)
+            .min(in_file + MAX_SNAPSHOT_ENTRY + nb * 40)
             .min(crate::format::limits::MAX_SNAPSHOT_TABLE_BYTES);
         let buf = self.read(header.snapshots_offset, bound, "the snapshot table")?;
         let (snapshots, table_bytes) =
@@ -279,7 +311,7 @@ impl Scanner<'_> {
             table_bytes,
             MetadataType::SNAPSHOT_TABLE,
             "the snapshot table",
-        );
+        )?;
 
         let mut seen: HashSet<(u64, u32)> = HashSet::new();
         // Distinct snapshot L1 tables occupy distinct clusters of the file, so all of them
@@ -295,7 +327,7 @@ impl Scanner<'_> {
                 bytes,
                 MetadataType::INACTIVE_L1,
                 &what,
-            );
+            )?;
             if !enabled.contains(MetadataType::INACTIVE_L2)
                 || !seen.insert((snap.l1_table_offset, snap.l1_size))
             {
@@ -340,7 +372,7 @@ impl Scanner<'_> {
             ext.dir_size,
             MetadataType::BITMAP_DIRECTORY,
             "the bitmap directory",
-        );
+        )?;
         for b in &bitmaps {
             let what = format!("the table of bitmap '{}'", b.name);
             self.put(
@@ -348,7 +380,7 @@ impl Scanner<'_> {
                 b.table_bytes(),
                 MetadataType::BITMAP_TABLE,
                 &what,
-            );
+            )?;
         }
         Ok(bitmaps)
     }
@@ -414,6 +446,28 @@ mod tests {
             "{:?}",
             s.problems
         );
+    }
+
+    #[test]
+    fn overlapping_snapshot_l1_tables_cannot_make_the_scan_unbounded() {
+        // 60000 snapshots, each claiming the same 32 MiB L1 table: 30 billion bytes of "tables"
+        // in a 2.7 MB file. The scan must refuse quickly instead of entering or reading them all.
+        let mut img = tiny_image();
+        let n = 60_000u32;
+        let table = 5 * CS as usize;
+        img.resize(table + n as usize * 40, 0);
+        img[60..64].copy_from_slice(&n.to_be_bytes());
+        img[64..72].copy_from_slice(&(5 * CS).to_be_bytes());
+        for i in 0..n as usize {
+            let e = table + i * 40;
+            img[e..e + 8].copy_from_slice(&(3 * CS).to_be_bytes());
+            img[e + 8..e + 12].copy_from_slice(&(4u32 << 20).to_be_bytes());
+        }
+        let st = MemStorage::new(img);
+        let start = std::time::Instant::now();
+        let err = scan(&st, MetadataType::all(), None).unwrap_err();
+        assert!(matches!(err, ScanError::Inconsistent(_)), "{err}");
+        assert!(start.elapsed().as_secs() < 10);
     }
 
     #[test]
