@@ -433,6 +433,52 @@ mod tests {
     }
 
     #[test]
+    fn group_boundaries_and_both_range_strategies() {
+        // Clusters 6..=9 straddle the boundary between hash groups 0 (0..8) and 1 (8..16);
+        // check every sub-range against a plain model, for tables small enough that long ranges
+        // take the scanning path and short ones the probing path (the switch is at a quarter of
+        // the table).
+        let mut m = map();
+        let mut model = std::collections::BTreeMap::new();
+        for (c, t) in [
+            (6u64, T::ACTIVE_L2),
+            (7, T::INACTIVE_L2),
+            (8, T::ACTIVE_L2),
+            (9, T::REFCOUNT_BLOCK),
+            (15, T::ACTIVE_L1),
+            (16, T::ACTIVE_L1),
+            (40, T::SNAPSHOT_TABLE),
+        ] {
+            m.enter(c * CS, 1, t).unwrap();
+            model.insert(c, t);
+        }
+        for first in 0..45u64 {
+            for last in first..45 {
+                let want = model.range(first..=last).fold(
+                    if first == 0 {
+                        T::MAIN_HEADER
+                    } else {
+                        T::empty()
+                    },
+                    |a, (_, &t)| a | t,
+                );
+                let got = m
+                    .check(first * CS, (last - first + 1) * CS, T::empty())
+                    .unwrap();
+                assert_eq!(got, want, "clusters {first}..={last}");
+            }
+        }
+        // Split a run at a group boundary and merge it back.
+        m.remove(8 * CS, 1, T::ACTIVE_L2).unwrap();
+        assert_eq!(m.check(8 * CS, 1, T::empty()), Ok(T::empty()));
+        m.enter(8 * CS, 1, T::ACTIVE_L2).unwrap();
+        let ext = m.extents();
+        assert!(ext.contains(&(6 * CS, CS, T::ACTIVE_L2)));
+        assert!(ext.contains(&(8 * CS, CS, T::ACTIVE_L2)));
+        assert!(ext.contains(&(15 * CS, 2 * CS, T::ACTIVE_L1)), "{ext:?}");
+    }
+
+    #[test]
     fn limit_never_under_reports() {
         let limit = MetadataMap::minimum_limit() + 16 * 8;
         let mut m = MetadataMap::new(CS, T::all(), Some(limit)).unwrap();
