@@ -471,6 +471,41 @@ mod tests {
     }
 
     #[test]
+    fn random_mutations_never_panic() {
+        // A cheap in-process fuzz over the header and tables of a real-shaped image; the Python
+        // suite (`tests/test_fuzz.py`) runs the structured corruptions through the bindings.
+        let base = tiny_image();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut img = base.clone();
+            for _ in 0..(next() % 6 + 1) {
+                let at = if next() % 2 == 0 {
+                    (next() % 112) as usize
+                } else {
+                    (next() % img.len() as u64) as usize
+                };
+                let byte = match next() % 4 {
+                    0 => 0,
+                    1 => 0xff,
+                    2 => 1 << (next() % 8),
+                    _ => next() as u8,
+                };
+                img[at] = byte;
+            }
+            if next() % 8 == 0 {
+                img.truncate((next() % img.len() as u64) as usize);
+            }
+            let _ = scan(&MemStorage::new(img), MetadataType::all(), None);
+        }
+    }
+
+    #[test]
     fn empty_and_short_files_fail_cleanly() {
         for len in [0usize, 3, 50, 71] {
             let st = MemStorage::new(tiny_image()[..len].to_vec());
