@@ -162,6 +162,16 @@ impl BitmapDirectoryEntry {
                 "bitmap table covers {covered} bytes, less than the disk size {disk_size}"
             ));
         }
+        // A consistent bitmap's table has exactly the clusters its data needs: QEMU refuses to
+        // load it otherwise (`Could not read bitmap ...: Invalid argument`).
+        let bits = disk_size.div_ceil(1u64 << self.granularity_bits);
+        let needed = bits.div_ceil(8).div_ceil(cluster_size);
+        if !self.in_use() && u64::from(self.table_size) != needed {
+            return fail(format!(
+                "bitmap table has {} entries, but the disk size {disk_size} needs exactly {needed}",
+                self.table_size
+            ));
+        }
         Ok(())
     }
 
@@ -316,6 +326,25 @@ mod tests {
             extra: Vec::new(),
             name: name.into(),
         }
+    }
+
+    #[test]
+    fn table_size_must_match_the_disk_exactly_unless_in_use() {
+        // 16 MiB at 64 KiB granularity: 256 bits = 32 bytes: one cluster.
+        assert!(bm("a").validate(CS, DISK).is_ok());
+        let mut two = bm("a");
+        two.table_size = 2;
+        let err = two.validate(CS, DISK).unwrap_err().to_string();
+        assert!(err.contains("needs exactly 1"), "{err}");
+        assert!(
+            bm("a").validate(CS, 0).is_err(),
+            "an empty disk needs no table"
+        );
+        two.flags |= BITMAP_FLAG_IN_USE;
+        assert!(
+            two.validate(CS, DISK).is_ok(),
+            "in-use bitmaps are not loaded"
+        );
     }
 
     #[test]

@@ -228,9 +228,8 @@ fn walk<'a>(
                 cluster0.len(),
             ));
         };
-        if magic == EXT_END {
-            return Ok(());
-        }
+        // QEMU checks the length before looking at the type, so even the end marker must not
+        // claim more bytes than the extension area has.
         if u64::from(len) > end - header_end {
             return Err(FormatError::ExtensionTooLarge {
                 magic,
@@ -239,6 +238,9 @@ fn walk<'a>(
                 available: end - header_end,
                 end,
             });
+        }
+        if magic == EXT_END {
+            return Ok(());
         }
         let data_end = header_end + u64::from(len);
         let data = cluster0
@@ -480,6 +482,20 @@ mod tests {
             err.to_string().starts_with("Header extension too large"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn end_marker_length_is_checked_like_any_other() {
+        // magic 0 with a length past the area: QEMU checks the length before the type.
+        let mut bytes = vec![0u8; 64];
+        bytes[4..8].copy_from_slice(&0x10000u32.to_be_bytes());
+        let err = parse_extensions(&bytes, 0, 64, &CTX).unwrap_err();
+        assert!(
+            err.to_string().starts_with("Header extension too large"),
+            "{err}"
+        );
+        bytes[4..8].copy_from_slice(&8u32.to_be_bytes());
+        assert_eq!(parse_extensions(&bytes, 0, 64, &CTX).unwrap(), vec![]);
     }
 
     #[test]
