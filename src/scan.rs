@@ -23,8 +23,11 @@ use crate::format::{
 use crate::overlap::{MapError, MetadataMap, MetadataType};
 use crate::storage::Storage;
 
-/// The most bytes read to parse the header: the largest cluster.
-const MAX_HEADER_READ: u64 = 2 << 20;
+/// Bytes read to learn the cluster size: the fixed header fields, and the whole of a 512-byte
+/// cluster.
+const HEADER_PROBE: u64 = 512;
+/// The largest cluster (2 MiB): the most the header read ever takes.
+const MAX_CLUSTER_BITS: u32 = 21;
 /// Upper bound of one snapshot table entry: fixed part, extra data, id and name, padding.
 const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
 /// Problems listed individually before the rest are only counted.
@@ -103,7 +106,17 @@ pub fn scan(
     }
     // Past the end of the file the header cluster reads as zeros, as in QEMU: a file cut inside
     // cluster 0 is judged by what those zeros mean, not refused for being short.
-    let cluster0 = read_clipped(storage, 0, MAX_HEADER_READ, file_len, "the header")?;
+    // Read the fixed fields first, then exactly one cluster (at most 2 MiB).
+    let probe = read_clipped(storage, 0, HEADER_PROBE, file_len, "the header")?;
+    let cluster_bits = probe
+        .get(20..24)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes);
+    let cluster0 = if (9..=MAX_CLUSTER_BITS).contains(&cluster_bits) && cluster_bits > 9 {
+        read_clipped(storage, 0, 1 << cluster_bits, file_len, "the header")?
+    } else {
+        probe
+    };
     let header = Header::parse(&cluster0)?;
     drop(cluster0);
     let mut s = Scanner {
