@@ -171,6 +171,17 @@ impl MetadataMap {
         Ok((offset >> self.cluster_bits, (end - 1) >> self.cluster_bits))
     }
 
+    /// `nb_clusters` in bytes, or `OutOfRange` (about the range at `offset`) when that overflows.
+    fn clusters_to_bytes(&self, offset: u64, nb_clusters: u64) -> Result<u64, MapError> {
+        nb_clusters
+            .checked_shl(self.cluster_bits)
+            .filter(|s| s >> self.cluster_bits == nb_clusters)
+            .ok_or(MapError::OutOfRange {
+                offset,
+                size: u64::MAX,
+            })
+    }
+
     /// Records that `nb_clusters` clusters from `offset` hold metadata of `types`.
     ///
     /// Types that are not enabled are dropped; an offset that is not cluster-aligned is ignored.
@@ -184,7 +195,7 @@ impl MetadataMap {
         if nb_clusters > MAX_ENTER_CLUSTERS {
             return Err(MapError::TooLarge(nb_clusters));
         }
-        let size = nb_clusters << self.cluster_bits;
+        let size = self.clusters_to_bytes(offset, nb_clusters)?;
         match offset.checked_add(size) {
             Some(end) if end <= MAX_HOST_OFFSET => {}
             _ => return Err(MapError::OutOfRange { offset, size }),
@@ -221,13 +232,7 @@ impl MetadataMap {
         types: MetadataType,
     ) -> Result<(), MapError> {
         let types = types & self.enabled;
-        let size = nb_clusters
-            .checked_shl(self.cluster_bits)
-            .filter(|s| s >> self.cluster_bits == nb_clusters)
-            .ok_or(MapError::OutOfRange {
-                offset,
-                size: u64::MAX,
-            })?;
+        let size = self.clusters_to_bytes(offset, nb_clusters)?;
         if size == 0 || types.is_empty() {
             return Ok(());
         }

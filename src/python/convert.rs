@@ -33,3 +33,14 @@ pub(crate) fn types_to_py(py: Python<'_>, t: MetadataType) -> PyResult<Bound<'_,
         .ok_or_else(|| PyValueError::new_err("metadata type bits out of range"))?;
     Ok(value.bind(py).clone())
 }
+
+/// Map extents as Python tuples `(offset, length, MetadataType)`.
+pub(crate) fn extents_to_py(
+    py: Python<'_>,
+    extents: Vec<(u64, u64, MetadataType)>,
+) -> PyResult<Vec<(u64, u64, Bound<'_, PyAny>)>> {
+    extents
+        .into_iter()
+        .map(|(o, l, t)| Ok((o, l, types_to_py(py, t)?)))
+        .collect()
+}

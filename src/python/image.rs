@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::convert::{types_from_py, types_to_py};
+use super::convert::{extents_to_py, types_from_py, types_to_py};
 use crate::format::{CompatibleFeatures, Header, IncompatibleFeatures};
 use crate::image::{Image, ImageError};
 use crate::scan::ScanError;
@@ -234,12 +234,7 @@ impl PyImage {
         &self,
         py: Python<'py>,
     ) -> PyResult<Vec<(u64, u64, Bound<'py, PyAny>)>> {
-        self.image()?
-            .map()
-            .extents()
-            .into_iter()
-            .map(|(o, l, t)| Ok((o, l, types_to_py(py, t)?)))
-            .collect()
+        extents_to_py(py, self.image()?.map().extents())
     }
 
     fn map_memory_usage(&self) -> PyResult<usize> {

@@ -3,7 +3,7 @@
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-use super::convert::{types_from_py, types_to_py};
+use super::convert::{extents_to_py, types_from_py, types_to_py};
 use crate::overlap::{
     MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout, SnapshotL1Reader,
 };
@@ -79,11 +79,7 @@ impl PyMetadataMap {
     }
 
     fn extents<'py>(&self, py: Python<'py>) -> PyResult<Vec<(u64, u64, Bound<'py, PyAny>)>> {
-        self.inner
-            .extents()
-            .into_iter()
-            .map(|(o, l, t)| Ok((o, l, types_to_py(py, t)?)))
-            .collect()
+        extents_to_py(py, self.inner.extents())
     }
 
     fn memory_usage(&self) -> usize {
