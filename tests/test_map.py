@@ -159,8 +159,9 @@ def test_bad_arguments_raise_value_error() -> None:
         m.enter(0, 1 << 40, MetadataType.ACTIVE_L2)
     with pytest.raises(ValueError, match="unknown metadata type"):
         m.enter(4096, 1, 0x800)
-    with pytest.raises(OverflowError):
-        m.check(-1, 1)
+    for bad in (lambda: m.check(-1, 1), lambda: m.check(0, 2**64), lambda: m.enter(-4096, 1, 4)):
+        with pytest.raises(ValueError, match="must be between 0 and 2"):
+            bad()
     with pytest.raises(ValueError, match="total_size_limit"):
         MetadataMap(4096, total_size_limit=8)
 

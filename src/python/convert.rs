@@ -7,8 +7,19 @@ use pyo3::types::PyType;
 
 use crate::overlap::MetadataType;
 
+/// An offset, size or count from Python. Arguments are taken as `i128` so that a negative or too
+/// large int is a `ValueError` naming the argument (PyO3's `u64` conversion would raise
+/// `OverflowError`).
+pub(crate) fn u64_arg(name: &str, value: i128) -> PyResult<u64> {
+    u64::try_from(value).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be between 0 and 2**64 - 1, not {value}"
+        ))
+    })
+}
+
 /// Type bits from a Python int (or `MetadataType`); unknown bits are a `ValueError`.
-pub(crate) fn types_from_py(bits: u64) -> PyResult<MetadataType> {
+pub(crate) fn types_from_py(bits: i128) -> PyResult<MetadataType> {
     u16::try_from(bits)
         .ok()
         .and_then(MetadataType::from_bits)

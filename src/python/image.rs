@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::convert::{extents_to_py, types_from_py, types_to_py};
+use super::convert::{extents_to_py, types_from_py, types_to_py, u64_arg};
 use crate::format::{CompatibleFeatures, Header, IncompatibleFeatures};
 use crate::image::{Image, ImageError};
 use crate::scan::ScanError;
@@ -123,7 +123,7 @@ pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
     writable: bool,
-    enabled: u64,
+    enabled: i128,
     map_memory_limit: Option<usize>,
 ) -> PyResult<PyImage> {
     let enabled = types_from_py(enabled)?;
@@ -218,10 +218,11 @@ impl PyImage {
     fn check_overlap<'py>(
         &self,
         py: Python<'py>,
-        offset: u64,
-        size: u64,
-        ignore: u64,
+        offset: i128,
+        size: i128,
+        ignore: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
         let ignore = types_from_py(ignore)?;
         let t = self
             .image()?

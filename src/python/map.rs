@@ -3,7 +3,7 @@
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-use super::convert::{extents_to_py, types_from_py, types_to_py};
+use super::convert::{extents_to_py, types_from_py, types_to_py, u64_arg};
 use crate::overlap::{
     MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout, SnapshotL1Reader,
 };
@@ -22,7 +22,7 @@ pub(crate) struct PyMetadataMap {
 impl PyMetadataMap {
     #[new]
     #[pyo3(signature = (cluster_size, *, enabled = 0x7ff, total_size_limit = None))]
-    fn new(cluster_size: u64, enabled: u64, total_size_limit: Option<usize>) -> PyResult<Self> {
+    fn new(cluster_size: u64, enabled: i128, total_size_limit: Option<usize>) -> PyResult<Self> {
         let inner = MetadataMap::new(cluster_size, types_from_py(enabled)?, total_size_limit)
             .map_err(map_err)?;
         Ok(PyMetadataMap { inner })
@@ -43,13 +43,21 @@ impl PyMetadataMap {
         self.inner.total_size_limit()
     }
 
-    fn enter(&mut self, offset: u64, nb_clusters: u64, types: u64) -> PyResult<()> {
+    fn enter(&mut self, offset: i128, nb_clusters: i128, types: i128) -> PyResult<()> {
+        let (offset, nb_clusters) = (
+            u64_arg("offset", offset)?,
+            u64_arg("nb_clusters", nb_clusters)?,
+        );
         self.inner
             .enter(offset, nb_clusters, types_from_py(types)?)
             .map_err(map_err)
     }
 
-    fn remove(&mut self, offset: u64, nb_clusters: u64, types: u64) -> PyResult<()> {
+    fn remove(&mut self, offset: i128, nb_clusters: i128, types: i128) -> PyResult<()> {
+        let (offset, nb_clusters) = (
+            u64_arg("offset", offset)?,
+            u64_arg("nb_clusters", nb_clusters)?,
+        );
         self.inner
             .remove(offset, nb_clusters, types_from_py(types)?)
             .map_err(map_err)
@@ -59,10 +67,11 @@ impl PyMetadataMap {
     fn check<'py>(
         &self,
         py: Python<'py>,
-        offset: u64,
-        size: u64,
-        ignore: u64,
+        offset: i128,
+        size: i128,
+        ignore: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
         let t = self
             .inner
             .check(offset, size, types_from_py(ignore)?)
@@ -70,7 +79,8 @@ impl PyMetadataMap {
         types_to_py(py, t)
     }
 
-    fn is_exact(&self, offset: u64, size: u64) -> PyResult<bool> {
+    fn is_exact(&self, offset: i128, size: i128) -> PyResult<bool> {
+        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
         self.inner.is_exact(offset, size).map_err(map_err)
     }
 
@@ -122,7 +132,7 @@ impl PyNaiveChecker {
     #[allow(clippy::too_many_arguments)]
     fn new(
         cluster_size: u64,
-        enabled: u64,
+        enabled: i128,
         l1_table_offset: u64,
         l1_table: Vec<u64>,
         refcount_table_offset: u64,
@@ -170,10 +180,11 @@ impl PyNaiveChecker {
     fn check<'py>(
         &self,
         py: Python<'py>,
-        offset: u64,
-        size: u64,
-        ignore: u64,
+        offset: i128,
+        size: i128,
+        ignore: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
         let ignore: MetadataType = types_from_py(ignore)?;
         let inner = &self.inner;
         let t = py
