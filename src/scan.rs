@@ -6,7 +6,8 @@
 //!   locate the active L2 tables and the refcount blocks, which are not read);
 //! - the snapshot table (the snapshot list) and, only when `INACTIVE_L2` is enabled, every
 //!   snapshot's L1 table (to locate the inactive L2 tables);
-//! - the bitmap directory, while autoclear bit 0 vouches for it (the bitmap list).
+//! - the bitmap directory, while autoclear bit 0 vouches for it (the bitmap list), and the
+//!   tables of consistent bitmaps, whose entries QEMU validates at open too.
 //!
 //! Every size that comes from the file is bounded before anything is allocated for it (the
 //! header parser enforces QEMU's table limits), and bytes past the end of the file read as zeros,
@@ -18,7 +19,7 @@ use std::io;
 
 use crate::format::{
     parse_bitmap_directory, parse_snapshot_table, read_u64_table, BitmapDirectoryEntry,
-    FormatError, Header, SnapshotEntry,
+    BitmapTableEntry, FormatError, Header, SnapshotEntry,
 };
 use crate::overlap::{MapError, MetadataMap, MetadataType};
 use crate::storage::Storage;
@@ -390,6 +391,20 @@ impl Scanner<'_> {
                 MetadataType::BITMAP_TABLE,
                 &what,
             )?;
+            // QEMU loads the table of every consistent bitmap at open and refuses the image when
+            // an entry is invalid; in-use bitmaps are not loaded. (The read is bounded: the
+            // table's clusters were just charged to the range budget.)
+            if !b.in_use() {
+                let table = self.read(b.table_offset, b.table_bytes(), "a bitmap table")?;
+                for e in read_u64_table(&table) {
+                    BitmapTableEntry(e).check(self.cs).map_err(|err| {
+                        ScanError::Inconsistent(format!(
+                            "Could not read bitmap_table table from image for bitmap '{}': {err}",
+                            b.name
+                        ))
+                    })?;
+                }
+            }
         }
         Ok(bitmaps)
     }

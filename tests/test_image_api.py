@@ -157,3 +157,15 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
         assert proc.stdout == ""
         assert len(proc.stderr.strip().splitlines()) == 1
         assert proc.stderr.startswith("qcow2ovl: ")
+
+
+def test_invalid_bitmap_table_entry_is_refused_like_qemu(snap_image: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bitmap.qcow2"
+    shutil.copyfile(snap_image, bad)
+    with qcow2ovl.open(bad) as img:
+        table = img.bitmaps[0].table_offset
+    (entry,) = qi.peek(bad, table, ">Q")
+    qi.poke(bad, table, ">Q", entry | 0x2)  # a reserved bit
+    with pytest.raises(qcow2ovl.FormatError, match="^Could not read bitmap_table table"):
+        qcow2ovl.open(bad)
+    assert "Could not read bitmap_table table" in (qi.qemu_open_error(bad) or "")
