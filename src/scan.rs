@@ -105,15 +105,15 @@ pub fn scan(
         }
         .into());
     }
-    // Past the end of the file the header cluster reads as zeros, as in QEMU: a file cut inside
-    // cluster 0 is judged by what those zeros mean, not refused for being short.
-    // Read the fixed fields first, then exactly one cluster (at most 2 MiB).
+    // Read the fixed fields first, then exactly one cluster (at most 2 MiB; the probe already is
+    // a whole 512-byte cluster). Past the end of the file the header cluster reads as zeros, as
+    // in QEMU: a file cut inside cluster 0 is judged by what those zeros mean.
     let probe = read_clipped(storage, 0, HEADER_PROBE, file_len, "the header")?;
     let cluster_bits = probe
         .get(20..24)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_be_bytes);
-    let cluster0 = if (9..=MAX_CLUSTER_BITS).contains(&cluster_bits) && cluster_bits > 9 {
+    let cluster0 = if (10..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
         read_clipped(storage, 0, 1 << cluster_bits, file_len, "the header")?
     } else {
         probe
