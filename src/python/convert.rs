@@ -18,6 +18,11 @@ pub(crate) fn u64_arg(name: &str, value: i128) -> PyResult<u64> {
     })
 }
 
+/// A byte range `(offset, size)` from Python, each checked by [`u64_arg`].
+pub(crate) fn range_args(offset: i128, size: i128) -> PyResult<(u64, u64)> {
+    Ok((u64_arg("offset", offset)?, u64_arg("size", size)?))
+}
+
 /// Type bits from a Python int (or `MetadataType`); unknown bits are a `ValueError`.
 pub(crate) fn types_from_py(bits: i128) -> PyResult<MetadataType> {
     u16::try_from(bits)

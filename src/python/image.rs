@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::convert::{extents_to_py, types_from_py, types_to_py, u64_arg};
+use super::convert::{extents_to_py, range_args, types_from_py, types_to_py};
 use crate::format::{CompatibleFeatures, Header, IncompatibleFeatures};
 use crate::image::{Image, ImageError};
 use crate::scan::ScanError;
@@ -222,7 +222,7 @@ impl PyImage {
         size: i128,
         ignore: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
+        let (offset, size) = range_args(offset, size)?;
         let ignore = types_from_py(ignore)?;
         let t = self
             .image()?

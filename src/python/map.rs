@@ -3,7 +3,7 @@
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-use super::convert::{extents_to_py, types_from_py, types_to_py, u64_arg};
+use super::convert::{extents_to_py, range_args, types_from_py, types_to_py, u64_arg};
 use crate::overlap::{
     MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout, SnapshotL1Reader,
 };
@@ -71,7 +71,7 @@ impl PyMetadataMap {
         size: i128,
         ignore: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
+        let (offset, size) = range_args(offset, size)?;
         let t = self
             .inner
             .check(offset, size, types_from_py(ignore)?)
@@ -80,7 +80,7 @@ impl PyMetadataMap {
     }
 
     fn is_exact(&self, offset: i128, size: i128) -> PyResult<bool> {
-        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
+        let (offset, size) = range_args(offset, size)?;
         self.inner.is_exact(offset, size).map_err(map_err)
     }
 
@@ -184,7 +184,7 @@ impl PyNaiveChecker {
         size: i128,
         ignore: i128,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (offset, size) = (u64_arg("offset", offset)?, u64_arg("size", size)?);
+        let (offset, size) = range_args(offset, size)?;
         let ignore: MetadataType = types_from_py(ignore)?;
         let inner = &self.inner;
         let t = py
