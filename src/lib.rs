@@ -11,6 +11,7 @@
 pub mod format;
 pub mod image;
 pub mod overlap;
+pub mod problem;
 pub mod scan;
 pub mod storage;
 

@@ -10,25 +10,30 @@
 //!   tables of consistent bitmaps, whose entries QEMU validates at open too.
 //!
 //! Every size that comes from the file is bounded before anything is allocated for it (the
-//! header parser enforces QEMU's table limits), and bytes past the end of the file read as zeros,
-//! as they do in QEMU. Pointers that the map cannot hold (unaligned, or ending past 2^56) are not
-//! fatal for a read-only scan; they are listed in [`ScannedImage::problems`].
+//! header parser enforces QEMU's table limits, and allocations are fallible), bytes past the end
+//! of the file read as zeros, as they do in QEMU, and snapshot L1 tables are read in bounded
+//! chunks and only where the file holds data (a table in a hole of a sparse file is all zeros
+//! and costs nothing). Pointers that the map cannot hold, and structures that share clusters,
+//! are not fatal for a read-only scan; they are listed in [`ScannedImage::problems`].
 
 use std::collections::HashSet;
 use std::io;
 
+use crate::format::entry::L1_L2_OFFSET_MASK;
+use crate::format::limits::MAX_SNAPSHOT_TABLE_BYTES;
+use crate::format::offsets::MAX_CLUSTER_BITS;
+use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::format::{
     parse_bitmap_directory, parse_snapshot_table, read_u64_table, BitmapDirectoryEntry,
-    BitmapTableEntry, FormatError, Header, SnapshotEntry,
+    BitmapTableEntry, ClusterCount, FormatError, Header, HostOffset, SnapshotEntry,
 };
 use crate::overlap::{MapError, MetadataMap, MetadataType};
+use crate::problem::{Problem, ProblemKind};
 use crate::storage::Storage;
 
 /// Bytes read to learn the cluster size: the fixed header fields, and the whole of a 512-byte
 /// cluster.
 const HEADER_PROBE: u64 = 512;
-/// The largest cluster (2 MiB): the most the header read ever takes.
-const MAX_CLUSTER_BITS: u32 = 21;
 /// Upper bound of one snapshot table entry: fixed part, extra data, id and name, padding.
 const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
 /// Problems listed individually before the rest are only counted.
@@ -36,8 +41,11 @@ const MAX_PROBLEMS: usize = 64;
 /// Clusters that range structures may claim beyond the file's own clusters (structures that end
 /// past the end of the file, e.g. after a crash or a truncation).
 const RANGE_SLACK_CLUSTERS: u64 = 1 << 16;
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Bytes of a snapshot L1 table read at a time.
+const L1_READ_CHUNK: u64 = 1 << 20;
+/// Snapshot L1 bytes that may be read beyond what the file has allocated (file systems report
+/// data in blocks, so a table's data may be counted twice where tables share a block).
+const L1_READ_SLACK: u64 = 64 << 20;
 
 /// Why a scan failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +67,9 @@ pub enum ScanError {
     /// The map rejected its configuration (bad memory limit).
     #[error(transparent)]
     Map(#[from] MapError),
+    /// Memory for a table could not be reserved.
+    #[error("cannot allocate {0} bytes for a metadata table")]
+    OutOfMemory(usize),
 }
 
 /// Everything the scan learned about an image.
@@ -81,9 +92,11 @@ pub struct ScannedImage {
     /// The metadata map over every enabled type.
     pub map: MetadataMap,
     /// Non-fatal inconsistencies found on the way (at most [`MAX_PROBLEMS`] listed).
-    pub problems: Vec<String>,
+    pub problems: Vec<Problem>,
     /// How many problems were found in all (more than listed when many).
     pub problem_count: usize,
+    /// Whether some problem (listed or not) means the image must not be written.
+    pub blocks_writes: bool,
 }
 
 /// Scans the image in `storage`, tracking the `enabled` types, with an optional memory limit for
@@ -108,18 +121,19 @@ pub fn scan(
     // Read the fixed fields first, then exactly one cluster (at most 2 MiB; the probe already is
     // a whole 512-byte cluster). Past the end of the file the header cluster reads as zeros, as
     // in QEMU: a file cut inside cluster 0 is judged by what those zeros mean.
-    let probe = read_clipped(storage, 0, HEADER_PROBE, file_len, "the header")?;
+    let probe = read_table(storage, 0, HEADER_PROBE, "the header")?;
     let cluster_bits = probe
         .get(20..24)
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_be_bytes);
     let cluster0 = if (10..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
-        read_clipped(storage, 0, 1 << cluster_bits, file_len, "the header")?
+        read_table(storage, 0, 1 << cluster_bits, "the header")?
     } else {
         probe
     };
     let header = Header::parse(&cluster0)?;
     drop(cluster0);
+    let allocated = storage.allocated_bytes().unwrap_or(file_len);
     let mut s = Scanner {
         storage,
         file_len,
@@ -127,7 +141,9 @@ pub fn scan(
         map: MetadataMap::new(header.cluster_size(), enabled, map_limit)?,
         problems: Vec::new(),
         problem_count: 0,
+        blocks_writes: false,
         range_budget: file_len.div_ceil(header.cluster_size()) + RANGE_SLACK_CLUSTERS,
+        l1_read_budget: allocated.min(file_len).saturating_add(L1_READ_SLACK),
     };
     s.put(0, s.cs, MetadataType::MAIN_HEADER, "the header")?;
 
@@ -138,10 +154,9 @@ pub fn scan(
         MetadataType::ACTIVE_L1,
         "the active L1 table",
     )?;
-    let l1_table =
-        read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
+    let l1_table = read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
     for (i, &e) in l1_table.iter().enumerate() {
-        let ofs = e & L1_OFFSET_MASK;
+        let ofs = e & L1_L2_OFFSET_MASK;
         if ofs != 0 {
             s.put_cluster(ofs, MetadataType::ACTIVE_L2, || {
                 format!("L2 table (L1 index {i})")
@@ -189,27 +204,26 @@ pub fn scan(
         map: s.map,
         problems: s.problems,
         problem_count: s.problem_count,
+        blocks_writes: s.blocks_writes,
     })
 }
 
-/// Reads `len` bytes at `offset`; the part past `file_len` reads as zeros without touching the
-/// storage. The caller bounds `len`.
-fn read_clipped(
+/// Reads `len` bytes at `offset` into a new buffer; bytes past the end of the file read as
+/// zeros. The caller bounds `len`; the allocation is fallible all the same.
+fn read_table(
     storage: &dyn Storage,
     offset: u64,
     len: u64,
-    file_len: u64,
     what: &'static str,
 ) -> Result<Vec<u8>, ScanError> {
-    let len = usize::try_from(len)
-        .map_err(|_| ScanError::Inconsistent(format!("{what} does not fit in memory")))?;
-    let mut buf = vec![0u8; len];
-    let in_file = file_len.saturating_sub(offset).min(len as u64) as usize;
-    if in_file > 0 {
-        storage
-            .read_at(offset, &mut buf[..in_file])
-            .map_err(|source| ScanError::Io { what, source })?;
-    }
+    let len = usize::try_from(len).map_err(|_| ScanError::OutOfMemory(usize::MAX))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| ScanError::OutOfMemory(len))?;
+    buf.resize(len, 0);
+    storage
+        .read_padded(offset, &mut buf)
+        .map_err(|source| ScanError::Io { what, source })?;
     Ok(buf)
 }
 
@@ -219,21 +233,64 @@ struct Scanner<'a> {
     file_len: u64,
     cs: u64,
     map: MetadataMap,
-    problems: Vec<String>,
+    problems: Vec<Problem>,
     problem_count: usize,
+    blocks_writes: bool,
     /// Clusters that multi-cluster structures may still claim (see [`Scanner::put`]).
     range_budget: u64,
+    /// Snapshot L1 bytes (holding data) that may still be read (see
+    /// [`Scanner::read_snapshot_l1`]).
+    l1_read_budget: u64,
 }
 
 impl Scanner<'_> {
     fn read(&self, offset: u64, len: u64, what: &'static str) -> Result<Vec<u8>, ScanError> {
-        read_clipped(self.storage, offset, len, self.file_len, what)
+        read_table(self.storage, offset, len, what)
     }
 
-    fn problem(&mut self, msg: String) {
+    fn problem(&mut self, kind: ProblemKind, offset: u64, size: u64, message: String) {
+        let problem = Problem {
+            kind,
+            offset: HostOffset(offset),
+            size,
+            message,
+        };
         self.problem_count += 1;
+        self.blocks_writes |= problem.blocks_writes();
         if self.problems.len() < MAX_PROBLEMS {
-            self.problems.push(msg);
+            self.problems.push(problem);
+        }
+    }
+
+    /// Enters `clusters` clusters at `offset` into the map, reporting a structure that lands on
+    /// another one it may not share clusters with.
+    fn enter(&mut self, offset: u64, clusters: u64, types: MetadataType, what: &dyn Fn() -> String) {
+        match self
+            .map
+            .enter(HostOffset(offset), ClusterCount(clusters), types)
+        {
+            Ok(None) => {}
+            Ok(Some((at, existing))) => {
+                let message = format!(
+                    "{} at {offset:#x} overlaps {} at {:#x}",
+                    what(),
+                    existing.message_name().unwrap_or("metadata"),
+                    at.0
+                );
+                self.problem(
+                    ProblemKind::MetadataOverlap {
+                        existing,
+                        new: types,
+                    },
+                    at.0,
+                    self.cs,
+                    message,
+                );
+            }
+            Err(e) => {
+                let message = format!("{} at {offset:#x} cannot be mapped: {e}", what());
+                self.problem(ProblemKind::Unmappable, offset, clusters * self.cs, message);
+            }
         }
     }
 
@@ -256,7 +313,12 @@ impl Scanner<'_> {
             return Ok(());
         }
         if offset % self.cs != 0 {
-            self.problem(format!("{what} at {offset:#x} is not cluster-aligned"));
+            self.problem(
+                ProblemKind::Unaligned,
+                offset,
+                len,
+                format!("{what} at {offset:#x} is not cluster-aligned"),
+            );
             return Ok(());
         }
         let clusters = len.div_ceil(self.cs);
@@ -268,9 +330,8 @@ impl Scanner<'_> {
                 self.file_len
             ))
         })?;
-        if let Err(e) = self.map.enter(offset, clusters, types) {
-            self.problem(format!("{what} at {offset:#x} cannot be mapped: {e}"));
-        }
+        let name = || what.to_string();
+        self.enter(offset, clusters, types, &name);
         Ok(())
     }
 
@@ -278,21 +339,19 @@ impl Scanner<'_> {
     /// table entry), noting pointers that are unaligned or beyond the end of the file.
     fn put_cluster(&mut self, offset: u64, types: MetadataType, what: impl Fn() -> String) {
         if offset % self.cs != 0 {
-            let what = what();
-            self.problem(format!("{what} offset {offset:#x} is not cluster-aligned"));
+            let message = format!("{} offset {offset:#x} is not cluster-aligned", what());
+            self.problem(ProblemKind::Unaligned, offset, self.cs, message);
             return;
         }
         if offset >= self.file_len {
-            let what = what();
-            self.problem(format!(
-                "{what} at {offset:#x} lies beyond the end of the file ({:#x})",
+            let message = format!(
+                "{} at {offset:#x} lies beyond the end of the file ({:#x})",
+                what(),
                 self.file_len
-            ));
+            );
+            self.problem(ProblemKind::BeyondEnd, offset, self.cs, message);
         }
-        if let Err(e) = self.map.enter(offset, 1, types) {
-            let what = what();
-            self.problem(format!("{what} at {offset:#x} cannot be mapped: {e}"));
-        }
+        self.enter(offset, 1, types, &what);
     }
 
     /// Reads the snapshot table and, when inactive L2 tables are tracked, every snapshot L1 table.
@@ -311,7 +370,7 @@ impl Scanner<'_> {
         let in_file = self.file_len.saturating_sub(header.snapshots_offset);
         let bound = (nb * MAX_SNAPSHOT_ENTRY)
             .min(in_file + MAX_SNAPSHOT_ENTRY + nb * 40)
-            .min(crate::format::limits::MAX_SNAPSHOT_TABLE_BYTES);
+            .min(MAX_SNAPSHOT_TABLE_BYTES);
         let buf = self.read(header.snapshots_offset, bound, "the snapshot table")?;
         let (snapshots, table_bytes) =
             parse_snapshot_table(&buf, header.nb_snapshots, header.version)?;
@@ -324,12 +383,19 @@ impl Scanner<'_> {
         )?;
 
         let mut seen: HashSet<(u64, u32)> = HashSet::new();
-        // Distinct snapshot L1 tables occupy distinct clusters of the file, so all of them
-        // together cannot hold more bytes than the file; more means they overlap, and reading
-        // them would cost without bound.
-        let mut budget = self.file_len;
         for (i, snap) in snapshots.iter().enumerate() {
-            snap.check_l1_table(self.cs)?;
+            // QEMU opens an image whose snapshot L1 table breaks its limits and refuses only to
+            // use that snapshot; so do we, with a problem that keeps writers away (its L2 tables
+            // cannot be located, so they cannot be protected).
+            if let Err(e) = snap.check_l1_table(self.cs) {
+                self.problem(
+                    ProblemKind::UnusableSnapshot,
+                    snap.l1_table_offset,
+                    snap.l1_table_bytes(),
+                    format!("Snapshot {i} ('{}'): {e}", snap.id),
+                );
+                continue;
+            }
             let bytes = snap.l1_table_bytes();
             let what = format!("the L1 table of snapshot {i} ('{}')", snap.id);
             self.put(
@@ -338,35 +404,76 @@ impl Scanner<'_> {
                 MetadataType::INACTIVE_L1,
                 &what,
             )?;
-            if !enabled.contains(MetadataType::INACTIVE_L2)
-                || !seen.insert((snap.l1_table_offset, snap.l1_size))
+            if enabled.contains(MetadataType::INACTIVE_L2)
+                && seen.insert((snap.l1_table_offset, snap.l1_size))
             {
-                continue;
-            }
-            // Only the part inside the file can hold non-zero entries.
-            let in_file = self
-                .file_len
-                .saturating_sub(snap.l1_table_offset)
-                .min(bytes);
-            budget = budget.checked_sub(in_file).ok_or_else(|| {
-                ScanError::Inconsistent(format!(
-                    "Snapshot L1 tables overlap: snapshot {i} brings their total past the file \
-                     size of {} bytes",
-                    self.file_len
-                ))
-            })?;
-            let table =
-                read_u64_table(&self.read(snap.l1_table_offset, in_file, "a snapshot L1 table")?);
-            for (j, &e) in table.iter().enumerate() {
-                let ofs = e & L1_OFFSET_MASK;
-                if ofs != 0 {
-                    self.put_cluster(ofs, MetadataType::INACTIVE_L2, || {
-                        format!("L2 table of snapshot {i} (L1 index {j})")
-                    });
-                }
+                self.read_snapshot_l1(i, snap.l1_table_offset, bytes)?;
             }
         }
         Ok((snapshots, table_bytes))
+    }
+
+    /// Enters the L2 tables that the snapshot L1 table at `[offset, offset + bytes)` references.
+    ///
+    /// Only the parts of the table where the file holds data are read (holes and the part past
+    /// the end of the file are zeros: no entries), in bounded chunks. Distinct snapshot L1 tables
+    /// occupy distinct clusters of a valid file, so the data read for all of them together
+    /// cannot exceed what the file has allocated; more means they overlap, and reading them
+    /// would cost without bound.
+    fn read_snapshot_l1(&mut self, index: usize, offset: u64, bytes: u64) -> Result<(), ScanError> {
+        let end = offset.saturating_add(bytes).min(self.file_len);
+        let mut at = offset;
+        let mut buf = Vec::new();
+        while at < end {
+            let region = self
+                .storage
+                .next_data(at)
+                .map_err(|source| ScanError::Io {
+                    what: "a snapshot L1 table",
+                    source,
+                })?;
+            let Some((data_start, data_end)) = region else {
+                break;
+            };
+            // Entries are 8-aligned within the table.
+            let start = (data_start.max(at) - offset) / 8 * 8 + offset;
+            if start >= end {
+                break;
+            }
+            let stop = data_end.min(end);
+            let mut pos = start;
+            while pos < stop {
+                let n = (stop - pos).min(L1_READ_CHUNK);
+                let n = n.div_ceil(8) * 8;
+                self.l1_read_budget = self.l1_read_budget.checked_sub(n).ok_or_else(|| {
+                    ScanError::Inconsistent(format!(
+                        "Snapshot L1 tables overlap: snapshot {index} brings the data read \
+                         from them past the {} bytes the file holds",
+                        self.storage.allocated_bytes().unwrap_or(self.file_len)
+                    ))
+                })?;
+                buf.clear();
+                buf.resize(n as usize, 0);
+                self.storage
+                    .read_padded(pos, &mut buf)
+                    .map_err(|source| ScanError::Io {
+                        what: "a snapshot L1 table",
+                        source,
+                    })?;
+                for (k, e) in read_u64_table(&buf).into_iter().enumerate() {
+                    let ofs = e & L1_L2_OFFSET_MASK;
+                    if ofs != 0 {
+                        let j = (pos - offset) / 8 + k as u64;
+                        self.put_cluster(ofs, MetadataType::INACTIVE_L2, || {
+                            format!("L2 table of snapshot {index} (L1 index {j})")
+                        });
+                    }
+                }
+                pos += n;
+            }
+            at = pos.max(stop);
+        }
+        Ok(())
     }
 
     /// Reads the bitmap directory while autoclear bit 0 vouches for it.
@@ -466,10 +573,60 @@ mod tests {
         let s = scan(&st, MetadataType::all(), None).unwrap();
         assert_eq!(s.problem_count, 1);
         assert!(
-            s.problems[0].contains("not cluster-aligned"),
+            s.problems[0].message.contains("not cluster-aligned"),
             "{:?}",
             s.problems
         );
+        assert_eq!(s.problems[0].kind, ProblemKind::Unaligned);
+        assert!(!s.blocks_writes);
+    }
+
+    #[test]
+    fn metadata_on_metadata_is_a_problem_that_blocks_writes() {
+        // The second L1 entry points at the refcount block (cluster 2).
+        let mut img = tiny_image();
+        img[3 * CS as usize + 8..3 * CS as usize + 16].copy_from_slice(&(2 * CS).to_be_bytes());
+        let s = scan(&MemStorage::new(img), MetadataType::all(), None).unwrap();
+        assert_eq!(s.problem_count, 1, "{:?}", s.problems);
+        let p = &s.problems[0];
+        assert_eq!(
+            p.kind,
+            ProblemKind::MetadataOverlap {
+                existing: MetadataType::ACTIVE_L2,
+                new: MetadataType::REFCOUNT_BLOCK
+            }
+        );
+        assert_eq!(p.offset, HostOffset(2 * CS));
+        assert!(
+            p.message
+                .starts_with("refcount block (refcount table index 0) at 0x20000 overlaps active L2 table"),
+            "{}",
+            p.message
+        );
+        assert!(s.blocks_writes);
+        // With the refcount block unchecked, nothing collides.
+        let s = scan(
+            &MemStorage::new(s_image_with_l1_on_refblock()),
+            MetadataType::TEMPLATE_CACHED - MetadataType::REFCOUNT_BLOCK,
+            None,
+        )
+        .unwrap();
+        assert!(s.problems.is_empty());
+    }
+
+    fn s_image_with_l1_on_refblock() -> Vec<u8> {
+        let mut img = tiny_image();
+        img[3 * CS as usize + 8..3 * CS as usize + 16].copy_from_slice(&(2 * CS).to_be_bytes());
+        img
+    }
+
+    #[test]
+    fn a_refcount_table_at_offset_zero_opens_with_a_problem() {
+        let mut img = tiny_image();
+        img[48..56].copy_from_slice(&0u64.to_be_bytes());
+        let s = scan(&MemStorage::new(img), MetadataType::all(), None).unwrap();
+        assert!(s.blocks_writes);
+        assert!(s.problems[0].message.contains("overlaps qcow2_header"), "{:?}", s.problems);
     }
 
     #[test]

@@ -8,13 +8,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 /// Positioned, cursor-less byte storage.
-pub trait Storage: Send + Sync {
+pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Fills `buf` from `offset`. Reading past the end is an error of kind
     /// [`io::ErrorKind::UnexpectedEof`]; a short read never succeeds.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
@@ -37,6 +38,39 @@ pub trait Storage: Send + Sync {
 
     /// Truncates or zero-extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Fills `buf` from `offset`, reading bytes past the end of the storage as zeros, as QEMU's
+    /// block layer does: a table or cluster cut off by a truncated file reads as zeros.
+    fn read_padded(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = self.len()?;
+        let in_file = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[in_file..].fill(0);
+        if in_file > 0 {
+            self.read_at(offset, &mut buf[..in_file])?;
+        }
+        Ok(())
+    }
+
+    /// The first range `[start, end)` at or after `offset` that may hold data, or `None` when
+    /// only zeros follow. Storage that cannot tell holes from data reports everything up to its
+    /// end as data (the default).
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let len = self.len()?;
+        Ok((offset < len).then_some((offset, len)))
+    }
+
+    /// Bytes the storage really holds (a sparse file's allocated blocks); the length by default.
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.len()
+    }
+}
+
+/// The error for a file that is neither a regular file nor a block device.
+fn not_a_file_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not a regular file or block device ({what})"),
+    )
 }
 
 /// The error returned by writes to storage opened read-only.
@@ -70,10 +104,48 @@ impl FileStorage {
         Self::open(path, true)
     }
 
-    /// Opens an existing `path`, writable or not.
+    /// Opens an existing `path`, writable or not. Only regular files and block devices are
+    /// accepted: a directory is `EISDIR`, a FIFO, socket or character device (`/dev/zero`) is
+    /// refused without blocking (the open itself is non-blocking, so a FIFO with no writer
+    /// cannot hang it).
     pub fn open(path: impl AsRef<Path>, writable: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
+        let kind = file.metadata()?.file_type();
+        if kind.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        if !kind.is_file() && !kind.is_block_device() {
+            let what = if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "a character device"
+            };
+            return Err(not_a_file_error(what));
+        }
         Ok(FileStorage { file, writable })
+    }
+
+    /// Creates (or, with `overwrite`, truncates) `path` for reading and writing. Without
+    /// `overwrite` an existing file is an error of kind `AlreadyExists`.
+    pub fn create(path: impl AsRef<Path>, overwrite: bool) -> io::Result<Self> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if overwrite {
+            options.create(true).truncate(true);
+        } else {
+            options.create_new(true);
+        }
+        Ok(FileStorage {
+            file: options.open(path)?,
+            writable: true,
+        })
     }
 
     /// Wraps an already open file; `writable` must match how it was opened.
@@ -119,7 +191,15 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_file() {
+            return Ok(meta.len());
+        }
+        // A block device reports length 0 in its metadata; its end is where a seek lands.
+        // SAFETY: lseek on an open descriptor has no memory effects; reads use pread, so moving
+        // the descriptor's cursor affects nothing.
+        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        u64::try_from(end).map_err(|_| io::Error::last_os_error())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -127,6 +207,63 @@ impl Storage for FileStorage {
             return Err(read_only_error());
         }
         self.file.set_len(len)
+    }
+
+    fn read_padded(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        // One pread in the common case; a short read means the end of the file, and the rest
+        // reads as zeros.
+        let mut done = 0;
+        while done < buf.len() {
+            let at = match offset.checked_add(done as u64) {
+                Some(at) if at <= i64::MAX as u64 => at,
+                _ => break,
+            };
+            match self.file.read_at(&mut buf[done..], at) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let Ok(at) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek has no memory effects, and no reader depends on the cursor (pread).
+        let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if start < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data at or after `offset`.
+                Some(libc::ENXIO) => Ok(None),
+                // The file system cannot tell: everything is data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    let len = self.len()?;
+                    Ok((offset < len).then_some((offset, len)))
+                }
+                _ => Err(err),
+            };
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < start {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some((start as u64, end as u64)))
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata()?;
+        if !meta.file_type().is_file() {
+            return self.len();
+        }
+        Ok(meta.blocks().saturating_mul(512))
     }
 }
 
@@ -442,6 +579,42 @@ mod tests {
         }
         std::fs::remove_file(&path).unwrap();
         assert!(FileStorage::open_read_only(&path).is_err());
+    }
+
+    #[test]
+    fn padded_reads_and_data_ranges() {
+        let path = std::env::temp_dir().join(format!("qcow2ovl-sparse-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let f = FileStorage::create(&path, false).unwrap();
+        assert_eq!(
+            FileStorage::create(&path, false).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        f.set_len(8 << 20).unwrap();
+        f.write_at(4 << 20, &[7u8; 4096]).unwrap();
+        let mut buf = [1u8; 16];
+        f.read_padded((8 << 20) - 8, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 16]);
+        // The hole before the data is skipped (file systems without SEEK_DATA report it all).
+        let (start, end) = f.next_data(0).unwrap().unwrap();
+        assert!(start <= 4 << 20 && end >= (4 << 20) + 4096, "{start} {end}");
+        assert_eq!(f.next_data(9 << 20).unwrap(), None);
+        assert!(f.allocated_bytes().unwrap() <= 8 << 20);
+        let m = MemStorage::new(vec![5; 10]);
+        let mut buf = [1u8; 6];
+        m.read_padded(7, &mut buf).unwrap();
+        assert_eq!(buf, [5, 5, 5, 0, 0, 0]);
+        assert_eq!(m.next_data(3).unwrap(), Some((3, 10)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn only_files_and_block_devices_open() {
+        let dir = std::env::temp_dir();
+        let err = FileStorage::open(&dir, false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR));
+        let err = FileStorage::open("/dev/zero", false).unwrap_err();
+        assert!(err.to_string().contains("character device"), "{err}");
     }
 
     #[test]

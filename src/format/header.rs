@@ -327,7 +327,9 @@ impl Header {
     /// Bounds of the refcount table, snapshot table and active L1 table, and the L1 size.
     fn check_tables(&self) -> Result<(), FormatError> {
         let cluster_size = self.cluster_size();
-        if self.refcount_table_clusters == 0 || self.refcount_table_offset == 0 {
+        // QEMU refuses only a table of zero clusters; a table at offset 0 opens (it then lies
+        // on the header, which the scan reports as overlapping metadata).
+        if self.refcount_table_clusters == 0 {
             return Err(FormatError::NoRefcountTable {
                 offset: self.refcount_table_offset,
                 clusters: self.refcount_table_clusters,

@@ -249,10 +249,10 @@ fn table_errors() {
         err_of(|h| h.refcount_table_clusters = 0),
         "Image does not contain a reference count table",
     );
-    assert_starts(
-        err_of(|h| h.refcount_table_offset = 0),
-        "Image does not contain a reference count table",
-    );
+    // QEMU opens a refcount table at offset 0 (the scan reports it lying on the header).
+    let mut h = base_v3();
+    h.refcount_table_offset = 0;
+    assert!(Header::parse(&cluster(&h)).is_ok());
     assert_starts(
         err_of(|h| h.refcount_table_clusters = 129),
         "Reference count table too large",

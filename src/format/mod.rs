@@ -9,6 +9,8 @@
 //! - [`refcount`]: refcount block entries of every width and refcount table entries.
 //! - [`snapshot`]: the snapshot table.
 //! - [`bitmap`]: the bitmap directory and bitmap table entries.
+//! - [`mapping`]: the decoded meaning of an L2 entry for one (sub)cluster.
+//! - [`features`]: feature bit and compression type names.
 //! - [`offsets`]: typed guest/host offsets and the cluster geometry.
 //! - [`limits`]: QEMU's implementation limits and the shared table bounds check.
 
@@ -17,8 +19,10 @@ pub mod bitmap;
 pub mod entry;
 pub mod error;
 pub mod extension;
+pub mod features;
 pub mod header;
 pub mod limits;
+pub mod mapping;
 pub mod offsets;
 pub mod refcount;
 pub mod snapshot;
@@ -36,6 +40,7 @@ pub use error::{FormatError, TableKind};
 pub use extension::{BitmapsExtension, FeatureName, HeaderExtension};
 pub use header::{AutoclearFeatures, CompatibleFeatures, Header, IncompatibleFeatures};
 pub use limits::validate_table;
+pub use mapping::{L2Mapping, MappingError};
 pub use offsets::{ClusterCount, ClusterIndex, Geometry, GuestOffset, HostOffset};
 pub use refcount::{max_refcount, refcount_get, refcount_set, ReftableEntry};
 pub use snapshot::{parse_snapshot_table, serialize_snapshot_table, SnapshotEntry};

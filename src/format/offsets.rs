@@ -65,6 +65,21 @@ impl Geometry {
         self.extended_l2
     }
 
+    /// log2 of the subcluster size: cluster_bits − 5 with extended L2 entries (32 subclusters),
+    /// else the cluster itself.
+    pub fn subcluster_bits(&self) -> u32 {
+        if self.extended_l2 {
+            self.cluster_bits - 5
+        } else {
+            self.cluster_bits
+        }
+    }
+
+    /// Subcluster size in bytes (the cluster size without extended L2 entries).
+    pub fn subcluster_size(&self) -> u64 {
+        1 << self.subcluster_bits()
+    }
+
     /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
     pub fn l2_entry_size(&self) -> u64 {
         if self.extended_l2 {
@@ -102,6 +117,15 @@ impl Geometry {
     /// Index into the L2 table for a guest offset.
     pub fn l2_index(&self, guest: GuestOffset) -> u64 {
         (guest.0 >> self.cluster_bits) & (self.l2_entries() - 1)
+    }
+
+    /// The L1 index, L2 index and offset within the cluster of a guest offset.
+    pub fn split(&self, guest: GuestOffset) -> (u64, u64, u64) {
+        (
+            self.l1_index(guest),
+            self.l2_index(guest),
+            self.in_cluster_offset(guest.0),
+        )
     }
 
     /// Offset within its cluster of any byte position.

@@ -1,117 +1,184 @@
-//! The open image. For now: the scanned metadata, the map, and the pre-write overlap check that
-//! every future write of the engine will go through.
+//! The open image: metadata from the scan, the metadata map, guest reads, and the pre-write
+//! overlap check that every write of the engine goes through.
+//!
+//! One concern per file, each adding an `impl` block on [`Image`]:
+//!
+//! | file | concern |
+//! |---|---|
+//! | `mod.rs` | open, close, accessors, the overlap check |
+//! | `error.rs` | [`ImageError`] and the [`ErrorKind`] the bindings map to exceptions |
+//! | `cache.rs` | the bounded L2 table cache |
+//! | `mapping.rs` | guest offset → decoded [`L2Mapping`](crate::format::L2Mapping) extents |
+//! | `backing.rs` | the backing chain and the external data file, opened on first use |
+//! | `read.rs` | guest reads: data, zeros, subclusters, compressed clusters, backing files |
+//! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
 
-use std::path::Path;
-use std::sync::Arc;
+mod backing;
+mod cache;
+mod error;
+mod guest_map;
+mod mapping;
+mod read;
 
-use crate::format::{BitmapDirectoryEntry, Header, SnapshotEntry};
-use crate::overlap::{
-    MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout, SnapshotL1Reader,
-};
-use crate::scan::{scan, ScanError, ScannedImage};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub use backing::Backing;
+pub use cache::{Table, TableCache};
+pub use error::{ErrorKind, ImageError};
+pub use guest_map::GuestExtent;
+pub use mapping::Extent;
+
+use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset, SnapshotEntry};
+use crate::overlap::{MetadataMap, MetadataType, NaiveChecker, NaiveLayout};
+use crate::problem::Problem;
+use crate::scan::{scan, ScannedImage};
 use crate::storage::{FileStorage, Storage};
 
-/// Why an image could not be opened or checked.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    /// Opening the file failed.
-    #[error("could not open {path}: {source}")]
-    Open {
-        /// The path given.
-        path: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The image is malformed, unsupported or unreadable.
-    #[error(transparent)]
-    Scan(#[from] ScanError),
-    /// The corrupt bit is set and a read-write open was asked for.
-    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
-    CorruptReadWrite,
-    /// A check's range is out of bounds.
-    #[error(transparent)]
-    Map(#[from] MapError),
-    /// The fallback (naive) check failed to read a snapshot L1 table.
-    #[error("I/O error reading a snapshot L1 table: {0}")]
-    Io(#[from] std::io::Error),
+/// L2 cache size when none is given: QEMU's default maximum (32 MiB), or less when that covers
+/// the whole disk.
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Open for writing (refused for corrupt images and images with overlapping metadata).
+    pub writable: bool,
+    /// The metadata types to track in the map (and so to read at open).
+    pub enabled: MetadataType,
+    /// Memory limit of the map in bytes; ranges past it are checked the naive way.
+    pub map_limit: Option<usize>,
+    /// Bytes of L2 tables to cache; [`DEFAULT_L2_CACHE_BYTES`] (capped at what the disk needs)
+    /// when `None`. At least one table is always cached.
+    pub cache_size: Option<u64>,
 }
 
-/// Reads snapshot L1 tables for the naive fallback checker from the image's own storage.
-struct StorageReader(Arc<dyn Storage>);
-
-impl SnapshotL1Reader for StorageReader {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        // Past the end of the file reads as zeros, as at scan time.
-        let len = self.0.len()?;
-        let in_file = len.saturating_sub(offset).min(buf.len() as u64) as usize;
-        buf[in_file..].fill(0);
-        if in_file > 0 {
-            self.0.read_at(offset, &mut buf[..in_file])?;
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            enabled: MetadataType::all(),
+            map_limit: None,
+            cache_size: None,
         }
-        Ok(())
     }
 }
 
-/// An open qcow2 image.
+/// An open qcow2 image. `Send + Sync`: every method takes `&self`, and guest reads from several
+/// threads proceed in parallel (the caches have their own short locks).
 pub struct Image {
+    /// The path it was opened from (`None` for in-memory storage); backing and data file names
+    /// are resolved against its folder.
+    path: Option<PathBuf>,
     storage: Arc<dyn Storage>,
-    writable: bool,
+    options: OpenOptions,
     scanned: ScannedImage,
+    geometry: Geometry,
+    l2_cache: TableCache,
+    /// The backing chain and data file, opened on first use (see `backing.rs`).
+    chain: Mutex<Option<Arc<backing::Chain>>>,
+    /// The most recently decompressed cluster: `(L2 entry, bytes)`.
+    compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+    /// Whether QEMU would call this image metadata-preallocated (`guest_map` only).
+    preallocated: OnceLock<bool>,
     /// QEMU's naive checker, built only when the map's memory limit left ranges unchecked:
     /// there, and only there, checks fall back to it.
-    fallback: Option<NaiveChecker<StorageReader>>,
+    fallback: Option<NaiveChecker>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("writable", &self.options.writable)
+            .field("virtual_size", &self.scanned.header.size)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Image {
-    /// Opens the image at `path`, scanning the `enabled` metadata types into its map.
-    pub fn open(
-        path: impl AsRef<Path>,
-        writable: bool,
-        enabled: MetadataType,
-        map_limit: Option<usize>,
-    ) -> Result<Self, ImageError> {
+    /// Opens the image at `path`. Errors name the file.
+    pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Self, ImageError> {
         let path = path.as_ref();
-        let storage = FileStorage::open(path, writable).map_err(|source| ImageError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_storage(Arc::new(storage), writable, enabled, map_limit)
+        let name = path.display().to_string();
+        Self::open_file(path, options).map_err(|e| e.in_file(&name))
     }
 
-    /// Opens an image held by any storage.
+    fn open_file(path: &Path, options: OpenOptions) -> Result<Self, ImageError> {
+        let storage = FileStorage::open(path, options.writable)?;
+        let mut image = Self::from_storage(Arc::new(storage), options)?;
+        image.path = Some(path.to_path_buf());
+        Ok(image)
+    }
+
+    /// Opens an image held by any storage (no path: relative backing and data file names are
+    /// resolved against the current directory).
     pub fn from_storage(
         storage: Arc<dyn Storage>,
-        writable: bool,
-        enabled: MetadataType,
-        map_limit: Option<usize>,
+        options: OpenOptions,
     ) -> Result<Self, ImageError> {
-        let scanned = scan(storage.as_ref(), enabled, map_limit)?;
-        if writable && scanned.header.is_corrupt() {
+        let scanned = scan(storage.as_ref(), options.enabled, options.map_limit)?;
+        if options.writable && scanned.header.is_corrupt() {
             return Err(ImageError::CorruptReadWrite);
         }
-        let fallback = (!scanned.map.unchecked_ranges().is_empty()).then(|| {
-            NaiveChecker::new(
-                naive_layout(&scanned),
-                enabled,
-                Box::new(StorageReader(Arc::clone(&storage))),
+        if options.writable && scanned.blocks_writes {
+            let first = scanned
+                .problems
+                .iter()
+                .find(|p| p.blocks_writes())
+                .map_or_else(String::new, |p| p.message.clone());
+            return Err(ImageError::OverlappingMetadata(first));
+        }
+        let geometry = scanned
+            .header
+            .geometry()
+            .ok_or_else(|| ImageError::Unsupported("invalid cluster size".into()))?;
+        let fallback = if scanned.map.unchecked_ranges().is_empty() {
+            None
+        } else {
+            Some(
+                NaiveChecker::new(naive_layout(&scanned), options.enabled, Arc::clone(&storage))
+                    .map_err(|e| ImageError::Unsupported(e.to_string()))?,
             )
-        });
+        };
+        let l2_cache = TableCache::new(cache_tables(&scanned.header, geometry, options.cache_size));
         Ok(Image {
+            path: None,
             storage,
-            writable,
+            options,
             scanned,
+            geometry,
+            l2_cache,
+            chain: Mutex::new(None),
+            compressed: Mutex::new(None),
+            preallocated: OnceLock::new(),
             fallback,
         })
     }
 
     /// Whether the image was opened for writing.
     pub fn writable(&self) -> bool {
-        self.writable
+        self.options.writable
+    }
+
+    /// The path the image was opened from.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.scanned.header
+    }
+
+    /// Cluster geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The virtual disk size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.scanned.header.size
     }
 
     /// The snapshot list.
@@ -129,8 +196,8 @@ impl Image {
         &self.scanned.map
     }
 
-    /// Non-fatal problems found by the scan, and how many there were in all.
-    pub fn problems(&self) -> (&[String], usize) {
+    /// Problems found by the scan (at most 64 listed), and how many there were in all.
+    pub fn problems(&self) -> (&[Problem], usize) {
         (&self.scanned.problems, self.scanned.problem_count)
     }
 
@@ -139,31 +206,48 @@ impl Image {
         self.scanned.file_len
     }
 
+    /// L2 tables the cache may hold.
+    pub fn cache_tables(&self) -> usize {
+        self.l2_cache.capacity()
+    }
+
     /// The pre-write check: the metadata types a write of `size` bytes at `offset` would touch,
     /// minus `ignore`. Constant time from the map; where the map's memory limit left the range
     /// unchecked, QEMU's naive algorithm answers instead (exact, slower).
     pub fn check_overlap(
         &self,
-        offset: u64,
+        offset: HostOffset,
         size: u64,
         ignore: MetadataType,
     ) -> Result<MetadataType, ImageError> {
         let map = &self.scanned.map;
         let found = map.check(offset, size, ignore)?;
         match &self.fallback {
-            Some(naive) if !map.is_exact(offset, size)? => Ok(naive.check(offset, size, ignore)?),
+            Some(naive) if !map.is_exact(offset, size)? => {
+                Ok(naive.check(offset.0, size, ignore)?)
+            }
             _ => Ok(found),
         }
     }
 
     /// Flushes the storage (a no-op for read-only images).
-    pub fn flush(&self) -> std::io::Result<()> {
-        if self.writable {
-            self.storage.flush()
-        } else {
-            Ok(())
+    pub fn flush(&self) -> Result<(), ImageError> {
+        if self.options.writable {
+            self.storage.flush()?;
         }
+        Ok(())
     }
+}
+
+/// L2 tables to cache: `cache_size` bytes (default [`DEFAULT_L2_CACHE_BYTES`], capped at what
+/// maps the whole disk), at least one table.
+fn cache_tables(header: &Header, geometry: Geometry, cache_size: Option<u64>) -> usize {
+    let cs = geometry.cluster_size();
+    let bytes = cache_size.unwrap_or_else(|| {
+        let whole_disk = u64::from(header.l1_size).saturating_mul(cs);
+        DEFAULT_L2_CACHE_BYTES.min(whole_disk)
+    });
+    usize::try_from(bytes / cs).unwrap_or(usize::MAX).max(1)
 }
 
 /// What QEMU would keep in memory for its naive check, from the scan.
@@ -189,5 +273,88 @@ fn naive_layout(s: &ScannedImage) -> NaiveLayout {
             .map(|b| (b.table_offset, b.table_size))
             .collect(),
         crypto_header: h.crypto_header(),
+    }
+}
+
+/// Test helpers shared by the engine's unit tests: images built in memory by the format layer.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::format::entry::OFLAG_COPIED;
+
+    /// Cluster size of the test images.
+    pub const CS: u64 = 65536;
+
+    /// A v3 image of `size` bytes: header, reftable at cluster 1, refblock at 2, L1 at 3, and
+    /// the L2 table of L1 index 0 at cluster 4 (with `l2` entries), data clusters after that.
+    pub fn image(size: u64, l2: &[u64], data: &[(u64, u8)]) -> Vec<u8> {
+        let clusters = 5 + data.len() as u64;
+        let mut img = vec![0u8; (clusters * CS) as usize];
+        let put32 = |img: &mut Vec<u8>, o: u64, v: u32| {
+            img[o as usize..o as usize + 4].copy_from_slice(&v.to_be_bytes())
+        };
+        let put64 = |img: &mut Vec<u8>, o: u64, v: u64| {
+            img[o as usize..o as usize + 8].copy_from_slice(&v.to_be_bytes())
+        };
+        img[0..4].copy_from_slice(b"QFI\xfb");
+        put32(&mut img, 4, 3);
+        put32(&mut img, 20, 16);
+        put64(&mut img, 24, size);
+        let l1_entries = size.div_ceil(CS * (CS / 8)).max(1);
+        put32(&mut img, 36, l1_entries as u32);
+        put64(&mut img, 40, 3 * CS);
+        put64(&mut img, 48, CS);
+        put32(&mut img, 56, 1);
+        put32(&mut img, 96, 4);
+        put32(&mut img, 100, 112);
+        put64(&mut img, CS, 2 * CS);
+        for c in 0..clusters {
+            img[(2 * CS + c * 2 + 1) as usize] = 1;
+        }
+        put64(&mut img, 3 * CS, OFLAG_COPIED | 4 * CS);
+        for (i, &e) in l2.iter().enumerate() {
+            put64(&mut img, 4 * CS + 8 * i as u64, e);
+        }
+        for (k, &(_, byte)) in data.iter().enumerate() {
+            let at = ((5 + k as u64) * CS) as usize;
+            img[at..at + CS as usize].fill(byte);
+        }
+        img
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn default_cache_covers_the_disk_up_to_32_mib() {
+        let st = Arc::new(MemStorage::new(image(1 << 30, &[], &[])));
+        let img = Image::from_storage(st, OpenOptions::default()).unwrap();
+        // 1 GiB at 64 KiB clusters: 2 L2 tables map it all.
+        assert_eq!(img.cache_tables(), 2);
+        let st = Arc::new(MemStorage::new(image(1 << 30, &[], &[])));
+        let small = OpenOptions {
+            cache_size: Some(1),
+            ..OpenOptions::default()
+        };
+        assert_eq!(Image::from_storage(st, small).unwrap().cache_tables(), 1);
+    }
+
+    #[test]
+    fn writable_open_refuses_overlapping_metadata() {
+        // L2 table pointer onto the refcount block (cluster 2).
+        let mut bytes = image(1 << 30, &[], &[]);
+        bytes[3 * CS as usize + 8..3 * CS as usize + 16].copy_from_slice(&(2 * CS).to_be_bytes());
+        let rw = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let err = Image::from_storage(Arc::new(MemStorage::new(bytes.clone())), rw).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::CorruptImage);
+        assert!(err.to_string().contains("refcount block"), "{err}");
+        let ro = Image::from_storage(Arc::new(MemStorage::new(bytes)), OpenOptions::default());
+        assert_eq!(ro.unwrap().problems().1, 1);
     }
 }

@@ -8,6 +8,7 @@
 
 use super::table::{ClusterTable, Insert, MIN_SLOTS};
 use super::types::MetadataType;
+use crate::format::{ClusterCount, HostOffset};
 
 /// Host offsets must stay below 2^56 (the qcow2 offset fields have 56 bits).
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
@@ -185,12 +186,17 @@ impl MetadataMap {
     /// Records that `nb_clusters` clusters from `offset` hold metadata of `types`.
     ///
     /// Types that are not enabled are dropped; an offset that is not cluster-aligned is ignored.
+    /// Returns the first cluster where the new types met types they may not share a cluster
+    /// with ([`MetadataType::may_share`]), with the types that were there before: in a valid
+    /// image no two structures share a cluster, except an L2 table used by both the active L1
+    /// table and a snapshot. Finding it costs nothing extra: the insert sees the old types.
     pub fn enter(
         &mut self,
-        offset: u64,
-        nb_clusters: u64,
+        offset: HostOffset,
+        nb_clusters: ClusterCount,
         types: MetadataType,
-    ) -> Result<(), MapError> {
+    ) -> Result<Option<(HostOffset, MetadataType)>, MapError> {
+        let (offset, nb_clusters) = (offset.0, nb_clusters.0);
         let types = types & self.enabled;
         if nb_clusters > MAX_ENTER_CLUSTERS {
             return Err(MapError::TooLarge(nb_clusters));
@@ -201,24 +207,35 @@ impl MetadataMap {
             _ => return Err(MapError::OutOfRange { offset, size }),
         }
         if types.is_empty() || nb_clusters == 0 || offset & (self.cluster_size() - 1) != 0 {
-            return Ok(());
+            return Ok(None);
         }
         let first = offset >> self.cluster_bits;
         let mut lost: Option<(u64, u64)> = None;
+        let mut collision = None;
         for c in first..first + nb_clusters {
-            if self.table.or_insert(c, types.bits(), self.max_slots) == Insert::Full {
-                lost = Some(match lost {
-                    Some((s, _)) => (s, c + 1),
-                    None => (c, c + 1),
-                });
-            } else if let Some((s, e)) = lost.take() {
+            match self.table.or_insert(c, types.bits(), self.max_slots) {
+                Insert::Full => {
+                    lost = Some(match lost {
+                        Some((s, _)) => (s, c + 1),
+                        None => (c, c + 1),
+                    });
+                    continue;
+                }
+                Insert::Done(before) => {
+                    let before = MetadataType::from_bits_truncate(before);
+                    if collision.is_none() && !before.may_share(types) {
+                        collision = Some((HostOffset(c << self.cluster_bits), before));
+                    }
+                }
+            }
+            if let Some((s, e)) = lost.take() {
                 self.unchecked.add(s, e);
             }
         }
         if let Some((s, e)) = lost {
             self.unchecked.add(s, e);
         }
-        Ok(())
+        Ok(collision)
     }
 
     /// Records that `types` no longer live in `nb_clusters` clusters from `offset` (rounded out to
@@ -227,10 +244,11 @@ impl MetadataMap {
     /// Ranges the map could not hold stay unchecked: what else lives there is unknown.
     pub fn remove(
         &mut self,
-        offset: u64,
-        nb_clusters: u64,
+        offset: HostOffset,
+        nb_clusters: ClusterCount,
         types: MetadataType,
     ) -> Result<(), MapError> {
+        let (offset, nb_clusters) = (offset.0, nb_clusters.0);
         let types = types & self.enabled;
         let size = self.clusters_to_bytes(offset, nb_clusters)?;
         if size == 0 || types.is_empty() {
@@ -246,10 +264,11 @@ impl MetadataMap {
     #[inline]
     pub fn check(
         &self,
-        offset: u64,
+        offset: HostOffset,
         size: u64,
         ignore: MetadataType,
     ) -> Result<MetadataType, MapError> {
+        let offset = offset.0;
         if size == 0 {
             return Ok(MetadataType::empty());
         }
@@ -271,7 +290,8 @@ impl MetadataMap {
 
     /// Whether [`check`](Self::check) is exact over `[offset, offset + size)`: false when the
     /// range touches a range the memory limit kept out of the map.
-    pub fn is_exact(&self, offset: u64, size: u64) -> Result<bool, MapError> {
+    pub fn is_exact(&self, offset: HostOffset, size: u64) -> Result<bool, MapError> {
+        let offset = offset.0;
         if size == 0 {
             return Ok(true);
         }
@@ -342,13 +362,13 @@ mod tests {
             );
         }
         let mut m = map();
-        assert!(m.check(u64::MAX, 2, T::empty()).is_err());
-        assert!(m.enter(MAX_HOST_OFFSET - CS, 2, T::ACTIVE_L2).is_err());
-        assert!(m.enter(MAX_HOST_OFFSET - CS, 1, T::ACTIVE_L2).is_ok());
-        assert!(m.enter(0, MAX_ENTER_CLUSTERS + 1, T::ACTIVE_L2).is_err());
-        assert!(m.remove(0, u64::MAX, T::ACTIVE_L2).is_err());
+        assert!(m.check(HostOffset(u64::MAX), 2, T::empty()).is_err());
+        assert!(m.enter(HostOffset(MAX_HOST_OFFSET - CS), ClusterCount(2), T::ACTIVE_L2).is_err());
+        assert!(m.enter(HostOffset(MAX_HOST_OFFSET - CS), ClusterCount(1), T::ACTIVE_L2).is_ok());
+        assert!(m.enter(HostOffset(0), ClusterCount(MAX_ENTER_CLUSTERS + 1), T::ACTIVE_L2).is_err());
+        assert!(m.remove(HostOffset(0), ClusterCount(u64::MAX), T::ACTIVE_L2).is_err());
         assert_eq!(
-            m.check(MAX_HOST_OFFSET - 1, 1, T::empty()),
+            m.check(HostOffset(MAX_HOST_OFFSET - 1), 1, T::empty()),
             Ok(T::ACTIVE_L2)
         );
     }
@@ -356,17 +376,17 @@ mod tests {
     #[test]
     fn header_rule_and_rounding() {
         let mut m = map();
-        assert_eq!(m.check(0, 0, T::empty()), Ok(T::empty()));
-        assert_eq!(m.check(CS - 1, 1, T::empty()), Ok(T::MAIN_HEADER));
-        assert_eq!(m.check(CS - 1, 1, T::MAIN_HEADER), Ok(T::empty()));
-        assert_eq!(m.check(CS, 1, T::empty()), Ok(T::empty()));
-        m.enter(3 * CS, 2, T::ACTIVE_L1).unwrap();
-        assert_eq!(m.check(3 * CS - 1, 1, T::empty()), Ok(T::empty()));
-        assert_eq!(m.check(3 * CS - 1, 2, T::empty()), Ok(T::ACTIVE_L1));
-        assert_eq!(m.check(5 * CS - 1, 1, T::empty()), Ok(T::ACTIVE_L1));
-        assert_eq!(m.check(5 * CS, 10 * CS, T::empty()), Ok(T::empty()));
+        assert_eq!(m.check(HostOffset(0), 0, T::empty()), Ok(T::empty()));
+        assert_eq!(m.check(HostOffset(CS - 1), 1, T::empty()), Ok(T::MAIN_HEADER));
+        assert_eq!(m.check(HostOffset(CS - 1), 1, T::MAIN_HEADER), Ok(T::empty()));
+        assert_eq!(m.check(HostOffset(CS), 1, T::empty()), Ok(T::empty()));
+        m.enter(HostOffset(3 * CS), ClusterCount(2), T::ACTIVE_L1).unwrap();
+        assert_eq!(m.check(HostOffset(3 * CS - 1), 1, T::empty()), Ok(T::empty()));
+        assert_eq!(m.check(HostOffset(3 * CS - 1), 2, T::empty()), Ok(T::ACTIVE_L1));
+        assert_eq!(m.check(HostOffset(5 * CS - 1), 1, T::empty()), Ok(T::ACTIVE_L1));
+        assert_eq!(m.check(HostOffset(5 * CS), 10 * CS, T::empty()), Ok(T::empty()));
         assert_eq!(
-            m.check(CS - 1, 3 * CS, T::empty()),
+            m.check(HostOffset(CS - 1), 3 * CS, T::empty()),
             Ok(T::MAIN_HEADER | T::ACTIVE_L1)
         );
     }
@@ -374,10 +394,10 @@ mod tests {
     #[test]
     fn unaligned_enter_ignored_unaligned_remove_rounded_out() {
         let mut m = map();
-        m.enter(CS + 512, 1, T::ACTIVE_L2).unwrap();
+        m.enter(HostOffset(CS + 512), ClusterCount(1), T::ACTIVE_L2).unwrap();
         assert!(m.extents().is_empty());
-        m.enter(4 * CS, 3, T::REFCOUNT_BLOCK).unwrap();
-        m.remove(5 * CS + 1, 1, T::REFCOUNT_BLOCK).unwrap();
+        m.enter(HostOffset(4 * CS), ClusterCount(3), T::REFCOUNT_BLOCK).unwrap();
+        m.remove(HostOffset(5 * CS + 1), ClusterCount(1), T::REFCOUNT_BLOCK).unwrap();
         // [5*CS+1, 6*CS+1) rounds out to clusters 5 and 6.
         assert_eq!(m.extents(), vec![(4 * CS, CS, T::REFCOUNT_BLOCK)]);
     }
@@ -385,8 +405,8 @@ mod tests {
     #[test]
     fn several_types_per_cluster_and_merging() {
         let mut m = map();
-        m.enter(10 * CS, 4, T::ACTIVE_L2).unwrap();
-        m.enter(11 * CS, 2, T::INACTIVE_L2).unwrap();
+        m.enter(HostOffset(10 * CS), ClusterCount(4), T::ACTIVE_L2).unwrap();
+        m.enter(HostOffset(11 * CS), ClusterCount(2), T::INACTIVE_L2).unwrap();
         assert_eq!(
             m.extents(),
             vec![
@@ -395,10 +415,10 @@ mod tests {
                 (13 * CS, CS, T::ACTIVE_L2),
             ]
         );
-        m.remove(10 * CS, 4, T::ACTIVE_L2).unwrap();
+        m.remove(HostOffset(10 * CS), ClusterCount(4), T::ACTIVE_L2).unwrap();
         assert_eq!(m.extents(), vec![(11 * CS, 2 * CS, T::INACTIVE_L2)]);
         assert_eq!(
-            m.check(12 * CS, 1, T::INACTIVE_L2),
+            m.check(HostOffset(12 * CS), 1, T::INACTIVE_L2),
             Ok(T::empty()),
             "ignored types are not reported"
         );
@@ -407,12 +427,12 @@ mod tests {
     #[test]
     fn disabled_types_are_not_tracked() {
         let mut m = MetadataMap::new(CS, T::TEMPLATE_CACHED, None).unwrap();
-        m.enter(2 * CS, 1, T::INACTIVE_L2).unwrap();
+        m.enter(HostOffset(2 * CS), ClusterCount(1), T::INACTIVE_L2).unwrap();
         assert_eq!(m.metadata_clusters(), 0);
-        m.enter(2 * CS, 1, T::INACTIVE_L2 | T::ACTIVE_L2).unwrap();
-        assert_eq!(m.check(2 * CS, 1, T::empty()), Ok(T::ACTIVE_L2));
+        m.enter(HostOffset(2 * CS), ClusterCount(1), T::INACTIVE_L2 | T::ACTIVE_L2).unwrap();
+        assert_eq!(m.check(HostOffset(2 * CS), 1, T::empty()), Ok(T::ACTIVE_L2));
         let none = MetadataMap::new(CS, T::empty(), None).unwrap();
-        assert_eq!(none.check(0, 1, T::empty()), Ok(T::empty()));
+        assert_eq!(none.check(HostOffset(0), 1, T::empty()), Ok(T::empty()));
     }
 
     #[test]
@@ -420,19 +440,19 @@ mod tests {
         let mut m = MetadataMap::new(512, T::all(), None).unwrap();
         // A 32 MiB L1 table at 512-byte clusters: 65536 clusters in one run.
         let base = (1u64 << 55) + 512 * 7;
-        m.enter(base, 65536, T::ACTIVE_L1).unwrap();
+        m.enter(HostOffset(base), ClusterCount(65536), T::ACTIVE_L1).unwrap();
         assert_eq!(m.extents(), vec![(base, 65536 * 512, T::ACTIVE_L1)]);
-        assert_eq!(m.check(base - 1, 1, T::empty()), Ok(T::empty()));
+        assert_eq!(m.check(HostOffset(base - 1), 1, T::empty()), Ok(T::empty()));
         assert_eq!(
-            m.check(base + 65536 * 512, 1 << 40, T::empty()),
+            m.check(HostOffset(base + 65536 * 512), 1 << 40, T::empty()),
             Ok(T::empty())
         );
-        assert_eq!(m.check(base - 512, 1 << 40, T::empty()), Ok(T::ACTIVE_L1));
+        assert_eq!(m.check(HostOffset(base - 512), 1 << 40, T::empty()), Ok(T::ACTIVE_L1));
         // A check longer than the whole table takes the scanning path.
-        assert_eq!(m.check(512, (1 << 56) - 512, T::empty()), Ok(T::ACTIVE_L1));
-        m.remove(base + 100 * 512, 10, T::ACTIVE_L1).unwrap();
+        assert_eq!(m.check(HostOffset(512), (1 << 56) - 512, T::empty()), Ok(T::ACTIVE_L1));
+        m.remove(HostOffset(base + 100 * 512), ClusterCount(10), T::ACTIVE_L1).unwrap();
         assert_eq!(m.extents().len(), 2);
-        m.remove(0, 1 << 47, T::all()).unwrap();
+        m.remove(HostOffset(0), ClusterCount(1 << 47), T::all()).unwrap();
         assert!(m.extents().is_empty());
         assert!(m.memory_usage() < 1024, "shrinks when emptied");
     }
@@ -454,7 +474,7 @@ mod tests {
             (16, T::ACTIVE_L1),
             (40, T::SNAPSHOT_TABLE),
         ] {
-            m.enter(c * CS, 1, t).unwrap();
+            m.enter(HostOffset(c * CS), ClusterCount(1), t).unwrap();
             model.insert(c, t);
         }
         for first in 0..45u64 {
@@ -468,15 +488,15 @@ mod tests {
                     |a, (_, &t)| a | t,
                 );
                 let got = m
-                    .check(first * CS, (last - first + 1) * CS, T::empty())
+                    .check(HostOffset(first * CS), (last - first + 1) * CS, T::empty())
                     .unwrap();
                 assert_eq!(got, want, "clusters {first}..={last}");
             }
         }
         // Split a run at a group boundary and merge it back.
-        m.remove(8 * CS, 1, T::ACTIVE_L2).unwrap();
-        assert_eq!(m.check(8 * CS, 1, T::empty()), Ok(T::empty()));
-        m.enter(8 * CS, 1, T::ACTIVE_L2).unwrap();
+        m.remove(HostOffset(8 * CS), ClusterCount(1), T::ACTIVE_L2).unwrap();
+        assert_eq!(m.check(HostOffset(8 * CS), 1, T::empty()), Ok(T::empty()));
+        m.enter(HostOffset(8 * CS), ClusterCount(1), T::ACTIVE_L2).unwrap();
         let ext = m.extents();
         assert!(ext.contains(&(6 * CS, CS, T::ACTIVE_L2)));
         assert!(ext.contains(&(8 * CS, CS, T::ACTIVE_L2)));
@@ -488,15 +508,15 @@ mod tests {
         let limit = MetadataMap::minimum_limit() + 16 * 8;
         let mut m = MetadataMap::new(CS, T::all(), Some(limit)).unwrap();
         for i in 0..1000u64 {
-            m.enter((2 + 3 * i) * CS, 1, T::ACTIVE_L2).unwrap();
+            m.enter(HostOffset((2 + 3 * i) * CS), ClusterCount(1), T::ACTIVE_L2).unwrap();
         }
         assert!(m.memory_usage() <= limit);
         assert!(!m.unchecked_ranges().is_empty());
         for i in 0..1000u64 {
             let off = (2 + 3 * i) * CS;
-            let got = m.check(off, 1, T::empty()).unwrap();
+            let got = m.check(HostOffset(off), 1, T::empty()).unwrap();
             assert!(got.contains(T::ACTIVE_L2), "cluster {i} under-reported");
-            if m.is_exact(off, 1).unwrap() {
+            if m.is_exact(HostOffset(off), 1).unwrap() {
                 assert_eq!(got, T::ACTIVE_L2);
             } else {
                 assert_eq!(got, T::all());

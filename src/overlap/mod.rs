@@ -6,5 +6,5 @@ mod table;
 mod types;
 
 pub use map::{MapError, MetadataMap, MAX_ENTER_CLUSTERS, MAX_HOST_OFFSET};
-pub use naive::{NaiveChecker, NaiveLayout, SnapshotL1Reader};
+pub use naive::{NaiveChecker, NaiveError, NaiveLayout};
 pub use types::MetadataType;

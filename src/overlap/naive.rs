@@ -11,38 +11,16 @@
 //! and our two extra types (encryption header, bitmap tables) are checked the same naive way.
 
 use std::io;
+use std::sync::Arc;
 
 use super::types::MetadataType;
+use crate::format::entry::L1_L2_OFFSET_MASK;
+use crate::format::limits::MAX_L1_BYTES;
+use crate::format::refcount::REFTABLE_OFFSET_MASK;
+use crate::storage::Storage;
 
-/// Reads snapshot L1 tables from the image on every `all`-mode check, as QEMU does.
-pub trait SnapshotL1Reader {
-    /// Fills `buf` from host offset `offset`.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-}
-
-impl SnapshotL1Reader for std::fs::File {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
-    }
-}
-
-impl SnapshotL1Reader for [u8] {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let src = start
-            .checked_add(buf.len())
-            .and_then(|end| self.get(start..end))
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-}
-
-impl SnapshotL1Reader for Vec<u8> {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.as_slice().read_at(offset, buf)
-    }
-}
+/// Bytes of a snapshot L1 table read at a time: the check never holds a whole table.
+const READ_CHUNK: usize = 64 << 10;
 
 /// What QEMU keeps in memory about an image's metadata, in the units QEMU uses.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,33 +49,72 @@ pub struct NaiveLayout {
     pub crypto_header: Option<(u64, u64)>,
 }
 
-/// QEMU's scanning checker over a [`NaiveLayout`], reading snapshot L1 tables through `R`.
-pub struct NaiveChecker<R: ?Sized> {
+/// Why a [`NaiveChecker`] cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NaiveError {
+    /// The cluster size is not a power of two between 512 B and 2 MiB.
+    #[error("cluster size {0} is not a power of two between 512 and 2097152")]
+    BadClusterSize(u64),
+    /// A snapshot L1 table is larger than QEMU allows any L1 table to be.
+    #[error("snapshot {index}: L1 table of {entries} entries exceeds the limit of {limit}")]
+    SnapshotL1TooLarge {
+        /// Position in the snapshot list.
+        index: usize,
+        /// Its entry count.
+        entries: u32,
+        /// The most entries an L1 table may have.
+        limit: u64,
+    },
+}
+
+/// QEMU's scanning checker over a [`NaiveLayout`], reading snapshot L1 tables from the image's
+/// storage on every `all`-mode check.
+pub struct NaiveChecker {
     layout: NaiveLayout,
     enabled: MetadataType,
     /// Index one past the last non-zero refcount table entry (QEMU's
     /// `max_refcount_table_index + 1`): the loop over refcount blocks stops there.
     refcount_table_used: usize,
-    reader: Box<R>,
+    storage: Arc<dyn Storage>,
 }
 
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
-
-impl<R: SnapshotL1Reader + ?Sized> NaiveChecker<R> {
-    /// A checker for `layout` that checks the `enabled` types.
-    pub fn new(layout: NaiveLayout, enabled: MetadataType, reader: Box<R>) -> Self {
+impl NaiveChecker {
+    /// A checker for `layout` that checks the `enabled` types, reading snapshot L1 tables from
+    /// `storage` (bytes past its end read as zeros). Refuses a layout that QEMU's limits forbid,
+    /// so that no check can be asked to read more than 32 MiB per snapshot.
+    pub fn new(
+        layout: NaiveLayout,
+        enabled: MetadataType,
+        storage: Arc<dyn Storage>,
+    ) -> Result<Self, NaiveError> {
+        let cs = layout.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(NaiveError::BadClusterSize(cs));
+        }
+        let limit = MAX_L1_BYTES / 8;
+        if let Some((index, &(_, entries))) = layout
+            .snapshots
+            .iter()
+            .enumerate()
+            .find(|(_, &(_, n))| u64::from(n) > limit)
+        {
+            return Err(NaiveError::SnapshotL1TooLarge {
+                index,
+                entries,
+                limit,
+            });
+        }
         let refcount_table_used = layout
             .refcount_table
             .iter()
             .rposition(|&e| e & REFTABLE_OFFSET_MASK != 0)
             .map_or(0, |i| i + 1);
-        NaiveChecker {
+        Ok(NaiveChecker {
             layout,
             enabled,
             refcount_table_used,
-            reader,
-        }
+            storage,
+        })
     }
 
     /// The layout being checked.
@@ -147,7 +164,7 @@ impl<R: SnapshotL1Reader + ?Sized> NaiveChecker<R> {
         });
         test(MetadataType::ACTIVE_L2, &|| {
             l.l1_table.iter().any(|&e| {
-                let ofs = e & L1_OFFSET_MASK;
+                let ofs = e & L1_L2_OFFSET_MASK;
                 ofs != 0 && hits(ofs, cs)
             })
         });
@@ -172,19 +189,25 @@ impl<R: SnapshotL1Reader + ?Sized> NaiveChecker<R> {
         });
 
         if chk.contains(MetadataType::INACTIVE_L2) {
-            // QEMU reads every snapshot's L1 table from the image on every check.
-            let mut buf = Vec::new();
+            // QEMU reads every snapshot's L1 table from the image on every check. Read in
+            // bounded chunks, and not past the end of the file (zeros hold no entries).
+            let file_len = self.storage.len()?;
+            let mut buf = vec![0u8; READ_CHUNK];
             'snapshots: for &(l1_ofs, l1_size) in &l.snapshots {
-                buf.clear();
-                buf.resize(l1_size as usize * 8, 0);
-                self.reader.read_at(l1_ofs, &mut buf)?;
-                for raw in buf.chunks_exact(8) {
-                    let mut be = [0u8; 8];
-                    be.copy_from_slice(raw);
-                    let ofs = u64::from_be_bytes(be) & L1_OFFSET_MASK;
-                    if ofs != 0 && hits(ofs, cs) {
-                        ret |= MetadataType::INACTIVE_L2;
-                        break 'snapshots;
+                let table_end = l1_ofs.saturating_add(u64::from(l1_size) * 8).min(file_len);
+                let mut at = l1_ofs;
+                while at < table_end {
+                    let n = (table_end - at).min(READ_CHUNK as u64) as usize;
+                    self.storage.read_padded(at, &mut buf[..n])?;
+                    at += n as u64;
+                    for raw in buf[..n].chunks_exact(8) {
+                        let mut be = [0u8; 8];
+                        be.copy_from_slice(raw);
+                        let ofs = u64::from_be_bytes(be) & L1_L2_OFFSET_MASK;
+                        if ofs != 0 && hits(ofs, cs) {
+                            ret |= MetadataType::INACTIVE_L2;
+                            break 'snapshots;
+                        }
                     }
                 }
             }
@@ -196,12 +219,13 @@ impl<R: SnapshotL1Reader + ?Sized> NaiveChecker<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{FaultyStorage, MemStorage, StorageOp};
     use MetadataType as T;
 
     const CS: u64 = 4096;
 
     /// A small layout whose snapshot L1 table lives in an in-memory "file".
-    fn checker(enabled: MetadataType) -> NaiveChecker<Vec<u8>> {
+    fn checker(enabled: MetadataType) -> NaiveChecker {
         let mut file = vec![0u8; 64 * CS as usize];
         // Snapshot L1 at cluster 20 with one entry pointing at cluster 21.
         file[20 * CS as usize..20 * CS as usize + 8].copy_from_slice(&(21 * CS).to_be_bytes());
@@ -218,7 +242,7 @@ mod tests {
             bitmap_tables: vec![(31 * CS, 2)],
             crypto_header: Some((32 * CS, 2 * CS)),
         };
-        NaiveChecker::new(layout, enabled, Box::new(file))
+        NaiveChecker::new(layout, enabled, Arc::new(MemStorage::new(file))).unwrap()
     }
 
     #[test]
@@ -247,13 +271,34 @@ mod tests {
 
     #[test]
     fn cached_mode_reads_nothing() {
-        let mut c = checker(T::TEMPLATE_CACHED);
-        *c.reader = Vec::new(); // any read would fail
-        assert_eq!(c.check(21 * CS, 1, T::empty()).unwrap(), T::empty());
         let all = checker(T::all());
-        let mut broken = NaiveChecker::new(all.layout().clone(), T::all(), Box::new(Vec::new()));
+        let faulty = Arc::new(FaultyStorage::new(MemStorage::new(vec![0; 64 * CS as usize])));
+        faulty.fail_from(StorageOp::Read, 1);
+        let mut broken =
+            NaiveChecker::new(all.layout().clone(), T::all(), faulty.clone()).unwrap();
         assert!(broken.check(21 * CS, 1, T::empty()).is_err());
         broken.enabled = T::TEMPLATE_CACHED;
-        assert!(broken.check(21 * CS, 1, T::empty()).is_ok());
+        assert_eq!(broken.check(21 * CS, 1, T::empty()).unwrap(), T::empty());
+    }
+
+    #[test]
+    fn oversized_snapshot_tables_are_refused_not_read() {
+        let mut layout = checker(T::all()).layout().clone();
+        layout.snapshots = vec![(0, u32::MAX)];
+        let empty: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new()));
+        assert!(matches!(
+            NaiveChecker::new(layout.clone(), T::all(), empty.clone()),
+            Err(NaiveError::SnapshotL1TooLarge { .. })
+        ));
+        // The largest legal table past the end of the file costs nothing to check.
+        layout.snapshots = vec![(0, (MAX_L1_BYTES / 8) as u32)];
+        let c = NaiveChecker::new(layout, T::all(), empty).unwrap();
+        assert_eq!(
+            c.check(40 * CS, 1, T::all() - T::INACTIVE_L2).unwrap(),
+            T::empty()
+        );
+        layout = c.layout().clone();
+        layout.cluster_size = 3;
+        assert!(NaiveChecker::new(layout, T::all(), Arc::new(MemStorage::default())).is_err());
     }
 }

@@ -41,8 +41,8 @@ pub(crate) struct ClusterTable {
 /// What [`ClusterTable::or_insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Insert {
-    /// The cluster was present or has been added.
-    Done,
+    /// The cluster was present or has been added; the types it held before (0 if new).
+    Done(u16),
     /// The cluster is new and the table may not grow any further (memory limit).
     Full,
 }
@@ -160,7 +160,7 @@ impl ClusterTable {
                 }
                 if s >> TYPE_BITS == cluster {
                     self.slots[i] = s | u64::from(types);
-                    return Insert::Done;
+                    return Insert::Done((s & TYPE_MASK) as u16);
                 }
                 i = Self::next(i, n);
             }
@@ -175,7 +175,7 @@ impl ClusterTable {
         }
         self.slots[i] = cluster << TYPE_BITS | u64::from(types);
         self.len += 1;
-        Insert::Done
+        Insert::Done(0)
     }
 
     /// Makes room for one more entry. Normally the table grows by 3/2 at load 3/4; under a memory
@@ -189,8 +189,9 @@ impl ClusterTable {
         }
         let grown = round_slots((n + n / 2).max(MIN_SLOTS));
         let target = grown.min(max_slots / GROUP as usize * GROUP as usize);
-        if target > n && wanted * 16 <= target * 15 {
-            self.resize(target);
+        // A failed allocation is treated like the memory limit: the caller keeps the cluster
+        // as "unchecked" (never under-reported) instead of the process aborting.
+        if target > n && wanted * 16 <= target * 15 && self.resize(target) {
             return true;
         }
         wanted * 16 <= n * 15
@@ -286,13 +287,19 @@ impl ClusterTable {
         }
     }
 
-    /// Rehashes every entry into a fresh array of `nslots` slots (0 frees everything).
-    fn resize(&mut self, nslots: usize) {
-        let old = std::mem::take(&mut self.slots);
+    /// Rehashes every entry into a fresh array of `nslots` slots (0 frees everything). Returns
+    /// false, changing nothing, when the new array cannot be allocated.
+    fn resize(&mut self, nslots: usize) -> bool {
         if nslots == 0 {
-            return;
+            self.slots = Vec::new();
+            return true;
         }
-        let mut slots = vec![0u64; nslots];
+        let mut slots: Vec<u64> = Vec::new();
+        if slots.try_reserve_exact(nslots).is_err() {
+            return false;
+        }
+        slots.resize(nslots, 0);
+        let old = std::mem::take(&mut self.slots);
         advise_huge_pages(&slots);
         for s in old.into_iter().filter(|&s| s != 0) {
             let mut i = self.home(s >> TYPE_BITS, nslots);
@@ -302,6 +309,7 @@ impl ClusterTable {
             slots[i] = s;
         }
         self.slots = slots;
+        true
     }
 
     /// Every present `(cluster, types)` pair, in no particular order.
@@ -373,7 +381,7 @@ mod tests {
                 }
                 t.maybe_shrink();
             } else {
-                assert_eq!(t.or_insert(c, bits, usize::MAX), Insert::Done);
+                assert!(matches!(t.or_insert(c, bits, usize::MAX), Insert::Done(_)));
                 *model.entry(c).or_default() |= bits;
             }
             assert_eq!(t.len(), model.len());

@@ -53,6 +53,23 @@ impl MetadataType {
     /// Template `all`: every check, including inactive L2 tables.
     pub const TEMPLATE_ALL: Self = Self::all();
 
+    /// Whether clusters holding `self` may also hold `other` in a valid image.
+    ///
+    /// Every metadata structure is its own allocation, so no cluster holds two kinds of
+    /// metadata, with one exception: an L2 table that the active L1 table and a snapshot's L1
+    /// table both reference (after a snapshot, until the first write copies it) is ACTIVE_L2
+    /// and INACTIVE_L2 at once. Snapshots may also share L2 tables with each other, and an L2
+    /// table may be referenced twice — those are the same type again, and a refcount question
+    /// rather than a layout one. Partial-cluster structures (the snapshot table, the bitmap
+    /// directory, the encryption header) are still allocated in whole clusters of their own.
+    pub fn may_share(self, other: MetadataType) -> bool {
+        let union = self | other;
+        self.is_empty()
+            || other.is_empty()
+            || union.bits().count_ones() == 1
+            || union == Self::ACTIVE_L2 | Self::INACTIVE_L2
+    }
+
     /// QEMU's name for the lowest set bit as used in overlap error messages
     /// (`Preventing invalid write on metadata (overlaps with <name>)`), or `None` if empty.
     pub fn message_name(self) -> Option<&'static str> {

@@ -1,0 +1,143 @@
+//! A bounded cache of metadata tables (L2 tables now; refcount blocks when the writer lands),
+//! kept apart from the I/O that fills it.
+//!
+//! The cache only decides what stays in memory: callers hand it a loader, and a miss runs the
+//! loader *outside* the lock, so one thread's disk read never stalls another thread's hit. Two
+//! threads that miss the same table at once both load it and the second insert keeps the first
+//! one's copy (identical bytes; tables are read-only until the writer adds dirty tracking).
+//!
+//! Eviction is least-recently-used by a use counter. Finding the oldest entry is a linear scan,
+//! paid only on a miss when full, where it is small next to the disk read that follows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::format::HostOffset;
+
+/// A table as cached: its big-endian words decoded (two words per entry with extended L2).
+pub type Table = Arc<[u64]>;
+
+/// The LRU state behind the lock.
+#[derive(Debug, Default)]
+struct Slots {
+    tables: HashMap<u64, (Table, u64)>,
+    clock: u64,
+}
+
+/// A bounded LRU cache of tables keyed by host offset.
+#[derive(Debug)]
+pub struct TableCache {
+    slots: Mutex<Slots>,
+    capacity: usize,
+}
+
+impl TableCache {
+    /// A cache that holds at most `capacity` tables (at least one).
+    pub fn new(capacity: usize) -> Self {
+        TableCache {
+            slots: Mutex::new(Slots::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// How many tables the cache may hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many tables it holds now.
+    pub fn len(&self) -> usize {
+        self.lock().tables.len()
+    }
+
+    /// Whether it holds no table.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        // A panic while holding the lock leaves consistent data (every update is one insert or
+        // remove), so a poisoned lock is still usable.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The table at `offset`, from the cache or from `load` (called without the lock held).
+    pub fn get_or_load<E>(
+        &self,
+        offset: HostOffset,
+        load: impl FnOnce() -> Result<Vec<u64>, E>,
+    ) -> Result<Table, E> {
+        {
+            let mut slots = self.lock();
+            slots.clock += 1;
+            let now = slots.clock;
+            if let Some((table, used)) = slots.tables.get_mut(&offset.0) {
+                *used = now;
+                return Ok(Arc::clone(table));
+            }
+        }
+        let loaded: Table = load()?.into();
+        let mut slots = self.lock();
+        slots.clock += 1;
+        let now = slots.clock;
+        if let Some((table, used)) = slots.tables.get_mut(&offset.0) {
+            *used = now;
+            return Ok(Arc::clone(table));
+        }
+        if slots.tables.len() >= self.capacity {
+            let oldest = slots
+                .tables
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(&k, _)| k);
+            if let Some(k) = oldest {
+                slots.tables.remove(&k);
+            }
+        }
+        slots.tables.insert(offset.0, (Arc::clone(&loaded), now));
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn hits_misses_and_lru_eviction() {
+        let cache = TableCache::new(2);
+        let loads = Cell::new(0);
+        let get = |o: u64| {
+            cache
+                .get_or_load(HostOffset(o), || {
+                    loads.set(loads.get() + 1);
+                    Ok::<_, ()>(vec![o])
+                })
+                .unwrap()
+        };
+        assert_eq!(get(1)[0], 1);
+        assert_eq!(get(2)[0], 2);
+        assert_eq!(get(1)[0], 1);
+        assert_eq!(loads.get(), 2);
+        // 2 is the least recently used: 3 evicts it, 1 stays.
+        get(3);
+        assert_eq!(cache.len(), 2);
+        get(1);
+        assert_eq!(loads.get(), 3);
+        get(2);
+        assert_eq!(loads.get(), 4);
+    }
+
+    #[test]
+    fn load_errors_are_not_cached() {
+        let cache = TableCache::new(4);
+        assert_eq!(
+            cache.get_or_load(HostOffset(7), || Err::<Vec<u64>, _>("boom")),
+            Err("boom")
+        );
+        assert!(cache.is_empty());
+        assert_eq!(cache.capacity(), 4);
+        assert_eq!(TableCache::new(0).capacity(), 1);
+    }
+}

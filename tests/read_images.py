@@ -1,0 +1,586 @@
+"""More image kinds for the guest-data read tests, built by qemu-img / qemu-io.
+
+`qemu_images.KINDS` covers the metadata side; the kinds here add what matters when guest data is
+read: backing chains three deep mixing raw and qcow2 (relative names, backing files shorter than
+the image, a raw backing file of odd size, a raw backing file whose bytes look like qcow2),
+extended L2 subcluster writes / zero writes / discards, deflate and zstd compressed images from
+`qemu-img convert -c` (also partly overwritten afterwards, and compressed writes over a backing
+file), external data files with and without `data_file_raw`, 512 B and 2 MiB clusters, and v2
+images with zero writes and discards.
+
+Guest data is mostly random bytes (`qemu-io write -s file`), not constant patterns: a read from
+the wrong place of a constant-pattern write would still look right.
+
+Also builders for broken chains: a backing loop (made with `qemu-img rebase -u`) and a missing
+backing file.
+
+Nothing here imports qcow2ovl.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import qemu_images as qi
+
+KiB = qi.KiB
+MiB = qi.MiB
+
+
+# ---- writing guest data -------------------------------------------------------------------------
+
+
+class Ops:
+    """A batch of qemu-io commands for one image, run by one qemu-io process.
+
+    `data` writes random bytes (from a source file made here, removed after the run), `pattern`
+    a constant byte, `zero` zeroes (`write -z`, with `unmap` `write -z -u`), `discard` discards,
+    `compressed` writes random-but-compressible bytes with `write -c` (whole clusters only).
+    """
+
+    def __init__(self, directory: Path, seed: int) -> None:
+        self.dir = directory
+        self.rng = random.Random(seed)
+        self.cmds: list[str] = []
+        self.sources: list[Path] = []
+
+    def _source(self, data: bytes) -> Path:
+        path = self.dir / f"src-{os.getpid()}-{len(self.sources)}-{id(self)}.bin"
+        path.write_bytes(data)
+        self.sources.append(path)
+        return path
+
+    def data(self, offset: int, length: int) -> Ops:
+        src = self._source(self.rng.randbytes(length))
+        self.cmds.append(f"write -s {src} {offset} {length}")
+        return self
+
+    def pattern(self, offset: int, length: int, pattern: int) -> Ops:
+        self.cmds.append(f"write -P {pattern:#x} {offset} {length}")
+        return self
+
+    def zero(self, offset: int, length: int, *, unmap: bool = False) -> Ops:
+        self.cmds.append(f"write -z {'-u ' if unmap else ''}{offset} {length}")
+        return self
+
+    def discard(self, offset: int, length: int) -> Ops:
+        self.cmds.append(f"discard {offset} {length}")
+        return self
+
+    def compressed(self, offset: int, length: int) -> Ops:
+        src = self._source(compressible(self.rng, length))
+        self.cmds.append(f"write -c -s {src} {offset} {length}")
+        return self
+
+    def run(self, image: Path | qi.ImageRef, fmt: str = "qcow2") -> None:
+        try:
+            if not self.cmds:
+                return
+            if fmt == "qcow2":
+                qi.qemu_io(image, *self.cmds)
+            else:
+                qemu_io_fmt(Path(str(qi.as_ref(image).path)), fmt, *self.cmds)
+        finally:
+            for src in self.sources:
+                src.unlink(missing_ok=True)
+            self.sources.clear()
+            self.cmds.clear()
+
+
+def qemu_io_fmt(path: Path, fmt: str, *commands: str) -> str:
+    """qemu-io on an image of format `fmt` (e.g. raw); fails on any failed command."""
+    assert qi.QEMU_IO is not None, "qemu-io is not installed"
+    args: list[qi.StrPath] = [qi.QEMU_IO]
+    for cmd in commands:
+        args += ["-c", cmd]
+    args += ["-f", fmt, path]
+    proc = qi.run(args)
+    out = proc.stdout + proc.stderr
+    for bad in ("failed", "error", "Error", "can't open"):
+        if bad in out:
+            raise qi.QemuError([str(a) for a in args], proc.returncode, proc.stdout, proc.stderr)
+    return out
+
+
+def compressible(rng: random.Random, length: int) -> bytes:
+    """Bytes that compress well but are not constant: random words from a small vocabulary."""
+    words = [rng.randbytes(rng.randrange(1, 9)) for _ in range(16)]
+    out = bytearray()
+    while len(out) < length:
+        out += rng.choice(words)
+    return bytes(out[:length])
+
+
+def mixed_raw(path: Path, size: int, seed: int) -> Path:
+    """A raw file of `size` bytes holding, per 64 KiB stretch, random (incompressible) bytes,
+    compressible bytes, zeros (left as holes) or a constant pattern: the source for the
+    compressed images, where QEMU stores incompressible clusters uncompressed."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 64 * KiB):
+            n = min(64 * KiB, size - off)
+            kind = rng.randrange(5)
+            if kind == 0:
+                continue  # zeros
+            f.seek(off)
+            if kind == 1:
+                f.write(rng.randbytes(n))
+            elif kind == 2:
+                f.write(bytes([rng.randrange(1, 256)]) * n)
+            else:
+                f.write(compressible(rng, n))
+    return path
+
+
+def raw_file(path: Path, size: int, writes: Sequence[tuple[int, int]], seed: int) -> Path:
+    """A sparse raw file of `size` bytes with random bytes at `(offset, length)` ranges."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, length in writes:
+            f.seek(off)
+            f.write(rng.randbytes(length))
+    return path
+
+
+def convert_from_raw(
+    src: Path, dst: Path, *, compress: bool, opts: dict[str, object]
+) -> qi.ImageRef:
+    args: list[qi.StrPath] = ["convert", "-f", "raw", "-O", "qcow2"]
+    if compress:
+        args.append("-c")
+    if opts:
+        args += ["-o", ",".join(f"{k}={qi._opt(v)}" for k, v in opts.items())]
+    qi.qemu_img(*args, src, dst)
+    return qi.ImageRef(dst)
+
+
+# ---- the kinds ----------------------------------------------------------------------------------
+
+
+def _chain3_raw_base(d: Path) -> qi.BuiltImage:
+    """raw base (24 MiB, sparse) <- qcow2 middle (40 MiB, absolute backing name, in a
+    subdirectory) <- qcow2 top (48 MiB, relative backing name "sub/mid.qcow2").
+    Both backing files are shorter than the image above them; writes cross their ends."""
+    base = raw_file(
+        d / "base.raw",
+        24 * MiB,
+        [
+            (0, 1 * MiB),
+            (3 * MiB + 17, 2 * MiB + 5),
+            (12 * MiB, 4 * MiB),
+            (24 * MiB - 100 * KiB, 100 * KiB),
+        ],
+        seed=101,
+    )
+    (d / "sub").mkdir()
+    mid = qi.create(d / "sub" / "mid.qcow2", 40 * MiB, backing=base.resolve(), backing_fmt="raw")
+    (
+        Ops(d, 102)
+        .data(1000, 5000)  # partial cluster over base data: COW from the raw file
+        .data(24 * MiB - 40 * KiB, 80 * KiB)  # across the base's end
+        .zero(12 * MiB + 64 * KiB, 128 * KiB)  # hides base data
+        .discard(13 * MiB, 64 * KiB)  # hides base data too (v3 with backing: zero flag)
+        .zero(14 * MiB + 3000, 70000, unmap=True)
+        .data(30 * MiB + 7, 300 * KiB)
+        .pattern(39 * MiB, 1 * MiB, 0x6D)
+        .run(mid)
+    )
+    top = qi.create(d / "top.qcow2", 48 * MiB, backing="sub/mid.qcow2")
+    (
+        Ops(d, 103)
+        .data(100, 200)  # a tiny write into a cluster whose data lies two levels down
+        .data(3 * MiB, 64 * KiB)  # exactly one cluster over base data
+        .discard(12 * MiB, 64 * KiB)
+        .zero(30 * MiB, 64 * KiB)  # over middle data
+        .zero(31 * MiB, 64 * KiB, unmap=True)
+        .data(40 * MiB - 5000, 10000)  # across the middle's end
+        .data(47 * MiB, 1 * MiB)  # the last MiB, beyond every backing file
+        .run(top)
+    )
+    return qi.BuiltImage("chain3_raw_base", top, extra_files=[base, mid.path])
+
+
+def _chain3_relative(d: Path) -> qi.BuiltImage:
+    """qcow2 v2 base (4 KiB clusters, 32 MiB) <- extended-L2 middle (32 KiB clusters, 48 MiB,
+    backing "../base/base.qcow2", relative to the middle's own folder) <- 512 B cluster top
+    (64 MiB, backing "mid/mid.qcow2")."""
+    (d / "base").mkdir()
+    (d / "mid").mkdir()
+    base = qi.create(
+        d / "base" / "base.qcow2", 32 * MiB, opts={"compat": "0.10", "cluster_size": 4096}
+    )
+    Ops(d, 201).data(0, 2 * MiB).data(5 * MiB + 123, 1 * MiB).data(32 * MiB - 8 * KiB, 8 * KiB).run(
+        base
+    )
+    mid = qi.create(
+        d / "mid" / "mid.qcow2",
+        48 * MiB,
+        opts={"extended_l2": True, "cluster_size": 32 * KiB},
+        backing="../base/base.qcow2",
+    )
+    (
+        Ops(d, 202)
+        .data(4096, 1024)  # one subcluster
+        .data(40 * KiB + 100, 3000)  # inside subclusters of another cluster
+        .zero(64 * KiB, 2 * KiB)  # a zero subcluster over base data
+        .discard(96 * KiB, 4 * KiB)
+        .zero(5 * MiB + 32 * KiB, 40 * KiB, unmap=True)
+        .data(32 * MiB - 3 * KiB, 6 * KiB)  # across the base's end
+        .run(mid)
+    )
+    top = qi.create(d / "top.qcow2", 64 * MiB, opts={"cluster_size": 512}, backing="mid/mid.qcow2")
+    (
+        Ops(d, 203)
+        .data(511, 2)  # across a 512 B cluster boundary
+        .data(32 * KiB - 700, 1400)  # across an L2 boundary (an L2 covers 32 KiB here)
+        .zero(4096, 512)
+        .discard(5 * MiB, 4096)
+        .data(48 * MiB - 1000, 2000)  # across the middle's end
+        .data(64 * MiB - 512, 512)
+        .run(top)
+    )
+    return qi.BuiltImage("chain3_relative", top, extra_files=[base.path, mid.path])
+
+
+def _raw_backing_qcow2_bytes(d: Path) -> qi.BuiltImage:
+    """A raw backing file (backing_fmt=raw) whose bytes are a qcow2 image: it must be read as
+    raw, not probed."""
+    inner = qi.create(d / "inner.qcow2", 8 * MiB)
+    Ops(d, 301).data(0, 100 * KiB).run(inner)
+    base = d / "base.raw"
+    shutil.copyfile(inner.path, base)
+    inner.path.unlink()
+    top = qi.create(d / "top.qcow2", 4 * MiB, backing=base.name, backing_fmt="raw")
+    Ops(d, 302).data(64 * KiB + 10, 100).run(top)
+    return qi.BuiltImage("raw_backing_qcow2_bytes", top, extra_files=[base])
+
+
+def _backing_raw_odd_size(d: Path) -> qi.BuiltImage:
+    """A fully written raw backing file of 5 MiB + 1234 bytes (not a multiple of 512) under an
+    8 MiB qcow2: QEMU reads zeros past the raw file's end."""
+    size = 5 * MiB + 1234
+    base = raw_file(d / "odd.raw", size, [(0, size)], seed=401)
+    top = qi.create(d / "top.qcow2", 8 * MiB, backing="odd.raw", backing_fmt="raw")
+    Ops(d, 402).data(5 * MiB - 100, 50).data(7 * MiB, 4096).run(top)
+    return qi.BuiltImage("backing_raw_odd_size", top, extra_files=[base])
+
+
+def _extl2_ops(ops: Ops) -> Ops:
+    """Subcluster writes, zero writes (with and without unmap) and discards on 64 KiB clusters
+    (2 KiB subclusters); some of them on the same clusters."""
+    return (
+        ops.data(0, 2 * KiB)  # subcluster 0 only
+        .data(64 * KiB + 3 * KiB, 1000)  # inside subcluster 1 of cluster 1
+        .data(128 * KiB + 1, 10 * KiB)  # unaligned, over several subclusters
+        .zero(128 * KiB + 4 * KiB, 2 * KiB)  # a zero subcluster in an allocated cluster
+        .zero(256 * KiB, 6 * KiB)  # zero subclusters of an unallocated cluster
+        .zero(320 * KiB + 2 * KiB, 4 * KiB, unmap=True)
+        .data(384 * KiB, 64 * KiB)
+        .discard(384 * KiB + 10 * KiB, 4 * KiB)  # discard subclusters of an allocated cluster
+        .discard(384 * KiB + 60 * KiB, 8 * KiB)  # across the cluster's end
+        .data(1 * MiB - 1, 2)  # across a cluster boundary
+        .pattern(2 * MiB, 1 * MiB, 0x3E)
+        .zero(2 * MiB + 100 * KiB, 300 * KiB, unmap=True)
+        .discard(2 * MiB + 512 * KiB, 256 * KiB)
+        .data(8 * MiB + 60 * KiB, 8 * KiB)  # across an L2 slice boundary region
+        .data(16 * MiB - 2 * KiB, 2 * KiB)  # the last subcluster
+    )
+
+
+def _extl2_ops_plain(d: Path) -> qi.BuiltImage:
+    ref = qi.create(d / "extl2_ops.qcow2", 16 * MiB, opts={"extended_l2": True})
+    _extl2_ops(Ops(d, 501)).run(ref)
+    return qi.BuiltImage("extl2_ops", ref)
+
+
+def _extl2_ops_backing(d: Path) -> qi.BuiltImage:
+    """The same operations over a qcow2 backing file full of data (pattern and random)."""
+    base = qi.create(d / "base.qcow2", 16 * MiB)
+    Ops(d, 511).pattern(0, 16 * MiB, 0x5C).data(64 * KiB, 512 * KiB).data(2 * MiB, 1 * MiB).run(
+        base
+    )
+    ref = qi.create(
+        d / "extl2_ops_backing.qcow2", 16 * MiB, opts={"extended_l2": True}, backing="base.qcow2"
+    )
+    _extl2_ops(Ops(d, 512)).run(ref)
+    return qi.BuiltImage("extl2_ops_backing", ref, extra_files=[base.path])
+
+
+def _extl2_16k_raw_backing(d: Path) -> qi.BuiltImage:
+    """Extended L2 with 16 KiB clusters (512 B subclusters) over a shorter raw backing file."""
+    base = raw_file(d / "base.raw", 3 * MiB, [(0, 3 * MiB)], seed=521)
+    ref = qi.create(
+        d / "extl2_16k.qcow2",
+        8 * MiB,
+        opts={"extended_l2": True, "cluster_size": 16 * KiB},
+        backing="base.raw",
+        backing_fmt="raw",
+    )
+    (
+        Ops(d, 522)
+        .data(512, 512)
+        .data(16 * KiB - 100, 200)
+        .zero(32 * KiB + 512, 1024)
+        .discard(48 * KiB, 512)
+        .zero(64 * KiB, 16 * KiB, unmap=True)
+        .data(3 * MiB - 700, 1400)  # across the backing file's end
+        .zero(3 * MiB + 16 * KiB, 2048)
+        .data(8 * MiB - 512, 512)
+        .run(ref)
+    )
+    return qi.BuiltImage("extl2_16k_raw_backing", ref, extra_files=[base])
+
+
+def _compressed(
+    kind: str, opts: dict[str, object], size: int = 32 * MiB, partial: bool = False
+) -> qi.Builder:
+    """`qemu-img convert -c` of a raw file mixing random, compressible, constant and zero
+    stretches. With `partial`, some clusters are then overwritten uncompressed: whole
+    clusters, parts of clusters (COW from the compressed cluster), zero writes and discards."""
+
+    def build(d: Path) -> qi.BuiltImage:
+        src = mixed_raw(d / "src.raw", size, seed=zlib.crc32(kind.encode()))
+        ref = convert_from_raw(src, d / f"{kind}.qcow2", compress=True, opts=opts)
+        src.unlink()
+        if partial:
+            cs = int(str(opts.get("cluster_size", 64 * KiB)))
+            (
+                Ops(d, 601)
+                .data(cs, cs)  # a whole cluster
+                .data(3 * cs + 100, 200)  # part of a cluster
+                .data(5 * cs - 10, 20)  # across a cluster boundary
+                .zero(7 * cs, cs)
+                .zero(9 * cs + 1, 100, unmap=True)
+                .discard(11 * cs, cs)
+                .data(size // 2 - 5, 3 * cs)
+                .run(ref)
+            )
+        return qi.BuiltImage(kind, ref)
+
+    return build
+
+
+def _compressed_backing(d: Path) -> qi.BuiltImage:
+    """Compressed writes (`qemu-io write -c`) into an image over a backing file."""
+    base = qi.create(d / "base.qcow2", 16 * MiB)
+    Ops(d, 701).data(0, 4 * MiB).pattern(8 * MiB, 4 * MiB, 0x42).run(base)
+    top = qi.create(d / "compressed_backing.qcow2", 16 * MiB, backing="base.qcow2")
+    (
+        Ops(d, 702)
+        .compressed(0, 64 * KiB)
+        .compressed(1 * MiB, 256 * KiB)
+        .compressed(9 * MiB, 64 * KiB)
+        .compressed(14 * MiB, 128 * KiB)
+        .data(1 * MiB + 100, 50)  # partial overwrite of a compressed cluster
+        .run(top)
+    )
+    return qi.BuiltImage("compressed_backing", top, extra_files=[base.path])
+
+
+def _data_file(kind: str, raw: bool, opts: dict[str, object], backing: bool = False) -> qi.Builder:
+    def build(d: Path) -> qi.BuiltImage:
+        extra: list[Path] = []
+        backing_name = None
+        if backing:
+            base = qi.create(d / "base.qcow2", 16 * MiB)
+            Ops(d, 801).data(0, 16 * MiB).run(base)
+            backing_name = "base.qcow2"
+            extra.append(base.path)
+        # absolute: QEMU resolves a relative data file name against its working directory
+        data = (d / f"{kind}.data").resolve()
+        ref = qi.create(
+            d / f"{kind}.qcow2",
+            16 * MiB,
+            opts={"data_file": data, "data_file_raw": raw, **opts},
+            backing=backing_name,
+        )
+        (
+            Ops(d, 802)
+            .data(0, 64 * KiB)
+            .data(100 * KiB + 3, 10000)
+            .data(1 * MiB, 1 * MiB)
+            .zero(1 * MiB + 64 * KiB, 64 * KiB)
+            .zero(1 * MiB + 200 * KiB, 3000, unmap=True)
+            .discard(1 * MiB + 512 * KiB, 128 * KiB)
+            .zero(4 * MiB, 256 * KiB)
+            .data(16 * MiB - 4096, 4096)
+            .run(ref)
+        )
+        extra.append(data)
+        return qi.BuiltImage(kind, ref, extra_files=extra)
+
+    return build
+
+
+def _cluster_512_ops(d: Path) -> qi.BuiltImage:
+    """512 B clusters (an L2 table covers 32 KiB): writes, zero writes and discards that cross
+    L2 boundaries."""
+    ref = qi.create(d / "cluster_512_ops.qcow2", 8 * MiB, opts={"cluster_size": 512})
+    (
+        Ops(d, 901)
+        .data(0, 100 * KiB)
+        .data(32 * KiB - 1, 2)
+        .zero(64 * KiB - 512, 1024)
+        .discard(96 * KiB - 300, 700)
+        .zero(1 * MiB + 5, 40 * KiB, unmap=True)
+        .data(2 * MiB + 31 * KiB, 3 * KiB)
+        .data(8 * MiB - 33 * KiB, 33 * KiB)
+        .run(ref)
+    )
+    return qi.BuiltImage("cluster_512_ops", ref)
+
+
+def _cluster_2m_backing(d: Path) -> qi.BuiltImage:
+    """2 MiB clusters over a 64 KiB-cluster backing file: partial writes copy the rest of each
+    2 MiB cluster from the backing file."""
+    base = qi.create(d / "base.qcow2", 32 * MiB)
+    Ops(d, 1001).data(0, 8 * MiB).pattern(16 * MiB, 16 * MiB, 0x2B).run(base)
+    top = qi.create(
+        d / "cluster_2m_backing.qcow2",
+        32 * MiB,
+        opts={"cluster_size": 2 * MiB},
+        backing="base.qcow2",
+    )
+    (
+        Ops(d, 1002)
+        .data(100, 1000)
+        .data(4 * MiB - 10, 20)
+        .zero(6 * MiB, 2 * MiB)
+        .discard(8 * MiB, 2 * MiB)
+        .zero(18 * MiB + 4096, 4096, unmap=True)
+        .data(32 * MiB - 1, 1)
+        .run(top)
+    )
+    return qi.BuiltImage("cluster_2m_backing", top, extra_files=[base.path])
+
+
+def _v2_ops(kind: str, backing: bool) -> qi.Builder:
+    """compat=0.10 (no zero flag): zero writes and discards over data and over a backing file."""
+
+    def build(d: Path) -> qi.BuiltImage:
+        extra: list[Path] = []
+        backing_name = None
+        if backing:
+            base = qi.create(d / "base.qcow2", 16 * MiB, opts={"compat": "0.10"})
+            Ops(d, 1101).data(0, 8 * MiB).run(base)
+            backing_name = "base.qcow2"
+            extra.append(base.path)
+        ref = qi.create(
+            d / f"{kind}.qcow2", 16 * MiB, opts={"compat": "0.10"}, backing=backing_name
+        )
+        (
+            Ops(d, 1102)
+            .data(0, 256 * KiB)
+            .zero(64 * KiB, 64 * KiB)
+            .zero(1 * MiB, 64 * KiB)
+            .zero(2 * MiB + 10, 100, unmap=True)
+            .discard(128 * KiB, 64 * KiB)
+            .discard(3 * MiB, 64 * KiB)
+            .data(16 * MiB - 70 * KiB, 70 * KiB)
+            .run(ref)
+        )
+        return qi.BuiltImage(kind, ref, extra_files=extra)
+
+    return build
+
+
+EXTRA_KINDS: dict[str, qi.Builder] = {
+    "chain3_raw_base": _chain3_raw_base,
+    "chain3_relative": _chain3_relative,
+    "raw_backing_qcow2_bytes": _raw_backing_qcow2_bytes,
+    "backing_raw_odd_size": _backing_raw_odd_size,
+    "extl2_ops": _extl2_ops_plain,
+    "extl2_ops_backing": _extl2_ops_backing,
+    "extl2_16k_raw_backing": _extl2_16k_raw_backing,
+    "convert_zlib": _compressed("convert_zlib", {"compression_type": "zlib"}),
+    "convert_zstd": _compressed("convert_zstd", {"compression_type": "zstd"}),
+    "convert_zlib_partial": _compressed(
+        "convert_zlib_partial", {"compression_type": "zlib"}, partial=True
+    ),
+    "convert_zstd_partial": _compressed(
+        "convert_zstd_partial", {"compression_type": "zstd"}, partial=True
+    ),
+    "convert_zstd_extl2_partial": _compressed(
+        "convert_zstd_extl2_partial",
+        {"compression_type": "zstd", "extended_l2": True},
+        partial=True,
+    ),
+    "convert_zlib_512": _compressed(
+        "convert_zlib_512",
+        {"compression_type": "zlib", "cluster_size": 512},
+        size=4 * MiB,
+        partial=True,
+    ),
+    "convert_zstd_2m": _compressed(
+        "convert_zstd_2m", {"compression_type": "zstd", "cluster_size": 2 * MiB}, partial=True
+    ),
+    "convert_v2": _compressed("convert_v2", {"compat": "0.10"}, partial=True),
+    "compressed_backing": _compressed_backing,
+    "data_file_ops": _data_file("data_file_ops", raw=False, opts={}),
+    "data_file_raw_ops": _data_file("data_file_raw_ops", raw=True, opts={}),
+    "data_file_extl2": _data_file("data_file_extl2", raw=False, opts={"extended_l2": True}),
+    "data_file_backing": _data_file("data_file_backing", raw=False, opts={}, backing=True),
+    "cluster_512_ops": _cluster_512_ops,
+    "cluster_2m_backing": _cluster_2m_backing,
+    "v2_ops": _v2_ops("v2_ops", backing=False),
+    "v2_backing_ops": _v2_ops("v2_backing_ops", backing=True),
+}
+
+
+def build_read_image(kind: str, directory: qi.StrPath) -> qi.BuiltImage:
+    """A fresh image of extra `kind` in `directory/kind`."""
+    d = Path(directory) / kind
+    d.mkdir(parents=True, exist_ok=True)
+    return EXTRA_KINDS[kind](d)
+
+
+# ---- broken chains ------------------------------------------------------------------------------
+
+
+def build_loop(d: Path) -> Path:
+    """a.qcow2 -> b.qcow2 -> a.qcow2 (rewired with `qemu-img rebase -u`). Returns a.qcow2."""
+    a = qi.create(d / "a.qcow2", 4 * MiB)
+    b = qi.create(d / "b.qcow2", 4 * MiB, backing="a.qcow2")
+    qi.qemu_img("rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a.path)
+    assert b.path.exists()
+    return a.path
+
+
+def build_self_loop(d: Path) -> Path:
+    """self.qcow2 -> self.qcow2."""
+    a = qi.create(d / "self.qcow2", 4 * MiB)
+    qi.qemu_img("rebase", "-u", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", a.path)
+    return a.path
+
+
+def build_long_loop(d: Path) -> Path:
+    """top -> mid -> base -> mid: the loop starts below the top."""
+    base = qi.create(d / "base.qcow2", 4 * MiB)
+    qi.create(d / "mid.qcow2", 4 * MiB, backing="base.qcow2")
+    top = qi.create(d / "top.qcow2", 4 * MiB, backing="mid.qcow2")
+    qi.qemu_img("rebase", "-u", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", base.path)
+    return top.path
+
+
+def build_missing_backing(d: Path) -> Path:
+    """top.qcow2 whose backing file "gone.qcow2" was deleted."""
+    base = qi.create(d / "gone.qcow2", 4 * MiB)
+    top = qi.create(d / "top.qcow2", 4 * MiB, backing="gone.qcow2")
+    base.path.unlink()
+    return top.path
+
+
+def build_missing_deeper(d: Path) -> Path:
+    """top -> mid -> (deleted) base: the missing file is two levels down."""
+    base = qi.create(d / "base.qcow2", 4 * MiB)
+    qi.create(d / "mid.qcow2", 4 * MiB, backing="base.qcow2")
+    top = qi.create(d / "top.qcow2", 4 * MiB, backing="mid.qcow2")
+    base.path.unlink()
+    return top.path
