@@ -10,7 +10,10 @@ use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use qcow2ovl::format::{ClusterCount, HostOffset};
 use qcow2ovl::overlap::{MetadataMap, MetadataType as T, NaiveChecker, NaiveLayout};
+use qcow2ovl::storage::{FileStorage, MemStorage, Storage};
+use std::sync::Arc;
 
 const CS: u64 = 64 * 1024;
 const TIB_CLUSTERS: u64 = 1 << 24;
@@ -178,7 +181,8 @@ fn run(w: &Workload, tmp: &std::path::Path, quick: bool) -> String {
     let metadata_clusters: u64 = {
         let mut m = MetadataMap::new(CS, T::all(), None).expect("valid cluster size");
         for &(c, n, t) in &w.extents {
-            m.enter(c * CS, n, t).expect("in range");
+            m.enter(HostOffset(c * CS), ClusterCount(n), t)
+                .expect("in range");
         }
         m.metadata_clusters() as u64
     };
@@ -186,7 +190,8 @@ fn run(w: &Workload, tmp: &std::path::Path, quick: bool) -> String {
     let mut map = MetadataMap::new(CS, T::all(), None).expect("valid cluster size");
     for &i in &order {
         let (c, n, t) = w.extents[i];
-        map.enter(c * CS, n, t).expect("in range");
+        map.enter(HostOffset(c * CS), ClusterCount(n), t)
+            .expect("in range");
     }
     let build_s = t0.elapsed().as_secs_f64();
     let map_bytes = map.memory_usage();
@@ -208,13 +213,15 @@ fn run(w: &Workload, tmp: &std::path::Path, quick: bool) -> String {
         .unwrap_or(0);
     file.set_len(file_end).expect("sparse size");
     drop(file);
-    let reader = Box::new(File::open(&path).expect("open bench file"));
-    let naive_all = NaiveChecker::new(w.layout.clone(), T::all(), reader);
+    let reader: Arc<dyn Storage> =
+        Arc::new(FileStorage::open_read_only(&path).expect("open bench file"));
+    let naive_all = NaiveChecker::new(w.layout.clone(), T::all(), reader).expect("valid layout");
     let naive_cached = NaiveChecker::new(
         w.layout.clone(),
         T::TEMPLATE_CACHED,
-        Box::new(Vec::<u8>::new()),
-    );
+        Arc::new(MemStorage::default()),
+    )
+    .expect("valid layout");
 
     let host_bytes = w.host_clusters * CS;
     let n = if quick { 1 << 16 } else { 1 << 20 };
@@ -235,7 +242,9 @@ fn run(w: &Workload, tmp: &std::path::Path, quick: bool) -> String {
         )
         .collect();
     for &o in &sample {
-        let a = map.check(o, 4096, T::empty()).expect("in range");
+        let a = map
+            .check(HostOffset(o), 4096, T::empty())
+            .expect("in range");
         let b = naive_all.check(o, 4096, T::empty()).expect("read");
         if a != b {
             mismatches += 1;
@@ -247,7 +256,7 @@ fn run(w: &Workload, tmp: &std::path::Path, quick: bool) -> String {
     let mut per_size = Vec::new();
     for size in [4096u64, 65536] {
         let m = time_per_check(&offsets, budget, |o| {
-            map.check(o, size, T::empty())
+            map.check(HostOffset(o), size, T::empty())
                 .map(|t| t.bits())
                 .unwrap_or(0)
         });
@@ -269,7 +278,8 @@ fn run(w: &Workload, tmp: &std::path::Path, quick: bool) -> String {
     let t1 = Instant::now();
     for &i in &order {
         let (c, n, t) = w.extents[i];
-        map.remove(c * CS, n, t).expect("in range");
+        map.remove(HostOffset(c * CS), ClusterCount(n), t)
+            .expect("in range");
     }
     let remove_s = t1.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);

@@ -154,7 +154,8 @@ pub fn scan(
         MetadataType::ACTIVE_L1,
         "the active L1 table",
     )?;
-    let l1_table = read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
+    let l1_table =
+        read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
     for (i, &e) in l1_table.iter().enumerate() {
         let ofs = e & L1_L2_OFFSET_MASK;
         if ofs != 0 {
@@ -264,7 +265,13 @@ impl Scanner<'_> {
 
     /// Enters `clusters` clusters at `offset` into the map, reporting a structure that lands on
     /// another one it may not share clusters with.
-    fn enter(&mut self, offset: u64, clusters: u64, types: MetadataType, what: &dyn Fn() -> String) {
+    fn enter(
+        &mut self,
+        offset: u64,
+        clusters: u64,
+        types: MetadataType,
+        what: &dyn Fn() -> String,
+    ) {
         match self
             .map
             .enter(HostOffset(offset), ClusterCount(clusters), types)
@@ -425,13 +432,10 @@ impl Scanner<'_> {
         let mut at = offset;
         let mut buf = Vec::new();
         while at < end {
-            let region = self
-                .storage
-                .next_data(at)
-                .map_err(|source| ScanError::Io {
-                    what: "a snapshot L1 table",
-                    source,
-                })?;
+            let region = self.storage.next_data(at).map_err(|source| ScanError::Io {
+                what: "a snapshot L1 table",
+                source,
+            })?;
             let Some((data_start, data_end)) = region else {
                 break;
             };
@@ -598,8 +602,9 @@ mod tests {
         );
         assert_eq!(p.offset, HostOffset(2 * CS));
         assert!(
-            p.message
-                .starts_with("refcount block (refcount table index 0) at 0x20000 overlaps active L2 table"),
+            p.message.starts_with(
+                "refcount block (refcount table index 0) at 0x20000 overlaps active L2 table"
+            ),
             "{}",
             p.message
         );
@@ -626,7 +631,11 @@ mod tests {
         img[48..56].copy_from_slice(&0u64.to_be_bytes());
         let s = scan(&MemStorage::new(img), MetadataType::all(), None).unwrap();
         assert!(s.blocks_writes);
-        assert!(s.problems[0].message.contains("overlaps qcow2_header"), "{:?}", s.problems);
+        assert!(
+            s.problems[0].message.contains("overlaps qcow2_header"),
+            "{:?}",
+            s.problems
+        );
     }
 
     #[test]

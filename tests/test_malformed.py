@@ -392,8 +392,24 @@ def test_open_rejects(case: Case, base_copy: Callable[[str], Path]) -> None:
     case.poke(path)
     before = qi.sha256_file(path)
     expected = _errors()[case.error]
-    with pytest.raises(expected, match=case.phrase) as info:
+    if case.qemu is None:
+        # QEMU opens the image and fails only when the snapshot is used: so do we, read-only,
+        # with the problem reported; a writer must stay away (its tables cannot be protected).
+        with qcow2ovl.open(path) as img:
+            problems = [p for p in img.problems if p.kind == "unusable-snapshot"]
+            assert problems, img.problems
+            assert re.search(case.phrase[1:], problems[0].message), problems[0].message
+        with pytest.raises(qcow2ovl.CorruptImageError, match="cannot be opened read/write"):
+            qcow2ovl.open(path, writable=True)
+        assert qi.sha256_file(path) == before, "an open changed the file"
+        return
+    with pytest.raises(expected) as info:
         qcow2ovl.open(path)
+    # Messages name the file first, as qemu-img's do; QEMU's phrase follows.
+    message = str(info.value)
+    prefix = f"{path}: "
+    assert message.startswith(prefix), message
+    assert re.search(case.phrase, message[len(prefix) :]), (case.phrase, message)
     assert isinstance(info.value, qcow2ovl.Qcow2Error)
     if case.error == "format":
         assert isinstance(info.value, ValueError)
@@ -462,8 +478,12 @@ def test_open_rejects_garbage(
     base_copy: Callable[[str], Path],
 ) -> None:
     path = _garbage(kind, tmp_path, base_copy)
-    with pytest.raises(qcow2ovl.FormatError, match=phrase):
+    with pytest.raises(qcow2ovl.FormatError) as info:
         qcow2ovl.open(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    if phrase is not None:
+        assert re.search(phrase, message.removeprefix(f"{path}: ")), (phrase, message)
 
 
 # ---- odd but valid: QEMU opens these, and so must qcow2ovl -------------------------------------

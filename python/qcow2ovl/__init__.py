@@ -14,7 +14,16 @@ from qcow2ovl.errors import (
     Qcow2Error,
     UnsupportedError,
 )
-from qcow2ovl.image import Bitmap, Image, ImageInfo, Snapshot, open
+from qcow2ovl.image import (
+    Bitmap,
+    GuestExtent,
+    GuestStream,
+    Image,
+    ImageInfo,
+    Problem,
+    Snapshot,
+    open,
+)
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import TEMPLATES, MetadataType
 
@@ -23,6 +32,8 @@ __all__ = [
     "Bitmap",
     "CorruptImageError",
     "FormatError",
+    "GuestExtent",
+    "GuestStream",
     "Image",
     "ImageInfo",
     "MetadataMap",
@@ -30,6 +41,7 @@ __all__ = [
     "MetadataType",
     "NaiveChecker",
     "OverlapCheck",
+    "Problem",
     "Qcow2Error",
     "Snapshot",
     "UnsupportedError",

@@ -185,7 +185,10 @@ def info_dict(image: Image) -> dict[str, Any]:
         ],
         "overlap-check": str(image.overlap_check),
         "metadata-map-bytes": image.map_memory_usage(),
-        "problems": image.problems,
+        "problems": [
+            {"kind": p.kind, "offset": p.offset, "size": p.size, "message": p.message}
+            for p in image.problems
+        ],
     }
 
 
@@ -235,7 +238,7 @@ def _info(args: argparse.Namespace) -> int:
     lines.append(f"overlap checks: {d['overlap-check']}")
     lines.append(f"metadata map: {d['metadata-map-bytes']} bytes")
     for p in d["problems"]:
-        lines.append(f"problem: {p}")
+        lines.append(f"problem: {p['message']}")
     print("\n".join(lines))
     return 0
 

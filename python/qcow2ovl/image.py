@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from qcow2ovl import _core
 from qcow2ovl.options import OverlapCheck, OverlapCheckSpec
 from qcow2ovl.types import MetadataType
+
+if TYPE_CHECKING:
+    from collections.abc import Buffer
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,117 @@ class Bitmap:
         return bool(self.flags & 2)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A problem the scan found in the image's metadata.
+
+    ``kind`` is one of ``"unaligned"`` (a table or pointer off a cluster boundary),
+    ``"beyond-end"`` (a pointer past the end of the file), ``"unmappable"`` (past 2^56),
+    ``"metadata-overlap"`` (two metadata structures share a cluster) and ``"unusable-snapshot"``
+    (a snapshot L1 table QEMU would refuse to use). ``offset`` and ``size`` give the host range
+    concerned; ``message`` says which structures. ``str(problem)`` is the message.
+    """
+
+    kind: str
+    offset: int
+    size: int
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class GuestExtent:
+    """A range of the guest disk, with the fields of ``qemu-img map --output=json``.
+
+    ``depth`` is the layer of the backing chain that provides the range (0: this image);
+    ``present`` whether that layer allocates it; ``zero`` whether it reads as zeros; ``data``
+    whether the layer holds data for it; ``compressed`` whether that data is compressed;
+    ``offset`` where the range starts in the layer's file (its external data file, if any), or
+    ``None`` when there is no such place (unallocated, compressed, encrypted).
+    """
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    compressed: bool
+    offset: int | None
+
+    def as_qemu_dict(self) -> dict[str, Any]:
+        """The entry as ``qemu-img map --output=json`` prints it (no ``offset`` key when
+        ``None``)."""
+        d: dict[str, Any] = {
+            "start": self.start,
+            "length": self.length,
+            "depth": self.depth,
+            "present": self.present,
+            "zero": self.zero,
+            "data": self.data,
+            "compressed": self.compressed,
+        }
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+class GuestStream(io.RawIOBase):
+    """The guest disk of an :class:`Image` as a readable, seekable binary stream.
+
+    Hand it to anything that reads files: ``shutil.copyfileobj``, ``tarfile``, a filesystem
+    parser. Reads past the end of the disk return ``b""``. Closing the stream leaves the image
+    open. Use ``io.BufferedReader(stream)`` for many small reads.
+    """
+
+    def __init__(self, image: Image) -> None:
+        super().__init__()
+        self._image = image
+        self._size = image.virtual_size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: Buffer) -> int:
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._image.readinto(self._pos, view[:n])
+        self._pos += n
+        return n
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed stream")
+
+
 def _build(cls: type[Any], fields: Mapping[str, Any]) -> Any:
     return cls(**fields)
 
@@ -133,9 +250,9 @@ class Image:
         """
         return self._core.check_overlap(offset, size, ignore)
 
-    def metadata_extents(self) -> list[tuple[int, int, MetadataType]]:
+    def metadata_extents(self) -> Sequence[tuple[int, int, MetadataType]]:
         """Every metadata extent ``(host offset, length, types)``, sorted, equal neighbours
-        merged."""
+        merged: a compact read-only sequence (held in Rust, tuples made on access)."""
         return self._core.metadata_extents()
 
     def map_memory_usage(self) -> int:
@@ -147,9 +264,53 @@ class Image:
         return self._core.unchecked_ranges()
 
     @property
-    def problems(self) -> list[str]:
-        """Non-fatal inconsistencies the scan found (unaligned or out-of-file table pointers)."""
-        return self._core.problems()[0]
+    def problems(self) -> list[Problem]:
+        """Inconsistencies the scan found (at most 64 listed; see :attr:`problem_count`):
+        unaligned or out-of-file table pointers, metadata structures sharing clusters (which
+        make a writable open fail), unusable snapshot tables."""
+        return [Problem(*p) for p in self._core.problems()[0]]
+
+    @property
+    def problem_count(self) -> int:
+        """How many problems the scan found in all (more than listed when there are many)."""
+        return self._core.problems()[1]
+
+    @property
+    def virtual_size(self) -> int:
+        """Size of the guest disk in bytes."""
+        return self._core.virtual_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes ``[offset, offset + length)``.
+
+        The range must lie inside the virtual disk (else ``ValueError``). Unallocated ranges
+        read from the backing chain or as zeros, compressed clusters are decompressed, data of
+        images with an external data file comes from that file. Encrypted images raise
+        :class:`~qcow2ovl.UnsupportedError`. Safe to call from several threads at once; the GIL
+        is released during I/O.
+        """
+        return self._core.read(offset, length)
+
+    def readinto(self, offset: int, buffer: Buffer) -> int:
+        """Fill *buffer* (any writable, C-contiguous buffer: ``bytearray``, ``memoryview``,
+        ``mmap``, ...) with guest bytes from *offset*; returns its length."""
+        return self._core.readinto(offset, buffer)
+
+    def stream(self) -> GuestStream:
+        """The guest disk as a readable, seekable binary stream (:class:`GuestStream`)."""
+        return GuestStream(self)
+
+    def guest_map(self) -> list[GuestExtent]:
+        """The guest disk's ranges as ``qemu-img map --output=json`` reports them, merged the
+        same way (see :class:`GuestExtent`)."""
+        return [GuestExtent(*e) for e in self._core.guest_map()]
+
+    def host_offset(self, guest_offset: int) -> int | None:
+        """Where this image stores guest byte *guest_offset*: its host offset (in the external
+        data file when there is one), or ``None`` for unallocated, zero and compressed clusters.
+        With :meth:`check_overlap` this answers "would a write of guest data here hit
+        metadata?"."""
+        return self._core.host_offset(guest_offset)
 
     def close(self) -> None:
         """Release the image. Safe to call twice."""
@@ -172,17 +333,25 @@ class Image:
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
-    path: str | os.PathLike[str],
+    path: PathArg,
     *,
     writable: bool = False,
     overlap_check: OverlapCheckSpec = "all",
     map_memory_limit: int | None = None,
+    cache_size: int | None = None,
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
 
     *overlap_check* takes every form :meth:`OverlapCheck.parse` accepts (default: ``"all"``);
     only the enabled types are read and tracked. *map_memory_limit* bounds the map's memory;
     ranges it cannot hold are checked with QEMU's naive algorithm instead (never under-reported).
+    *cache_size* is the memory for L2 tables in bytes (default: 32 MiB, or less when that
+    covers the whole disk; at least one table is always cached).
+
+    Opening reads metadata only. The backing chain and an external data file are opened at the
+    first guest read (or :meth:`Image.guest_map`), so an image can be inspected without them;
+    missing files then raise :class:`FileNotFoundError`, a backing chain that loops a
+    :class:`~qcow2ovl.FormatError`.
 
     Raises :class:`~qcow2ovl.FormatError` for a malformed image, :class:`~qcow2ovl.UnsupportedError`
     for a valid one using unsupported features, :class:`~qcow2ovl.CorruptImageError` for a
@@ -190,7 +359,14 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     """
     check = OverlapCheck.parse(overlap_check)
     fspath = os.fspath(path)
+    name = os.fsdecode(fspath)
+    if "\0" in name:
+        raise ValueError("embedded null byte in path")
     core = _core.open_image(
-        fspath, writable=writable, enabled=int(check.mask), map_memory_limit=map_memory_limit
+        name,
+        writable=writable,
+        enabled=int(check.mask),
+        map_memory_limit=map_memory_limit,
+        cache_size=cache_size,
     )
-    return Image(core, fspath, check)
+    return Image(core, name, check)

@@ -69,7 +69,7 @@ pub enum FormatError {
     },
 
     /// Header `version` is neither 2 nor 3.
-    #[error("Unsupported qcow2 version {0}")]
+    #[error("Unsupported qcow2 version {0}{hint}", hint = qcow1_hint(*.0))]
     UnsupportedVersion(u32),
 
     /// Header `cluster_bits` is outside 9..=21.
@@ -415,6 +415,15 @@ pub enum FormatError {
         /// Refcount width.
         bits: u32,
     },
+}
+
+/// A note for version 1, which is the older qcow format rather than a qcow2 version.
+fn qcow1_hint(version: u32) -> &'static str {
+    if version == 1 {
+        " (this is an image in the older qcow format, not qcow2)"
+    } else {
+        ""
+    }
 }
 
 impl FormatError {

@@ -129,15 +129,16 @@ impl Image {
         }
         let path = resolve(self.path.as_deref(), name);
         let shown = path.display().to_string();
-        let canonical = std::fs::canonicalize(&path)
-            .map_err(|e| ImageError::Io(e).in_file(&shown))?;
+        let canonical =
+            std::fs::canonicalize(&path).map_err(|e| ImageError::Io(e).in_file(&shown))?;
         if visited.contains(&canonical) {
             let mut names: Vec<String> = visited.iter().map(|p| p.display().to_string()).collect();
             names.push(canonical.display().to_string());
             return Err(ImageError::BackingLoop(names.join(" -> ")));
         }
-        let storage =
-            Arc::new(FileStorage::open(&path, false).map_err(|e| ImageError::Io(e).in_file(&shown))?);
+        let storage = Arc::new(
+            FileStorage::open(&path, false).map_err(|e| ImageError::Io(e).in_file(&shown))?,
+        );
         let format = match self.scanned.header.backing_format() {
             Some(f) => f.to_string(),
             None => probe(storage.as_ref()).map_err(|e| e.in_file(&shown))?,
@@ -156,7 +157,8 @@ impl Image {
                     map_limit: None,
                     cache_size: self.options.cache_size,
                 };
-                let mut image = Image::from_storage(storage, options).map_err(|e| e.in_file(&shown))?;
+                let mut image =
+                    Image::from_storage(storage, options).map_err(|e| e.in_file(&shown))?;
                 image.path = Some(path);
                 let chain = image.open_chain(visited)?;
                 *image.chain.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(chain));
@@ -210,8 +212,14 @@ mod tests {
     #[test]
     fn names_resolve_against_the_image_folder() {
         let img = Path::new("/images/top.qcow2");
-        assert_eq!(resolve(Some(img), "base.raw"), Path::new("/images/base.raw"));
-        assert_eq!(resolve(Some(img), "../b/base"), Path::new("/images/../b/base"));
+        assert_eq!(
+            resolve(Some(img), "base.raw"),
+            Path::new("/images/base.raw")
+        );
+        assert_eq!(
+            resolve(Some(img), "../b/base"),
+            Path::new("/images/../b/base")
+        );
         assert_eq!(resolve(Some(img), "/abs/base"), Path::new("/abs/base"));
         assert_eq!(resolve(None, "rel"), Path::new("rel"));
         assert!(is_protocol("nbd://host/x"));

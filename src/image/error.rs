@@ -52,7 +52,9 @@ pub enum ImageError {
     #[error(transparent)]
     Map(#[from] MapError),
     /// A guest request lies outside the virtual disk.
-    #[error("{what} out of range: offset {offset} + length {length} exceeds the virtual size {size}")]
+    #[error(
+        "{what} out of range: offset {offset} + length {length} exceeds the virtual size {size}"
+    )]
     OutOfRange {
         /// Which request.
         what: &'static str,

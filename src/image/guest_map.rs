@@ -67,7 +67,7 @@ impl GuestExtent {
             && self.offset.is_some() == next.offset.is_some()
             && self
                 .offset
-                .is_none_or(|o| o.checked_add(self.length) == next.offset)
+                .map_or(true, |o| o.checked_add(self.length) == next.offset)
     }
 }
 
@@ -196,7 +196,7 @@ impl Image {
         let threshold = (real * 10 / 9).max(real + 2);
         let clusters = self.storage.len()?.div_ceil(cs);
         let order = self.scanned.header.refcount_order;
-        let per_block = cs * 8 >> order;
+        let per_block = (cs * 8) >> order;
         let mut block = vec![0u8; cs as usize];
         let mut counted = 0u64;
         for (i, &e) in self.scanned.refcount_table.iter().enumerate() {
@@ -225,7 +225,12 @@ impl Image {
 
 /// A raw layer's status: present everywhere, data or zero as its file holds it, at the same
 /// offset.
-fn raw_status(storage: &dyn Storage, size: u64, offset: u64, len: u64) -> Result<Status, ImageError> {
+fn raw_status(
+    storage: &dyn Storage,
+    size: u64,
+    offset: u64,
+    len: u64,
+) -> Result<Status, ImageError> {
     let len = len.min(size.saturating_sub(offset));
     let (data, n) = file_status(storage, offset)?;
     Ok(Status {

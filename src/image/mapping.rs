@@ -165,10 +165,10 @@ mod tests {
     fn runs_merge_contiguous_data_and_stop_at_changes() {
         // Clusters 0 and 1 contiguous data, 2 zero, 3 data elsewhere, rest unallocated.
         let l2 = [
-            OFLAG_COPIED | 5 * CS,
-            OFLAG_COPIED | 6 * CS,
+            OFLAG_COPIED | (5 * CS),
+            OFLAG_COPIED | (6 * CS),
             OFLAG_ZERO,
-            OFLAG_COPIED | 8 * CS,
+            OFLAG_COPIED | (8 * CS),
         ];
         let img = open(image(1 << 30, &l2, &[(0, 1), (1, 2), (2, 0), (3, 3)]));
         let e = img.mapping(GuestOffset(100), u64::MAX).unwrap();

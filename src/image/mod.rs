@@ -137,8 +137,12 @@ impl Image {
             None
         } else {
             Some(
-                NaiveChecker::new(naive_layout(&scanned), options.enabled, Arc::clone(&storage))
-                    .map_err(|e| ImageError::Unsupported(e.to_string()))?,
+                NaiveChecker::new(
+                    naive_layout(&scanned),
+                    options.enabled,
+                    Arc::clone(&storage),
+                )
+                .map_err(|e| ImageError::Unsupported(e.to_string()))?,
             )
         };
         let l2_cache = TableCache::new(cache_tables(&scanned.header, geometry, options.cache_size));
@@ -223,9 +227,7 @@ impl Image {
         let map = &self.scanned.map;
         let found = map.check(offset, size, ignore)?;
         match &self.fallback {
-            Some(naive) if !map.is_exact(offset, size)? => {
-                Ok(naive.check(offset.0, size, ignore)?)
-            }
+            Some(naive) if !map.is_exact(offset, size)? => Ok(naive.check(offset.0, size, ignore)?),
             _ => Ok(found),
         }
     }
@@ -310,7 +312,7 @@ pub(crate) mod testutil {
         for c in 0..clusters {
             img[(2 * CS + c * 2 + 1) as usize] = 1;
         }
-        put64(&mut img, 3 * CS, OFLAG_COPIED | 4 * CS);
+        put64(&mut img, 3 * CS, OFLAG_COPIED | (4 * CS));
         for (i, &e) in l2.iter().enumerate() {
             put64(&mut img, 4 * CS + 8 * i as u64, e);
         }

@@ -148,7 +148,12 @@ mod tests {
 
     #[test]
     fn reads_data_zeros_and_holes_across_clusters() {
-        let l2 = [OFLAG_COPIED | 5 * CS, OFLAG_ZERO | 6 * CS, 0, OFLAG_COPIED | 7 * CS];
+        let l2 = [
+            OFLAG_COPIED | (5 * CS),
+            OFLAG_ZERO | (6 * CS),
+            0,
+            OFLAG_COPIED | (7 * CS),
+        ];
         let img = open(image(1 << 30, &l2, &[(0, 0xaa), (1, 0xbb), (3, 0xcc)]));
         let mut buf = vec![0xffu8; (4 * CS) as usize];
         img.read_at(GuestOffset(0), &mut buf).unwrap();

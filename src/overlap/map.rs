@@ -363,10 +363,30 @@ mod tests {
         }
         let mut m = map();
         assert!(m.check(HostOffset(u64::MAX), 2, T::empty()).is_err());
-        assert!(m.enter(HostOffset(MAX_HOST_OFFSET - CS), ClusterCount(2), T::ACTIVE_L2).is_err());
-        assert!(m.enter(HostOffset(MAX_HOST_OFFSET - CS), ClusterCount(1), T::ACTIVE_L2).is_ok());
-        assert!(m.enter(HostOffset(0), ClusterCount(MAX_ENTER_CLUSTERS + 1), T::ACTIVE_L2).is_err());
-        assert!(m.remove(HostOffset(0), ClusterCount(u64::MAX), T::ACTIVE_L2).is_err());
+        assert!(m
+            .enter(
+                HostOffset(MAX_HOST_OFFSET - CS),
+                ClusterCount(2),
+                T::ACTIVE_L2
+            )
+            .is_err());
+        assert!(m
+            .enter(
+                HostOffset(MAX_HOST_OFFSET - CS),
+                ClusterCount(1),
+                T::ACTIVE_L2
+            )
+            .is_ok());
+        assert!(m
+            .enter(
+                HostOffset(0),
+                ClusterCount(MAX_ENTER_CLUSTERS + 1),
+                T::ACTIVE_L2
+            )
+            .is_err());
+        assert!(m
+            .remove(HostOffset(0), ClusterCount(u64::MAX), T::ACTIVE_L2)
+            .is_err());
         assert_eq!(
             m.check(HostOffset(MAX_HOST_OFFSET - 1), 1, T::empty()),
             Ok(T::ACTIVE_L2)
@@ -377,14 +397,33 @@ mod tests {
     fn header_rule_and_rounding() {
         let mut m = map();
         assert_eq!(m.check(HostOffset(0), 0, T::empty()), Ok(T::empty()));
-        assert_eq!(m.check(HostOffset(CS - 1), 1, T::empty()), Ok(T::MAIN_HEADER));
-        assert_eq!(m.check(HostOffset(CS - 1), 1, T::MAIN_HEADER), Ok(T::empty()));
+        assert_eq!(
+            m.check(HostOffset(CS - 1), 1, T::empty()),
+            Ok(T::MAIN_HEADER)
+        );
+        assert_eq!(
+            m.check(HostOffset(CS - 1), 1, T::MAIN_HEADER),
+            Ok(T::empty())
+        );
         assert_eq!(m.check(HostOffset(CS), 1, T::empty()), Ok(T::empty()));
-        m.enter(HostOffset(3 * CS), ClusterCount(2), T::ACTIVE_L1).unwrap();
-        assert_eq!(m.check(HostOffset(3 * CS - 1), 1, T::empty()), Ok(T::empty()));
-        assert_eq!(m.check(HostOffset(3 * CS - 1), 2, T::empty()), Ok(T::ACTIVE_L1));
-        assert_eq!(m.check(HostOffset(5 * CS - 1), 1, T::empty()), Ok(T::ACTIVE_L1));
-        assert_eq!(m.check(HostOffset(5 * CS), 10 * CS, T::empty()), Ok(T::empty()));
+        m.enter(HostOffset(3 * CS), ClusterCount(2), T::ACTIVE_L1)
+            .unwrap();
+        assert_eq!(
+            m.check(HostOffset(3 * CS - 1), 1, T::empty()),
+            Ok(T::empty())
+        );
+        assert_eq!(
+            m.check(HostOffset(3 * CS - 1), 2, T::empty()),
+            Ok(T::ACTIVE_L1)
+        );
+        assert_eq!(
+            m.check(HostOffset(5 * CS - 1), 1, T::empty()),
+            Ok(T::ACTIVE_L1)
+        );
+        assert_eq!(
+            m.check(HostOffset(5 * CS), 10 * CS, T::empty()),
+            Ok(T::empty())
+        );
         assert_eq!(
             m.check(HostOffset(CS - 1), 3 * CS, T::empty()),
             Ok(T::MAIN_HEADER | T::ACTIVE_L1)
@@ -394,10 +433,13 @@ mod tests {
     #[test]
     fn unaligned_enter_ignored_unaligned_remove_rounded_out() {
         let mut m = map();
-        m.enter(HostOffset(CS + 512), ClusterCount(1), T::ACTIVE_L2).unwrap();
+        m.enter(HostOffset(CS + 512), ClusterCount(1), T::ACTIVE_L2)
+            .unwrap();
         assert!(m.extents().is_empty());
-        m.enter(HostOffset(4 * CS), ClusterCount(3), T::REFCOUNT_BLOCK).unwrap();
-        m.remove(HostOffset(5 * CS + 1), ClusterCount(1), T::REFCOUNT_BLOCK).unwrap();
+        m.enter(HostOffset(4 * CS), ClusterCount(3), T::REFCOUNT_BLOCK)
+            .unwrap();
+        m.remove(HostOffset(5 * CS + 1), ClusterCount(1), T::REFCOUNT_BLOCK)
+            .unwrap();
         // [5*CS+1, 6*CS+1) rounds out to clusters 5 and 6.
         assert_eq!(m.extents(), vec![(4 * CS, CS, T::REFCOUNT_BLOCK)]);
     }
@@ -405,8 +447,10 @@ mod tests {
     #[test]
     fn several_types_per_cluster_and_merging() {
         let mut m = map();
-        m.enter(HostOffset(10 * CS), ClusterCount(4), T::ACTIVE_L2).unwrap();
-        m.enter(HostOffset(11 * CS), ClusterCount(2), T::INACTIVE_L2).unwrap();
+        m.enter(HostOffset(10 * CS), ClusterCount(4), T::ACTIVE_L2)
+            .unwrap();
+        m.enter(HostOffset(11 * CS), ClusterCount(2), T::INACTIVE_L2)
+            .unwrap();
         assert_eq!(
             m.extents(),
             vec![
@@ -415,7 +459,8 @@ mod tests {
                 (13 * CS, CS, T::ACTIVE_L2),
             ]
         );
-        m.remove(HostOffset(10 * CS), ClusterCount(4), T::ACTIVE_L2).unwrap();
+        m.remove(HostOffset(10 * CS), ClusterCount(4), T::ACTIVE_L2)
+            .unwrap();
         assert_eq!(m.extents(), vec![(11 * CS, 2 * CS, T::INACTIVE_L2)]);
         assert_eq!(
             m.check(HostOffset(12 * CS), 1, T::INACTIVE_L2),
@@ -427,9 +472,15 @@ mod tests {
     #[test]
     fn disabled_types_are_not_tracked() {
         let mut m = MetadataMap::new(CS, T::TEMPLATE_CACHED, None).unwrap();
-        m.enter(HostOffset(2 * CS), ClusterCount(1), T::INACTIVE_L2).unwrap();
+        m.enter(HostOffset(2 * CS), ClusterCount(1), T::INACTIVE_L2)
+            .unwrap();
         assert_eq!(m.metadata_clusters(), 0);
-        m.enter(HostOffset(2 * CS), ClusterCount(1), T::INACTIVE_L2 | T::ACTIVE_L2).unwrap();
+        m.enter(
+            HostOffset(2 * CS),
+            ClusterCount(1),
+            T::INACTIVE_L2 | T::ACTIVE_L2,
+        )
+        .unwrap();
         assert_eq!(m.check(HostOffset(2 * CS), 1, T::empty()), Ok(T::ACTIVE_L2));
         let none = MetadataMap::new(CS, T::empty(), None).unwrap();
         assert_eq!(none.check(HostOffset(0), 1, T::empty()), Ok(T::empty()));
@@ -440,19 +491,28 @@ mod tests {
         let mut m = MetadataMap::new(512, T::all(), None).unwrap();
         // A 32 MiB L1 table at 512-byte clusters: 65536 clusters in one run.
         let base = (1u64 << 55) + 512 * 7;
-        m.enter(HostOffset(base), ClusterCount(65536), T::ACTIVE_L1).unwrap();
+        m.enter(HostOffset(base), ClusterCount(65536), T::ACTIVE_L1)
+            .unwrap();
         assert_eq!(m.extents(), vec![(base, 65536 * 512, T::ACTIVE_L1)]);
         assert_eq!(m.check(HostOffset(base - 1), 1, T::empty()), Ok(T::empty()));
         assert_eq!(
             m.check(HostOffset(base + 65536 * 512), 1 << 40, T::empty()),
             Ok(T::empty())
         );
-        assert_eq!(m.check(HostOffset(base - 512), 1 << 40, T::empty()), Ok(T::ACTIVE_L1));
+        assert_eq!(
+            m.check(HostOffset(base - 512), 1 << 40, T::empty()),
+            Ok(T::ACTIVE_L1)
+        );
         // A check longer than the whole table takes the scanning path.
-        assert_eq!(m.check(HostOffset(512), (1 << 56) - 512, T::empty()), Ok(T::ACTIVE_L1));
-        m.remove(HostOffset(base + 100 * 512), ClusterCount(10), T::ACTIVE_L1).unwrap();
+        assert_eq!(
+            m.check(HostOffset(512), (1 << 56) - 512, T::empty()),
+            Ok(T::ACTIVE_L1)
+        );
+        m.remove(HostOffset(base + 100 * 512), ClusterCount(10), T::ACTIVE_L1)
+            .unwrap();
         assert_eq!(m.extents().len(), 2);
-        m.remove(HostOffset(0), ClusterCount(1 << 47), T::all()).unwrap();
+        m.remove(HostOffset(0), ClusterCount(1 << 47), T::all())
+            .unwrap();
         assert!(m.extents().is_empty());
         assert!(m.memory_usage() < 1024, "shrinks when emptied");
     }
@@ -494,9 +554,11 @@ mod tests {
             }
         }
         // Split a run at a group boundary and merge it back.
-        m.remove(HostOffset(8 * CS), ClusterCount(1), T::ACTIVE_L2).unwrap();
+        m.remove(HostOffset(8 * CS), ClusterCount(1), T::ACTIVE_L2)
+            .unwrap();
         assert_eq!(m.check(HostOffset(8 * CS), 1, T::empty()), Ok(T::empty()));
-        m.enter(HostOffset(8 * CS), ClusterCount(1), T::ACTIVE_L2).unwrap();
+        m.enter(HostOffset(8 * CS), ClusterCount(1), T::ACTIVE_L2)
+            .unwrap();
         let ext = m.extents();
         assert!(ext.contains(&(6 * CS, CS, T::ACTIVE_L2)));
         assert!(ext.contains(&(8 * CS, CS, T::ACTIVE_L2)));
@@ -508,7 +570,8 @@ mod tests {
         let limit = MetadataMap::minimum_limit() + 16 * 8;
         let mut m = MetadataMap::new(CS, T::all(), Some(limit)).unwrap();
         for i in 0..1000u64 {
-            m.enter(HostOffset((2 + 3 * i) * CS), ClusterCount(1), T::ACTIVE_L2).unwrap();
+            m.enter(HostOffset((2 + 3 * i) * CS), ClusterCount(1), T::ACTIVE_L2)
+                .unwrap();
         }
         assert!(m.memory_usage() <= limit);
         assert!(!m.unchecked_ranges().is_empty());

@@ -272,10 +272,12 @@ mod tests {
     #[test]
     fn cached_mode_reads_nothing() {
         let all = checker(T::all());
-        let faulty = Arc::new(FaultyStorage::new(MemStorage::new(vec![0; 64 * CS as usize])));
+        let faulty = Arc::new(FaultyStorage::new(MemStorage::new(vec![
+            0;
+            64 * CS as usize
+        ])));
         faulty.fail_from(StorageOp::Read, 1);
-        let mut broken =
-            NaiveChecker::new(all.layout().clone(), T::all(), faulty.clone()).unwrap();
+        let mut broken = NaiveChecker::new(all.layout().clone(), T::all(), faulty.clone()).unwrap();
         assert!(broken.check(21 * CS, 1, T::empty()).is_err());
         broken.enabled = T::TEMPLATE_CACHED;
         assert_eq!(broken.check(21 * CS, 1, T::empty()).unwrap(), T::empty());

@@ -1,136 +1,68 @@
 //! `qcow2ovl._core.Image`: the Rust image behind `qcow2ovl.open()`.
+//!
+//! Thread safety: the image sits behind a read-write lock as an `Arc`. Every method takes the
+//! read lock only long enough to clone the `Arc`, then releases the GIL for its I/O; `close()`
+//! takes the write lock to drop the handle's reference. So methods from many threads run in
+//! parallel, `close()` from any thread (any number of times) is safe, and a method called after
+//! `close()` raises `ValueError`. A read already in flight when another thread closes the image
+//! finishes on its own reference.
 
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
-use super::convert::{extents_to_py, range_args, types_from_py, types_to_py};
-use crate::format::{CompatibleFeatures, Header, IncompatibleFeatures};
-use crate::image::{Image, ImageError};
-use crate::scan::ScanError;
-
-/// Maps an image error to the exception classes of `qcow2ovl.errors`.
-fn image_err(py: Python<'_>, e: ImageError) -> PyErr {
-    let class =
-        |name: &str| -> PyResult<Bound<'_, PyAny>> { py.import("qcow2ovl.errors")?.getattr(name) };
-    let (name, msg) = match &e {
-        ImageError::Scan(ScanError::Format(f)) if f.is_unsupported() => {
-            ("UnsupportedError", e.to_string())
-        }
-        ImageError::Scan(ScanError::Format(_) | ScanError::Inconsistent(_)) => {
-            ("FormatError", e.to_string())
-        }
-        ImageError::CorruptReadWrite => ("CorruptImageError", e.to_string()),
-        ImageError::Map(_) | ImageError::Scan(ScanError::Map(_)) => {
-            return PyValueError::new_err(e.to_string())
-        }
-        ImageError::Open { source, path } => {
-            // Like Python's own open(): errno, strerror, filename.
-            let errno = source.raw_os_error().unwrap_or(5);
-            let text = std::io::Error::from_raw_os_error(errno).to_string();
-            let text = text.split(" (os error").next().unwrap_or(&text).to_string();
-            return PyOSError::new_err((errno, text, path.clone()));
-        }
-        ImageError::Scan(ScanError::Io { source, .. }) => {
-            return PyOSError::new_err((source.raw_os_error().unwrap_or(5), e.to_string()))
-        }
-        ImageError::Io(_) => return PyOSError::new_err(e.to_string()),
-    };
-    match class(name).and_then(|c| c.call1((msg,))) {
-        Ok(exc) => PyErr::from_value(exc),
-        Err(err) => err,
-    }
-}
-
-/// Names of every set feature bit, in QEMU's words, unknown bits by number.
-fn feature_names(h: &Header) -> Vec<String> {
-    let mut out = Vec::new();
-    let known_incompat = [
-        (IncompatibleFeatures::DIRTY, "dirty bit"),
-        (IncompatibleFeatures::CORRUPT, "corrupt bit"),
-        (
-            IncompatibleFeatures::EXTERNAL_DATA_FILE,
-            "external data file",
-        ),
-        (IncompatibleFeatures::COMPRESSION_TYPE, "compression type"),
-        (IncompatibleFeatures::EXTENDED_L2, "extended L2 entries"),
-    ];
-    for (bit, name) in known_incompat {
-        if h.incompatible_features.contains(bit) {
-            out.push(name.to_string());
-        }
-    }
-    if h.compatible_features
-        .contains(CompatibleFeatures::LAZY_REFCOUNTS)
-    {
-        out.push("lazy refcounts".into());
-    }
-    let autoclear = h.autoclear_features.bits();
-    if autoclear & 1 != 0 {
-        out.push("bitmaps".into());
-    }
-    if autoclear & 2 != 0 {
-        out.push("raw external data".into());
-    }
-    let unknown = [
-        ("incompatible", h.incompatible_features.bits() & !0x1f),
-        ("compatible", h.compatible_features.bits() & !0x1),
-        ("autoclear", autoclear & !0x3),
-    ];
-    for (kind, bits) in unknown {
-        for bit in (0..64).filter(|b| bits & (1 << b) != 0) {
-            let named = h
-                .feature_names()
-                .iter()
-                .find(|f| u32::from(f.bit) == bit && f.kind == kind_code(kind));
-            out.push(match named {
-                Some(f) => f.name.clone(),
-                None => format!("unknown {kind} feature bit {bit}"),
-            });
-        }
-    }
-    out
-}
-
-fn kind_code(kind: &str) -> u8 {
-    match kind {
-        "incompatible" => 0,
-        "compatible" => 1,
-        _ => 2,
-    }
-}
+use super::convert::{range_args, types_from_py, types_to_py, u64_arg};
+use super::errors::image_err;
+use super::extents::PyExtentList;
+use crate::format::features::{compression_name, feature_names};
+use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
+use crate::image::{Image, OpenOptions};
 
 /// An open qcow2 image (the Rust side of `qcow2ovl.Image`).
 #[pyclass(name = "Image", module = "qcow2ovl._core")]
 pub(crate) struct PyImage {
-    inner: Option<Image>,
+    inner: RwLock<Option<Arc<Image>>>,
 }
 
 impl PyImage {
-    fn image(&self) -> PyResult<&Image> {
+    fn image(&self) -> PyResult<Arc<Image>> {
         self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .as_ref()
+            .map(Arc::clone)
             .ok_or_else(|| PyValueError::new_err("I/O operation on a closed image"))
     }
 }
 
 /// Opens an image (see `qcow2ovl.open`).
 #[pyfunction]
-#[pyo3(signature = (path, *, writable = false, enabled = 0x7ff, map_memory_limit = None))]
+#[pyo3(signature = (path, *, writable = false, enabled = 0x7ff, map_memory_limit = None, cache_size = None))]
 pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
     writable: bool,
     enabled: i128,
-    map_memory_limit: Option<usize>,
+    map_memory_limit: Option<i128>,
+    cache_size: Option<i128>,
 ) -> PyResult<PyImage> {
-    let enabled = types_from_py(enabled)?;
+    let options = OpenOptions {
+        writable,
+        enabled: types_from_py(enabled)?,
+        map_limit: map_memory_limit
+            .map(|v| u64_arg("map_memory_limit", v).map(|v| v as usize))
+            .transpose()?,
+        cache_size: cache_size.map(|v| u64_arg("cache_size", v)).transpose()?,
+    };
     let image = py
-        .detach(|| Image::open(&path, writable, enabled, map_memory_limit))
-        .map_err(|e| image_err(py, e))?;
-    Ok(PyImage { inner: Some(image) })
+        .detach(|| Image::open(&path, options))
+        .map_err(image_err)?;
+    Ok(PyImage {
+        inner: RwLock::new(Some(Arc::new(image))),
+    })
 }
 
 #[pymethods]
@@ -144,14 +76,7 @@ impl PyImage {
         d.set_item("virtual_size", h.size)?;
         d.set_item("cluster_size", h.cluster_size())?;
         d.set_item("refcount_bits", h.refcount_bits())?;
-        d.set_item(
-            "compression_type",
-            if h.compression_type == 1 {
-                "zstd"
-            } else {
-                "deflate"
-            },
-        )?;
+        d.set_item("compression_type", compression_name(h.compression_type))?;
         d.set_item("extended_l2", h.is_extended_l2())?;
         d.set_item("crypt_method", h.crypt_method)?;
         d.set_item(
@@ -224,18 +149,16 @@ impl PyImage {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (offset, size) = range_args(offset, size)?;
         let ignore = types_from_py(ignore)?;
-        let t = self
-            .image()?
-            .check_overlap(offset, size, ignore)
-            .map_err(|e| image_err(py, e))?;
+        let img = self.image()?;
+        let t = py
+            .detach(|| img.check_overlap(HostOffset(offset), size, ignore))
+            .map_err(image_err)?;
         types_to_py(py, t)
     }
 
-    fn metadata_extents<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<Vec<(u64, u64, Bound<'py, PyAny>)>> {
-        extents_to_py(py, self.image()?.map().extents())
+    /// Every metadata extent, as a compact sequence of `(offset, length, types)`.
+    fn metadata_extents(&self) -> PyResult<PyExtentList> {
+        Ok(PyExtentList::new(self.image()?.map().extents()))
     }
 
     fn map_memory_usage(&self) -> PyResult<usize> {
@@ -250,10 +173,90 @@ impl PyImage {
         types_to_py(py, self.image()?.map().enabled())
     }
 
-    /// `(listed problems, total count)` found by the scan.
-    fn problems(&self) -> PyResult<(Vec<String>, usize)> {
-        let (list, count) = self.image()?.problems();
-        Ok((list.to_vec(), count))
+    /// `([(kind, offset, size, message), ...], total count)` found by the scan.
+    #[allow(clippy::type_complexity)]
+    fn problems(&self) -> PyResult<(Vec<(&'static str, u64, u64, String)>, usize)> {
+        let img = self.image()?;
+        let (list, count) = img.problems();
+        let list = list
+            .iter()
+            .map(|p| (p.kind_name(), p.offset.0, p.size, p.message.clone()))
+            .collect();
+        Ok((list, count))
+    }
+
+    /// Guest bytes `[offset, offset + length)` as `bytes`.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        offset: i128,
+        length: i128,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let (offset, length) = range_args(offset, length)?;
+        let img = self.image()?;
+        img.check_range("read", offset, length).map_err(image_err)?;
+        let len = usize::try_from(length)
+            .map_err(|_| PyValueError::new_err("length does not fit in memory"))?;
+        PyBytes::new_with(py, len, |buf| {
+            // The bytes object is not visible to any other thread yet, so filling it without
+            // the GIL is safe.
+            py.detach(|| img.read_at(GuestOffset(offset), buf))
+                .map_err(image_err)
+        })
+    }
+
+    /// Fills `buffer` (any writable, C-contiguous buffer) with guest bytes from `offset`;
+    /// returns the number of bytes read (its length).
+    fn readinto(&self, py: Python<'_>, offset: i128, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let offset = u64_arg("offset", offset)?;
+        let img = self.image()?;
+        readinto_buffer(py, &img, offset, buffer)
+    }
+
+    /// The guest disk's ranges as `(start, length, depth, present, zero, data, compressed,
+    /// offset)` tuples, merged as `qemu-img map --output=json` merges them.
+    #[allow(clippy::type_complexity)]
+    fn guest_map(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Vec<(u64, u64, u32, bool, bool, bool, bool, Option<u64>)>> {
+        let img = self.image()?;
+        let map = py.detach(|| img.guest_map()).map_err(image_err)?;
+        Ok(map
+            .into_iter()
+            .map(|e| {
+                (
+                    e.start,
+                    e.length,
+                    e.depth,
+                    e.present,
+                    e.zero,
+                    e.data,
+                    e.compressed,
+                    e.offset,
+                )
+            })
+            .collect())
+    }
+
+    /// Host offset of guest byte `offset` where this image stores it as plain data.
+    fn host_offset(&self, py: Python<'_>, offset: i128) -> PyResult<Option<u64>> {
+        let offset = u64_arg("offset", offset)?;
+        let img = self.image()?;
+        let host = py
+            .detach(|| img.host_offset(GuestOffset(offset)))
+            .map_err(image_err)?;
+        Ok(host.map(|h| h.0))
+    }
+
+    #[getter]
+    fn virtual_size(&self) -> PyResult<u64> {
+        Ok(self.image()?.virtual_size())
+    }
+
+    #[getter]
+    fn cache_tables(&self) -> PyResult<usize> {
+        Ok(self.image()?.cache_tables())
     }
 
     #[getter]
@@ -263,14 +266,80 @@ impl PyImage {
 
     #[getter]
     fn closed(&self) -> bool {
-        self.inner.is_none()
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
-    /// Flushes and releases the image; further calls raise `ValueError`.
-    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
-        if let Some(img) = self.inner.take() {
-            py.detach(|| img.flush())?;
+    /// Flushes and releases the image; further calls raise `ValueError`. Safe to call again,
+    /// from any thread.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let taken = self.inner.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(img) = taken {
+            py.detach(|| img.flush()).map_err(image_err)?;
         }
         Ok(())
     }
+}
+
+/// Reads into a Python buffer in place (the full C API has the buffer protocol).
+#[cfg(not(feature = "abi3"))]
+fn readinto_buffer(
+    py: Python<'_>,
+    img: &Image,
+    offset: u64,
+    buffer: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    use pyo3::buffer::PyBuffer;
+    let view: PyBuffer<u8> = PyBuffer::get(buffer)?;
+    if view.readonly() {
+        return Err(PyTypeError::new_err("readinto() needs a writable buffer"));
+    }
+    if !view.is_c_contiguous() {
+        return Err(PyTypeError::new_err(
+            "readinto() needs a C-contiguous buffer",
+        ));
+    }
+    let len = view.len_bytes();
+    img.check_range("read", offset, len as u64)
+        .map_err(image_err)?;
+    let ptr = view.buf_ptr() as usize;
+    py.detach(|| {
+        // SAFETY: the exported view keeps the buffer alive and fixed in place for as long as
+        // `view` lives (until after this call); it is writable and C-contiguous with `len` bytes.
+        // As with `io.RawIOBase.readinto`, concurrent use of the buffer by other threads is the
+        // caller's affair.
+        let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+        img.read_at(GuestOffset(offset), out)
+    })
+    .map_err(image_err)?;
+    Ok(len)
+}
+
+/// Reads into a Python buffer through one copy (the limited API of a Python 3.9 abi3 build has
+/// no buffer protocol).
+#[cfg(feature = "abi3")]
+fn readinto_buffer(
+    py: Python<'_>,
+    img: &Image,
+    offset: u64,
+    buffer: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let view = py
+        .import("builtins")?
+        .getattr("memoryview")?
+        .call1((buffer,))?
+        .call_method1("cast", ("B",))?;
+    if view.getattr("readonly")?.extract::<bool>()? {
+        return Err(PyTypeError::new_err("readinto() needs a writable buffer"));
+    }
+    let len: usize = view.len()?;
+    img.check_range("read", offset, len as u64)
+        .map_err(image_err)?;
+    let mut data = vec![0u8; len];
+    py.detach(|| img.read_at(GuestOffset(offset), &mut data))
+        .map_err(image_err)?;
+    view.set_item(pyo3::types::PySlice::full(py), PyBytes::new(py, &data))?;
+    Ok(len)
 }

@@ -4,9 +4,10 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 use super::convert::{extents_to_py, range_args, types_from_py, types_to_py, u64_arg};
-use crate::overlap::{
-    MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout, SnapshotL1Reader,
-};
+use crate::format::{ClusterCount, HostOffset};
+use crate::overlap::{MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout};
+use crate::storage::{FileStorage, MemStorage, Storage};
+use std::sync::Arc;
 
 fn map_err(e: MapError) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -49,7 +50,12 @@ impl PyMetadataMap {
             u64_arg("nb_clusters", nb_clusters)?,
         );
         self.inner
-            .enter(offset, nb_clusters, types_from_py(types)?)
+            .enter(
+                HostOffset(offset),
+                ClusterCount(nb_clusters),
+                types_from_py(types)?,
+            )
+            .map(|_| ())
             .map_err(map_err)
     }
 
@@ -59,7 +65,11 @@ impl PyMetadataMap {
             u64_arg("nb_clusters", nb_clusters)?,
         );
         self.inner
-            .remove(offset, nb_clusters, types_from_py(types)?)
+            .remove(
+                HostOffset(offset),
+                ClusterCount(nb_clusters),
+                types_from_py(types)?,
+            )
             .map_err(map_err)
     }
 
@@ -74,14 +84,16 @@ impl PyMetadataMap {
         let (offset, size) = range_args(offset, size)?;
         let t = self
             .inner
-            .check(offset, size, types_from_py(ignore)?)
+            .check(HostOffset(offset), size, types_from_py(ignore)?)
             .map_err(map_err)?;
         types_to_py(py, t)
     }
 
     fn is_exact(&self, offset: i128, size: i128) -> PyResult<bool> {
         let (offset, size) = range_args(offset, size)?;
-        self.inner.is_exact(offset, size).map_err(map_err)
+        self.inner
+            .is_exact(HostOffset(offset), size)
+            .map_err(map_err)
     }
 
     fn unchecked_ranges(&self) -> Vec<(u64, u64)> {
@@ -111,13 +123,10 @@ impl PyMetadataMap {
     }
 }
 
-/// Where the naive checker reads snapshot L1 tables from: bytes or an open file.
-type DynReader = dyn SnapshotL1Reader + Send + Sync;
-
 /// QEMU's scanning overlap check (the reference oracle and benchmark baseline).
 #[pyclass(name = "NaiveChecker", module = "qcow2ovl._core")]
 pub(crate) struct PyNaiveChecker {
-    inner: NaiveChecker<DynReader>,
+    inner: NaiveChecker,
 }
 
 #[pymethods]
@@ -146,17 +155,12 @@ impl PyNaiveChecker {
         image: Option<Vec<u8>>,
         image_path: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
-        if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
-            return Err(PyValueError::new_err(format!(
-                "cluster size {cluster_size} is not a power of two between 512 and 2097152"
-            )));
-        }
-        let reader: Box<DynReader> = match (image, image_path) {
+        let reader: Arc<dyn Storage> = match (image, image_path) {
             (Some(_), Some(_)) => {
                 return Err(PyValueError::new_err("give image or image_path, not both"))
             }
-            (_, Some(path)) => Box::new(std::fs::File::open(path)?),
-            (bytes, None) => Box::new(bytes.unwrap_or_default()),
+            (_, Some(path)) => Arc::new(FileStorage::open_read_only(path)?),
+            (bytes, None) => Arc::new(MemStorage::new_read_only(bytes.unwrap_or_default())),
         };
         let layout = NaiveLayout {
             cluster_size,
@@ -171,9 +175,9 @@ impl PyNaiveChecker {
             bitmap_tables,
             crypto_header,
         };
-        Ok(PyNaiveChecker {
-            inner: NaiveChecker::new(layout, types_from_py(enabled)?, reader),
-        })
+        let inner = NaiveChecker::new(layout, types_from_py(enabled)?, reader)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(PyNaiveChecker { inner })
     }
 
     #[pyo3(signature = (offset, size, ignore = 0))]

@@ -3,6 +3,8 @@
 //! GIL around I/O.
 
 mod convert;
+mod errors;
+mod extents;
 mod image;
 mod map;
 
@@ -15,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<map::PyMetadataMap>()?;
     m.add_class::<map::PyNaiveChecker>()?;
     m.add_class::<image::PyImage>()?;
+    m.add_class::<extents::PyExtentList>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     Ok(())
 }

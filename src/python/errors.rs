@@ -1,0 +1,34 @@
+//! The one place where core errors become Python exceptions, by kind.
+
+use pyo3::exceptions::{PyMemoryError, PyOSError, PyValueError};
+use pyo3::PyErr;
+
+use crate::image::{ErrorKind, ImageError};
+
+pyo3::import_exception!(qcow2ovl.errors, FormatError);
+pyo3::import_exception!(qcow2ovl.errors, UnsupportedError);
+pyo3::import_exception!(qcow2ovl.errors, CorruptImageError);
+
+/// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
+/// `CorruptImageError`, `ValueError`, `MemoryError`, or `OSError` with the errno (Python picks
+/// the subclass: `FileNotFoundError`, `IsADirectoryError`, ...) and the file name.
+pub(crate) fn image_err(e: ImageError) -> PyErr {
+    let kind = e.kind();
+    match kind {
+        ErrorKind::Format => FormatError::new_err(e.to_string()),
+        ErrorKind::Unsupported => UnsupportedError::new_err(e.to_string()),
+        ErrorKind::CorruptImage => CorruptImageError::new_err(e.to_string()),
+        ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
+        ErrorKind::OutOfMemory => PyMemoryError::new_err(e.to_string()),
+        ErrorKind::Corruption | ErrorKind::Os(_) => {
+            let errno = match kind {
+                ErrorKind::Os(n) => n,
+                _ => libc::EIO,
+            };
+            match e.path() {
+                Some(path) => PyOSError::new_err((errno, e.message(), path.to_string())),
+                None => PyOSError::new_err((errno, e.message())),
+            }
+        }
+    }
+}
