@@ -3,8 +3,10 @@
 //! Both are opened on the first guest read (or `guest_map`), not at open: inspecting an image's
 //! metadata (`info`, `map`, overlap checks) must work even when its backing file is elsewhere.
 //! The whole chain below an image is opened at once, so that a loop is found before anything is
-//! read. Names are resolved as QEMU resolves them: an absolute name as it is, a relative one
-//! against the folder of the image that names it.
+//! read. Names are resolved as QEMU 10 resolves them: a backing file name relative to the folder
+//! of the image that names it, an external data file name relative to the current directory
+//! (QEMU opens the data file by the name as stored, both when it creates and when it opens an
+//! image).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,7 +109,7 @@ impl Image {
             let name = header.data_file().ok_or_else(|| {
                 ImageError::Unsupported("'data-file' is required for this image".into())
             })?;
-            let path = resolve(self.path.as_deref(), name);
+            let path = PathBuf::from(name);
             let file = FileStorage::open(&path, self.options.writable)
                 .map_err(|e| ImageError::Io(e).in_file(&path.display().to_string()))?;
             Arc::new(file)
@@ -145,7 +147,9 @@ impl Image {
         };
         match format.as_str() {
             "raw" => {
-                let size = storage.len()?;
+                // QEMU measures disks in 512-byte sectors: a raw file of odd length is a disk
+                // rounded up to the next sector, the tail reading as zeros.
+                let size = storage.len()?.div_ceil(512) * 512;
                 Ok(Backing::Raw { storage, size })
             }
             "qcow2" => {

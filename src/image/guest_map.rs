@@ -180,8 +180,9 @@ impl Image {
         Ok(st)
     }
 
-    /// QEMU's test for metadata preallocation: more clusters have a non-zero refcount than
-    /// `max(allocated * 10 / 9, allocated + 2)`, counting the clusters the file really holds.
+    /// QEMU's test for metadata preallocation: at least `max(allocated * 10 / 9, allocated + 2)`
+    /// clusters have a non-zero refcount, where `allocated` counts the clusters the file really
+    /// holds.
     fn looks_preallocated(&self) -> Result<bool, ImageError> {
         if let Some(&v) = self.preallocated.get() {
             return Ok(v);
@@ -213,7 +214,7 @@ impl Image {
             for k in 0..n {
                 if refcount_get(&block, k, order).unwrap_or(0) > 0 {
                     counted += 1;
-                    if counted > threshold {
+                    if counted >= threshold {
                         return Ok(true);
                     }
                 }
