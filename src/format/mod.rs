@@ -19,6 +19,7 @@ pub mod error;
 pub mod extension;
 pub mod header;
 pub mod limits;
+pub mod new_image;
 pub mod offsets;
 pub mod refcount;
 pub mod snapshot;

@@ -1,6 +1,8 @@
 //! The open image. For now: the scanned metadata, the map, and the pre-write overlap check that
 //! every future write of the engine will go through.
 
+pub mod create;
+
 use std::path::Path;
 use std::sync::Arc;
 
