@@ -84,11 +84,12 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// Compression type of compressed clusters.
     pub compression: CompressionType,
-    /// Backing file name, stored as given (relative names are relative to the image's folder).
+    /// Backing file name, stored as given (QEMU looks for a relative one in the image's folder).
     pub backing_file: Option<String>,
     /// Backing file format name, e.g. `qcow2` or `raw`.
     pub backing_format: Option<String>,
-    /// External data file name, stored as given (relative to the image's folder).
+    /// External data file name, stored as given (QEMU looks for a relative one in its working
+    /// directory).
     pub data_file: Option<String>,
     /// The external data file is a valid raw image by itself.
     pub data_file_raw: bool,
@@ -729,27 +730,17 @@ fn open_new(path: &Path, overwrite: bool) -> Result<File, CreateError> {
         .map_err(CreateError::io("could not create", &path.to_string_lossy()))
 }
 
-/// Resolves `name` (a backing or data file name as stored in an image) the way QEMU does:
-/// relative names are relative to the folder of the image.
-pub fn resolve_relative(image: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return p.to_path_buf();
-    }
-    match image.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
-        _ => p.to_path_buf(),
-    }
-}
-
-/// Creates the image at `path` (and its external data file, resolved against the image's
-/// folder). Refuses an existing image or data file unless `overwrite`. On failure nothing that
-/// this call created is left behind.
+/// Creates the image at `path` and its external data file. Refuses an existing image or data
+/// file unless `overwrite`. On failure nothing that this call created is left behind.
+///
+/// A relative data file name is used as given, relative to the working directory: QEMU (10.0)
+/// creates the data file there and also looks for it there when it opens the image (unlike a
+/// backing file, which it looks for next to the image).
 pub fn create_file(path: &Path, opts: &CreateOptions, overwrite: bool) -> Result<(), CreateError> {
     let plan = plan(opts)?;
     let shown = path.to_string_lossy().into_owned();
     let image_file = open_new(path, overwrite)?;
-    let data_path = opts.data_file.as_deref().map(|d| resolve_relative(path, d));
+    let data_path = opts.data_file.as_deref().map(PathBuf::from);
     let data_file = match &data_path {
         Some(p) => match open_new(p, overwrite) {
             Ok(f) => Some(f),
@@ -1111,22 +1102,6 @@ mod tests {
         assert_eq!(
             &bytes[l2 + 8..l2 + 16],
             &0x8000_0000_0001_0000u64.to_be_bytes()
-        );
-    }
-
-    #[test]
-    fn relative_names_resolve_against_the_image_folder() {
-        assert_eq!(
-            resolve_relative(Path::new("/a/b/img.qcow2"), "d.raw"),
-            PathBuf::from("/a/b/d.raw")
-        );
-        assert_eq!(
-            resolve_relative(Path::new("img.qcow2"), "d.raw"),
-            PathBuf::from("d.raw")
-        );
-        assert_eq!(
-            resolve_relative(Path::new("/a/img.qcow2"), "/x/d.raw"),
-            PathBuf::from("/x/d.raw")
         );
     }
 }

@@ -3,6 +3,7 @@
 //! GIL around I/O.
 
 mod convert;
+mod create;
 mod image;
 mod map;
 
@@ -16,5 +17,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<map::PyNaiveChecker>()?;
     m.add_class::<image::PyImage>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
+    m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     Ok(())
 }
