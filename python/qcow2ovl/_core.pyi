@@ -90,7 +90,6 @@ def open_image(
     enabled: int = ...,
     map_memory_limit: int | None = None,
 ) -> Image: ...
-
 def create_image(
     path: str | PathLike[str],
     size: int,

@@ -16,9 +16,13 @@
 //! Every cluster from 0 to the end of the layout is in use exactly once, so every refcount is 1
 //! and the refcount blocks are "ones up to the end". The refcount structures must count
 //! themselves: their size is the fixed point of "blocks covering everything, including the
-//! blocks and the table" (see [`refcount_fixpoint`]). This is QEMU's layout for small images;
-//! for larger preallocated ones QEMU scatters further refcount blocks among the data, we keep
-//! them together at the front.
+//! blocks and the table" (see [`refcount_fixpoint`]). Without preallocation, and with
+//! `preallocation=metadata` while one refcount block covers the whole file (just under 2 GiB
+//! with 64 KiB clusters and 16-bit refcounts), this is byte for byte QEMU's layout;
+//! for larger preallocated images QEMU puts further refcount blocks between the data clusters
+//! where it ran out of them, and for `falloc`/`full` it moves its refcount table behind the L1
+//! table and reuses cluster 1 for an L2 table. We keep the refcount structures together at the
+//! front in every case; `qemu-img check` finds either layout clean.
 //!
 //! Write order (nothing points at a structure before it is complete, the header goes last):
 //! the file length, refcount blocks, refcount table, L2 tables, L1 table, zeros for `full`,
@@ -249,7 +253,11 @@ pub enum DataPlacement {
 }
 
 /// The complete layout of a new image: every table's place and the header pointing at them.
+///
+/// Only [`plan`] makes one, and it guarantees that the whole layout ends below 2^56 bytes, so
+/// the cluster index arithmetic of the methods below cannot overflow.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Plan {
     /// The header, with every table field filled in.
     pub header: Header,
@@ -616,8 +624,8 @@ fn write_zeros(storage: &dyn Storage, start: u64, len: u64, path: &str) -> Resul
     Ok(())
 }
 
-/// Writes the planned image into `image` (expected empty) and sizes `data` (the external data
-/// file, when the plan has one). `falloc` space reservation is left to the caller, which owns
+/// Writes the planned image into `image` and sizes `data` (the external data file, when the
+/// plan has one); both are expected to be new or truncated. `falloc` space reservation is left to the caller, which owns
 /// the files ([`create_file`] does it); everything else, including `full`'s zeros, is here.
 pub fn write_image(
     plan: &Plan,
@@ -677,8 +685,9 @@ pub fn write_image(
     }
     if let (Some(data), Some(len)) = (data, plan.data_file_len) {
         let dpath = "the data file";
-        data.set_len(0)
-            .and_then(|()| data.set_len(len))
+        // Only grown (the caller hands over a new or truncated file): space the caller
+        // reserved with `falloc` must stay reserved.
+        data.set_len(len)
             .map_err(CreateError::io("could not resize", dpath))?;
         if plan.preallocation == Preallocation::Full {
             write_zeros(data, 0, len, dpath)?;
