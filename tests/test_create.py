@@ -284,12 +284,30 @@ def test_invalid_options_get_qemus_message(
     assert not (tmp_path / "d.raw").exists()
 
 
-@pytest.mark.parametrize("size", [3 << 50, 1 << 60])
-def test_too_large_gets_qemus_message(tmp_path: Path, size: int) -> None:
-    expected = qemu_create_error(tmp_path, size, {})
-    with pytest.raises(ValueError, match=r"^The image size is too large") as exc:
-        qcow2ovl.create(tmp_path / "x.qcow2", size)
+@pytest.mark.parametrize(
+    ("size", "kwargs"),
+    [
+        (3 << 50, {}),
+        (1 << 60, {}),
+        ((2 << 50) + 512, {}),
+        ((1 << 50) + 512, {"extended_l2": True}),
+        ((1 << 40) + 512, {"cluster_size": 512}),
+        ((1 << 63) - 512, {"cluster_size": 2 * MiB}),
+    ],
+)
+def test_too_large_gets_qemus_message(tmp_path: Path, size: int, kwargs: dict[str, Any]) -> None:
+    expected = qemu_create_error(tmp_path, size, kwargs)
+    with pytest.raises(ValueError) as exc:
+        qcow2ovl.create(tmp_path / "x.qcow2", size, **kwargs)
     assert str(exc.value) == expected
+
+
+def test_largest_sizes_are_accepted(tmp_path: Path) -> None:
+    for size, kwargs in [(2 << 50, {}), (1 << 50, {"extended_l2": True})]:
+        path = tmp_path / "max.qcow2"
+        qcow2ovl.create(path, size, overwrite=True, **kwargs)  # type: ignore[arg-type]
+        assert qemu_info(path)["virtual-size"] == size
+        assert check_is_clean(qemu_check(path))
 
 
 def test_size_rules(tmp_path: Path) -> None:
@@ -339,6 +357,7 @@ def cli(*argv: str) -> int:
         (["-o", "compat=0.10", "-o", "refcount_bits=16"], "0x100000"),
         (["-o", "preallocation=metadata,compression_type=zstd,extended_l2=on"], "100000"),
         (["-o", "data_file=d.raw,data_file_raw=on,compat=1.1"], "2M"),
+        (["-o", "data_file=a,,b.raw"], "1M"),
         (["-b", "base.qcow2", "-F", "qcow2"], None),
         (["-o", "size=3M"], None),
         (["-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on"], "1T"),
@@ -355,8 +374,9 @@ def test_cli_prints_and_creates_like_qemu_img(
     qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", "5M")
     tail = [size] if size is not None else []
     theirs = qemu_img("create", "-f", "qcow2", *options, "theirs.qcow2", *tail)
-    if Path("d.raw").exists():
-        Path("d.raw").unlink()
+    for data in ("d.raw", "a,b.raw"):
+        if Path(data).exists():
+            Path(data).unlink()
     assert cli(*options, "ours.qcow2", *tail) == 0
     out = capsys.readouterr().out
     assert out.replace("ours.qcow2", "theirs.qcow2") == theirs.stdout

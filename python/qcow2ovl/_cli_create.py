@@ -185,7 +185,8 @@ def _formatting_line(image: str, opts: dict[str, str], size: int) -> str:
     for name, default in _PRINT_ORDER:
         value = shown.get(name, default)
         if value is not None:
-            words.append(f"{name}={value}")
+            # Commas are doubled again, as in the -o syntax.
+            words.append(f"{name}={value.replace(',', ',,')}")
     return f"Formatting '{image}', fmt=qcow2 " + " ".join(words)
 
 
