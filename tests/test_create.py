@@ -5,6 +5,8 @@ every refused combination carries the message qemu-img prints for the same optio
 from __future__ import annotations
 
 import argparse
+import filecmp
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -210,18 +212,59 @@ def head(path: Path, n: int) -> bytes:
         return f.read(n)
 
 
-def test_layouts_match_qemu(tmp_path: Path) -> None:
-    """Small images are laid out exactly as QEMU lays them out."""
-    cases: list[dict[str, Any]] = [{}, {"preallocation": "metadata"}, {"extended_l2": True}]
-    for opts in cases:
-        ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
-        qcow2ovl.create(ours, GiB, overwrite=True, **opts)
-        o = ",".join(f"{_QEMU_NAMES[k]}={_qemu_value(k, v)}" for k, v in opts.items())
-        qemu_img("create", "-q", "-f", "qcow2", *(["-o", o] if o else []), theirs, str(GiB))
-        assert head(ours, 6 * 65536) == head(theirs, 6 * 65536)
-        assert ours.stat().st_size == theirs.stat().st_size
-        assert qemu_map(ours) == qemu_map(theirs)
-        theirs.unlink()
+def qemu_img_create(path: Path, size: int | None, kwargs: dict[str, Any]) -> None:
+    """``qemu-img create`` with the options that *kwargs* gives qcow2ovl.create()."""
+    kw = dict(kwargs)
+    backing = (
+        ["-b", kw.pop("backing_file"), "-F", kw.pop("backing_format")]
+        if "backing_file" in kw
+        else []
+    )
+    o = ",".join(f"{_QEMU_NAMES[k]}={_qemu_value(k, v)}" for k, v in kw.items())
+    tail = [] if size is None else [str(size)]
+    qemu_img("create", "-q", "-f", "qcow2", *(["-o", o] if o else []), *backing, path, *tail)
+
+
+SAME_AS_QEMU: list[tuple[int | None, dict[str, Any]]] = [
+    (GiB, {}),
+    (0, {}),
+    (100_000, {}),
+    (5 * GiB, {"cluster_size": 4096, "refcount_bits": 1, "lazy_refcounts": True}),
+    (8 * MiB, {"cluster_size": 512, "refcount_bits": 64}),
+    (GiB, {"cluster_size": 2 * MiB, "extended_l2": True, "compression_type": "zstd"}),
+    (None, {"version": 2, "backing_file": "base.qcow2", "backing_format": "qcow2"}),
+    (GiB, {"backing_file": "base.qcow2", "backing_format": "qcow2", "extended_l2": True}),
+    (GiB, {"data_file": "data.raw"}),
+    (64 * MiB, {"data_file": "data.raw", "data_file_raw": True}),
+    (64 * MiB, {"preallocation": "metadata", "refcount_bits": 8}),
+    (64 * MiB, {"preallocation": "metadata", "extended_l2": True, "cluster_size": 16384}),
+]
+
+
+@pytest.mark.parametrize(("size", "kwargs"), SAME_AS_QEMU)
+def test_byte_identical_to_qemu_img(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int | None, kwargs: dict[str, Any]
+) -> None:
+    """While one refcount block covers the whole file (QEMU adds more where it runs out, we
+    put them all at the front), the file is exactly the one qemu-img writes."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "base.qcow2", "3G")
+    qemu_img_create(tmp_path / "theirs.qcow2", size, kwargs)
+    if "data_file" in kwargs:
+        os.rename(kwargs["data_file"], "theirs-data.raw")
+    qcow2ovl.create(tmp_path / "ours.qcow2", size, **kwargs)
+    assert (tmp_path / "ours.qcow2").stat().st_size == (tmp_path / "theirs.qcow2").stat().st_size
+    assert filecmp.cmp(tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2", shallow=False)
+
+
+def test_metadata_preallocation_maps_like_qemu(tmp_path: Path) -> None:
+    """1 GiB with preallocation=metadata: same layout as QEMU's, block for block."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qcow2ovl.create(ours, GiB, preallocation="metadata")
+    qemu_img_create(theirs, GiB, {"preallocation": "metadata"})
+    assert head(ours, 6 * 65536) == head(theirs, 6 * 65536)
+    assert ours.stat().st_size == theirs.stat().st_size
+    assert qemu_map(ours) == qemu_map(theirs)
 
 
 @pytest.mark.parametrize("size", [64 * GiB, 1 << 40])

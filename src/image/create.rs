@@ -16,13 +16,13 @@
 //! Every cluster from 0 to the end of the layout is in use exactly once, so every refcount is 1
 //! and the refcount blocks are "ones up to the end". The refcount structures must count
 //! themselves: their size is the fixed point of "blocks covering everything, including the
-//! blocks and the table" (see [`refcount_fixpoint`]). Without preallocation, and with
-//! `preallocation=metadata` while one refcount block covers the whole file (just under 2 GiB
-//! with 64 KiB clusters and 16-bit refcounts), this is byte for byte QEMU's layout;
-//! for larger preallocated images QEMU puts further refcount blocks between the data clusters
-//! where it ran out of them, and for `falloc`/`full` it moves its refcount table behind the L1
-//! table and reuses cluster 1 for an L2 table. We keep the refcount structures together at the
-//! front in every case; `qemu-img check` finds either layout clean.
+//! blocks and the table" (see [`refcount_fixpoint`]). While one refcount block covers the
+//! whole file (just under 2 GiB with 64 KiB clusters and 16-bit refcounts), with or without
+//! `preallocation=metadata`, this is byte for byte QEMU's layout. Beyond that QEMU adds refcount
+//! blocks where it runs out of them (after a large L1 table, between data clusters), and for
+//! `falloc`/`full` it moves its refcount table behind the L1 table and reuses cluster 1 for an
+//! L2 table. We keep the refcount structures together at the front in every case;
+//! `qemu-img check` finds either layout clean.
 //!
 //! Write order (nothing points at a structure before it is complete, the header goes last):
 //! the file length, refcount blocks, refcount table, L2 tables, L1 table, zeros for `full`,
