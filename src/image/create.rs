@@ -1113,4 +1113,50 @@ mod tests {
             &0x8000_0000_0001_0000u64.to_be_bytes()
         );
     }
+
+    #[test]
+    fn create_file_refuses_existing_files_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("qcow2ovl-create-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.qcow2");
+        let data = dir.join("a.raw");
+        let o = CreateOptions {
+            data_file: Some(data.to_string_lossy().into_owned()),
+            preallocation: Preallocation::Falloc,
+            ..opts(1 << 20)
+        };
+        create_file(&img, &o, false).unwrap();
+        assert_eq!(std::fs::metadata(&data).unwrap().len(), 1 << 20);
+        let err = create_file(&img, &o, false).unwrap_err();
+        assert!(matches!(&err, CreateError::Io { source, .. }
+            if source.kind() == io::ErrorKind::AlreadyExists));
+        assert!(!err.is_invalid_options());
+        // The image is refused before the data file is touched; a refused data file removes
+        // the image this call created.
+        std::fs::remove_file(&img).unwrap();
+        assert!(create_file(&img, &o, false).is_err());
+        assert!(!img.exists());
+        assert!(data.exists());
+        create_file(&img, &o, true).unwrap();
+        let s = scan(
+            &FileStorage::open_read_only(&img).unwrap(),
+            MetadataType::all(),
+            None,
+        )
+        .unwrap();
+        assert!(s.problems.is_empty());
+        // Invalid options create nothing.
+        let bad = dir.join("bad.qcow2");
+        let e = create_file(
+            &bad,
+            &CreateOptions {
+                cluster_size: 3,
+                ..opts(1)
+            },
+            false,
+        );
+        assert!(e.is_err_and(|e| e.is_invalid_options()));
+        assert!(!bad.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
