@@ -8,6 +8,7 @@ qemu-img it does not replace an existing image.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from decimal import Decimal
@@ -217,6 +218,9 @@ def _create(args: argparse.Namespace) -> None:
         "data_file_raw": _bool("data_file_raw", opts.get("data_file_raw", "off")),
         "preallocation": opts.get("preallocation", "off"),
     }
+    if os.path.lexists(args.image):
+        # Refused before the summary line (create() refuses it too, without a race).
+        raise CreateUsageError("File exists")
     if not args.quiet:
         print(_formatting_line(args.image, opts, size), flush=True)
     create(args.image, size, **kwargs)
