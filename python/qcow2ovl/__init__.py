@@ -7,6 +7,7 @@ the map itself, QEMU's naive checker (the reference), and the CLI.
 """
 
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
+from qcow2ovl.create import create
 from qcow2ovl.errors import (
     CorruptImageError,
     FormatError,
@@ -46,5 +47,6 @@ __all__ = [
     "Snapshot",
     "UnsupportedError",
     "__version__",
+    "create",
     "open",
 ]

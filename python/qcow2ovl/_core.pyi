@@ -116,3 +116,20 @@ def open_image(
     map_memory_limit: int | None = None,
     cache_size: int | None = None,
 ) -> Image: ...
+def create_image(
+    path: str | PathLike[str],
+    size: int,
+    *,
+    cluster_size: int = 65536,
+    version: int = 3,
+    refcount_bits: int = 16,
+    extended_l2: bool = False,
+    lazy_refcounts: bool = False,
+    compression_type: str = "zlib",
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    data_file: str | None = None,
+    data_file_raw: bool = False,
+    preallocation: str = "off",
+    overwrite: bool = False,
+) -> None: ...

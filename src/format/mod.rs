@@ -23,6 +23,7 @@ pub mod features;
 pub mod header;
 pub mod limits;
 pub mod mapping;
+pub mod new_image;
 pub mod offsets;
 pub mod refcount;
 pub mod snapshot;

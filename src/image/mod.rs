@@ -12,9 +12,11 @@
 //! | `backing.rs` | the backing chain and the external data file, opened on first use |
 //! | `read.rs` | guest reads: data, zeros, subclusters, compressed clusters, backing files |
 //! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
+//! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
 
 mod backing;
 mod cache;
+pub mod create;
 mod error;
 mod guest_map;
 mod mapping;

@@ -3,6 +3,7 @@
 //! GIL around I/O.
 
 mod convert;
+mod create;
 mod errors;
 mod extents;
 mod image;
@@ -19,5 +20,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::PyImage>()?;
     m.add_class::<extents::PyExtentList>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
+    m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     Ok(())
 }

@@ -1,0 +1,94 @@
+//! `qcow2ovl._core.create_image`: the Rust image creator behind `qcow2ovl.create()`.
+
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+
+use super::convert::u64_arg;
+use crate::image::create::{
+    create_file, CompressionType, CreateError, CreateOptions, Preallocation,
+};
+
+/// Maps a creation error: option errors are `ValueError` with QEMU's message, I/O errors the
+/// `OSError` subclass of their errno (`FileExistsError` for an existing file), with the path.
+fn create_err(e: CreateError) -> PyErr {
+    match e {
+        CreateError::Io { path, source, .. } => match source.raw_os_error() {
+            Some(errno) => {
+                let text = std::io::Error::from_raw_os_error(errno).to_string();
+                let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+                PyOSError::new_err((errno, text, path))
+            }
+            None => PyOSError::new_err(format!("{path}: {source}")),
+        },
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
+/// The compression type enum for `"zlib"` or `"zstd"`.
+fn compression_arg(name: &str) -> PyResult<CompressionType> {
+    match name {
+        "zlib" => Ok(CompressionType::Zlib),
+        "zstd" => Ok(CompressionType::Zstd),
+        other => Err(PyValueError::new_err(format!(
+            "Parameter 'compression-type' does not accept value '{other}'"
+        ))),
+    }
+}
+
+/// The preallocation enum for `"off"`, `"metadata"`, `"falloc"` or `"full"`.
+fn preallocation_arg(name: &str) -> PyResult<Preallocation> {
+    match name {
+        "off" => Ok(Preallocation::Off),
+        "metadata" => Ok(Preallocation::Metadata),
+        "falloc" => Ok(Preallocation::Falloc),
+        "full" => Ok(Preallocation::Full),
+        other => Err(PyValueError::new_err(format!(
+            "Parameter 'preallocation' does not accept value '{other}'"
+        ))),
+    }
+}
+
+/// Creates a qcow2 image at `path` (see `qcow2ovl.create`). Releases the GIL while writing.
+#[pyfunction]
+#[pyo3(signature = (
+    path, size, *, cluster_size = 65536, version = 3, refcount_bits = 16, extended_l2 = false,
+    lazy_refcounts = false, compression_type = "zlib", backing_file = None, backing_format = None,
+    data_file = None, data_file_raw = false, preallocation = "off", overwrite = false
+))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn create_image(
+    py: Python<'_>,
+    path: PathBuf,
+    size: i128,
+    cluster_size: i128,
+    version: u32,
+    refcount_bits: i128,
+    extended_l2: bool,
+    lazy_refcounts: bool,
+    compression_type: &str,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    data_file: Option<String>,
+    data_file_raw: bool,
+    preallocation: &str,
+    overwrite: bool,
+) -> PyResult<()> {
+    let opts = CreateOptions {
+        size: u64_arg("size", size)?,
+        cluster_size: u64_arg("cluster_size", cluster_size)?,
+        version,
+        refcount_bits: u64_arg("refcount_bits", refcount_bits)?,
+        extended_l2,
+        lazy_refcounts,
+        compression: compression_arg(compression_type)?,
+        backing_file,
+        backing_format,
+        data_file,
+        data_file_raw,
+        preallocation: preallocation_arg(preallocation)?,
+    };
+    py.detach(|| create_file(&path, &opts, overwrite))
+        .map_err(create_err)
+}
