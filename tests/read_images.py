@@ -19,12 +19,14 @@ Nothing here imports qcow2ovl.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import qemu_images as qi
 
@@ -108,12 +110,11 @@ def qemu_io_fmt(path: Path, fmt: str, *commands: str) -> str:
 
 
 def compressible(rng: random.Random, length: int) -> bytes:
-    """Bytes that compress well but are not constant: random words from a small vocabulary."""
-    words = [rng.randbytes(rng.randrange(1, 9)) for _ in range(16)]
-    out = bytearray()
-    while len(out) < length:
-        out += rng.choice(words)
-    return bytes(out[:length])
+    """Bytes that compress to about half but are not constant: random nibbles."""
+    return rng.randbytes(length).translate(_NIBBLES)
+
+
+_NIBBLES = bytes(i & 0x0F for i in range(256))
 
 
 def mixed_raw(path: Path, size: int, seed: int) -> Path:
@@ -339,7 +340,7 @@ def _extl2_16k_raw_backing(d: Path) -> qi.BuiltImage:
 
 
 def _compressed(
-    kind: str, opts: dict[str, object], size: int = 32 * MiB, partial: bool = False
+    kind: str, opts: dict[str, object], size: int = 12 * MiB, partial: bool = False
 ) -> qi.Builder:
     """`qemu-img convert -c` of a raw file mixing random, compressible, constant and zero
     stretches. With `partial`, some clusters are then overwritten uncompressed: whole
@@ -515,11 +516,14 @@ EXTRA_KINDS: dict[str, qi.Builder] = {
     "convert_zlib_512": _compressed(
         "convert_zlib_512",
         {"compression_type": "zlib", "cluster_size": 512},
-        size=4 * MiB,
+        size=2 * MiB,
         partial=True,
     ),
     "convert_zstd_2m": _compressed(
-        "convert_zstd_2m", {"compression_type": "zstd", "cluster_size": 2 * MiB}, partial=True
+        "convert_zstd_2m",
+        {"compression_type": "zstd", "cluster_size": 2 * MiB},
+        size=24 * MiB,
+        partial=True,
     ),
     "convert_v2": _compressed("convert_v2", {"compat": "0.10"}, partial=True),
     "compressed_backing": _compressed_backing,
@@ -584,3 +588,48 @@ def build_missing_deeper(d: Path) -> Path:
     top = qi.create(d / "top.qcow2", 4 * MiB, backing="mid.qcow2")
     base.path.unlink()
     return top.path
+
+
+# ---- comparing with QEMU ------------------------------------------------------------------------
+
+GUEST_EXTENT_FIELDS = (
+    "start",
+    "length",
+    "depth",
+    "present",
+    "zero",
+    "data",
+    "compressed",
+    "offset",
+)
+
+
+def extent_dict(extent: Any) -> dict[str, Any]:
+    """A GuestExtent as qemu-img map's JSON object (`offset` left out when None)."""
+    if dataclasses.is_dataclass(extent) and not isinstance(extent, type):
+        fields = dataclasses.asdict(extent)
+        d = {name: fields[name] for name in GUEST_EXTENT_FIELDS}
+    else:
+        d = {name: getattr(extent, name) for name in GUEST_EXTENT_FIELDS}
+    if d["offset"] is None:
+        del d["offset"]
+    return d
+
+
+def first_diff(got: bytes | bytearray | memoryview, want: bytes) -> int:
+    n = min(len(got), len(want))
+    for i in range(0, n, 4096):
+        if got[i : i + 4096] != want[i : i + 4096]:
+            for j in range(i, min(i + 4096, n)):
+                if got[j] != want[j]:
+                    return j
+    return n
+
+
+def describe_map_diff(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> str:
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    lines = [f"{len(got)} extents, qemu-img map has {len(want)}; first difference at #{i}:"]
+    for k in range(max(0, i - 1), min(max(len(got), len(want)), i + 3)):
+        lines.append(f"  qcow2ovl #{k}: {got[k] if k < len(got) else '-'}")
+        lines.append(f"  qemu-img #{k}: {want[k] if k < len(want) else '-'}")
+    return "\n".join(lines)

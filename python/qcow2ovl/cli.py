@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qcow2ovl import MetadataMap, MetadataType, NaiveChecker, Qcow2Error
+from qcow2ovl import MetadataMap, MetadataType, NaiveChecker, Qcow2Error, _cli_create, _cli_guest
 from qcow2ovl.image import Image
 from qcow2ovl.image import open as open_image
 
@@ -244,19 +244,23 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    if args.guest:
+        return _cli_guest.guest_map(args)
     with open_image(args.image, overlap_check=args.overlap_check) as image:
         extents = image.metadata_extents()
     if args.output == "json":
-        records = [
-            {
+        # Streamed one record at a time: an image can have millions of metadata extents.
+        out = sys.stdout
+        out.write("[")
+        for i, (off, length, types) in enumerate(extents):
+            record = {
                 "offset": off,
                 "length": length,
                 "types": int(types),
                 "names": [t.key for t in MetadataType(types).bits()],
             }
-            for off, length, types in extents
-        ]
-        print(json.dumps(records, indent=4))
+            out.write((",\n" if i else "\n") + json.dumps(record))
+        out.write("\n]\n" if len(extents) else "]\n")
         return 0
     print(f"{'Offset':<16}{'Length':<16}Types")
     for off, length, types in extents:
@@ -284,7 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
             default="all",
             help="which metadata types to map (QEMU's overlap-check syntax; default: all)",
         )
+        if name == "map":
+            p.add_argument(
+                "--guest",
+                action="store_true",
+                help="map the guest disk instead, as `qemu-img map` does",
+            )
         p.set_defaults(func=func)
+    _cli_create.add_parser(sub)
+    _cli_guest.add_parsers(sub)
     return parser
 
 
