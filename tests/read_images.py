@@ -492,6 +492,47 @@ def _v2_ops(kind: str, backing: bool) -> qi.Builder:
     return build
 
 
+def _backing_larger_odd_end(d: Path) -> qi.BuiltImage:
+    """A backing file larger than the image, whose virtual size (8 MiB + 1536) ends inside a
+    cluster; writes reach the last byte."""
+    base = qi.create(d / "base.qcow2", 16 * MiB)
+    Ops(d, 1201).data(0, 16 * MiB).run(base)
+    size = 8 * MiB + 1536
+    top = qi.create(d / "top.qcow2", size, backing="base.qcow2")
+    Ops(d, 1202).data(8 * MiB - 100, 200).data(size - 700, 700).zero(4 * MiB, 64 * KiB).run(top)
+    return qi.BuiltImage("backing_larger_odd_end", top, extra_files=[base.path])
+
+
+def _l2_edge(d: Path) -> qi.BuiltImage:
+    """4 KiB clusters (an L2 table covers 2 MiB) and a virtual size one 512 B sector past three
+    L2 tables: the last L2 table maps one partial cluster."""
+    size = 6 * MiB + 512
+    ref = qi.create(d / "l2_edge.qcow2", size, opts={"cluster_size": 4096})
+    Ops(d, 1301).data(2 * MiB - 3000, 6000).data(6 * MiB - 1000, 1512).zero(
+        4 * MiB - 4096, 8192
+    ).run(ref)
+    return qi.BuiltImage("l2_edge", ref)
+
+
+def _chain_compressed_base(d: Path) -> qi.BuiltImage:
+    """A zstd-compressed base (from convert -c) under an extended-L2 top with subcluster writes:
+    the untouched subclusters still read from the compressed backing clusters."""
+    src = mixed_raw(d / "src.raw", 4 * MiB, seed=1401)
+    base = convert_from_raw(src, d / "base.qcow2", compress=True, opts={"compression_type": "zstd"})
+    src.unlink()
+    top = qi.create(d / "top.qcow2", 6 * MiB, opts={"extended_l2": True}, backing="base.qcow2")
+    (
+        Ops(d, 1402)
+        .data(100, 1000)
+        .data(64 * KiB + 30 * KiB, 4 * KiB)
+        .zero(128 * KiB + 2 * KiB, 2 * KiB)
+        .discard(192 * KiB, 64 * KiB)
+        .data(4 * MiB - 3 * KiB, 6 * KiB)
+        .run(top)
+    )
+    return qi.BuiltImage("chain_compressed_base", top, extra_files=[base.path])
+
+
 EXTRA_KINDS: dict[str, qi.Builder] = {
     "chain3_raw_base": _chain3_raw_base,
     "chain3_relative": _chain3_relative,
@@ -535,6 +576,9 @@ EXTRA_KINDS: dict[str, qi.Builder] = {
     "cluster_2m_backing": _cluster_2m_backing,
     "v2_ops": _v2_ops("v2_ops", backing=False),
     "v2_backing_ops": _v2_ops("v2_backing_ops", backing=True),
+    "backing_larger_odd_end": _backing_larger_odd_end,
+    "l2_edge": _l2_edge,
+    "chain_compressed_base": _chain_compressed_base,
 }
 
 

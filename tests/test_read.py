@@ -75,7 +75,8 @@ class Oracle:
         data = info.get("format-specific", {}).get("data", {})
         entry = 16 if data.get("extended-l2") else 8
         self.l2_span = self.cluster_size * (self.cluster_size // entry)
-        self.has_data_file = "data-file" in data
+        # where this image's own data clusters are: the external data file if any
+        self.data_path = Path(data.get("data-file", self.path))
         self.qmap = qi.qemu_map(built.ref)
         self.raw: Path | None = None
         self._fd: int | None = None
@@ -343,17 +344,13 @@ def test_guest_map(any_kind: Oracle) -> None:
     assert got == want, f"{o.kind}: " + describe_map_diff(got, want)
 
 
-def host_offset_kinds() -> list[str]:
-    # Not for encrypted images (qemu-img map gives no offsets) nor external data files (the
-    # offsets qemu-img map gives are in the data file, not in the image's file).
-    return [k for k in READABLE if k not in ("data_file", "data_file_raw") and "data_file" not in k]
-
-
-@pytest.mark.parametrize("kind", host_offset_kinds())
+@pytest.mark.parametrize("kind", READABLE)
 def test_host_offset(kind: str, registry: Registry) -> None:
+    """host_offset is qemu-img map's offset for this image's own data (depth 0; in the external
+    data file when there is one), None elsewhere; and that file holds the guest bytes there."""
     o = registry.get(kind)
     rng = random.Random(seed_of(kind, "host"))
-    with qcow2ovl.open(o.path) as img, open(o.path, "rb") as f:
+    with qcow2ovl.open(o.path) as img, open(o.data_path, "rb") as f:
         for e in o.qmap:
             start, length = e["start"], e["length"]
             ours = e["depth"] == 0 and e["data"] and "offset" in e
@@ -633,6 +630,27 @@ def test_open_relative_path_from_other_cwd(
             check_bytes(o, "read via relative path", off, img.read(off, n))
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"overlap_check": "none"}, {"overlap_check": "cached"}, {"map_memory_limit": 4096}]
+)
+def test_open_options_do_not_change_reads(kwargs: dict[str, Any], registry: Registry) -> None:
+    o = registry.get("snapshots_cluster_512")
+    rng = random.Random(seed_of(o.kind, str(kwargs)))
+    with qcow2ovl.open(o.path, **kwargs) as img:
+        for off, n in random_ranges(o, rng, 50):
+            check_bytes(o, f"read with {kwargs}", off, img.read(off, n))
+
+
+def test_read_through_writable_open(registry: Registry, tmp_path: Path) -> None:
+    o = registry.get("convert_zstd_partial")
+    copy = tmp_path / "copy.qcow2"
+    shutil.copyfile(o.path, copy)
+    with qcow2ovl.open(copy, writable=True) as img:
+        for off in range(0, o.vsize, CHUNK):
+            check_bytes(o, "read (writable open)", off, img.read(off, min(CHUNK, o.vsize - off)))
+    assert qi.check_is_clean(qi.qemu_check(copy))
+
+
 # ---- broken chains ------------------------------------------------------------------------------
 
 
@@ -647,20 +665,32 @@ def qemu_chain_error(path: Path) -> str:
     return proc.stderr
 
 
+def first_use(img: Any, how: str) -> None:
+    """Whatever needs the backing chain: a read (of unallocated space) or the guest map."""
+    if how == "read":
+        img.read(0, 512)
+    else:
+        img.guest_map()
+
+
+# The chain may be opened by `open` or at first use (read / guest_map): either is fine, as long
+# as the error comes before any data.
+@pytest.mark.parametrize("how", ["read", "guest_map"])
 @pytest.mark.parametrize("builder", [ri.build_loop, ri.build_self_loop, ri.build_long_loop])
-def test_backing_loop(builder: Any, tmp_path: Path) -> None:
+def test_backing_loop(builder: Any, how: str, tmp_path: Path) -> None:
     path = builder(tmp_path)
     assert "infinite loop" in qemu_chain_error(path)
-    # Opening reads metadata only; the chain is opened (and the loop found) at the first read.
-    with qcow2ovl.open(path) as img, pytest.raises(qcow2ovl.Qcow2Error) as info:
-        img.read(0, 1)
+    with pytest.raises(qcow2ovl.Qcow2Error) as info:
+        with qcow2ovl.open(path) as img:
+            first_use(img, how)
     assert "loop" in str(info.value), f"message without 'loop': {info.value}"
 
 
+@pytest.mark.parametrize("how", ["read", "guest_map"])
 @pytest.mark.parametrize("builder", [ri.build_missing_backing, ri.build_missing_deeper])
-def test_missing_backing(builder: Any, tmp_path: Path) -> None:
+def test_missing_backing(builder: Any, how: str, tmp_path: Path) -> None:
     path = builder(tmp_path)
     assert "No such file or directory" in qemu_chain_error(path)
-    with qcow2ovl.open(path) as img, pytest.raises(FileNotFoundError) as info:
-        img.read(0, 1)
-    assert info.value.filename, "the error names the missing file"
+    with pytest.raises(FileNotFoundError):
+        with qcow2ovl.open(path) as img:
+            first_use(img, how)
