@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qcow2ovl import _core
 from qcow2ovl.options import OverlapCheck, OverlapCheckSpec
 from qcow2ovl.types import MetadataType
+
+if TYPE_CHECKING:
+    import datetime as _dt
+    from dataclasses import dataclass
+else:  # the same records without importing dataclasses (startup time; see _records)
+    from qcow2ovl._records import dataclass
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class Snapshot:
     @property
     def date(self) -> _dt.datetime:
         """Creation time (UTC)."""
+        import datetime as _dt
+
         return _dt.datetime.fromtimestamp(self.date_sec + self.date_nsec / 1e9, tz=_dt.timezone.utc)
 
 
@@ -110,7 +116,9 @@ class Image:
         self.path = path
         self.overlap_check = overlap_check
         info = dict(core.info())
-        info["features"] = tuple(info["features"])
+        info["features"] = tuple(cast(Iterable[str], info["features"]))
+        if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
+            info["compression_type"] = "zlib"
         self.info: ImageInfo = _build(ImageInfo, info)
         self.snapshots: list[Snapshot] = [_build(Snapshot, s) for s in core.snapshots()]
         self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]

@@ -29,8 +29,7 @@ options, then an unsupported template name.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union, cast
 
 from qcow2ovl.types import (
     DEFAULT_TEMPLATE,
@@ -40,6 +39,11 @@ from qcow2ovl.types import (
     template,
     unsupported_template,
 )
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:  # the same record without importing dataclasses (startup time; see _records)
+    from qcow2ovl._records import dataclass
 
 #: The option holding the template (QEMU's ``QCOW2_OPT_OVERLAP``).
 OPTION = "overlap-check"
@@ -199,7 +203,8 @@ class OverlapCheck:
         if isinstance(mask, bool) or not isinstance(mask, int):
             raise TypeError(f"overlap-check mask must be an int or MetadataType, not {mask!r}")
         name = min(TEMPLATES, key=lambda t: bin(int(mask) ^ int(TEMPLATES[t])).count("1"))
-        return cls(mask, name)  # __post_init__ validates the mask
+        # __post_init__ validates the mask and makes it a MetadataType.
+        return cls(cast(MetadataType, mask), name)
 
     @classmethod
     def _from_options(cls, options: Mapping[str, object]) -> OverlapCheck:
