@@ -381,7 +381,7 @@ class Oracle:
             "virtual_size": h.size,
             "cluster_size": h.cluster_size,
             "refcount_bits": self.refcount_bits,
-            "compression_type": "zstd" if h.compression_type == 1 else "deflate",
+            "compression_type": "zstd" if h.compression_type == 1 else "zlib",
             "extended_l2": self.extended_l2,
             "crypt_method": h.crypt_method,
             "encrypted": h.crypt_method != 0,
@@ -636,7 +636,8 @@ def expected_extents(path: str | Path, template: str = "all") -> list[Extent]:
 def info_from_qemu(info: dict[str, object]) -> dict[str, object]:
     """`qemu-img info --output=json` translated to the contract's `Image.info` field names.
 
-    QEMU calls deflate "zlib"; compat "0.10" is version 2 and "1.1" version 3.
+    Compression types keep QEMU's names (``zlib``, ``zstd``); compat "0.10" is version 2 and "1.1"
+    version 3.
     """
     fmt = info.get("format-specific")
     data: dict[str, object] = {}
@@ -650,7 +651,7 @@ def info_from_qemu(info: dict[str, object]) -> dict[str, object]:
         "virtual_size": info["virtual-size"],
         "cluster_size": info["cluster-size"],
         "refcount_bits": data["refcount-bits"],
-        "compression_type": "deflate" if compression == "zlib" else compression,
+        "compression_type": compression,
         "extended_l2": bool(data.get("extended-l2", False)),
         "crypt_method": {None: 0, "aes": 1, "luks": 2}[crypt_format],  # type: ignore[index]
         "encrypted": bool(info.get("encrypted", False)),

@@ -177,7 +177,7 @@ def _check_info(img: qcow2ovl.Image, layout: ImageLayout, size: int) -> None:
     assert info.refcount_bits == layout.refcount_bits
     assert info.virtual_size == layout.virtual_size
     assert info.extended_l2 == layout.extended_l2
-    assert info.compression_type == ("zstd" if layout.compression_type else "deflate")
+    assert info.compression_type == ("zstd" if layout.compression_type else "zlib")
     assert info.lazy_refcounts == bool(layout.compatible_features & 1)
     assert not info.dirty and not info.corrupt and info.crypt_method == 0
     assert info.backing_file == layout.backing_file
