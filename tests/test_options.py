@@ -1,4 +1,7 @@
-"""The overlap-check option (DESIGN.md §6), against QEMU's rules and iotest 137."""
+"""The overlap-check option, against QEMU's rules and iotest 137.
+
+The rules are summed up in docs/design/architecture.md ("The overlap-check option").
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import MetadataType
 
-# Written out by hand from DESIGN.md §2, independently of qcow2ovl.types:
+# Written out by hand from docs/design/architecture.md, independently of qcow2ovl.types:
 # option key -> (bit, smallest template containing it).
 KEYS = {
     "main-header": (0x001, "constant"),

@@ -1,4 +1,6 @@
-"""Metadata types of a qcow2 image, as bits of :class:`MetadataType` (DESIGN.md §2).
+"""Metadata types of a qcow2 image, as bits of :class:`MetadataType`.
+
+The table of types, keys, names and templates is in ``docs/design/architecture.md``.
 
 Every fact about a type lives in exactly one place:
 
@@ -89,7 +91,9 @@ class MetadataType(enum.IntFlag):
 
     @property
     def min_template(self) -> str:
-        """Name of the smallest template that contains every set bit (DESIGN.md §2's column).
+        """Name of the smallest template that contains every set bit.
+
+        (The last column of the table of types in ``docs/design/architecture.md``.)
 
         ``"none"`` for 0; raises ``ValueError`` if a bit outside :attr:`ALL` is set.
         """
