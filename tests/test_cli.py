@@ -204,7 +204,8 @@ def test_info_imports_only_what_it_needs() -> None:
         "import re\n"  # the console script imports re (and with it enum) before anything else
         f"from qcow2ovl.cli import main\nmain(['info', {str(path)!r}])"
     )
-    assert not (new & {"dataclasses", "inspect", "json", "random", "subprocess", "tempfile"})
+    unwanted = {"argparse", "dataclasses", "inspect", "json", "random", "subprocess", "shutil"}
+    assert not (new & unwanted)
 
 
 def test_metadata_type_values_made_on_demand() -> None:
@@ -224,3 +225,40 @@ def test_metadata_type_values_made_on_demand() -> None:
         check=True,
     ).stdout
     assert int(out) < 64
+
+
+FAST_FORMS = [
+    ["info", "a.qcow2"],
+    ["map", "a.qcow2"],
+    ["info", "--output", "json", "a.qcow2"],
+    ["info", "a.qcow2", "--output=json"],
+    ["map", "--overlap-check", "cached", "--output", "human", "x"],
+    ["map", "--overlap-check=overlap-check=all,overlap-check.inactive-l2=off", "x"],
+    ["info", "x", "--output", "human", "--output", "json"],
+]
+SLOW_FORMS = [
+    ["info"],
+    ["info", "-h"],
+    ["info", "a", "b"],
+    ["info", "--out", "json", "a"],
+    ["info", "--output", "xml", "a"],
+    ["info", "--", "-a"],
+    ["demo"],
+    ["map", "--output"],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_FORMS, ids=" ".join)
+def test_fast_parse_agrees_with_argparse(argv: list[str]) -> None:
+    from qcow2ovl.cli import build_parser, fast_parse
+
+    fast = fast_parse(argv)
+    assert fast is not None
+    assert vars(fast) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", SLOW_FORMS, ids=" ".join)
+def test_fast_parse_leaves_the_rest_to_argparse(argv: list[str]) -> None:
+    from qcow2ovl.cli import fast_parse
+
+    assert fast_parse(argv) is None

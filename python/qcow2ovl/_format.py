@@ -9,9 +9,11 @@ does not use.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from qcow2ovl.image import Image
     from qcow2ovl.types import MetadataType
 

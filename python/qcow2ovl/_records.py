@@ -13,9 +13,11 @@ Supported: ``frozen=True`` (required), ``repr=False``, fields with plain default
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, TypeVar
 
-_T = TypeVar("_T", bound=type)
+    _T = TypeVar("_T", bound=type)
 _MISSING = object()
 
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, cast
 
-from qcow2ovl import _core
-from qcow2ovl.options import OverlapCheck, OverlapCheckSpec
+from qcow2ovl import _core, options
+from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import MetadataType
 
+# Startup time: datetime, dataclasses, typing and collections.abc are for type checkers only
+# (the records come from _records at run time; Snapshot.date imports datetime when called).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import datetime as _dt
+    from collections.abc import Mapping
     from dataclasses import dataclass
-else:  # the same records without importing dataclasses (startup time; see _records)
+    from types import TracebackType
+    from typing import Any
+
+    from qcow2ovl.options import OverlapCheckSpec
+else:
     from qcow2ovl._records import dataclass
 
 
@@ -116,7 +121,8 @@ class Image:
         self.path = path
         self.overlap_check = overlap_check
         info = dict(core.info())
-        info["features"] = tuple(cast(Iterable[str], info["features"]))
+        features: Any = info["features"]
+        info["features"] = tuple(features)
         if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
             info["compression_type"] = "zlib"
         self.info: ImageInfo = _build(ImageInfo, info)
@@ -198,7 +204,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     """
     check = OverlapCheck.parse(overlap_check)
     fspath = os.fspath(path)
+    limit = options.map_memory_limit(map_memory_limit)
     core = _core.open_image(
-        fspath, writable=writable, enabled=int(check.mask), map_memory_limit=map_memory_limit
+        fspath, writable=writable, enabled=int(check.mask), map_memory_limit=limit
     )
     return Image(core, fspath, check)

@@ -44,7 +44,9 @@ imports it. See ``docs/testing.md``.
 
 from __future__ import annotations
 
-# Importing any submodule raises a helpful ImportError when hypothesis is missing (_common).
+# _common first: it raises an ImportError that says what to install when hypothesis is missing
+# (every other submodule imports hypothesis, and any of them is reached through this package).
+from qcow2ovl.testing import _common  # noqa: F401  (isort: keep first)
 from qcow2ovl.testing.corrupt import (
     corrupted_images,
     random_corruption,
