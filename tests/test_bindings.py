@@ -4,6 +4,7 @@ OverflowError or OSError) for any int out of range, whatever its size."""
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any, Callable
 
 import pytest
@@ -23,6 +24,11 @@ def test_class_doc_and_signature(cls: type) -> None:
     doc = cls.__doc__ or ""
     assert len(doc.split()) > 20, doc
     assert f"qcow2ovl.{cls.__name__}" not in doc  # describes itself, does not point at itself
+    assert "cluster_size" in doc and "enabled" in doc
+    if sys.version_info < (3, 10):
+        # The abi3 extension cannot give a class a text signature on 3.9 (PyO3 emits it only
+        # for 3.10+); the methods keep theirs, and the docstring names the arguments.
+        return
     sig = inspect.signature(cls)
     assert "cluster_size" in sig.parameters
     for p in sig.parameters.values():
@@ -38,6 +44,7 @@ def test_method_doc_and_signature(cls: type, name: str) -> None:
         assert p.default is not Ellipsis, f"{cls.__name__}.{name}: {p.name}"
 
 
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="no class text signature on 3.9 (abi3)")
 def test_real_defaults() -> None:
     naive = inspect.signature(NaiveChecker).parameters
     assert naive["l1_table"].default == ()
@@ -47,7 +54,7 @@ def test_real_defaults() -> None:
 
 def test_help_shows_docs() -> None:
     text = pydoc_text(MetadataMap)
-    assert "rounded out to whole clusters" in text
+    assert "rounds a range out to whole clusters" in text
     assert "check(self, /, offset, size, ignore=0)" in text
 
 

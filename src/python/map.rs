@@ -253,11 +253,14 @@ fn opt_pair(name: &str, value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<(u6
 
 /// QEMU's scanning overlap check: the reference the metadata map is tested and measured against.
 ///
-/// It holds what QEMU keeps in memory (the active L1 and refcount tables as lists of raw
-/// entries, snapshots as (l1_table_offset, l1_size) pairs, bitmap tables as (offset, entries)
-/// pairs, the bitmap directory and encryption header as (offset, bytes) pairs) and scans all of
-/// it on every check. With INACTIVE_L2 enabled every check reads each snapshot's L1 table from
-/// image (bytes) or image_path (a file), as QEMU does.
+/// cluster_size is the image's cluster size and enabled the types to check. The rest is what
+/// QEMU keeps in memory, in its units: l1_table_offset and l1_table (the raw active L1
+/// entries), refcount_table_offset and refcount_table (raw entries), snapshots_offset and
+/// snapshots_size (the snapshot table), snapshots as (l1_table_offset, l1_size) pairs,
+/// bitmap_tables as (offset, entries) pairs, bitmap_directory and crypto_header as
+/// (offset, bytes) pairs. All of it is scanned on every check. With INACTIVE_L2 enabled every
+/// check also reads each snapshot's L1 table from image (bytes) or image_path (a file), as QEMU
+/// does.
 #[pyclass(name = "NaiveChecker", module = "qcow2ovl._core")]
 pub(crate) struct PyNaiveChecker {
     inner: NaiveChecker<DynReader>,
