@@ -39,7 +39,10 @@ def dataclass(*, frozen: bool, repr: bool = True) -> Callable[[_T], _T]:  # noqa
             names += [n for n in getattr(base, "__record_fields__", ()) if n not in names]
         names += [n for n in cls.__dict__.get("__annotations__", {}) if n not in names]
         fields = tuple(names)
-        defaults = {n: cls.__dict__[n] for n in fields if n in cls.__dict__}
+        defaults: dict[str, object] = {}
+        for base in reversed(cls.__mro__[1:]):
+            defaults.update(getattr(base, "__record_defaults__", {}))
+        defaults.update({n: cls.__dict__[n] for n in fields if n in cls.__dict__})
         post_init = getattr(cls, "__post_init__", None)
         cls_name = cls.__qualname__
 
@@ -98,6 +101,7 @@ def dataclass(*, frozen: bool, repr: bool = True) -> Callable[[_T], _T]:  # noqa
             method.__qualname__ = f"{cls_name}.{name}"
             setattr(cls, name, method)
         cls.__record_fields__ = fields  # type: ignore[attr-defined]
+        cls.__record_defaults__ = defaults  # type: ignore[attr-defined]
         setattr(cls, "__match_args__", fields)  # noqa: B010 - mypy refuses the plain assignment
         return cls
 
