@@ -2,7 +2,8 @@
 
 It shares no code with qcow2ovl. It reads an image's bytes with `struct` (big-endian) and computes:
 
-- the expected `metadata_extents()` list (DESIGN.md §2), in the same format: sorted
+- the expected `metadata_extents()` list (docs/design/architecture.md, "Metadata types"), in
+  the same format: sorted
   `(host offset, length, types)` tuples, every extent whole clusters, per-cluster types OR-ed,
   adjacent clusters with equal types merged;
 - header facts (the fields `Image.info` reports), the snapshot list and the bitmap list;
@@ -32,7 +33,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# MetadataType bits (DESIGN.md §2); kept as plain ints so the oracle never imports qcow2ovl.
+# MetadataType bits (docs/design/architecture.md, "Metadata types"); kept as plain ints so the
+# oracle never imports qcow2ovl.
 MAIN_HEADER = 0x1
 ACTIVE_L1 = 0x2
 ACTIVE_L2 = 0x4
@@ -59,7 +61,7 @@ TYPE_NAMES: dict[int, str] = {
     BITMAP_TABLE: "BITMAP_TABLE",
 }
 
-# Overlap-check templates (DESIGN.md §2: cumulative).
+# Overlap-check templates (docs/design/architecture.md, "Metadata types": cumulative).
 TEMPLATE_NONE = 0
 TEMPLATE_CONSTANT = (
     MAIN_HEADER | ACTIVE_L1 | REFCOUNT_TABLE | SNAPSHOT_TABLE | BITMAP_DIRECTORY | CRYPTO_HEADER
@@ -636,7 +638,8 @@ def expected_extents(path: str | Path, template: str = "all") -> list[Extent]:
 def info_from_qemu(info: dict[str, object]) -> dict[str, object]:
     """`qemu-img info --output=json` translated to the contract's `Image.info` field names.
 
-    QEMU calls deflate "zlib"; compat "0.10" is version 2 and "1.1" version 3.
+    Compression types keep QEMU's names (``zlib``, ``zstd``); compat "0.10" is version 2 and "1.1"
+    version 3.
     """
     fmt = info.get("format-specific")
     data: dict[str, object] = {}

@@ -35,7 +35,7 @@ import qemu_images as qi
 # QEMU is the oracle: these tests need qemu-img and qemu-io and fail without them (.ci/run
 # installs qemu-utils).
 
-# Header field offsets (DESIGN.md §8).
+# Header field offsets (docs/design/architecture.md, "On-disk facts").
 BACKING_FILE_OFFSET = 8
 BACKING_FILE_SIZE = 16
 CLUSTER_BITS = 20
@@ -547,7 +547,8 @@ def test_qemu_opens_corrupt_image_read_only_only(base_copy: Callable[[str], Path
 
 
 def test_open_corrupt_image_writable_refused(base_copy: Callable[[str], Path]) -> None:
-    """DESIGN.md §7: a corrupt image opens read-only but not read/write."""
+    """A corrupt image opens read-only but not read/write ("Corrupt images" in
+    docs/design/architecture.md)."""
     path = base_copy("plain")
     qi.poke(path, INCOMPATIBLE, ">Q", 1 << 1)
     before = qi.sha256_file(path)

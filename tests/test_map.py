@@ -14,7 +14,8 @@ MAX_HOST = 1 << 56
 
 
 class ClusterModel:
-    """The specification of DESIGN.md §3, written as plainly as possible."""
+    """The specification of the check ("The check" in docs/design/architecture.md), written as
+    plainly as possible."""
 
     def __init__(self, cluster_size: int, enabled: int) -> None:
         self.cs = cluster_size

@@ -1,16 +1,20 @@
-"""The overlap-check option (DESIGN.md §6), against QEMU's rules and iotest 137."""
+"""The overlap-check option, against QEMU's rules and iotest 137.
+
+The rules are summed up in docs/design/architecture.md ("The overlap-check option").
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import qcow2ovl
 from hypothesis import given
 from hypothesis import strategies as st
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import MetadataType
 
-# Written out by hand from DESIGN.md §2, independently of qcow2ovl.types:
+# Written out by hand from docs/design/architecture.md, independently of qcow2ovl.types:
 # option key -> (bit, smallest template containing it).
 KEYS = {
     "main-header": (0x001, "constant"),
@@ -481,3 +485,31 @@ def test_mask_round_trip_property(mask):
     # Canonical: the string lists exactly the bits that differ from the template.
     differing = mask ^ TEMPLATE_MASK[check.template]
     assert str(check).count(",") == bin(differing).count("1")
+
+
+# --- map_memory_limit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [-1, 2**64, 2**200, 8])
+def test_map_memory_limit_errors_name_the_option(tmp_path, value) -> None:
+    path = tmp_path / "i.qcow2"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError) as info:
+        qcow2ovl.open(path, map_memory_limit=value)
+    assert type(info.value) is ValueError
+    assert "map_memory_limit" in str(info.value)
+    assert "total_size_limit" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["1M", 1.5, True])
+def test_map_memory_limit_type_errors(tmp_path, value) -> None:
+    with pytest.raises(TypeError, match="map_memory_limit"):
+        qcow2ovl.open(tmp_path / "i.qcow2", map_memory_limit=value)
+
+
+def test_map_memory_limit_accepts_none_and_ints() -> None:
+    from qcow2ovl.options import map_memory_limit
+
+    assert map_memory_limit(None) is None
+    assert map_memory_limit(1 << 20) == 1 << 20
+    assert map_memory_limit(MetadataType.ALL) == 0x7FF

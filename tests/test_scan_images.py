@@ -11,7 +11,8 @@ metadata preallocation; a dirty lazy-refcounts image):
 - `info` equals `qemu-img info`; `snapshots` and `bitmaps` equal `qemu-img info` and the oracle;
 - `check_overlap` gives each extent's types, 0 on QEMU's data clusters, and the naive answer on
   a deterministic sample of random ranges;
-- `overlap_check="cached"`/`"constant"`/`"none"` restrict the extents as DESIGN.md §2 says;
+- `overlap_check="cached"`/`"constant"`/`"none"` restrict the extents as
+  docs/design/architecture.md says;
 - opening and closing leaves the file byte-for-byte unchanged and `qemu-img check` as it was.
 """
 

@@ -1,4 +1,7 @@
-"""MetadataType: bits, option keys, QEMU message names and templates (DESIGN.md §2)."""
+"""MetadataType: bits, option keys, QEMU message names and templates.
+
+The reference table is "Metadata types" in docs/design/architecture.md.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from qcow2ovl.types import (
     unsupported_template,
 )
 
-# Written out by hand from DESIGN.md §2, independently of the module's own table:
+# Written out by hand from docs/design/architecture.md, independently of the module's own table:
 # (member name, bit, option key, message name, smallest template containing it).
 DESIGN_TABLE = [
     ("MAIN_HEADER", 0x001, "main-header", "qcow2_header", "constant"),

@@ -1,32 +1,33 @@
 """Type stubs for the Rust extension module ``qcow2ovl._core``."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Buffer, Iterable, Iterator, Sequence
 from os import PathLike
-from typing import overload
-
-from typing_extensions import Buffer as WriteableBuffer
+from typing import final, overload
 
 from qcow2ovl.types import MetadataType
 
+__all__ = ["Image", "MetadataMap", "NaiveChecker", "__version__", "open_image"]
+
 __version__: str
 
+@final
 class MetadataMap:
-    """Which host clusters hold which qcow2 metadata; constant-time overlap checks.
+    """Which host clusters of a qcow2 image hold which metadata; constant-time overlap checks.
 
     ``check`` rounds the range out to whole clusters and returns the OR of every enabled type in
     them (plus ``MAIN_HEADER`` for a range starting in cluster 0). ``enter`` ignores an unaligned
     offset; ``remove`` rounds an unaligned range out. Under ``total_size_limit`` the map never
     under-reports: ranges it could not hold make ``check`` return every enabled type and
-    ``is_exact`` return False.
+    ``is_exact`` return False. Every int argument out of range is a ``ValueError``.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         cluster_size: int,
         *,
-        enabled: int = ...,
+        enabled: int = 2047,
         total_size_limit: int | None = None,
-    ) -> None: ...
+    ) -> MetadataMap: ...
     @property
     def cluster_size(self) -> int: ...
     @property
@@ -42,31 +43,32 @@ class MetadataMap:
     def memory_usage(self) -> int: ...
     def __len__(self) -> int: ...
 
+@final
 class NaiveChecker:
     """QEMU's scanning overlap check over in-memory tables; the reference oracle.
 
-    In ``all`` mode every check reads each snapshot's L1 table from ``image`` (bytes) or
-    ``image_path`` (a file), as QEMU does.
+    With ``INACTIVE_L2`` enabled every check reads each snapshot's L1 table from ``image``
+    (bytes) or ``image_path`` (a file), as QEMU does.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         cluster_size: int,
         *,
-        enabled: int = ...,
+        enabled: int = 2047,
         l1_table_offset: int = 0,
-        l1_table: list[int] = ...,
+        l1_table: Iterable[int] = (),
         refcount_table_offset: int = 0,
-        refcount_table: list[int] = ...,
+        refcount_table: Iterable[int] = (),
         snapshots_offset: int = 0,
         snapshots_size: int = 0,
-        snapshots: list[tuple[int, int]] = ...,
+        snapshots: Iterable[tuple[int, int]] = (),
         bitmap_directory: tuple[int, int] | None = None,
-        bitmap_tables: list[tuple[int, int]] = ...,
+        bitmap_tables: Iterable[tuple[int, int]] = (),
         crypto_header: tuple[int, int] | None = None,
         image: bytes | None = None,
         image_path: str | PathLike[str] | None = None,
-    ) -> None: ...
+    ) -> NaiveChecker: ...
     def check(self, offset: int, size: int, ignore: int = 0) -> MetadataType: ...
 
 class ExtentList(Sequence[tuple[int, int, MetadataType]]):
@@ -80,6 +82,7 @@ class ExtentList(Sequence[tuple[int, int, MetadataType]]):
     def __iter__(self) -> Iterator[tuple[int, int, MetadataType]]: ...
     def __eq__(self, other: object) -> bool: ...
 
+@final
 class Image:
     """An open image (wrapped by ``qcow2ovl.Image``)."""
 
@@ -101,7 +104,7 @@ class Image:
     def enabled(self) -> MetadataType: ...
     def problems(self) -> tuple[list[tuple[str, int, int, str]], int]: ...
     def read(self, offset: int, length: int) -> bytes: ...
-    def readinto(self, offset: int, buffer: WriteableBuffer) -> int: ...
+    def readinto(self, offset: int, buffer: Buffer) -> int: ...
     def guest_map(
         self,
     ) -> list[tuple[int, int, int, bool, bool, bool, bool, int | None]]: ...

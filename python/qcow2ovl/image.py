@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Union
 
-from qcow2ovl import _core
-from qcow2ovl.options import OverlapCheck, OverlapCheckSpec
+from qcow2ovl import _core, options
+from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import MetadataType
 
+# Startup time: datetime, dataclasses, typing and collections.abc are for type checkers only
+# (the records come from _records at run time; Snapshot.date imports datetime when called).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Buffer
+    import datetime as _dt
+    from collections.abc import Buffer, Mapping, Sequence
+    from dataclasses import dataclass
+    from types import TracebackType
+    from typing import Any, Union
 
-PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+    from qcow2ovl.options import OverlapCheckSpec
+
+    PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
+else:
+    from qcow2ovl._records import dataclass
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class Snapshot:
     @property
     def date(self) -> _dt.datetime:
         """Creation time (UTC)."""
+        import datetime as _dt
+
         return _dt.datetime.fromtimestamp(self.date_sec + self.date_nsec / 1e9, tz=_dt.timezone.utc)
 
 
@@ -227,7 +235,10 @@ class Image:
         self.path = path
         self.overlap_check = overlap_check
         info = dict(core.info())
-        info["features"] = tuple(info["features"])
+        features: Any = info["features"]
+        info["features"] = tuple(features)
+        if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
+            info["compression_type"] = "zlib"
         self.info: ImageInfo = _build(ImageInfo, info)
         self.snapshots: list[Snapshot] = [_build(Snapshot, s) for s in core.snapshots()]
         self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]
@@ -362,11 +373,12 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     name = os.fsdecode(fspath)
     if "\0" in name:
         raise ValueError("embedded null byte in path")
+    limit = options.map_memory_limit(map_memory_limit)
     core = _core.open_image(
         name,
         writable=writable,
         enabled=int(check.mask),
-        map_memory_limit=map_memory_limit,
+        map_memory_limit=limit,
         cache_size=cache_size,
     )
     return Image(core, name, check)

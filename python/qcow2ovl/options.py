@@ -28,10 +28,6 @@ options, then an unsupported template name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Union
-
 from qcow2ovl.types import (
     DEFAULT_TEMPLATE,
     SINGLE_TYPES,
@@ -40,6 +36,31 @@ from qcow2ovl.types import (
     template,
     unsupported_template,
 )
+
+# Startup time: neither typing nor collections.abc (nor dataclasses) is imported at run time;
+# type checkers see them here, and the code imports Mapping where it needs it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from dataclasses import dataclass
+    from typing import Any, Union
+
+    #: Anything :meth:`OverlapCheck.parse` accepts.
+    OverlapCheckSpec = Union["OverlapCheck", MetadataType, int, str, Mapping[str, object], None]
+else:
+    from qcow2ovl._records import dataclass
+
+    def __getattr__(name: str) -> object:
+        """``OverlapCheckSpec``, built with :mod:`typing` only when asked for at run time."""
+        if name == "OverlapCheckSpec":
+            from collections.abc import Mapping
+            from typing import Union
+
+            spec = Union["OverlapCheck", MetadataType, int, str, Mapping[str, object], None]
+            globals()[name] = spec
+            return spec
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The option holding the template (QEMU's ``QCOW2_OPT_OVERLAP``).
 OPTION = "overlap-check"
@@ -57,9 +78,6 @@ _KEYS: dict[str, MetadataType] = {member.key: member for member in SINGLE_TYPES}
 _ALLOWED_OPTIONS: tuple[str, ...] = (OPTION, PREFIX + TEMPLATE_KEY) + tuple(
     PREFIX + key for key in _KEYS
 )
-
-#: Anything :meth:`OverlapCheck.parse` accepts.
-OverlapCheckSpec = Union["OverlapCheck", MetadataType, int, str, Mapping[str, object], None]
 
 
 def _parse_bool(name: str, value: object) -> bool:
@@ -91,6 +109,8 @@ def _split_options(spec: str) -> dict[str, str]:
 
 def _flatten(options: Mapping[str, object]) -> list[tuple[str, object]]:
     """Expand a nested ``{"overlap-check": {...}}`` into flat ``overlap-check.<key>`` items."""
+    from collections.abc import Mapping
+
     items: list[tuple[str, object]] = []
     for key, value in options.items():
         if not isinstance(key, str):
@@ -185,6 +205,8 @@ class OverlapCheck:
             if "=" not in spec:
                 return cls(template(spec), spec)
             return cls._from_options(_split_options(spec))
+        from collections.abc import Mapping
+
         if isinstance(spec, Mapping):
             return cls._from_options(spec)
         raise TypeError(f"Unsupported overlap-check specification of type {type(spec).__name__}")
@@ -199,7 +221,9 @@ class OverlapCheck:
         if isinstance(mask, bool) or not isinstance(mask, int):
             raise TypeError(f"overlap-check mask must be an int or MetadataType, not {mask!r}")
         name = min(TEMPLATES, key=lambda t: bin(int(mask) ^ int(TEMPLATES[t])).count("1"))
-        return cls(mask, name)  # __post_init__ validates the mask
+        # __post_init__ validates the mask and makes it a MetadataType.
+        unchecked: Any = mask
+        return cls(unchecked, name)
 
     @classmethod
     def _from_options(cls, options: Mapping[str, object]) -> OverlapCheck:
@@ -252,4 +276,27 @@ class OverlapCheck:
         return ",".join(f"{key}={value}" for key, value in self.to_options().items())
 
 
-__all__ = ["OPTION", "OverlapCheck", "OverlapCheckSpec"]
+def map_memory_limit(value: object, name: str = "map_memory_limit") -> int | None:
+    """Validate the ``map_memory_limit`` option of :func:`qcow2ovl.open` (bytes, or ``None``).
+
+    Errors name the option as the caller wrote it: ``TypeError`` for a non-int, ``ValueError``
+    for a negative value, one beyond 2**64 - 1, or one below what the smallest metadata map
+    needs.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int (bytes) or None, not {type(value).__name__}")
+    limit = int(value.__index__())
+    if not 0 <= limit < 1 << 64:
+        raise ValueError(f"{name} must be between 0 and 2**64 - 1 bytes, not {limit}")
+    from qcow2ovl._core import MetadataMap
+
+    try:  # the smallest map there is: the same lower bound every image's map has
+        MetadataMap(512, enabled=0, total_size_limit=limit)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("total_size_limit", name, 1)) from None
+    return limit
+
+
+__all__ = ["OPTION", "OverlapCheck", "OverlapCheckSpec", "map_memory_limit"]

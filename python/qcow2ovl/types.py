@@ -1,4 +1,6 @@
-"""Metadata types of a qcow2 image, as bits of :class:`MetadataType` (DESIGN.md §2).
+"""Metadata types of a qcow2 image, as bits of :class:`MetadataType`.
+
+The table of types, keys, names and templates is in ``docs/design/architecture.md``.
 
 Every fact about a type lives in exactly one place:
 
@@ -18,7 +20,6 @@ types. On Python 3.9/3.10 class iteration also yields the four templates; portab
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
 
 
 class MetadataType(enum.IntFlag):
@@ -89,7 +90,9 @@ class MetadataType(enum.IntFlag):
 
     @property
     def min_template(self) -> str:
-        """Name of the smallest template that contains every set bit (DESIGN.md §2's column).
+        """Name of the smallest template that contains every set bit.
+
+        (The last column of the table of types in ``docs/design/architecture.md``.)
 
         ``"none"`` for 0; raises ``ValueError`` if a bit outside :attr:`ALL` is set.
         """
@@ -111,15 +114,22 @@ class MetadataType(enum.IntFlag):
         return [_INFO[int(member)].member_name for member in self.bits()]
 
 
-class _TypeInfo(NamedTuple):
-    """What the outside world calls one metadata type."""
+class _TypeInfo:
+    """What the outside world calls one metadata type.
 
-    #: Python member name, e.g. ``"ACTIVE_L1"``.
-    member_name: str
-    #: option key, used as ``overlap-check.<key>``.
-    key: str
-    #: QEMU's name in ``Preventing invalid write on metadata (overlaps with <name>)``.
-    message_name: str
+    (A plain class rather than a ``NamedTuple``: importing :mod:`typing` would cost several
+    milliseconds of every ``import qcow2ovl``.)
+    """
+
+    __slots__ = ("key", "member_name", "message_name")
+
+    def __init__(self, member_name: str, key: str, message_name: str) -> None:
+        #: Python member name, e.g. ``"ACTIVE_L1"``.
+        self.member_name = member_name
+        #: option key, used as ``overlap-check.<key>``.
+        self.key = key
+        #: QEMU's name in ``Preventing invalid write on metadata (overlaps with <name>)``.
+        self.message_name = message_name
 
 
 # The one table of keys and names, in bit order.

@@ -36,13 +36,17 @@ Usage::
 The same images can be made without hypothesis from a seed (:func:`random_image`,
 :func:`random_corruption`), for reproducers and quick loops.
 
-Only this module imports hypothesis (an optional dependency: ``pip install 'qcow2ovl[test]'``);
-``import qcow2ovl`` never does. See ``docs/testing.md``.
+Only this module imports hypothesis, an optional dependency (the ``test`` extra): install it with
+``pip install '.[test]'`` from a checkout of qcow2ovl, or ``pip install 'qcow2ovl[test]'`` from a
+package index that has qcow2ovl (or just ``pip install hypothesis``). ``import qcow2ovl`` never
+imports it. See ``docs/testing.md``.
 """
 
 from __future__ import annotations
 
-# Importing any submodule raises a helpful ImportError when hypothesis is missing (_common).
+# _common first: it raises an ImportError that says what to install when hypothesis is missing
+# (every other submodule imports hypothesis, and any of them is reached through this package).
+from qcow2ovl.testing import _common  # noqa: F401  (isort: keep first)
 from qcow2ovl.testing.corrupt import (
     corrupted_images,
     random_corruption,

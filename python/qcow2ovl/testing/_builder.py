@@ -493,9 +493,9 @@ class _Builder:
         if how in ("share", "copy") and sources:
             src = c.choice(sources)
             if how == "share":
-                incs = self.table_incs(src)
-                if self.fits(incs):
-                    self.apply(incs)
+                shared = self.table_incs(src)
+                if self.fits(shared):
+                    self.apply(shared)
                     return src
             if self.room():
                 t = _L2(self.alloc("L2 table", f"L2 table ({where}, L1 index {i})", 1, _NO_TYPE), i)
@@ -795,8 +795,10 @@ class _Builder:
                 img[pos : pos + len(entry)] = entry
                 pos += _align(len(entry), 8)
                 tpos = self.off(b.table)
-                for j, e in enumerate(b.entries):
-                    word = self.off(e) if isinstance(e, _Alloc) else e
+                for j, bitmap_entry in enumerate(b.entries):
+                    word = (
+                        self.off(bitmap_entry) if isinstance(bitmap_entry, _Alloc) else bitmap_entry
+                    )
                     struct.pack_into(">Q", img, tpos + 8 * j, word)
         # refcounts
         refcounts: dict[int, int] = {0: 1}
@@ -808,9 +810,9 @@ class _Builder:
                     refcounts[a.start + i] = r
         bits = 1 << self.refcount_order
         epb = cs * 8 // bits
-        for i, b in self.refblock_at.items():
-            struct.pack_into(">Q", img, self.off(self.reftable) + 8 * i, self.off(b))
-            base = self.off(b)
+        for i, block in self.refblock_at.items():
+            struct.pack_into(">Q", img, self.off(self.reftable) + 8 * i, self.off(block))
+            base = self.off(block)
             for cl in range(i * epb, (i + 1) * epb):
                 r = refcounts.get(cl, 0)
                 if not r:

@@ -10,7 +10,10 @@ try:
     from hypothesis import strategies as st
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "qcow2ovl.testing needs hypothesis; install it with: pip install 'qcow2ovl[test]'"
+        "qcow2ovl.testing needs hypothesis, which is not installed. Install it with "
+        "`pip install hypothesis`, or with qcow2ovl's test extra: `pip install '.[test]'` from a "
+        "checkout of qcow2ovl, `pip install 'qcow2ovl[test]'` from a package index.",
+        name=exc.name,
     ) from exc
 
 
@@ -18,7 +21,7 @@ from qcow2ovl.types import MetadataType
 
 T = TypeVar("T")
 
-# ---- on-disk constants (DESIGN.md §8) ---------------------------------------------------------
+# ---- on-disk constants (docs/design/architecture.md, "On-disk facts") ------------------------
 
 QCOW2_MAGIC = 0x514649FB
 EXT_END = 0x00000000

@@ -22,8 +22,9 @@ class Structure:
     ``kind`` is one of ``"header"``, ``"active L1 table"``, ``"L2 table"``, ``"refcount table"``,
     ``"refcount block"``, ``"snapshot table"``, ``"snapshot L1 table"``, ``"bitmap directory"``,
     ``"bitmap table"`` (metadata) or ``"guest data"``, ``"compressed data"``, ``"bitmap data"``.
-    ``length`` is the byte length of the extent (DESIGN.md §2: ``l1_size * 8`` for an L1 table, the
-    entries' span for the snapshot table, ...); ``clusters`` is how many clusters it occupies.
+    ``length`` is the byte length of the extent (see "Metadata types" in
+    docs/design/architecture.md: ``l1_size * 8`` for an L1 table, the entries' span for the
+    snapshot table, ...); ``clusters`` is how many clusters it occupies.
     ``types`` is every metadata type it carries (an L2 table shared by the active L1 table and
     a snapshot is ``ACTIVE_L2 | INACTIVE_L2``); 0 for data.
     """
