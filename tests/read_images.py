@@ -533,6 +533,26 @@ def _chain_compressed_base(d: Path) -> qi.BuiltImage:
     return qi.BuiltImage("chain_compressed_base", top, extra_files=[base.path])
 
 
+def _prealloc(kind: str, opts: dict[str, object]) -> qi.Builder:
+    """Preallocated images (metadata, falloc, full) with writes, zero writes and discards: data
+    clusters that were never written, and (metadata) holes qemu-img map reports as zero."""
+
+    def build(d: Path) -> qi.BuiltImage:
+        ref = qi.create(d / f"{kind}.qcow2", 8 * MiB, opts=opts)
+        (
+            Ops(d, 1501)
+            .data(100, 5000)
+            .data(5 * MiB - 3, 70000)
+            .zero(1 * MiB, 64 * KiB)
+            .discard(2 * MiB, 64 * KiB)
+            .zero(3 * MiB + 512, 100 * KiB, unmap=True)
+            .run(ref)
+        )
+        return qi.BuiltImage(kind, ref)
+
+    return build
+
+
 EXTRA_KINDS: dict[str, qi.Builder] = {
     "chain3_raw_base": _chain3_raw_base,
     "chain3_relative": _chain3_relative,
@@ -579,6 +599,14 @@ EXTRA_KINDS: dict[str, qi.Builder] = {
     "backing_larger_odd_end": _backing_larger_odd_end,
     "l2_edge": _l2_edge,
     "chain_compressed_base": _chain_compressed_base,
+    "prealloc_falloc": _prealloc("prealloc_falloc", {"preallocation": "falloc"}),
+    "prealloc_full": _prealloc("prealloc_full", {"preallocation": "full"}),
+    "prealloc_metadata_extl2": _prealloc(
+        "prealloc_metadata_extl2", {"preallocation": "metadata", "extended_l2": True}
+    ),
+    "prealloc_metadata_512": _prealloc(
+        "prealloc_metadata_512", {"preallocation": "metadata", "cluster_size": 512}
+    ),
 }
 
 
@@ -587,6 +615,22 @@ def build_read_image(kind: str, directory: qi.StrPath) -> qi.BuiltImage:
     d = Path(directory) / kind
     d.mkdir(parents=True, exist_ok=True)
     return EXTRA_KINDS[kind](d)
+
+
+def build_deep_chain(d: Path, depth: int) -> Path:
+    """`depth` qcow2 images each over the one before (relative names), each writing its own
+    512 bytes at a different place plus one common place. Returns the top."""
+    prev: str | None = None
+    for i in range(depth):
+        name = f"l{i:04d}.qcow2"
+        ref = qi.create(d / name, 4 * MiB, backing=prev)
+        qi.qemu_io(
+            ref,
+            f"write -P {i % 255 + 1:#x} {i * 4096 % (4 * MiB)} 512",
+            f"write -P {i % 251 + 1:#x} 1M 100",
+        )
+        prev = name
+    return d / str(prev)
 
 
 # ---- broken chains ------------------------------------------------------------------------------

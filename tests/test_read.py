@@ -30,6 +30,7 @@ import mmap
 import os
 import random
 import shutil
+import subprocess
 import threading
 import zlib
 from collections.abc import Iterator
@@ -649,6 +650,119 @@ def test_read_through_writable_open(registry: Registry, tmp_path: Path) -> None:
         for off in range(0, o.vsize, CHUNK):
             check_bytes(o, "read (writable open)", off, img.read(off, min(CHUNK, o.vsize - off)))
     assert qi.check_is_clean(qi.qemu_check(copy))
+
+
+def test_deep_chain(tmp_path: Path) -> None:
+    """64 qcow2 images stacked: reads go through every level (also from a Python thread, whose
+    stack may be smaller than the main thread's) and guest_map's depths go to 63."""
+    top = ri.build_deep_chain(tmp_path, 64)
+    raw = tmp_path / "top.raw"
+    qi.qemu_img("convert", "-f", "qcow2", "-O", "raw", top, raw)
+    want = raw.read_bytes()
+    with qcow2ovl.open(top) as img:
+        got: list[bytes] = []
+        th = threading.Thread(target=lambda: got.append(img.read(0, len(want))))
+        th.start()
+        th.join()
+        assert got and got[0] == want, "64-deep chain: read from a thread differs"
+        assert img.read(0, len(want)) == want
+        extents = img.guest_map()
+    ref = qi.ImageRef(top)
+    want_map = qi.qemu_map(ref)
+    got_map = [extent_dict(e) for e in extents]
+    assert got_map == want_map, describe_map_diff(got_map, want_map)
+    assert max(e["depth"] for e in want_map) == 63
+
+
+def test_close_while_reading(registry: Registry) -> None:
+    """Closing an image while threads read it: every read returns the right bytes or raises
+    ValueError (closed); nothing else happens."""
+    o = registry.get("convert_zstd_partial")
+    img = qcow2ovl.open(o.path)
+    started = threading.Barrier(5)
+    outcomes: list[tuple[int, int, Any]] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        rng = random.Random(seed_of(o.kind, f"close{t}"))
+        started.wait()
+        for _ in range(400):
+            off, n = random_ranges(o, rng, 1)[0]
+            try:
+                result: Any = img.read(off, n)
+            except BaseException as exc:  # ValueError expected once closed; others reported
+                result = exc
+            with lock:
+                outcomes.append((off, n, result))
+            if isinstance(result, BaseException):
+                return
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    started.wait()
+    while any(th.is_alive() for th in threads):
+        with lock:
+            if len(outcomes) >= 20:
+                break
+    img.close()
+    for th in threads:
+        th.join()
+    for off, _n, result in outcomes:
+        if isinstance(result, ValueError):
+            continue
+        assert not isinstance(result, BaseException), f"read raised {result!r} during close"
+        check_bytes(o, "read racing close", off, result)
+    assert img.closed
+
+
+def test_relative_data_file_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU opens an external data file by the name as stored: a relative name is relative to
+    the working directory (not the image's folder). Reads follow QEMU both ways."""
+    d = tmp_path / "img"
+    d.mkdir()
+    assert qi.QEMU_IMG is not None and qi.QEMU_IO is not None
+
+    def qemu(*args: str, cwd: Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode in ok, proc.stderr
+        return proc
+
+    qemu(
+        qi.QEMU_IMG,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=rel.data",
+        "rel.qcow2",
+        "8M",
+        cwd=d,
+    )
+    qemu(qi.QEMU_IO, "-f", "qcow2", "-c", "write -P 0x77 100 200000", "rel.qcow2", cwd=d)
+    qemu(qi.QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", "rel.qcow2", "rel.raw", cwd=d)
+    want = (d / "rel.raw").read_bytes()
+    # elsewhere, QEMU cannot find the data file, and neither may we
+    proc = qemu(
+        qi.QEMU_IMG,
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        str(d / "rel.qcow2"),
+        "x.raw",
+        cwd=tmp_path,
+        ok=(1,),
+    )
+    assert "rel.data" in proc.stderr
+    with pytest.raises(FileNotFoundError):
+        with qcow2ovl.open(d / "rel.qcow2") as img:
+            img.read(0, 4096)
+    monkeypatch.chdir(d)
+    with qcow2ovl.open("rel.qcow2") as img:
+        assert img.read(0, len(want)) == want
 
 
 # ---- broken chains ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Random qemu-io operation sequences, read back through qcow2ovl and judged by QEMU.
 
 Each example makes a fresh small image (variants: plain, over a backing file holding data,
-extended L2 with or without a backing file; cluster sizes from 512 B to 64 KiB), runs 5-20 random
-`write -P`, `write -z`, `write -z -u` and `discard` commands with one qemu-io process, and then
+extended L2 with or without a backing file, deflate / zstd compressed clusters written first;
+cluster sizes from 512 B to 64 KiB), runs 5-20 random `write -P`, `write -z`, `write -z -u` and
+`discard` commands with one qemu-io process, and then
 checks that the whole disk read by `Image.read`, random ranges read by `read` / `readinto`, and
 `guest_map()` equal `qemu-img convert -O raw` and `qemu-img map --output=json`.
 
@@ -52,11 +53,14 @@ class Setup:
     extended_l2: bool
     compat: str
     backing: str | None  # "qcow2", "raw" or None
+    compression: str | None = None  # compression_type, for the compressed variant
 
     def create(self, path: Path, backings: Backings) -> qi.ImageRef:
         opts: dict[str, object] = {"cluster_size": self.cluster_size, "compat": self.compat}
         if self.extended_l2:
             opts["extended_l2"] = True
+        if self.compression:
+            opts["compression_type"] = self.compression
         if self.backing == "qcow2":
             return qi.create(path, SIZE, opts=opts, backing=backings.qcow2)
         if self.backing == "raw":
@@ -85,6 +89,25 @@ SETUPS: dict[str, st.SearchStrategy[Setup]] = {
         extended_l2=st.just(True),
         compat=st.just("1.1"),
         backing=st.sampled_from([None, "qcow2", "raw"]),
+    ),
+    # compressed clusters first (`write -c` only goes to unallocated clusters), then the ops
+    "compressed": st.one_of(
+        st.builds(
+            Setup,
+            cluster_size=st.sampled_from([4096, 65536]),
+            extended_l2=st.just(False),
+            compat=st.just("1.1"),
+            backing=st.sampled_from([None, "qcow2", "raw"]),
+            compression=st.sampled_from(["zlib", "zstd"]),
+        ),
+        st.builds(
+            Setup,
+            cluster_size=st.sampled_from([16384, 65536]),  # extended L2 needs >= 16 KiB
+            extended_l2=st.just(True),
+            compat=st.just("1.1"),
+            backing=st.sampled_from([None, "qcow2", "raw"]),
+            compression=st.sampled_from(["zlib", "zstd"]),
+        ),
     ),
 }
 
@@ -121,6 +144,16 @@ def operations(draw: Any, cluster_size: int) -> list[str]:
         else:
             ops.append(f"discard {off} {length}")
     return ops
+
+
+@st.composite
+def compressed_writes(draw: Any, cluster_size: int) -> list[str]:
+    """`write -c` of 1-8 distinct whole clusters, each with its own pattern."""
+    clusters = draw(st.sets(st.integers(0, SIZE // cluster_size - 1), min_size=1, max_size=8))
+    return [
+        f"write -c -P {draw(st.integers(1, 255)):#x} {c * cluster_size} {cluster_size}"
+        for c in sorted(clusters)
+    ]
 
 
 def qemu_map_now(ref: qi.ImageRef, img: Any) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -185,7 +218,10 @@ def _test_for(variant: str) -> Any:
         backings: Backings,
         tmp_path_factory: pytest.TempPathFactory,
     ) -> None:
-        ops = data.draw(operations(setup.cluster_size), label="qemu-io commands")
+        ops = []
+        if setup.compression:
+            ops += data.draw(compressed_writes(setup.cluster_size), label="compressed writes")
+        ops += data.draw(operations(setup.cluster_size), label="qemu-io commands")
         check_example(tmp_path_factory.getbasetemp(), backings, setup, ops, data)
 
     test.__name__ = f"test_random_ops_{variant}"
@@ -195,3 +231,4 @@ def _test_for(variant: str) -> Any:
 test_random_ops_plain = _test_for("plain")
 test_random_ops_backing = _test_for("backing")
 test_random_ops_extended_l2 = _test_for("extended_l2")
+test_random_ops_compressed = _test_for("compressed")

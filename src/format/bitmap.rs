@@ -5,7 +5,7 @@
 //! at a bitmap table: `table_size` u64 entries, each naming one cluster of bitmap data.
 
 use super::be;
-use super::error::FormatError;
+use super::error::{fit, FormatError};
 use super::extension::MAX_BITMAP_DIRECTORY_SIZE;
 use super::limits::MAX_TABLE_END;
 use super::offsets::HostOffset;
@@ -61,12 +61,12 @@ pub struct BitmapDirectoryEntry {
 impl BitmapDirectoryEntry {
     /// The on-disk `name_size`.
     pub fn name_size(&self) -> u16 {
-        self.name.len() as u16
+        u16::try_from(self.name.len()).unwrap_or(u16::MAX)
     }
 
     /// The on-disk `extra_data_size`.
     pub fn extra_data_size(&self) -> u32 {
-        self.extra.len() as u32
+        u32::try_from(self.extra.len()).unwrap_or(u32::MAX)
     }
 
     /// Whether the in_use flag is set.
@@ -176,7 +176,12 @@ impl BitmapDirectoryEntry {
     }
 
     /// Appends the entry with zero padding to 8 bytes to `out` (which must be 8-aligned).
-    pub fn serialize_into(&self, out: &mut Vec<u8>) {
+    ///
+    /// Refuses a name longer than 1023 bytes (QEMU's limit) and extra data that does not fit
+    /// its field, instead of truncating lengths; `out` is unchanged on error.
+    pub fn serialize_into(&self, out: &mut Vec<u8>) -> Result<(), FormatError> {
+        fit("bitmap name", self.name.len(), 1023)?;
+        fit("bitmap extra data", self.extra.len(), u64::from(u32::MAX))?;
         out.extend_from_slice(&self.table_offset.to_be_bytes());
         out.extend_from_slice(&self.table_size.to_be_bytes());
         out.extend_from_slice(&self.flags.to_be_bytes());
@@ -187,6 +192,7 @@ impl BitmapDirectoryEntry {
         out.extend_from_slice(&self.extra);
         out.extend_from_slice(self.name.as_bytes());
         be::pad8(out);
+        Ok(())
     }
 }
 
@@ -260,12 +266,15 @@ pub fn parse_bitmap_directory(
 }
 
 /// Serializes directory entries; the result's length is the `dir_size` to record.
-pub fn serialize_bitmap_directory(entries: &[BitmapDirectoryEntry]) -> Vec<u8> {
+pub fn serialize_bitmap_directory(
+    entries: &[BitmapDirectoryEntry],
+) -> Result<Vec<u8>, FormatError> {
+    fit("bitmap directory entry count", entries.len(), 65535)?;
     let mut out = Vec::new();
     for e in entries {
-        e.serialize_into(&mut out);
+        e.serialize_into(&mut out)?;
     }
-    out
+    Ok(out)
 }
 
 /// A bitmap table entry: one cluster of bitmap data, or an all-zeros/all-ones marker.
@@ -350,7 +359,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let all = vec![bm("a"), bm("a-longer-name-that-spans"), bm("12345678")];
-        let bytes = serialize_bitmap_directory(&all);
+        let bytes = serialize_bitmap_directory(&all).unwrap();
         assert_eq!(bytes.len() % 8, 0);
         assert_eq!(
             bytes.len() as u64,
@@ -361,7 +370,7 @@ mod tests {
 
     #[test]
     fn count_and_tiling_errors() {
-        let bytes = serialize_bitmap_directory(&[bm("a"), bm("b")]);
+        let bytes = serialize_bitmap_directory(&[bm("a"), bm("b")]).unwrap();
         let e = parse_bitmap_directory(&bytes, 1, CS, DISK)
             .unwrap_err()
             .to_string();
@@ -390,7 +399,7 @@ mod tests {
         assert_eq!(e, "Requested bitmap directory size is zero");
         let mut x = bm("x");
         x.extra = vec![1, 2];
-        let bytes = serialize_bitmap_directory(&[x]);
+        let bytes = serialize_bitmap_directory(&[x]).unwrap();
         let err = parse_bitmap_directory(&bytes, 1, CS, DISK).unwrap_err();
         assert!(err.is_unsupported());
         assert!(err
@@ -460,6 +469,6 @@ mod tests {
         assert!(entries
             .iter()
             .all(|e| e.auto() && !e.in_use() && e.table_size == 1));
-        assert_eq!(serialize_bitmap_directory(&entries), bytes);
+        assert_eq!(serialize_bitmap_directory(&entries).unwrap(), bytes);
     }
 }

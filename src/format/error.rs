@@ -308,6 +308,18 @@ pub enum FormatError {
         names: String,
     },
 
+    /// A value given to a serializer does not fit its on-disk field (a snapshot name longer
+    /// than 65535 bytes, a backing file name longer than 1023 bytes, ...).
+    #[error("{field} is {len} bytes long; at most {max} fit")]
+    FieldTooLarge {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: u64,
+        /// The largest length the format allows.
+        max: u64,
+    },
+
     /// No refcount table: zero clusters or offset 0.
     #[error(
         "Image does not contain a reference count table: refcount_table_clusters is {clusters}, \
@@ -415,6 +427,15 @@ pub enum FormatError {
         /// Refcount width.
         bits: u32,
     },
+}
+
+/// Checks that `len` fits a field whose largest value is `max`; the error names `field`.
+pub fn fit(field: &'static str, len: usize, max: u64) -> Result<u64, FormatError> {
+    let len = len as u64;
+    if len > max {
+        return Err(FormatError::FieldTooLarge { field, len, max });
+    }
+    Ok(len)
 }
 
 /// A note for version 1, which is the older qcow format rather than a qcow2 version.

@@ -6,7 +6,7 @@
 //! rewrite preserves them, as the spec requires.
 
 use super::be;
-use super::error::FormatError;
+use super::error::{fit, FormatError};
 
 /// Magic of the end-of-extensions marker.
 pub const EXT_END: u32 = 0;
@@ -172,13 +172,16 @@ impl HeaderExtension {
         }
     }
 
-    /// Appends the extension (header, data, zero padding to 8) to `out`.
-    pub fn serialize_into(&self, out: &mut Vec<u8>) {
+    /// Appends the extension (header, data, zero padding to 8) to `out`. An extension that
+    /// cannot fit in the header cluster (2 MiB at most) is refused.
+    pub fn serialize_into(&self, out: &mut Vec<u8>) -> Result<(), FormatError> {
         let data = self.data();
+        let len = fit("header extension", data.len(), 2 << 20)? as u32;
         out.extend_from_slice(&self.magic().to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&data);
         be::pad8(out);
+        Ok(())
     }
 }
 
@@ -376,7 +379,7 @@ mod tests {
     fn area(exts: &[HeaderExtension]) -> Vec<u8> {
         let mut out = Vec::new();
         for e in exts {
-            e.serialize_into(&mut out);
+            e.serialize_into(&mut out).unwrap();
         }
         out.extend_from_slice(&[0; 8]);
         out

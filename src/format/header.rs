@@ -9,7 +9,7 @@
 use bitflags::bitflags;
 
 use super::be;
-use super::error::{FormatError, TableKind};
+use super::error::{fit, FormatError, TableKind};
 use super::extension::{
     find_feature_names, parse_extensions, BitmapsExtension, ExtensionContext, FeatureName,
     HeaderExtension, FEATURE_KIND_INCOMPATIBLE,
@@ -384,7 +384,25 @@ impl Header {
     /// the backing file). Extensions start at `header_length`; the name is written at
     /// `backing_file_offset` (capped at 2 MiB, the largest cluster). The result is as long as
     /// the last byte written; the rest of cluster 0 is zero on disk.
-    pub fn serialize(&self) -> Vec<u8> {
+    ///
+    /// Refuses, instead of writing a header QEMU could not read: a backing file name over 1023
+    /// bytes, an extension too large, or a header (with extensions and name) larger than the
+    /// cluster.
+    pub fn serialize(&self) -> Result<Vec<u8>, FormatError> {
+        for ext in &self.extensions {
+            ext.serialize_into(&mut Vec::new())?;
+        }
+        if let Some(name) = &self.backing_file {
+            fit("backing file name", name.len(), MAX_BACKING_FILE_NAME)?;
+        }
+        let out = self.serialize_unchecked();
+        fit("qcow2 header", out.len(), self.cluster_size().max(512))?;
+        Ok(out)
+    }
+
+    /// The header bytes exactly as the fields say, with no check (tests build malformed headers
+    /// with it).
+    pub(crate) fn serialize_unchecked(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(&self.magic.to_be_bytes());
         out.extend_from_slice(&self.version.to_be_bytes());
@@ -413,7 +431,8 @@ impl Header {
         // Extensions start exactly at header_length, whatever the tail held.
         out.resize(self.header_length as usize, 0);
         for ext in &self.extensions {
-            ext.serialize_into(&mut out);
+            // Checked by `serialize`; unchecked callers get what fits.
+            let _ = ext.serialize_into(&mut out);
         }
         out.extend_from_slice(&[0u8; 8]);
         if let Some(name) = &self.backing_file {
@@ -442,7 +461,7 @@ impl Header {
         match &self.backing_file {
             Some(name) => {
                 self.backing_file_offset = (self.header_length as usize + ext_bytes + 8) as u64;
-                self.backing_file_size = name.len() as u32;
+                self.backing_file_size = u32::try_from(name.len()).unwrap_or(u32::MAX);
             }
             None => {
                 self.backing_file_offset = 0;

@@ -34,7 +34,7 @@ fn base_v3() -> Header {
 
 /// Serializes `h` into a full 64 KiB cluster.
 fn cluster(h: &Header) -> Vec<u8> {
-    let mut b = h.serialize();
+    let mut b = h.serialize_unchecked();
     b.resize(65536, 0);
     b
 }
@@ -78,7 +78,7 @@ fn round_trip_hand_built() {
     let parsed = Header::parse(&cluster(&h)).unwrap();
     assert_eq!(parsed, h);
     assert_eq!(parsed.backing_format(), Some("raw"));
-    assert_eq!(parsed.serialize(), h.serialize());
+    assert_eq!(parsed.serialize().unwrap(), h.serialize().unwrap());
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn round_trip_v2_and_header_length_104() {
     h.header_tail.clear();
     let parsed = Header::parse(&cluster(&h)).unwrap();
     assert_eq!(parsed, h);
-    assert_eq!(h.serialize().len(), 80);
+    assert_eq!(h.serialize().unwrap().len(), 80);
 
     let mut h = base_v3();
     h.header_length = 104;
@@ -300,6 +300,24 @@ fn table_errors() {
 }
 
 #[test]
+fn serializer_refuses_what_does_not_fit() {
+    let mut h = base_v3();
+    h.backing_file = Some("y".repeat(1024));
+    h.fix_layout();
+    assert!(matches!(
+        h.serialize(),
+        Err(FormatError::FieldTooLarge {
+            field: "backing file name",
+            len: 1024,
+            max: 1023
+        })
+    ));
+    h.backing_file = Some("y".repeat(1023));
+    h.fix_layout();
+    assert!(h.serialize().is_ok());
+}
+
+#[test]
 fn backing_file_errors() {
     assert_starts(
         err_of(|h| {
@@ -368,7 +386,7 @@ fn parse_real(hex_bytes: &str) -> Header {
     let mut full = bytes.clone();
     full.resize(65536, 0);
     let h = Header::parse(&full).unwrap();
-    let out = h.serialize();
+    let out = h.serialize().unwrap();
     assert!(out.len() <= full.len());
     assert_eq!(
         out[..],

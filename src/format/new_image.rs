@@ -283,7 +283,7 @@ mod tests {
         h.l1_table_offset = 0x30000;
         h.refcount_table_offset = 0x10000;
         h.refcount_table_clusters = 1;
-        let parsed = Header::parse(&h.serialize()).unwrap();
+        let parsed = Header::parse(&h.serialize().unwrap()).unwrap();
         assert_eq!(parsed, h);
         assert_eq!(parsed.compression_type, 1);
         assert_eq!(parsed.feature_names().len(), 8);

@@ -6,7 +6,7 @@
 //! `icount` (8 bytes each, in that order); version 3 requires at least the first two.
 
 use super::be;
-use super::error::{FormatError, TableKind};
+use super::error::{fit, FormatError, TableKind};
 use super::limits::{
     validate_table, MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
     SNAPSHOT_HEADER_SIZE,
@@ -60,7 +60,7 @@ impl SnapshotEntry {
 
     /// The entry's `extra_data_size`.
     pub fn extra_data_size(&self) -> u32 {
-        (self.known_extra().count() * 8 + self.extra_unknown.len()) as u32
+        u32::try_from(self.known_extra().count() * 8 + self.extra_unknown.len()).unwrap_or(u32::MAX)
     }
 
     /// The effective VM state size: the 64-bit field when present, else the 32-bit one.
@@ -102,12 +102,29 @@ impl SnapshotEntry {
         )
     }
 
-    /// Appends the entry (8-aligned start assumed, no trailing padding) to `out`.
-    pub fn serialize_into(&self, out: &mut Vec<u8>) {
+    /// Appends the entry (8-aligned start assumed, no trailing padding) to `out`. Refuses an
+    /// id or name longer than 65535 bytes and more than 1024 bytes of extra data (QEMU's limit)
+    /// instead of truncating their lengths; `out` is unchanged on error.
+    pub fn serialize_into(&self, out: &mut Vec<u8>) -> Result<(), FormatError> {
+        let id_len = fit("snapshot id", self.id.len(), u64::from(u16::MAX))? as u16;
+        let name_len = fit("snapshot name", self.name.len(), u64::from(u16::MAX))? as u16;
+        let extra = self.known_extra().count() * 8 + self.extra_unknown.len();
+        fit(
+            "snapshot extra data",
+            extra,
+            u64::from(MAX_SNAPSHOT_EXTRA_DATA),
+        )?;
+        self.write_fields(out, id_len, name_len);
+        Ok(())
+    }
+
+    /// Appends the entry with the given length fields, unchecked (tests build malformed tables
+    /// with it).
+    pub(crate) fn write_fields(&self, out: &mut Vec<u8>, id_len: u16, name_len: u16) {
         out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
         out.extend_from_slice(&self.l1_size.to_be_bytes());
-        out.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
-        out.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&id_len.to_be_bytes());
+        out.extend_from_slice(&name_len.to_be_bytes());
         out.extend_from_slice(&self.date_sec.to_be_bytes());
         out.extend_from_slice(&self.date_nsec.to_be_bytes());
         out.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
@@ -207,14 +224,17 @@ pub fn parse_snapshot_table(
 }
 
 /// Serializes entries as a snapshot table (each entry 8-aligned). The result's length is the
-/// table size `parse_snapshot_table` reports for it.
-pub fn serialize_snapshot_table(entries: &[SnapshotEntry]) -> Vec<u8> {
+/// table size `parse_snapshot_table` reports for it. Refuses what QEMU could not open: more than
+/// 65536 entries, a table over 64 MiB, or an entry whose fields do not fit.
+pub fn serialize_snapshot_table(entries: &[SnapshotEntry]) -> Result<Vec<u8>, FormatError> {
+    fit("snapshot table entry count", entries.len(), MAX_SNAPSHOTS)?;
     let mut out = Vec::new();
     for e in entries {
         be::pad8(&mut out);
-        e.serialize_into(&mut out);
+        e.serialize_into(&mut out)?;
     }
-    out
+    fit("snapshot table", out.len(), MAX_SNAPSHOT_TABLE_BYTES)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -254,7 +274,7 @@ mod tests {
         d.icount = None;
         d.extra_unknown = vec![1, 2, 3];
         let all = vec![a, b, c, d];
-        let bytes = serialize_snapshot_table(&all);
+        let bytes = serialize_snapshot_table(&all).unwrap();
         let (parsed, len) = parse_snapshot_table(&bytes, 4, 3).unwrap();
         assert_eq!(parsed, all);
         assert_eq!(len, bytes.len() as u64);
@@ -267,7 +287,7 @@ mod tests {
     #[test]
     fn entries_start_8_aligned() {
         let all = vec![entry("1", "abc"), entry("2", "x")];
-        let bytes = serialize_snapshot_table(&all);
+        let bytes = serialize_snapshot_table(&all).unwrap();
         let first = all[0].unpadded_size();
         assert_eq!(first, 40 + 24 + 1 + 3);
         // Second entry starts at the next multiple of 8.
@@ -279,13 +299,26 @@ mod tests {
     fn errors() {
         let mut big = entry("1", "x");
         big.extra_unknown = vec![0; 1001];
-        let bytes = serialize_snapshot_table(&[entry("0", "ok"), big]);
+        // The serializer refuses this entry; write it unchecked to test the parser.
+        assert!(serialize_snapshot_table(std::slice::from_ref(&big)).is_err());
+        let long = entry("2", &"n".repeat(65536));
+        assert!(matches!(
+            serialize_snapshot_table(&[long]),
+            Err(FormatError::FieldTooLarge {
+                field: "snapshot name",
+                len: 65536,
+                max: 65535
+            })
+        ));
+        let mut bytes = serialize_snapshot_table(&[entry("0", "ok")]).unwrap();
+        be::pad8(&mut bytes);
+        big.write_fields(&mut bytes, 1, 1);
         let err = parse_snapshot_table(&bytes, 2, 3).unwrap_err();
         assert!(err
             .to_string()
             .starts_with("Too much extra metadata in snapshot table entry 1"));
 
-        let bytes = serialize_snapshot_table(&[entry("1", "x")]);
+        let bytes = serialize_snapshot_table(&[entry("1", "x")]).unwrap();
         let err = parse_snapshot_table(&bytes[..bytes.len() - 1], 1, 3).unwrap_err();
         assert!(matches!(err, FormatError::Truncated { .. }), "{err}");
         let err = parse_snapshot_table(&bytes, 2, 3).unwrap_err();
@@ -307,7 +340,7 @@ mod tests {
         e.extra_unknown = vec![0; 1000];
         e.name = "n".repeat(65535);
         e.id = "i".repeat(65535);
-        let one = serialize_snapshot_table(std::slice::from_ref(&e));
+        let one = serialize_snapshot_table(std::slice::from_ref(&e)).unwrap();
         let mut buf = Vec::new();
         for _ in 0..600 {
             be::pad8(&mut buf);
@@ -359,6 +392,6 @@ mod tests {
             assert!(e.icount.is_some());
             assert!(e.check_l1_table(65536).is_ok());
         }
-        assert_eq!(serialize_snapshot_table(&entries), bytes);
+        assert_eq!(serialize_snapshot_table(&entries).unwrap(), bytes);
     }
 }

@@ -419,7 +419,16 @@ pub fn plan(opts: &CreateOptions) -> Result<Plan, CreateError> {
         data_file: opts.data_file.clone(),
         data_file_raw: opts.data_file_raw,
     })?;
-    let header_len = header.serialize().len() as u64;
+    // A header larger than the cluster is refused by the serializer; QEMU words that case
+    // differently with and without a backing file, so it is told apart here.
+    let header_len = match header.serialize() {
+        Ok(bytes) => bytes.len() as u64,
+        Err(FormatError::FieldTooLarge {
+            field: "qcow2 header",
+            ..
+        }) => u64::MAX,
+        Err(e) => return Err(e.into()),
+    };
     if header_len > cs {
         return Err(if has_backing {
             backing_error("No space left on device")
@@ -698,7 +707,7 @@ pub fn write_image(
 
     // The header last: until it is written the file is not a qcow2 image at all.
     image
-        .write_at(0, &plan.header.serialize())
+        .write_at(0, &plan.header.serialize()?)
         .map_err(CreateError::io("could not write", path))?;
     image
         .flush()
