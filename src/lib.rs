@@ -1,10 +1,11 @@
 //! qcow2ovl: scan qcow2 images into a compact metadata map and answer metadata overlap
 //! queries in constant time.
 //!
-//! Layers (see `docs/design/` and the project's DESIGN.md): [`format`](mod@format) parses on-disk
+//! Layers (see `docs/design/architecture.md`): [`format`](mod@format) parses on-disk
 //! structures from bytes, [`storage`] does positioned I/O, [`overlap`] holds the metadata map
 //! and QEMU's naive reference checker, [`scan`] fills a map from an image, and `python` (behind
-//! the `python` feature) exposes all of it to Python.
+//! the `python` feature) exposes all of it to Python; [`image`] is the engine that reads guest
+//! data, and [`problem`] holds what a scan reports.
 
 #![deny(missing_docs)]
 

@@ -1,12 +1,23 @@
 """Type stubs for the Rust extension module ``qcow2ovl._core``."""
 
-from collections.abc import Buffer, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 from typing import final, overload
 
+from typing_extensions import Buffer
+
 from qcow2ovl.types import MetadataType
 
-__all__ = ["Image", "MetadataMap", "NaiveChecker", "__version__", "open_image"]
+__all__ = [
+    "ExtentIterator",
+    "ExtentList",
+    "Image",
+    "MetadataMap",
+    "NaiveChecker",
+    "__version__",
+    "create_image",
+    "open_image",
+]
 
 __version__: str
 
@@ -71,16 +82,24 @@ class NaiveChecker:
     ) -> NaiveChecker: ...
     def check(self, offset: int, size: int, ignore: int = 0) -> MetadataType: ...
 
+@final
 class ExtentList(Sequence[tuple[int, int, MetadataType]]):
     """Metadata extents held compactly in Rust; a read-only sequence of tuples."""
 
     def __len__(self) -> int: ...
     @overload
-    def __getitem__(self, index: int) -> tuple[int, int, MetadataType]: ...
+    def __getitem__(self, index: int, /) -> tuple[int, int, MetadataType]: ...
     @overload
-    def __getitem__(self, index: slice) -> list[tuple[int, int, MetadataType]]: ...
-    def __iter__(self) -> Iterator[tuple[int, int, MetadataType]]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __getitem__(self, index: slice, /) -> list[tuple[int, int, MetadataType]]: ...
+    def __iter__(self) -> ExtentIterator: ...
+    def __eq__(self, other: object, /) -> bool: ...
+
+@final
+class ExtentIterator(Iterator[tuple[int, int, MetadataType]]):
+    """Iterator over an :class:`ExtentList`."""
+
+    def __iter__(self) -> ExtentIterator: ...
+    def __next__(self) -> tuple[int, int, MetadataType]: ...
 
 @final
 class Image:
@@ -97,7 +116,7 @@ class Image:
     def info(self) -> dict[str, object]: ...
     def snapshots(self) -> list[dict[str, object]]: ...
     def bitmaps(self) -> list[dict[str, object]]: ...
-    def check_overlap(self, offset: int, size: int, ignore: int = 0) -> MetadataType: ...
+    def check_overlap(self, offset: int, size: int, ignore: int | None = None) -> MetadataType: ...
     def metadata_extents(self) -> ExtentList: ...
     def map_memory_usage(self) -> int: ...
     def unchecked_ranges(self) -> list[tuple[int, int]]: ...
@@ -115,7 +134,7 @@ def open_image(
     path: str | PathLike[str],
     *,
     writable: bool = False,
-    enabled: int = ...,
+    enabled: int | None = None,
     map_memory_limit: int | None = None,
     cache_size: int | None = None,
 ) -> Image: ...
@@ -123,9 +142,9 @@ def create_image(
     path: str | PathLike[str],
     size: int,
     *,
-    cluster_size: int = 65536,
+    cluster_size: int | None = None,
     version: int = 3,
-    refcount_bits: int = 16,
+    refcount_bits: int | None = None,
     extended_l2: bool = False,
     lazy_refcounts: bool = False,
     compression_type: str = "zlib",

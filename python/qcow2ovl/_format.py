@@ -12,6 +12,7 @@ import math
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
     from qcow2ovl.image import Image
@@ -177,7 +178,7 @@ def info_text(image: Image, d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def map_records(extents: list[tuple[int, int, MetadataType]]) -> list[dict[str, Any]]:
+def map_records(extents: Sequence[tuple[int, int, MetadataType]]) -> list[dict[str, Any]]:
     """The JSON form of ``qcow2ovl map``."""
     return [
         {"offset": off, "length": length, "types": int(types), "names": types.keys()}
@@ -185,7 +186,7 @@ def map_records(extents: list[tuple[int, int, MetadataType]]) -> list[dict[str, 
     ]
 
 
-def map_text(extents: list[tuple[int, int, MetadataType]]) -> str:
+def map_text(extents: Sequence[tuple[int, int, MetadataType]]) -> str:
     """The human form of ``qcow2ovl map``, aligned like ``qemu-img map``."""
     lines = [f"{'Offset':<16}{'Length':<16}Types"]
     lines += [f"{off:<#16x}{length:<#16x}{types_text(types)}" for off, length, types in extents]

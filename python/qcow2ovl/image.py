@@ -14,10 +14,12 @@ from qcow2ovl.types import MetadataType
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import datetime as _dt
-    from collections.abc import Buffer, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
     from dataclasses import dataclass
     from types import TracebackType
     from typing import Any, Union
+
+    from typing_extensions import Buffer
 
     from qcow2ovl.options import OverlapCheckSpec
 

@@ -91,7 +91,7 @@ impl Unchecked {
 
 /// The metadata map of one image.
 ///
-/// Semantics (DESIGN.md §3): only `enabled` types are tracked; [`check`](Self::check) rounds the
+/// Semantics (`docs/design/architecture.md`, the check): only `enabled` types are tracked; [`check`](Self::check) rounds the
 /// range out to whole clusters and returns the OR of every type present in them, plus
 /// `MAIN_HEADER` for any range that starts in cluster 0. [`enter`](Self::enter) ignores an
 /// unaligned offset (broken metadata is the scanner's to report); [`remove`](Self::remove) rounds

@@ -7,37 +7,6 @@ use pyo3::types::{PyInt, PyType};
 
 use crate::overlap::MetadataType;
 
-/// An offset, size or count from Python. Arguments are taken as `i128` so that a negative or too
-/// large int is a `ValueError` naming the argument (PyO3's `u64` conversion would raise
-/// `OverflowError`).
-pub(crate) fn u64_arg(name: &str, value: i128) -> PyResult<u64> {
-    u64::try_from(value).map_err(|_| {
-        PyValueError::new_err(format!(
-            "{name} must be between 0 and 2**64 - 1, not {value}"
-        ))
-    })
-}
-
-/// A byte range `(offset, size)` from Python, each checked by [`u64_arg`].
-pub(crate) fn range_args(offset: i128, size: i128) -> PyResult<(u64, u64)> {
-    Ok((u64_arg("offset", offset)?, u64_arg("size", size)?))
-}
-
-/// Type bits from a Python int (or `MetadataType`); unknown bits are a `ValueError`.
-pub(crate) fn types_from_py(bits: i128) -> PyResult<MetadataType> {
-    u16::try_from(bits)
-        .ok()
-        .and_then(MetadataType::from_bits)
-        .ok_or_else(|| {
-            let all = MetadataType::all().bits();
-            PyValueError::new_err(if bits < 0 {
-                format!("unknown metadata type bits {bits} (negative; valid bits are {all:#x})")
-            } else {
-                format!("unknown metadata type bits {bits:#x} (valid bits are {all:#x})")
-            })
-        })
-}
-
 /// A Python int of any size, as far as the bindings care: its value when it fits in an `i128`,
 /// else its decimal text (ints beyond ±2^127 are out of every range the bindings
 /// accept).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-use super::convert::u64_arg;
+use super::convert::u64_obj;
 use crate::image::create::{
     create_file, CompressionType, CreateError, CreateOptions, Preallocation,
 };
@@ -53,7 +53,7 @@ fn preallocation_arg(name: &str) -> PyResult<Preallocation> {
 /// Creates a qcow2 image at `path` (see `qcow2ovl.create`). Releases the GIL while writing.
 #[pyfunction]
 #[pyo3(signature = (
-    path, size, *, cluster_size = 65536, version = 3, refcount_bits = 16, extended_l2 = false,
+    path, size, *, cluster_size = None, version = 3, refcount_bits = None, extended_l2 = false,
     lazy_refcounts = false, compression_type = "zlib", backing_file = None, backing_format = None,
     data_file = None, data_file_raw = false, preallocation = "off", overwrite = false
 ))]
@@ -61,10 +61,10 @@ fn preallocation_arg(name: &str) -> PyResult<Preallocation> {
 pub(crate) fn create_image(
     py: Python<'_>,
     path: PathBuf,
-    size: i128,
-    cluster_size: i128,
+    size: &Bound<'_, PyAny>,
+    cluster_size: Option<&Bound<'_, PyAny>>,
     version: u32,
-    refcount_bits: i128,
+    refcount_bits: Option<&Bound<'_, PyAny>>,
     extended_l2: bool,
     lazy_refcounts: bool,
     compression_type: &str,
@@ -76,10 +76,10 @@ pub(crate) fn create_image(
     overwrite: bool,
 ) -> PyResult<()> {
     let opts = CreateOptions {
-        size: u64_arg("size", size)?,
-        cluster_size: u64_arg("cluster_size", cluster_size)?,
+        size: u64_obj("size", size)?,
+        cluster_size: cluster_size.map_or(Ok(65536), |v| u64_obj("cluster_size", v))?,
         version,
-        refcount_bits: u64_arg("refcount_bits", refcount_bits)?,
+        refcount_bits: refcount_bits.map_or(Ok(16), |v| u64_obj("refcount_bits", v))?,
         extended_l2,
         lazy_refcounts,
         compression: compression_arg(compression_type)?,

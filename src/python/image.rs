@@ -14,7 +14,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use super::convert::{range_args, types_from_py, types_to_py, u64_arg};
+use super::convert::{limit_obj, range_obj, types_obj, types_to_py, u64_obj};
 use super::errors::image_err;
 use super::extents::PyExtentList;
 use crate::format::features::{compression_name, feature_names};
@@ -40,22 +40,23 @@ impl PyImage {
 
 /// Opens an image (see `qcow2ovl.open`).
 #[pyfunction]
-#[pyo3(signature = (path, *, writable = false, enabled = 0x7ff, map_memory_limit = None, cache_size = None))]
+#[pyo3(signature = (path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None))]
 pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
     writable: bool,
-    enabled: i128,
-    map_memory_limit: Option<i128>,
-    cache_size: Option<i128>,
+    enabled: Option<&Bound<'_, PyAny>>,
+    map_memory_limit: Option<&Bound<'_, PyAny>>,
+    cache_size: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
         writable,
-        enabled: types_from_py(enabled)?,
-        map_limit: map_memory_limit
-            .map(|v| u64_arg("map_memory_limit", v).map(|v| v as usize))
-            .transpose()?,
-        cache_size: cache_size.map(|v| u64_arg("cache_size", v)).transpose()?,
+        enabled: match enabled {
+            Some(e) => types_obj("enabled", e)?,
+            None => crate::overlap::MetadataType::all(),
+        },
+        map_limit: limit_obj("map_memory_limit", map_memory_limit)?,
+        cache_size: limit_obj("cache_size", cache_size)?.map(|v| v as u64),
     };
     let image = py
         .detach(|| Image::open(&path, options))
@@ -139,16 +140,19 @@ impl PyImage {
             .collect()
     }
 
-    #[pyo3(signature = (offset, size, ignore = 0))]
+    #[pyo3(signature = (offset, size, ignore = None))]
     fn check_overlap<'py>(
         &self,
         py: Python<'py>,
-        offset: i128,
-        size: i128,
-        ignore: i128,
+        offset: &Bound<'py, PyAny>,
+        size: &Bound<'py, PyAny>,
+        ignore: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let (offset, size) = range_args(offset, size)?;
-        let ignore = types_from_py(ignore)?;
+        let (offset, size) = range_obj(offset, size)?;
+        let ignore = match ignore {
+            Some(i) => types_obj("ignore", i)?,
+            None => crate::overlap::MetadataType::empty(),
+        };
         let img = self.image()?;
         let t = py
             .detach(|| img.check_overlap(HostOffset(offset), size, ignore))
@@ -189,10 +193,10 @@ impl PyImage {
     fn read<'py>(
         &self,
         py: Python<'py>,
-        offset: i128,
-        length: i128,
+        offset: &Bound<'py, PyAny>,
+        length: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (offset, length) = range_args(offset, length)?;
+        let (offset, length) = (u64_obj("offset", offset)?, u64_obj("length", length)?);
         let img = self.image()?;
         img.check_range("read", offset, length).map_err(image_err)?;
         let len = usize::try_from(length)
@@ -207,8 +211,13 @@ impl PyImage {
 
     /// Fills `buffer` (any writable, C-contiguous buffer) with guest bytes from `offset`;
     /// returns the number of bytes read (its length).
-    fn readinto(&self, py: Python<'_>, offset: i128, buffer: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let offset = u64_arg("offset", offset)?;
+    fn readinto(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        buffer: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let offset = u64_obj("offset", offset)?;
         let img = self.image()?;
         readinto_buffer(py, &img, offset, buffer)
     }
@@ -240,8 +249,8 @@ impl PyImage {
     }
 
     /// Host offset of guest byte `offset` where this image stores it as plain data.
-    fn host_offset(&self, py: Python<'_>, offset: i128) -> PyResult<Option<u64>> {
-        let offset = u64_arg("offset", offset)?;
+    fn host_offset(&self, py: Python<'_>, offset: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        let offset = u64_obj("offset", offset)?;
         let img = self.image()?;
         let host = py
             .detach(|| img.host_offset(GuestOffset(offset)))

@@ -19,6 +19,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<map::PyNaiveChecker>()?;
     m.add_class::<image::PyImage>()?;
     m.add_class::<extents::PyExtentList>()?;
+    m.add_class::<extents::PyExtentIter>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     Ok(())
