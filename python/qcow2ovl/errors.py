@@ -28,10 +28,21 @@ class CorruptImageError(Qcow2Error, PermissionError):
 
 
 class MetadataOverlapError(Qcow2Error, OSError):
-    """A write would have overwritten qcow2 metadata; nothing was written (errno ``EIO``)."""
+    """A write would have overwritten qcow2 metadata; nothing was written (errno ``EIO``).
 
-    def __init__(self, message: str) -> None:
+    ``types`` holds the metadata types it would have hit (a ``MetadataType`` value), ``offset``
+    and ``size`` the refused host range. The image was marked corrupt, and the handle refuses
+    every later write.
+    """
+
+    def __init__(self, message: str, types: int = 0, offset: int = 0, size: int = 0) -> None:
         super().__init__(errno.EIO, message)
+        self.types = types
+        self.offset = offset
+        self.size = size
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 __all__ = [

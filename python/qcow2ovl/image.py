@@ -17,13 +17,16 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from dataclasses import dataclass
     from types import TracebackType
-    from typing import Any, Union
+    from collections.abc import Callable
+    from typing import Any, TypeVar, Union
 
     from typing_extensions import Buffer
 
     from qcow2ovl.options import OverlapCheckSpec
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
+    CorruptionCallback = Callable[[str, int, int, bool], object]
+    _T = TypeVar("_T")
 else:
     from qcow2ovl._records import dataclass
 
@@ -169,11 +172,13 @@ class GuestExtent:
 
 
 class GuestStream(io.RawIOBase):
-    """The guest disk of an :class:`Image` as a readable, seekable binary stream.
+    """The guest disk of an :class:`Image` as a seekable binary stream, writable when the
+    image is.
 
     Hand it to anything that reads files: ``shutil.copyfileobj``, ``tarfile``, a filesystem
-    parser. Reads past the end of the disk return ``b""``. Closing the stream leaves the image
-    open. Use ``io.BufferedReader(stream)`` for many small reads.
+    parser. Reads past the end of the disk return ``b""``; writes past it raise ``ValueError``
+    (resize the image first). Closing the stream leaves the image open. Use
+    ``io.BufferedReader(stream)`` for many small reads.
     """
 
     def __init__(self, image: Image) -> None:
@@ -185,8 +190,19 @@ class GuestStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def writable(self) -> bool:
+        return self._image.writable
+
     def seekable(self) -> bool:
         return True
+
+    def write(self, data: Buffer) -> int:
+        self._check_open()
+        if not self._image.writable:
+            raise io.UnsupportedOperation("the image is open read-only")
+        n = self._image.write(self._pos, data)
+        self._pos += n
+        return n
 
     def tell(self) -> int:
         self._check_open()
@@ -232,10 +248,18 @@ class Image:
     Use :func:`open`; close with :meth:`close` or a ``with`` block.
     """
 
-    def __init__(self, core: _core.Image, path: str, overlap_check: OverlapCheck) -> None:
+    def __init__(
+        self,
+        core: _core.Image,
+        path: str,
+        overlap_check: OverlapCheck,
+        on_corruption: CorruptionCallback | None = None,
+    ) -> None:
         self._core = core
         self.path = path
         self.overlap_check = overlap_check
+        self._on_corruption = on_corruption
+        self._corruption_reported = False
         info = dict(core.info())
         features: Any = info["features"]
         info["features"] = tuple(features)
@@ -325,8 +349,60 @@ class Image:
         metadata?"."""
         return self._core.host_offset(guest_offset)
 
+    # ---- writing (images opened with writable=True) ------------------------------------------
+
+    def _writing(self, call: Callable[[], _T]) -> _T:
+        """Runs a write call; a refused write is reported once, as QEMU does."""
+        from qcow2ovl.errors import MetadataOverlapError
+
+        try:
+            return call()
+        except MetadataOverlapError as e:
+            if not self._corruption_reported:
+                self._corruption_reported = True
+                import logging
+
+                logging.getLogger("qcow2ovl").error(
+                    "qcow2: Marking image as corrupt: %s; further corruption events will be "
+                    "suppressed",
+                    e.strerror,
+                )
+                if self._on_corruption is not None:
+                    self._on_corruption(str(e.strerror), e.offset, e.size, True)
+            raise
+
+    def write(self, offset: int, data: Buffer) -> int:
+        """Write *data* (any bytes-like object) at guest *offset*; returns its length.
+
+        Every host write is checked against the metadata map first. A write that would land on
+        metadata is refused before a byte reaches the disk: the image is marked corrupt,
+        :class:`~qcow2ovl.MetadataOverlapError` is raised, the ``on_corruption`` callback and the
+        ``qcow2ovl`` logger hear of it, and the handle refuses every later write.
+        """
+        return self._writing(lambda: self._core.write(offset, data))
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make ``[offset, offset + length)`` read as zeros: whole clusters by the zero flag
+        (version 3; with *unmap* their clusters are freed), the rest by writing zeros."""
+        self._writing(lambda: self._core.write_zeroes(offset, length, unmap))
+
+    def discard(self, offset: int, length: int) -> None:
+        """Discard the whole clusters of ``[offset, offset + length)`` and free them: they then
+        read as zeros (version 3) or from the backing file (version 2). Partial clusters are
+        left alone, as QEMU does."""
+        self._writing(lambda: self._core.discard(offset, length))
+
+    def resize(self, size: int) -> None:
+        """Change the virtual size (a multiple of 512). Growing may move the L1 table;
+        shrinking is refused while anything is allocated past the new end."""
+        self._writing(lambda: self._core.resize(size))
+
+    def flush(self) -> None:
+        """Write back tables and refcounts in a crash-safe order and make them durable."""
+        self._writing(self._core.flush)
+
     def close(self) -> None:
-        """Release the image. Safe to call twice."""
+        """Flush (writable images) and release the image. Safe to call twice."""
         self._core.close()
 
     def __enter__(self) -> Image:
@@ -352,8 +428,15 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     overlap_check: OverlapCheckSpec = "all",
     map_memory_limit: int | None = None,
     cache_size: int | None = None,
+    on_corruption: CorruptionCallback | None = None,
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
+
+    With *writable*, the image can be written (:meth:`Image.write` and friends); every host
+    write is checked against the metadata map first, with every check on by default.
+    *on_corruption* is called as ``on_corruption(message, offset, size, fatal)`` when a write is
+    refused for landing on metadata. A writable open refuses images marked corrupt, images
+    whose metadata overlaps, encrypted images and images with the dirty bit set.
 
     *overlap_check* takes every form :meth:`OverlapCheck.parse` accepts (default: ``"all"``);
     only the enabled types are read and tracked. *map_memory_limit* bounds the map's memory;
@@ -383,4 +466,4 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
         map_memory_limit=limit,
         cache_size=cache_size,
     )
-    return Image(core, name, check)
+    return Image(core, name, check, on_corruption)

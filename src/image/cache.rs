@@ -21,6 +21,9 @@ pub type Table = Arc<[u64]>;
 #[derive(Debug, Default)]
 struct Slots {
     tables: HashMap<u64, (Table, u64)>,
+    /// Tables the writer changed and has not written back yet: never evicted (the cache is
+    /// their only copy), counted apart from the capacity.
+    pinned: HashMap<u64, Table>,
     clock: u64,
 }
 
@@ -69,6 +72,9 @@ impl TableCache {
     ) -> Result<Table, E> {
         {
             let mut slots = self.lock();
+            if let Some(table) = slots.pinned.get(&offset.0) {
+                return Ok(Arc::clone(table));
+            }
             slots.clock += 1;
             let now = slots.clock;
             if let Some((table, used)) = slots.tables.get_mut(&offset.0) {
@@ -78,6 +84,9 @@ impl TableCache {
         }
         let loaded: Table = load()?.into();
         let mut slots = self.lock();
+        if let Some(table) = slots.pinned.get(&offset.0) {
+            return Ok(Arc::clone(table));
+        }
         slots.clock += 1;
         let now = slots.clock;
         if let Some((table, used)) = slots.tables.get_mut(&offset.0) {
@@ -96,6 +105,62 @@ impl TableCache {
         }
         slots.tables.insert(offset.0, (Arc::clone(&loaded), now));
         Ok(loaded)
+    }
+
+    /// Replaces the table at `offset` with a changed one that only the cache holds until it is
+    /// written back: it stays (pinned) until [`TableCache::unpin`].
+    pub fn put_dirty(&self, offset: HostOffset, table: Table) {
+        let mut slots = self.lock();
+        slots.tables.remove(&offset.0);
+        slots.pinned.insert(offset.0, table);
+    }
+
+    /// The pinned (changed, not yet written) tables, by offset.
+    pub fn dirty(&self) -> Vec<(u64, Table)> {
+        let slots = self.lock();
+        let mut out: Vec<(u64, Table)> = slots
+            .pinned
+            .iter()
+            .map(|(&o, t)| (o, Arc::clone(t)))
+            .collect();
+        out.sort_by_key(|(o, _)| *o);
+        out
+    }
+
+    /// How many tables are pinned.
+    pub fn dirty_len(&self) -> usize {
+        self.lock().pinned.len()
+    }
+
+    /// Moves every pinned table back among the ordinary (evictable) ones: they are on disk now.
+    pub fn unpin(&self) {
+        let mut slots = self.lock();
+        let pinned = std::mem::take(&mut slots.pinned);
+        for (o, t) in pinned {
+            slots.clock += 1;
+            let now = slots.clock;
+            slots.tables.insert(o, (t, now));
+        }
+        while slots.tables.len() > self.capacity {
+            let oldest = slots
+                .tables
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(&k, _)| k);
+            match oldest {
+                Some(k) => {
+                    slots.tables.remove(&k);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Forgets the table at `offset` (freed), pinned or not.
+    pub fn forget(&self, offset: HostOffset) {
+        let mut slots = self.lock();
+        slots.tables.remove(&offset.0);
+        slots.pinned.remove(&offset.0);
     }
 }
 

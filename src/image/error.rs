@@ -20,6 +20,8 @@ pub enum ErrorKind {
     /// Metadata met during I/O is inconsistent (an unaligned table or cluster offset); the
     /// request fails with `EIO`.
     Corruption,
+    /// A write was refused because it would have overwritten metadata (`MetadataOverlapError`).
+    MetadataOverlap,
     /// A caller's argument is out of range (`ValueError`).
     InvalidArgument,
     /// Memory for a table could not be reserved (`MemoryError`).
@@ -72,6 +74,18 @@ pub enum ImageError {
     /// Inconsistent metadata found while serving a request.
     #[error("{0}")]
     Corruption(String),
+    /// A write would have landed on metadata: refused, and the image marked corrupt.
+    #[error("{message}")]
+    MetadataOverlap {
+        /// QEMU's words: `Preventing invalid write on metadata (overlaps with <name>)`.
+        message: String,
+        /// Host offset of the refused write.
+        offset: u64,
+        /// Its length.
+        size: u64,
+        /// The metadata types it would have overwritten.
+        types: crate::overlap::MetadataType,
+    },
     /// The backing chain leads back to an image already in it.
     #[error("Backing file chain loop: {0}")]
     BackingLoop(String),
@@ -112,6 +126,7 @@ impl ImageError {
             ImageError::OutOfRange { .. } => ErrorKind::InvalidArgument,
             ImageError::Unsupported(_) => ErrorKind::Unsupported,
             ImageError::Corruption(_) => ErrorKind::Corruption,
+            ImageError::MetadataOverlap { .. } => ErrorKind::MetadataOverlap,
             ImageError::BackingLoop(_) => ErrorKind::Format,
             ImageError::Io(e) => io_kind(e),
         }

@@ -23,11 +23,12 @@ impl Image {
     /// The L2 table of L1 index `l1_index` in the active L1 table, or `None` where the L1
     /// entry is empty (or past the end of the table).
     pub(crate) fn l2_table(&self, l1_index: u64) -> Result<Option<Table>, ImageError> {
-        let Some(&entry) = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.scanned.l1_table.get(i))
-        else {
-            return Ok(None);
+        let entry = {
+            let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner());
+            match usize::try_from(l1_index).ok().and_then(|i| l1.get(i)) {
+                Some(&e) => e,
+                None => return Ok(None),
+            }
         };
         let offset = entry & L1_L2_OFFSET_MASK;
         if offset == 0 {

@@ -12,27 +12,38 @@
 //! | `backing.rs` | the backing chain and the external data file, opened on first use |
 //! | `read.rs` | guest reads: data, zeros, subclusters, compressed clusters, backing files |
 //! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
+//! | `alloc.rs` | refcounts and cluster allocation (in memory; queued decrements) |
+//! | `write.rs` | guest writes, zero writes, discard, resize |
+//! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
+//! | `flush.rs` | ordered write-back of refcounts, tables and header |
 //! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
 
+mod alloc;
 mod backing;
 mod cache;
 pub mod create;
 mod error;
+mod flush;
+mod guard;
 mod guest_map;
 mod mapping;
 mod read;
+mod write;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 pub use backing::Backing;
 pub use cache::{Table, TableCache};
 pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;
+pub use write::WriteKind;
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset, SnapshotEntry};
-use crate::overlap::{MetadataMap, MetadataType, NaiveChecker, NaiveLayout};
+pub(crate) use crate::overlap::NaiveLayout;
+use crate::overlap::{MetadataMap, MetadataType, NaiveChecker};
 use crate::problem::Problem;
 use crate::scan::{scan, ScannedImage};
 use crate::storage::{FileStorage, Storage};
@@ -77,6 +88,14 @@ pub struct Image {
     scanned: ScannedImage,
     geometry: Geometry,
     l2_cache: TableCache,
+    /// The active L1 table as it is now (the writer changes it).
+    l1: RwLock<Vec<u64>>,
+    /// The metadata map, kept exact through every allocation and free.
+    map: RwLock<MetadataMap>,
+    /// The virtual disk size (the writer changes it on resize).
+    size: AtomicU64,
+    /// Writer state; `None` for a read-only image, which can never write.
+    writer: Option<Mutex<write::Writer>>,
     /// The backing chain and data file, opened on first use (see `backing.rs`).
     chain: Mutex<Option<Arc<backing::Chain>>>,
     /// The most recently decompressed cluster: `(L2 entry, bytes)`.
@@ -85,7 +104,7 @@ pub struct Image {
     preallocated: OnceLock<bool>,
     /// QEMU's naive checker, built only when the map's memory limit left ranges unchecked:
     /// there, and only there, checks fall back to it.
-    fallback: Option<NaiveChecker>,
+    fallback: RwLock<Option<NaiveChecker>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -93,7 +112,7 @@ impl std::fmt::Debug for Image {
         f.debug_struct("Image")
             .field("path", &self.path)
             .field("writable", &self.options.writable)
-            .field("virtual_size", &self.scanned.header.size)
+            .field("virtual_size", &self.virtual_size())
             .finish_non_exhaustive()
     }
 }
@@ -135,12 +154,18 @@ impl Image {
             .header
             .geometry()
             .ok_or_else(|| ImageError::Unsupported("invalid cluster size".into()))?;
-        let fallback = if scanned.map.unchecked_ranges().is_empty() {
+        let mut scanned = scanned;
+        let map = std::mem::replace(
+            &mut scanned.map,
+            MetadataMap::new(geometry.cluster_size(), MetadataType::empty(), None)?,
+        );
+        let l1 = std::mem::take(&mut scanned.l1_table);
+        let fallback = if map.unchecked_ranges().is_empty() {
             None
         } else {
             Some(
                 NaiveChecker::new(
-                    naive_layout(&scanned),
+                    naive_layout(&scanned, &l1),
                     options.enabled,
                     Arc::clone(&storage),
                 )
@@ -148,18 +173,31 @@ impl Image {
             )
         };
         let l2_cache = TableCache::new(cache_tables(&scanned.header, geometry, options.cache_size));
-        Ok(Image {
+        let writer = if options.writable {
+            Some(Mutex::new(write::Writer::new(&scanned, geometry)?))
+        } else {
+            None
+        };
+        let image = Image {
             path: None,
             storage,
             options,
+            size: AtomicU64::new(scanned.header.size),
             scanned,
             geometry,
             l2_cache,
+            l1: RwLock::new(l1),
+            map: RwLock::new(map),
+            writer,
             chain: Mutex::new(None),
             compressed: Mutex::new(None),
             preallocated: OnceLock::new(),
-            fallback,
-        })
+            fallback: RwLock::new(fallback),
+        };
+        if image.writer.is_some() {
+            image.prepare_for_writing()?;
+        }
+        Ok(image)
     }
 
     /// Whether the image was opened for writing.
@@ -184,7 +222,7 @@ impl Image {
 
     /// The virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.scanned.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     /// The snapshot list.
@@ -197,9 +235,14 @@ impl Image {
         &self.scanned.bitmaps
     }
 
-    /// The metadata map.
-    pub fn map(&self) -> &MetadataMap {
-        &self.scanned.map
+    /// The metadata map (a read guard: hold it briefly).
+    pub fn map(&self) -> RwLockReadGuard<'_, MetadataMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the active L1 table as it is now.
+    pub fn l1_table(&self) -> Vec<u64> {
+        self.l1.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Problems found by the scan (at most 64 listed), and how many there were in all.
@@ -226,20 +269,16 @@ impl Image {
         size: u64,
         ignore: MetadataType,
     ) -> Result<MetadataType, ImageError> {
-        let map = &self.scanned.map;
+        let map = self.map();
         let found = map.check(offset, size, ignore)?;
-        match &self.fallback {
-            Some(naive) if !map.is_exact(offset, size)? => Ok(naive.check(offset.0, size, ignore)?),
-            _ => Ok(found),
+        if map.is_exact(offset, size)? {
+            return Ok(found);
         }
-    }
-
-    /// Flushes the storage (a no-op for read-only images).
-    pub fn flush(&self) -> Result<(), ImageError> {
-        if self.options.writable {
-            self.storage.flush()?;
+        drop(map);
+        match &*self.fallback.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(naive) => Ok(naive.check(offset.0, size, ignore)?),
+            None => Ok(found),
         }
-        Ok(())
     }
 }
 
@@ -254,13 +293,13 @@ fn cache_tables(header: &Header, geometry: Geometry, cache_size: Option<u64>) ->
     usize::try_from(bytes / cs).unwrap_or(usize::MAX).max(1)
 }
 
-/// What QEMU would keep in memory for its naive check, from the scan.
-fn naive_layout(s: &ScannedImage) -> NaiveLayout {
+/// What QEMU would keep in memory for its naive check, from the scan and the live L1 table.
+fn naive_layout(s: &ScannedImage, l1: &[u64]) -> NaiveLayout {
     let h = &s.header;
     NaiveLayout {
         cluster_size: h.cluster_size(),
         l1_table_offset: h.l1_table_offset,
-        l1_table: s.l1_table.clone(),
+        l1_table: l1.to_vec(),
         refcount_table_offset: h.refcount_table_offset,
         refcount_table: s.refcount_table.clone(),
         snapshots_offset: h.snapshots_offset,

@@ -8,6 +8,7 @@ use crate::image::{ErrorKind, ImageError};
 pyo3::import_exception!(qcow2ovl.errors, FormatError);
 pyo3::import_exception!(qcow2ovl.errors, UnsupportedError);
 pyo3::import_exception!(qcow2ovl.errors, CorruptImageError);
+pyo3::import_exception!(qcow2ovl.errors, MetadataOverlapError);
 
 /// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
 /// `CorruptImageError`, `ValueError`, `MemoryError`, or `OSError` with the errno (Python picks
@@ -18,6 +19,15 @@ pub(crate) fn image_err(e: ImageError) -> PyErr {
         ErrorKind::Format => FormatError::new_err(e.to_string()),
         ErrorKind::Unsupported => UnsupportedError::new_err(e.to_string()),
         ErrorKind::CorruptImage => CorruptImageError::new_err(e.to_string()),
+        ErrorKind::MetadataOverlap => match &e {
+            ImageError::MetadataOverlap {
+                message,
+                offset,
+                size,
+                types,
+            } => MetadataOverlapError::new_err((message.clone(), types.bits(), *offset, *size)),
+            other => MetadataOverlapError::new_err((other.to_string(), 0u16, 0u64, 0u64)),
+        },
         ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
         ErrorKind::OutOfMemory => PyMemoryError::new_err(e.to_string()),
         ErrorKind::Corruption | ErrorKind::Os(_) => {

@@ -248,6 +248,62 @@ impl PyImage {
             .collect())
     }
 
+    /// Writes `data` (any bytes-like object) at guest `offset`.
+    fn write(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let offset = u64_obj("offset", offset)?;
+        let bytes = bytes_of(data)?;
+        let img = self.image()?;
+        py.detach(|| img.write_at(GuestOffset(offset), &bytes))
+            .map_err(image_err)?;
+        Ok(bytes.len())
+    }
+
+    /// Makes `[offset, offset + length)` read as zeros.
+    #[pyo3(signature = (offset, length, unmap = false))]
+    fn write_zeroes(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+        unmap: bool,
+    ) -> PyResult<()> {
+        let (offset, length) = (u64_obj("offset", offset)?, u64_obj("length", length)?);
+        let img = self.image()?;
+        py.detach(|| img.write_zeroes(GuestOffset(offset), length, unmap))
+            .map_err(image_err)
+    }
+
+    /// Discards whole clusters of `[offset, offset + length)`.
+    fn discard(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (offset, length) = (u64_obj("offset", offset)?, u64_obj("length", length)?);
+        let img = self.image()?;
+        py.detach(|| img.discard(GuestOffset(offset), length))
+            .map_err(image_err)
+    }
+
+    /// Changes the virtual size.
+    fn resize(&self, py: Python<'_>, size: &Bound<'_, PyAny>) -> PyResult<()> {
+        let size = u64_obj("size", size)?;
+        let img = self.image()?;
+        py.detach(|| img.resize(size)).map_err(image_err)
+    }
+
+    /// Writes everything back in order and makes it durable.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let img = self.image()?;
+        py.detach(|| img.flush()).map_err(image_err)
+    }
+
     /// Host offset of guest byte `offset` where this image stores it as plain data.
     fn host_offset(&self, py: Python<'_>, offset: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
         let offset = u64_obj("offset", offset)?;
@@ -290,6 +346,23 @@ impl PyImage {
         }
         Ok(())
     }
+}
+
+/// The bytes of any bytes-like object (copied once: the write releases the GIL).
+fn bytes_of(data: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    let view = data
+        .py()
+        .import("builtins")?
+        .getattr("memoryview")?
+        .call1((data,))?
+        .call_method1("cast", ("B",))?;
+    view.call_method0("tobytes")?
+        .cast::<PyBytes>()
+        .map(|b| b.as_bytes().to_vec())
+        .map_err(|_| PyTypeError::new_err("write() needs a bytes-like object"))
 }
 
 /// Reads into a Python buffer in place (the full C API has the buffer protocol).

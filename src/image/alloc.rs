@@ -1,0 +1,376 @@
+//! Refcount bookkeeping and cluster allocation for the writer.
+//!
+//! The refcount table and the refcount blocks live here, loaded on demand and kept in memory
+//! (clean or dirty) until the ordered write-back in `flush.rs` writes them. Nothing here writes
+//! to disk: a change is made in memory and marked dirty, and new tables are described as
+//! [`NewTable`]s for the flush to write. That keeps the rules testable without a file:
+//!
+//! - a cluster is free only when its refcount is 0, and allocation never hands out anything else;
+//! - decrements are not applied when asked for but queued ([`Refcounts::free_later`]): the
+//!   reference being dropped is still on disk until the L2 or L1 change that drops it is
+//!   flushed, and a cluster freed too early could be reused while an on-disk table still points
+//!   at it. The flush applies the queue after the tables;
+//! - a refcount block is created inside the range it describes (at its first cluster, which is
+//!   free because nothing in an undescribed range has a refcount), so it describes itself;
+//! - when the refcount table itself is full, a new, larger table is placed with the refcount
+//!   blocks that describe it in fresh clusters past every range described so far, and the old
+//!   table is freed after the header points at the new one.
+
+use std::collections::HashMap;
+
+use super::ImageError;
+use crate::format::refcount::{refcount_get, refcount_set, REFTABLE_OFFSET_MASK};
+use crate::storage::Storage;
+
+/// A refcount block in memory.
+#[derive(Debug)]
+struct Block {
+    /// Host offset of the block.
+    offset: u64,
+    /// Its bytes (one cluster).
+    data: Vec<u8>,
+    /// Changed since it was last written.
+    dirty: bool,
+    /// Created in memory; not yet on disk at all.
+    new: bool,
+}
+
+/// A table the flush must write in full before anything points at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NewTable {
+    /// Where it goes.
+    pub offset: u64,
+    /// Its clusters.
+    pub clusters: u64,
+}
+
+/// Refcounts of one image (the writer's view).
+#[derive(Debug)]
+pub(crate) struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    /// The refcount table, as it will be after the next flush.
+    pub table: Vec<u64>,
+    /// Host offset of the refcount table (a new one when it moved and is not yet flushed).
+    pub table_offset: u64,
+    /// Whether table entries changed since the last flush.
+    pub table_dirty: bool,
+    /// The previous table, to free once the header points at the new one.
+    pub old_table: Option<NewTable>,
+    blocks: HashMap<u64, Block>,
+    /// Decrements waiting for the tables that drop the references to reach the disk.
+    pending: Vec<u64>,
+    /// No cluster below this one is free (first-fit search starts here).
+    hint: u64,
+}
+
+impl Refcounts {
+    /// Bookkeeping for a table of `table` entries at `table_offset`.
+    pub fn new(cluster_bits: u32, order: u32, table_offset: u64, table: Vec<u64>) -> Self {
+        Refcounts {
+            cluster_bits,
+            order,
+            table,
+            table_offset,
+            table_dirty: false,
+            old_table: None,
+            blocks: HashMap::new(),
+            pending: Vec::new(),
+            hint: 0,
+        }
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Clusters one refcount block describes.
+    pub fn per_block(&self) -> u64 {
+        (self.cluster_size() * 8) >> self.order
+    }
+
+    /// The refcount table's size in clusters.
+    pub fn table_clusters(&self) -> u64 {
+        (self.table.len() as u64 * 8).div_ceil(self.cluster_size())
+    }
+
+    /// Loads block `index` if the table has one; `None` when the range has no block.
+    fn block(
+        &mut self,
+        storage: &dyn Storage,
+        index: u64,
+    ) -> Result<Option<&mut Block>, ImageError> {
+        let Some(&entry) = usize::try_from(index).ok().and_then(|i| self.table.get(i)) else {
+            return Ok(None);
+        };
+        let offset = entry & REFTABLE_OFFSET_MASK;
+        if offset == 0 {
+            return Ok(None);
+        }
+        if offset & (self.cluster_size() - 1) != 0 {
+            return Err(ImageError::Corruption(format!(
+                "Refblock offset {offset:#x} unaligned (reftable index: {index:#x})"
+            )));
+        }
+        if !self.blocks.contains_key(&index) {
+            let mut data = vec![0u8; self.cluster_size() as usize];
+            storage.read_padded(offset, &mut data)?;
+            self.blocks.insert(
+                index,
+                Block {
+                    offset,
+                    data,
+                    dirty: false,
+                    new: false,
+                },
+            );
+        }
+        Ok(self.blocks.get_mut(&index))
+    }
+
+    /// The refcount of `cluster` (0 where no block describes it).
+    pub fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64, ImageError> {
+        let per = self.per_block();
+        let order = self.order;
+        match self.block(storage, cluster / per)? {
+            None => Ok(0),
+            Some(b) => Ok(refcount_get(&b.data, (cluster % per) as usize, order)?),
+        }
+    }
+
+    /// Sets the refcount of `cluster`, which a block must describe (see [`Refcounts::ensure_block`]).
+    fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<(), ImageError> {
+        let per = self.per_block();
+        let order = self.order;
+        let b = self.block(storage, cluster / per)?.ok_or_else(|| {
+            ImageError::Corruption(format!("no refcount block describes cluster {cluster:#x}"))
+        })?;
+        refcount_set(&mut b.data, (cluster % per) as usize, order, value)?;
+        b.dirty = true;
+        Ok(())
+    }
+
+    /// Queues a decrement of `cluster`, applied by [`Refcounts::apply_pending`].
+    pub fn free_later(&mut self, cluster: u64) {
+        self.pending.push(cluster);
+    }
+
+    /// Whether decrements are queued.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Applies every queued decrement; returns the clusters whose refcount reached 0.
+    pub fn apply_pending(&mut self, storage: &dyn Storage) -> Result<Vec<u64>, ImageError> {
+        let mut freed = Vec::new();
+        for cluster in std::mem::take(&mut self.pending) {
+            let v = self.get(storage, cluster)?;
+            if v == 0 {
+                return Err(ImageError::Corruption(format!(
+                    "refcount of cluster {cluster:#x} is already 0; cannot free it"
+                )));
+            }
+            self.set(storage, cluster, v - 1)?;
+            if v == 1 {
+                freed.push(cluster);
+                self.hint = self.hint.min(cluster);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Makes sure a block describes `cluster`, creating it (and growing the table) if needed.
+    /// Returns the tables created, for the map and the flush.
+    pub fn ensure_block(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+    ) -> Result<Vec<NewTable>, ImageError> {
+        let per = self.per_block();
+        let index = cluster / per;
+        if self.block(storage, index)?.is_some() {
+            return Ok(Vec::new());
+        }
+        if index >= self.table.len() as u64 {
+            let mut created = self.grow_table(storage, index)?;
+            created.extend(self.ensure_block(storage, cluster)?);
+            return Ok(created);
+        }
+        // Nothing in this range has a refcount, so its first cluster is free: the block goes
+        // there and describes itself.
+        let at = index * per;
+        self.create_block(index, at)?;
+        let mut created = vec![NewTable {
+            offset: at << self.cluster_bits,
+            clusters: 1,
+        }];
+        // The block's own cluster now has a refcount; if `cluster` was that cluster, the caller
+        // must look again (it is taken).
+        created.extend(self.ensure_block(storage, cluster)?);
+        Ok(created)
+    }
+
+    /// Creates block `index` in memory at cluster `at` (inside its own range), refcount 1.
+    fn create_block(&mut self, index: u64, at: u64) -> Result<(), ImageError> {
+        let offset = at << self.cluster_bits;
+        let mut data = vec![0u8; self.cluster_size() as usize];
+        refcount_set(&mut data, (at % self.per_block()) as usize, self.order, 1)?;
+        self.blocks.insert(
+            index,
+            Block {
+                offset,
+                data,
+                dirty: true,
+                new: true,
+            },
+        );
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.table.get_mut(i))
+            .ok_or_else(|| ImageError::Corruption("refcount table index out of range".into()))?;
+        *slot = offset;
+        self.table_dirty = true;
+        Ok(())
+    }
+
+    /// Replaces the refcount table with one that has room for block `index`. The new table and
+    /// the blocks describing it go to fresh ranges past everything described so far.
+    fn grow_table(
+        &mut self,
+        storage: &dyn Storage,
+        index: u64,
+    ) -> Result<Vec<NewTable>, ImageError> {
+        let per = self.per_block();
+        let cs = self.cluster_size();
+        let file_clusters = storage.len()?.div_ceil(cs);
+        // First block index past the file and the current table.
+        let first = (self.table.len() as u64)
+            .max(file_clusters.div_ceil(per))
+            .max(index);
+        // Entries for: every block up to `first`, plus the blocks of the new region.
+        let mut entries = (first + 1).max(self.table.len() as u64 * 3 / 2);
+        let (blocks, table_clusters) = loop {
+            let table_clusters = (entries * 8).div_ceil(cs);
+            // The region holds `blocks` refcount blocks followed by the table; it must fit in
+            // the ranges those blocks describe.
+            let blocks = (table_clusters + 1).div_ceil(per - 1).max(1);
+            if first + blocks <= entries {
+                break (blocks, table_clusters);
+            }
+            entries = first + blocks;
+        };
+        let entries_rounded = table_clusters * cs / 8;
+        let mut table = self.table.clone();
+        table.resize(entries_rounded as usize, 0);
+        let old = NewTable {
+            offset: self.table_offset,
+            clusters: self.table_clusters(),
+        };
+        self.table = table;
+        let region = first * per;
+        for b in 0..blocks {
+            self.create_block(first + b, region + b)?;
+        }
+        let table_at = region + blocks;
+        for c in table_at..table_at + table_clusters {
+            let per = self.per_block();
+            let order = self.order;
+            let block = self
+                .blocks
+                .get_mut(&(c / per))
+                .ok_or_else(|| ImageError::Corruption("new refcount block missing".into()))?;
+            refcount_set(&mut block.data, (c % per) as usize, order, 1)?;
+        }
+        self.table_offset = table_at << self.cluster_bits;
+        self.table_dirty = true;
+        if old.clusters > 0 {
+            // The old table's clusters are freed once the header points at the new table.
+            let first_old = old.offset >> self.cluster_bits;
+            for c in first_old..first_old + old.clusters {
+                self.free_later(c);
+            }
+            self.old_table = Some(old);
+        }
+        let mut created: Vec<NewTable> = (0..blocks)
+            .map(|b| NewTable {
+                offset: (region + b) << self.cluster_bits,
+                clusters: 1,
+            })
+            .collect();
+        created.push(NewTable {
+            offset: self.table_offset,
+            clusters: table_clusters,
+        });
+        Ok(created)
+    }
+
+    /// Allocates one free cluster (refcount 0 → 1), first fit from the hint. Returns it and
+    /// the metadata tables created on the way.
+    pub fn allocate(&mut self, storage: &dyn Storage) -> Result<(u64, Vec<NewTable>), ImageError> {
+        let mut created = Vec::new();
+        let mut c = self.hint.max(1);
+        loop {
+            created.extend(self.ensure_block(storage, c)?);
+            if self.get(storage, c)? == 0 {
+                self.set(storage, c, 1)?;
+                self.hint = c + 1;
+                return Ok((c, created));
+            }
+            c += 1;
+        }
+    }
+
+    /// Allocates `n` contiguous free clusters (first fit from the hint); returns the first and
+    /// the metadata tables created on the way.
+    pub fn allocate_run(
+        &mut self,
+        storage: &dyn Storage,
+        n: u64,
+    ) -> Result<(u64, Vec<NewTable>), ImageError> {
+        let mut created = Vec::new();
+        let mut start = self.hint.max(1);
+        'search: loop {
+            for k in 0..n {
+                created.extend(self.ensure_block(storage, start + k)?);
+            }
+            for k in 0..n {
+                if self.get(storage, start + k)? != 0 {
+                    start += k + 1;
+                    continue 'search;
+                }
+            }
+            for k in 0..n {
+                self.set(storage, start + k, 1)?;
+            }
+            return Ok((start, created));
+        }
+    }
+
+    /// Dirty blocks as `(host offset, bytes, new)`, oldest first by offset; marks them clean.
+    pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let mut out: Vec<(u64, Vec<u8>)> = self
+            .blocks
+            .values_mut()
+            .filter(|b| b.dirty)
+            .map(|b| {
+                b.dirty = false;
+                b.new = false;
+                (b.offset, b.data.clone())
+            })
+            .collect();
+        out.sort_by_key(|(o, _)| *o);
+        out
+    }
+
+    /// Drops clean blocks from memory when more than `keep` are loaded.
+    pub fn trim(&mut self, keep: usize) {
+        if self.blocks.len() > keep {
+            self.blocks.retain(|_, b| b.dirty);
+        }
+    }
+
+    /// The refcount table's bytes.
+    pub fn table_bytes(&self) -> Vec<u8> {
+        crate::format::write_u64_table(&self.table)
+    }
+}

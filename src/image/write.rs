@@ -1,0 +1,753 @@
+//! Guest writes: data, zeros, discard, resize.
+//!
+//! Every change is made in memory first (L2 tables pinned in the cache, refcounts in
+//! `alloc.rs`, the L1 table) and written back in order by `flush.rs`; guest data is written at
+//! once, to clusters that no table on disk references yet or that this image alone owns
+//! (COPIED). So at any moment the disk holds a consistent image plus, at worst, clusters that
+//! nothing references (leaks).
+//!
+//! Before an L2 table points to a new cluster, the cluster's refcount has been raised and its
+//! data written (the flush writes refcounts, then L2 tables). A cluster shared with a snapshot
+//! (COPIED clear) is never written in place: it is copied, and the old one's refcount is
+//! dropped only after the table that pointed to it is on disk.
+
+use std::sync::Arc;
+
+use super::alloc::{NewTable, Refcounts};
+use super::{Image, ImageError};
+use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::format::header::{AutoclearFeatures, IncompatibleFeatures};
+use crate::format::{
+    ClusterCount, CompressedDescriptor, Geometry, GuestOffset, Header, HostOffset,
+};
+use crate::overlap::MetadataType;
+use crate::scan::ScannedImage;
+
+/// What a host write is, which decides the metadata it may cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Guest data, copy-on-write copies, zero fill: may cover no metadata.
+    GuestData,
+    /// Write-back of an active L2 table: its own cluster is ACTIVE_L2.
+    L2Table,
+    /// Write-back of a refcount block over itself.
+    RefcountBlock,
+    /// Entries of the active L1 table rewritten in place.
+    L1Entries,
+    /// Entries of the refcount table rewritten in place.
+    RefcountTableEntries,
+    /// A new table in fresh clusters (L1, refcount table, refcount block, L2): covers nothing.
+    NewTable,
+}
+
+impl WriteKind {
+    /// The types this kind of write may cover.
+    pub fn ignore(self) -> MetadataType {
+        match self {
+            WriteKind::GuestData | WriteKind::NewTable => MetadataType::empty(),
+            WriteKind::L2Table => MetadataType::ACTIVE_L2,
+            WriteKind::RefcountBlock => MetadataType::REFCOUNT_BLOCK,
+            WriteKind::L1Entries => MetadataType::ACTIVE_L1,
+            WriteKind::RefcountTableEntries => MetadataType::REFCOUNT_TABLE,
+        }
+    }
+}
+
+/// The writer's state (behind the image's writer lock).
+#[derive(Debug)]
+pub(crate) struct Writer {
+    /// The header as it will be after the next flush.
+    pub header: Header,
+    /// Refcounts and allocation.
+    pub refcounts: Refcounts,
+    /// L1 indexes changed since the last flush.
+    pub l1_dirty: std::collections::BTreeSet<usize>,
+    /// The L1 table moved (resize): the new table must be written whole, then the header, and
+    /// the old one freed.
+    pub l1_moved: Option<NewTable>,
+    /// New L2 tables (and refcount blocks) not yet on disk, to write whole.
+    pub new_tables: Vec<NewTable>,
+    /// Header fields changed since the last flush.
+    pub header_dirty: bool,
+    /// Whether the dirty bit is set on disk (lazy refcounts) and must be cleared by a flush.
+    pub dirty_bit_on_disk: bool,
+    /// Whether guest data goes to an external data file (identity-mapped, not refcounted).
+    pub external_data: bool,
+    /// Set once a write was refused for corruption: the message.
+    pub poisoned: Option<String>,
+}
+
+impl Writer {
+    /// The writer for a freshly scanned image.
+    pub fn new(scanned: &ScannedImage, geometry: Geometry) -> Result<Self, ImageError> {
+        let h = &scanned.header;
+        if h.crypt_method != 0 {
+            return Err(ImageError::Unsupported(
+                "Writing to encrypted images is not supported".into(),
+            ));
+        }
+        if h.is_dirty() {
+            return Err(ImageError::Unsupported(
+                "Image has the dirty bit set (lazy refcounts): its refcounts must be repaired \
+                 first, for example with 'qemu-img check -r all'"
+                    .into(),
+            ));
+        }
+        Ok(Writer {
+            header: h.clone(),
+            refcounts: Refcounts::new(
+                geometry.cluster_bits(),
+                h.refcount_order,
+                h.refcount_table_offset,
+                scanned.refcount_table.clone(),
+            ),
+            l1_dirty: Default::default(),
+            l1_moved: None,
+            new_tables: Vec::new(),
+            header_dirty: false,
+            dirty_bit_on_disk: false,
+            external_data: h.has_external_data_file(),
+            poisoned: None,
+        })
+    }
+
+    /// Refuses any write once the image was marked corrupt through this handle.
+    pub fn refuse_if_poisoned(&self) -> Result<(), ImageError> {
+        match &self.poisoned {
+            Some(m) => Err(ImageError::Corruption(format!(
+                "Image is corrupt ({m}); further writes are refused"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Guest bytes of one cluster to write, at an offset inside it.
+struct Piece<'a> {
+    /// Guest offset of the cluster.
+    cluster: u64,
+    /// Offset of the bytes inside the cluster.
+    at: usize,
+    /// The bytes (all zeros for zero-filling writes).
+    bytes: &'a [u8],
+}
+
+impl Image {
+    /// The writer lock, or an error for a read-only image.
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, ImageError> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| ImageError::Io(std::io::Error::from_raw_os_error(libc::EBADF)))?;
+        Ok(w.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Things a writable open does before the first write: autoclear bits this library does
+    /// not keep current are cleared (bitmaps would go stale), as the spec requires.
+    pub(crate) fn prepare_for_writing(&self) -> Result<(), ImageError> {
+        let mut w = self.writer()?;
+        let keep = if w.external_data {
+            AutoclearFeatures::RAW_EXTERNAL_DATA
+        } else {
+            AutoclearFeatures::empty()
+        };
+        let autoclear = w.header.autoclear_features;
+        if w.header.version >= 3 && autoclear & !keep != AutoclearFeatures::empty() {
+            w.header.autoclear_features = autoclear & keep;
+            self.write_header(&w)?;
+            self.storage.flush()?;
+            // The bitmap directory is no longer metadata the map must protect.
+            if !autoclear.contains(AutoclearFeatures::BITMAPS) {
+                return Ok(());
+            }
+            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(ext) = w.header.bitmaps_ext() {
+                let cs = self.geometry.cluster_size();
+                map.remove(
+                    HostOffset(ext.dir_offset),
+                    ClusterCount(ext.dir_size.div_ceil(cs)),
+                    MetadataType::BITMAP_DIRECTORY,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the dirty bit on disk before the first change when the image uses lazy refcounts.
+    fn before_change(&self, w: &mut Writer) -> Result<(), ImageError> {
+        w.refuse_if_poisoned()?;
+        if Self::lazy_refcounts(w) && !w.dirty_bit_on_disk {
+            w.header.incompatible_features |= IncompatibleFeatures::DIRTY;
+            self.write_header(w)?;
+            self.storage.flush()?;
+            w.dirty_bit_on_disk = true;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at guest offset `guest`.
+    pub fn write_at(&self, guest: GuestOffset, data: &[u8]) -> Result<(), ImageError> {
+        self.check_range("write", guest.0, data.len() as u64)?;
+        let mut w = self.writer()?;
+        self.before_change(&mut w)?;
+        self.for_each_piece(
+            guest.0,
+            data.len() as u64,
+            |img, w, cluster, at, len, done| {
+                let piece = Piece {
+                    cluster,
+                    at,
+                    bytes: &data[done..done + len],
+                };
+                img.write_piece(w, &piece)
+            },
+            &mut w,
+        )?;
+        self.after_change(&mut w)
+    }
+
+    /// Calls `f` for every cluster-sized piece of `[offset, offset + len)`.
+    fn for_each_piece(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&Image, &mut Writer, u64, usize, usize, usize) -> Result<(), ImageError>,
+        w: &mut Writer,
+    ) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        let mut done = 0u64;
+        while done < len {
+            let g = offset + done;
+            let at = self.geometry.in_cluster_offset(g);
+            let n = (cs - at).min(len - done);
+            f(self, w, g - at, at as usize, n as usize, done as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Keeps memory bounded: too many tables waiting for write-back start a flush.
+    fn after_change(&self, w: &mut Writer) -> Result<(), ImageError> {
+        if self.l2_cache.dirty_len() > self.l2_cache.capacity().max(16) {
+            self.flush_locked(w)?;
+        }
+        w.refcounts.trim(4096);
+        Ok(())
+    }
+
+    /// The L2 table for L1 index `l1_index`, ready to change: allocated if missing, copied if
+    /// shared with a snapshot. Returns its offset and its entries.
+    fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<(u64, Vec<u64>), ImageError> {
+        let idx = usize::try_from(l1_index)
+            .map_err(|_| ImageError::Corruption("L1 index out of range".into()))?;
+        let entry = {
+            let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner());
+            *l1.get(idx).ok_or_else(|| {
+                ImageError::Corruption(format!("L1 index {idx} past the L1 table"))
+            })?
+        };
+        let words = (self.geometry.cluster_size() / 8) as usize;
+        let offset = entry & L1_L2_OFFSET_MASK;
+        if offset != 0 && entry & OFLAG_COPIED != 0 {
+            let table = self
+                .l2_table(l1_index)?
+                .ok_or_else(|| ImageError::Corruption("L2 table vanished".into()))?;
+            return Ok((offset, table.to_vec()));
+        }
+        // A new table, or a copy of one shared with a snapshot.
+        let table = if offset == 0 {
+            vec![0u64; words]
+        } else {
+            let old = self
+                .l2_table(l1_index)?
+                .ok_or_else(|| ImageError::Corruption("L2 table vanished".into()))?;
+            w.refcounts
+                .free_later(offset >> self.geometry.cluster_bits());
+            self.map.write().unwrap_or_else(|e| e.into_inner()).remove(
+                HostOffset(offset),
+                ClusterCount(1),
+                MetadataType::ACTIVE_L2,
+            )?;
+            old.to_vec()
+        };
+        let new = self.allocate_metadata(w, MetadataType::ACTIVE_L2)?;
+        w.new_tables.push(NewTable {
+            offset: new,
+            clusters: 1,
+        });
+        self.l1.write().unwrap_or_else(|e| e.into_inner())[idx] = new | OFLAG_COPIED;
+        w.l1_dirty.insert(idx);
+        self.l2_cache
+            .put_dirty(HostOffset(new), Arc::from(table.clone()));
+        Ok((new, table))
+    }
+
+    /// Allocates a cluster for metadata of `types`, entering it (and any refcount structures
+    /// created on the way) into the map.
+    fn allocate_metadata(&self, w: &mut Writer, types: MetadataType) -> Result<u64, ImageError> {
+        let cluster = self.allocate_cluster(w)?;
+        let offset = cluster << self.geometry.cluster_bits();
+        self.map.write().unwrap_or_else(|e| e.into_inner()).enter(
+            HostOffset(offset),
+            ClusterCount(1),
+            types,
+        )?;
+        Ok(offset)
+    }
+
+    /// Allocates one cluster (refcount 1), entering new refcount structures into the map.
+    fn allocate_cluster(&self, w: &mut Writer) -> Result<u64, ImageError> {
+        let (cluster, created) = w.refcounts.allocate(self.storage.as_ref())?;
+        if cluster == 0 {
+            return Err(self.mark_corrupt(
+                w,
+                "Preventing allocation of cluster 0 (the header)".into(),
+                0,
+                self.geometry.cluster_size(),
+                MetadataType::MAIN_HEADER,
+            ));
+        }
+        self.enter_created(w, &created)?;
+        Ok(cluster)
+    }
+
+    /// Enters refcount blocks and tables created by the allocator into the map.
+    fn enter_created(&self, w: &mut Writer, created: &[NewTable]) -> Result<(), ImageError> {
+        if created.is_empty() {
+            return Ok(());
+        }
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        for t in created {
+            let types = if t.offset == w.refcounts.table_offset {
+                MetadataType::REFCOUNT_TABLE
+            } else {
+                MetadataType::REFCOUNT_BLOCK
+            };
+            map.enter(HostOffset(t.offset), ClusterCount(t.clusters), types)?;
+        }
+        drop(map);
+        if created.iter().any(|t| t.offset == w.refcounts.table_offset) {
+            w.header.refcount_table_offset = w.refcounts.table_offset;
+            w.header.refcount_table_clusters =
+                u32::try_from(w.refcounts.table_clusters()).unwrap_or(u32::MAX);
+            w.header_dirty = true;
+        }
+        w.new_tables.extend_from_slice(created);
+        Ok(())
+    }
+
+    /// Writes one piece of guest data (inside one cluster).
+    fn write_piece(&self, w: &mut Writer, p: &Piece<'_>) -> Result<(), ImageError> {
+        let g = self.geometry;
+        let guest = GuestOffset(p.cluster);
+        let (l2_offset, mut table) = self.l2_for_write(w, g.l1_index(guest))?;
+        let i = g.l2_index(guest) as usize;
+        if g.is_extended_l2() {
+            self.write_piece_extended(w, p, l2_offset, &mut table, i)?;
+        } else {
+            self.write_piece_standard(w, p, l2_offset, &mut table, i)?;
+        }
+        Ok(())
+    }
+
+    fn write_piece_standard(
+        &self,
+        w: &mut Writer,
+        p: &Piece<'_>,
+        l2_offset: u64,
+        table: &mut [u64],
+        i: usize,
+    ) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size() as usize;
+        let entry = table[i];
+        let host = entry & L1_L2_OFFSET_MASK;
+        let compressed = entry & OFLAG_COMPRESSED != 0;
+        let owned = !compressed && entry & OFLAG_COPIED != 0 && (host != 0 || w.external_data);
+        let zero = !compressed && entry & OFLAG_ZERO != 0;
+        let data_storage = self.chain()?.data.clone();
+        if owned && !zero {
+            if !self.geometry.is_aligned(HostOffset(host)) {
+                return Err(self.mark_corrupt(
+                    w,
+                    format!("Cluster allocation offset {host:#x} unaligned"),
+                    host,
+                    cs as u64,
+                    MetadataType::empty(),
+                ));
+            }
+            // Owned data cluster: overwrite in place.
+            return self.guarded_write(
+                w,
+                WriteKind::GuestData,
+                data_storage.as_ref(),
+                host + p.at as u64,
+                p.bytes,
+            );
+        }
+        // The whole cluster gets new contents: the old view (backing file, zeros, compressed
+        // or shared data) with the piece on top.
+        let mut buf = vec![0u8; cs];
+        if p.bytes.len() < cs && !zero {
+            self.read_at(GuestOffset(p.cluster), &mut buf)?;
+        }
+        buf[p.at..p.at + p.bytes.len()].copy_from_slice(p.bytes);
+        let target = if owned {
+            host // a preallocated zero cluster this image owns
+        } else if w.external_data {
+            p.cluster // the data file is mapped one to one
+        } else {
+            self.allocate_cluster(w)? << self.geometry.cluster_bits()
+        };
+        self.guarded_write(w, WriteKind::GuestData, data_storage.as_ref(), target, &buf)?;
+        self.release_old(w, entry, owned)?;
+        table[i] = target | OFLAG_COPIED;
+        self.l2_cache
+            .put_dirty(HostOffset(l2_offset), Arc::from(table.to_vec()));
+        Ok(())
+    }
+
+    /// Queues the release of what `entry` referenced, unless the cluster stays in use.
+    fn release_old(&self, w: &mut Writer, entry: u64, kept: bool) -> Result<(), ImageError> {
+        if kept || w.external_data {
+            return Ok(());
+        }
+        let bits = self.geometry.cluster_bits();
+        if entry & OFLAG_COMPRESSED != 0 {
+            if let Some(d) = CompressedDescriptor::from_entry(entry, bits) {
+                if let Some((start, end)) = d.sector_range() {
+                    for c in (start >> bits)..=((end - 1) >> bits) {
+                        w.refcounts.free_later(c);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let host = entry & L1_L2_OFFSET_MASK;
+        if host != 0 {
+            w.refcounts.free_later(host >> bits);
+        }
+        Ok(())
+    }
+
+    fn write_piece_extended(
+        &self,
+        w: &mut Writer,
+        p: &Piece<'_>,
+        l2_offset: u64,
+        table: &mut [u64],
+        i: usize,
+    ) -> Result<(), ImageError> {
+        let g = self.geometry;
+        let scs = g.subcluster_size() as usize;
+        let (entry, mut bitmap) = (table[2 * i], table[2 * i + 1]);
+        let data_storage = self.chain()?.data.clone();
+        let compressed = entry & OFLAG_COMPRESSED != 0;
+        let mut host = entry & L1_L2_OFFSET_MASK;
+        let owned = !compressed && entry & OFLAG_COPIED != 0 && (host != 0 || w.external_data);
+        if !owned {
+            // A new cluster: for a shared one, the allocated subclusters' data is copied over.
+            let old_host = host;
+            host = if w.external_data {
+                p.cluster
+            } else {
+                self.allocate_cluster(w)? << g.cluster_bits()
+            };
+            if compressed {
+                // Every subcluster of a compressed cluster is data: copy it all.
+                let mut buf = vec![0u8; g.cluster_size() as usize];
+                self.read_at(GuestOffset(p.cluster), &mut buf)?;
+                self.guarded_write(w, WriteKind::GuestData, data_storage.as_ref(), host, &buf)?;
+                bitmap = 0xffff_ffff;
+            } else if old_host != 0 && bitmap & 0xffff_ffff != 0 {
+                let mut buf = vec![0u8; g.cluster_size() as usize];
+                data_storage.read_padded(old_host, &mut buf)?;
+                self.guarded_write(w, WriteKind::GuestData, data_storage.as_ref(), host, &buf)?;
+            }
+            self.release_old(w, entry, false)?;
+        }
+        let first = p.at / scs;
+        let last = (p.at + p.bytes.len() - 1) / scs;
+        let span_start = first * scs;
+        let span_end = (last + 1) * scs;
+        let mut buf = vec![0u8; span_end - span_start];
+        for s in [first, last] {
+            let (lo, hi) = (s * scs, (s + 1) * scs);
+            let covered = p.at <= lo && p.at + p.bytes.len() >= hi;
+            if covered || bitmap & (1 << (32 + s)) != 0 {
+                continue;
+            }
+            let part = &mut buf[lo - span_start..hi - span_start];
+            if bitmap & (1 << s) != 0 {
+                data_storage.read_padded(host + lo as u64, part)?;
+            } else {
+                self.read_at(GuestOffset(p.cluster + lo as u64), part)?;
+            }
+        }
+        buf[p.at - span_start..p.at - span_start + p.bytes.len()].copy_from_slice(p.bytes);
+        self.guarded_write(
+            w,
+            WriteKind::GuestData,
+            data_storage.as_ref(),
+            host + span_start as u64,
+            &buf,
+        )?;
+        for s in first..=last {
+            bitmap |= 1 << s;
+            bitmap &= !(1u64 << (32 + s));
+        }
+        table[2 * i] = host | OFLAG_COPIED;
+        table[2 * i + 1] = bitmap;
+        self.l2_cache
+            .put_dirty(HostOffset(l2_offset), Arc::from(table.to_vec()));
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: whole clusters by the zero flag (version 3;
+    /// with `unmap`, their clusters are freed), partial ones by writing zeros. Version 2 images
+    /// have no zero flag and get zeros written.
+    pub fn write_zeroes(
+        &self,
+        guest: GuestOffset,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), ImageError> {
+        self.check_range("write_zeroes", guest.0, len)?;
+        let mut w = self.writer()?;
+        self.before_change(&mut w)?;
+        let cs = self.geometry.cluster_size() as usize;
+        let zeros = vec![0u8; cs];
+        let v3 = w.header.version >= 3;
+        self.for_each_piece(
+            guest.0,
+            len,
+            |img, w, cluster, at, n, _| {
+                if v3 && n == cs {
+                    img.zero_cluster(w, cluster, unmap, false)
+                } else if v3 && img.geometry.is_extended_l2() {
+                    img.zero_subclusters(w, cluster, at, n)
+                } else {
+                    let piece = Piece {
+                        cluster,
+                        at,
+                        bytes: &zeros[..n],
+                    };
+                    img.write_piece(w, &piece)
+                }
+            },
+            &mut w,
+        )?;
+        self.after_change(&mut w)
+    }
+
+    /// Discards whole clusters in `[offset, offset + len)` (partial clusters are left alone, as
+    /// QEMU does): version 3 clusters then read as zeros, version 2 clusters fall back to the
+    /// backing file (or zeros). Their host clusters are freed.
+    pub fn discard(&self, guest: GuestOffset, len: u64) -> Result<(), ImageError> {
+        self.check_range("discard", guest.0, len)?;
+        let mut w = self.writer()?;
+        self.before_change(&mut w)?;
+        let cs = self.geometry.cluster_size() as usize;
+        let v3 = w.header.version >= 3;
+        let at_end = guest.0 + len == self.virtual_size();
+        self.for_each_piece(
+            guest.0,
+            len,
+            |img, w, cluster, _at, n, _| {
+                if n == cs || (at_end && cluster + n as u64 == img.virtual_size()) {
+                    img.zero_cluster(w, cluster, true, !v3)
+                } else {
+                    Ok(())
+                }
+            },
+            &mut w,
+        )?;
+        self.after_change(&mut w)
+    }
+
+    /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated).
+    fn zero_cluster(
+        &self,
+        w: &mut Writer,
+        cluster: u64,
+        unmap: bool,
+        unallocate: bool,
+    ) -> Result<(), ImageError> {
+        let g = self.geometry;
+        let guest = GuestOffset(cluster);
+        // Nothing to do for an unallocated cluster that already reads zeros.
+        let l1_index = g.l1_index(guest);
+        let has_backing = self.scanned.header.backing_file.is_some();
+        if self.l2_table(l1_index)?.is_none() && (!has_backing || unallocate) {
+            return Ok(());
+        }
+        let (l2_offset, mut table) = self.l2_for_write(w, l1_index)?;
+        let i = g.l2_index(guest) as usize;
+        let ext = g.is_extended_l2();
+        let entry = table[if ext { 2 * i } else { i }];
+        let host = entry & L1_L2_OFFSET_MASK;
+        let compressed = entry & OFLAG_COMPRESSED != 0;
+        let owned = !compressed && entry & OFLAG_COPIED != 0 && host != 0;
+        let keep = owned && !unmap && !unallocate && !w.external_data;
+        self.release_old(w, entry, keep)?;
+        if ext {
+            table[2 * i] = if keep { host | OFLAG_COPIED } else { 0 };
+            table[2 * i + 1] = if unallocate { 0 } else { 0xffff_ffffu64 << 32 };
+        } else {
+            table[i] = match (unallocate, keep) {
+                (true, _) => 0,
+                (false, true) => host | OFLAG_COPIED | OFLAG_ZERO,
+                (false, false) => OFLAG_ZERO,
+            };
+        }
+        self.l2_cache
+            .put_dirty(HostOffset(l2_offset), Arc::from(table));
+        Ok(())
+    }
+
+    /// Zeroes whole subclusters of one cluster by their zero bits; partial subclusters get
+    /// zeros written.
+    fn zero_subclusters(
+        &self,
+        w: &mut Writer,
+        cluster: u64,
+        at: usize,
+        n: usize,
+    ) -> Result<(), ImageError> {
+        let scs = self.geometry.subcluster_size() as usize;
+        let first_full = at.div_ceil(scs);
+        let end_full = (at + n) / scs;
+        let zeros = vec![0u8; scs];
+        // Partial subclusters at either end.
+        let head_end = (first_full * scs).min(at + n);
+        if at < head_end {
+            let piece = Piece {
+                cluster,
+                at,
+                bytes: &zeros[..head_end - at],
+            };
+            self.write_piece(w, &piece)?;
+        }
+        if end_full > first_full {
+            let guest = GuestOffset(cluster);
+            let (l2_offset, mut table) = self.l2_for_write(w, self.geometry.l1_index(guest))?;
+            let i = self.geometry.l2_index(guest) as usize;
+            let entry = table[2 * i];
+            let owned = entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0;
+            if entry & OFLAG_COMPRESSED != 0 || (!owned && entry & L1_L2_OFFSET_MASK != 0) {
+                // Shared or compressed: write zeros (which copies the cluster first).
+                let piece = Piece {
+                    cluster,
+                    at: first_full * scs,
+                    bytes: &vec![0u8; (end_full - first_full) * scs],
+                };
+                self.write_piece(w, &piece)?;
+            } else {
+                let mut bitmap = table[2 * i + 1];
+                for s in first_full..end_full {
+                    bitmap &= !(1u64 << s);
+                    bitmap |= 1u64 << (32 + s);
+                }
+                table[2 * i + 1] = bitmap;
+                self.l2_cache
+                    .put_dirty(HostOffset(l2_offset), Arc::from(table));
+            }
+        }
+        let tail_start = (end_full * scs).max(head_end);
+        if tail_start < at + n && end_full >= first_full {
+            let piece = Piece {
+                cluster,
+                at: tail_start,
+                bytes: &zeros[..at + n - tail_start],
+            };
+            self.write_piece(w, &piece)?;
+        }
+        Ok(())
+    }
+
+    /// Changes the virtual size. Growing may move the L1 table to a larger one; shrinking is
+    /// refused while anything is allocated past the new end.
+    pub fn resize(&self, new_size: u64) -> Result<(), ImageError> {
+        let mut w = self.writer()?;
+        self.before_change(&mut w)?;
+        let g = self.geometry;
+        let old_size = self.virtual_size();
+        if new_size % 512 != 0 {
+            return Err(ImageError::OutOfRange {
+                what: "resize (the size must be a multiple of 512)",
+                offset: new_size,
+                length: 0,
+                size: old_size,
+            });
+        }
+        if new_size < old_size {
+            let mut at = new_size;
+            while at < old_size {
+                let e = self.mapping(GuestOffset(at), old_size - at)?;
+                let allocated = match e.mapping {
+                    crate::format::L2Mapping::Unallocated { host } => host.is_some(),
+                    crate::format::L2Mapping::Zero { host } => host.is_some(),
+                    _ => true,
+                };
+                if allocated {
+                    return Err(ImageError::Unsupported(format!(
+                        "Cannot shrink the image to {new_size} bytes: guest offset {at:#x} is \
+                         allocated (discard it first)"
+                    )));
+                }
+                at += e.len;
+            }
+        }
+        let needed = g.l1_entries_for(new_size);
+        let current = self.l1.read().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        if needed > current {
+            if needed * 8 > crate::format::limits::MAX_L1_BYTES {
+                return Err(ImageError::Unsupported(
+                    "The image size is too large for file format 'qcow2' (try using a larger \
+                     cluster size)"
+                        .into(),
+                ));
+            }
+            let clusters = (needed * 8).div_ceil(g.cluster_size());
+            let first = self.allocate_run(&mut w, clusters)?;
+            let offset = first << g.cluster_bits();
+            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+            map.enter(
+                HostOffset(offset),
+                ClusterCount(clusters),
+                MetadataType::ACTIVE_L1,
+            )?;
+            drop(map);
+            let old = NewTable {
+                offset: w.header.l1_table_offset,
+                clusters: (current * 8).div_ceil(g.cluster_size()),
+            };
+            if w.l1_moved.is_none() && old.clusters > 0 {
+                let first_old = old.offset >> g.cluster_bits();
+                for c in first_old..first_old + old.clusters {
+                    w.refcounts.free_later(c);
+                }
+                w.l1_moved = Some(old);
+            }
+            self.l1
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .resize(needed as usize, 0);
+            w.header.l1_table_offset = offset;
+            w.header.l1_size = needed as u32;
+        }
+        w.header.size = new_size;
+        w.header_dirty = true;
+        // Grow and shrink both take effect on disk with the next flush; reads see the new size.
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        drop(w);
+        self.flush()
+    }
+
+    /// Allocates `n` contiguous clusters; returns the first.
+    fn allocate_run(&self, w: &mut Writer, n: u64) -> Result<u64, ImageError> {
+        let (first, created) = w.refcounts.allocate_run(self.storage.as_ref(), n)?;
+        self.enter_created(w, &created)?;
+        Ok(first)
+    }
+}
