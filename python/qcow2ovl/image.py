@@ -14,10 +14,9 @@ from qcow2ovl.types import MetadataType
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import datetime as _dt
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from dataclasses import dataclass
     from types import TracebackType
-    from collections.abc import Callable
     from typing import Any, TypeVar, Union
 
     from typing_extensions import Buffer
