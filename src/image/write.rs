@@ -73,6 +73,9 @@ pub(crate) struct Writer {
     pub dirty_bit_on_disk: bool,
     /// Whether guest data goes to an external data file (identity-mapped, not refcounted).
     pub external_data: bool,
+    /// Whether that data file must stay a valid raw image by itself (`data_file_raw`): zeroed
+    /// and discarded ranges get zeros written there too.
+    pub raw_data: bool,
     /// Set once a write was refused for corruption: the message.
     pub poisoned: Option<String>,
 }
@@ -107,6 +110,9 @@ impl Writer {
             header_dirty: false,
             dirty_bit_on_disk: false,
             external_data: h.has_external_data_file(),
+            raw_data: h.has_external_data_file()
+                && h.autoclear_features
+                    .contains(AutoclearFeatures::RAW_EXTERNAL_DATA),
             poisoned: None,
         })
     }
@@ -589,6 +595,12 @@ impl Image {
         let owned = !compressed && entry & OFLAG_COPIED != 0 && host != 0;
         let keep = owned && !unmap && !unallocate && !w.external_data;
         self.release_old(w, entry, keep)?;
+        if w.raw_data {
+            // The raw data file must read as the disk does.
+            let zeros = vec![0u8; g.cluster_size() as usize];
+            let data = self.chain()?.data.clone();
+            self.guarded_write(w, WriteKind::GuestData, data.as_ref(), cluster, &zeros)?;
+        }
         if ext {
             table[2 * i] = if keep { host | OFLAG_COPIED } else { 0 };
             table[2 * i + 1] = if unallocate { 0 } else { 0xffff_ffffu64 << 32 };
@@ -633,7 +645,10 @@ impl Image {
             let i = self.geometry.l2_index(guest) as usize;
             let entry = table[2 * i];
             let owned = entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0;
-            if entry & OFLAG_COMPRESSED != 0 || (!owned && entry & L1_L2_OFFSET_MASK != 0) {
+            if w.raw_data
+                || entry & OFLAG_COMPRESSED != 0
+                || (!owned && entry & L1_L2_OFFSET_MASK != 0)
+            {
                 // Shared or compressed: write zeros (which copies the cluster first).
                 let piece = Piece {
                     cluster,

@@ -1,0 +1,358 @@
+"""Guarded writes, with QEMU as the oracle: after every workload `qemu-img check` finds the image
+clean and `qemu-img compare` finds it identical to a raw mirror of the same writes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import pytest
+import qcow2ovl
+import qemu_images as qi
+
+pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img")
+
+KiB, MiB = 1024, 1 << 20
+
+
+def assert_clean_and_equal(image: Path, mirror: Path, fmt: str = "qcow2") -> None:
+    report = qi.qemu_check(image)
+    assert qi.check_is_clean(report), report
+    out = qi.qemu_img("compare", "-f", fmt, "-F", "raw", image, mirror).stdout
+    assert "identical" in out, out
+
+
+class Mirror:
+    """A raw file receiving the same writes as the image."""
+
+    def __init__(
+        self, path: Path, size: int, initial: bytes | None = None, keep: bool = False
+    ) -> None:
+        self.path = path
+        if keep:
+            return
+        with open(path, "wb") as f:
+            f.truncate(size)
+            if initial:
+                f.write(initial)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.write(offset, bytes(length))
+
+    def resize(self, size: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+
+
+def workload(img: qcow2ovl.Image, mirror: Mirror, seed: int, ops: int, size: int) -> None:
+    rng = random.Random(seed)
+    cs = img.info.cluster_size
+    v3 = img.info.version == 3
+    for i in range(ops):
+        kind = rng.choice(["write", "write", "write", "zero", "discard", "flush"])
+        off = rng.randrange(size)
+        n = min(size - off, rng.choice([1, 511, 4096, cs, cs + 17, 3 * cs, 300 * KiB]))
+        if kind == "write":
+            data = rng.randbytes(n)
+            img.write(off, data)
+            mirror.write(off, data)
+        elif kind == "zero":
+            unmap = rng.random() < 0.5
+            img.write_zeroes(off, n, unmap=unmap)
+            mirror.zero(off, n)
+        elif kind == "discard":
+            # Only whole clusters are discarded; they read as zeros on v3 (no backing here).
+            start = -(-off // cs) * cs
+            end = (off + n) // cs * cs
+            img.discard(off, n)
+            if end > start and v3:
+                mirror.zero(start, end - start)
+            elif end > start:
+                mirror.zero(start, end - start)  # v2 without backing: unallocated reads zeros
+        else:
+            img.flush()
+        if i % 7 == 0:
+            assert img.read(off, n) == open(mirror.path, "rb").read()[off : off + n]
+
+
+CONFIGS = {
+    "default": {},
+    "cluster_512": {"cluster_size": 512},
+    "cluster_4k_refcount_1": {"cluster_size": 4096, "refcount_bits": 1},
+    "cluster_2m": {"cluster_size": 2 * MiB},
+    "refcount_64": {"refcount_bits": 64},
+    "extended_l2": {"extended_l2": True},
+    "lazy_refcounts": {"lazy_refcounts": True},
+    "v2": {"version": 2},
+    "zstd": {"compression_type": "zstd"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_random_workload_is_clean_and_equal(name: str, tmp_path: Path) -> None:
+    size = 24 * MiB
+    path = tmp_path / "img.qcow2"
+    qcow2ovl.create(path, size, **CONFIGS[name])
+    mirror = Mirror(tmp_path / "mirror.raw", size)
+    with qcow2ovl.open(path, writable=True) as img:
+        workload(img, mirror, seed=hash(name) & 0xFFFF, ops=120, size=size)
+    assert_clean_and_equal(path, mirror.path)
+    # Reopened, the data reads the same through our reader too.
+    with qcow2ovl.open(path) as img:
+        assert img.read(0, size) == mirror.path.read_bytes()
+
+
+def test_lazy_refcounts_dirty_bit(tmp_path: Path) -> None:
+    path = tmp_path / "lazy.qcow2"
+    qcow2ovl.create(path, 8 * MiB, lazy_refcounts=True)
+    img = qcow2ovl.open(path, writable=True)
+    img.write(0, b"x" * 4096)
+    # While refcounts on disk may be behind, the dirty bit says so.
+    assert qi.qemu_info(path)["format-specific"]["data"].get("dirty-flag", False) or (
+        qi.peek(path, 72, ">Q")[0] & 1
+    )
+    img.close()
+    assert qi.peek(path, 72, ">Q")[0] & 1 == 0
+    assert qi.check_is_clean(qi.qemu_check(path))
+
+
+def test_backing_file_copy_on_write(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    rng = random.Random(5)
+    content = rng.randbytes(4 * MiB)
+    base.write_bytes(content)
+    top = tmp_path / "top.qcow2"
+    qcow2ovl.create(top, 8 * MiB, backing_file=str(base), backing_format="raw")
+    mirror = Mirror(tmp_path / "mirror.raw", 8 * MiB, content)
+    with qcow2ovl.open(top, writable=True) as img:
+        for off, n in [(100, 10), (65536 + 7, 200), (3 * MiB - 5, 70000), (6 * MiB, 4096)]:
+            data = rng.randbytes(n)
+            img.write(off, data)
+            mirror.write(off, data)
+        # Discard on v3 makes clusters read zeros, not the backing file (as QEMU does).
+        img.discard(2 * MiB, 64 * KiB)
+        mirror.zero(2 * MiB, 64 * KiB)
+    assert_clean_and_equal(top, mirror.path)
+
+
+def test_extended_l2_subclusters_stay_exact(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x11" * (4 * MiB))
+    top = tmp_path / "top.qcow2"
+    qcow2ovl.create(top, 4 * MiB, extended_l2=True, backing_file=str(base), backing_format="raw")
+    with qcow2ovl.open(top, writable=True) as img:
+        img.write(2048, b"\x22" * 2048)  # exactly subcluster 1 of cluster 0
+        img.write(5000, b"\x33" * 10)  # inside subcluster 2: copied up from the backing file
+    qmap = qi.qemu_map(top)
+    allocated = [(e["start"], e["length"]) for e in qmap if e["depth"] == 0 and e["data"]]
+    assert allocated == [(2048, 4096)], qmap
+    data = qi.run(
+        [
+            qi.QEMU_IO,
+            "-c",
+            "read -P 0x11 0 2048",
+            "-c",
+            "read -P 0x22 2048 2048",
+            "-c",
+            "read -P 0x11 4096 904",
+            "-c",
+            "read -P 0x33 5000 10",
+            "-c",
+            "read -P 0x11 5010 1134",
+            str(top),
+        ]
+    ).stdout
+    assert "Pattern verification failed" not in data, data
+    assert qi.check_is_clean(qi.qemu_check(top))
+
+
+def test_external_data_file(tmp_path: Path) -> None:
+    os.chdir(tmp_path)  # data file names are relative to the working directory, as in QEMU
+    path = tmp_path / "img.qcow2"
+    qcow2ovl.create(path, 8 * MiB, data_file="img.data", data_file_raw=True)
+    mirror = Mirror(tmp_path / "mirror.raw", 8 * MiB)
+    with qcow2ovl.open(path, writable=True) as img:
+        workload(img, mirror, seed=9, ops=40, size=8 * MiB)
+    assert_clean_and_equal(path, mirror.path)
+    # data_file_raw: the data file itself is the disk.
+    assert (tmp_path / "img.data").read_bytes()[: 8 * MiB] == mirror.path.read_bytes()
+
+
+def test_overwrite_qemu_made_images(tmp_path: Path) -> None:
+    # Compressed (zlib, zstd), extended L2 and snapshotted images written by QEMU: our writes
+    # copy shared and compressed clusters, and the snapshot keeps its data.
+    rng = random.Random(11)
+    for name, opts, comp in [
+        ("zlib", "", True),
+        ("zstd", "compression_type=zstd", True),
+        ("ext", "extended_l2=on", False),
+        ("snap", "", False),
+    ]:
+        path = tmp_path / f"{name}.qcow2"
+        args = ["create", "-q", "-f", "qcow2"] + (["-o", opts] if opts else []) + [path, "8M"]
+        qi.qemu_img(*args)
+        flag = "-c " if comp else ""
+        qi.qemu_io(path, f"write {flag}-P 0x41 0 1M", f"write {flag}-P 0x42 2M 512k")
+        if name == "snap":
+            qi.qemu_img("snapshot", "-c", "s1", path)
+        mirror = tmp_path / f"{name}.raw"
+        qi.qemu_img("convert", "-O", "raw", path, mirror)
+        before = mirror.read_bytes()
+        m = Mirror(mirror, 8 * MiB, keep=True)
+        with qcow2ovl.open(path, writable=True) as img:
+            for off, n in [(1000, 5000), (65536, 65536), (2 * MiB + 12345, 100000), (7 * MiB, 9)]:
+                d = rng.randbytes(n)
+                img.write(off, d)
+                m.write(off, d)
+        assert_clean_and_equal(path, mirror)
+        if name == "snap":
+            snap = tmp_path / "snap-s1.raw"
+            qi.qemu_img("convert", "-l", "snapshot.name=s1", "-O", "raw", path, snap)
+            assert snap.read_bytes() == before
+
+
+def test_resize(tmp_path: Path) -> None:
+    path = tmp_path / "r.qcow2"
+    qcow2ovl.create(path, 1 * MiB, cluster_size=512)  # a tiny L1: growing must move it
+    with qcow2ovl.open(path, writable=True) as img:
+        img.write(0, b"a" * 1000)
+        img.resize(64 * MiB)
+        img.write(60 * MiB, b"b" * 3000)
+        assert img.virtual_size == 64 * MiB
+        with pytest.raises(qcow2ovl.UnsupportedError, match="allocated"):
+            img.resize(32 * MiB)
+        img.discard(60 * MiB - 512 * 8, 512 * 16)
+        img.resize(32 * MiB)
+    info = qi.qemu_info(path)
+    assert info["virtual-size"] == 32 * MiB
+    assert qi.check_is_clean(qi.qemu_check(path))
+    out = qi.qemu_io(path, "read -P 0x61 0 1000")
+    assert "verification failed" not in out
+
+
+def test_writable_stream(tmp_path: Path) -> None:
+    path = tmp_path / "s.qcow2"
+    qcow2ovl.create(path, 4 * MiB)
+    with qcow2ovl.open(path, writable=True) as img:
+        s = img.stream()
+        assert s.writable()
+        s.seek(100)
+        s.write(b"hello")
+        s.seek(100)
+        assert s.read(5) == b"hello"
+    with qcow2ovl.open(path) as img:
+        assert not img.stream().writable()
+        assert img.read(100, 5) == b"hello"
+
+
+def test_read_only_images_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "ro.qcow2"
+    qcow2ovl.create(path, 1 * MiB)
+    with qcow2ovl.open(path) as img, pytest.raises(OSError):
+        img.write(0, b"x")
+
+
+# ---- corruption: the iotest 060 scenarios that apply without a VM ----------------------------
+
+
+def _l2_entry_offset(path: Path, guest: int) -> tuple[int, int]:
+    """(host offset of the L2 entry for `guest`, cluster size) of a plain v3 image."""
+    (cluster_bits,) = qi.peek(path, 20, ">I")
+    (l1_offset,) = qi.peek(path, 40, ">Q")
+    cs = 1 << cluster_bits
+    l2_bits = cluster_bits - 3
+    l1_index = guest >> (cluster_bits + l2_bits)
+    (l1_entry,) = qi.peek(path, l1_offset + 8 * l1_index, ">Q")
+    l2 = l1_entry & 0x00FFFFFFFFFFFE00
+    return l2 + 8 * ((guest >> cluster_bits) & ((1 << l2_bits) - 1)), cs
+
+
+def _metadata_hashes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [
+        ("l1", "active L1 table"),
+        ("reftable", "refcount table"),
+        ("refblock", "refcount block"),
+    ],
+)
+def test_write_onto_metadata_is_refused(
+    target: str, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write -P 0x2a 0 64k")
+    entry_at, cs = _l2_entry_offset(path, 0)
+    (l1,) = qi.peek(path, 40, ">Q")
+    (reftable,) = qi.peek(path, 48, ">Q")
+    (refblock,) = qi.peek(path, reftable, ">Q")
+    where = {"l1": l1, "reftable": reftable, "refblock": refblock}[target]
+    # The guest's cluster 0 now claims to live on the metadata (COPIED: write in place).
+    qi.poke(path, entry_at, ">Q", (1 << 63) | where)
+    before = path.read_bytes()
+    events: list[tuple[str, int, int, bool]] = []
+    img = qcow2ovl.open(path, writable=True, on_corruption=lambda *a: events.append(a))
+    with (
+        caplog.at_level(logging.ERROR, logger="qcow2ovl"),
+        pytest.raises(qcow2ovl.MetadataOverlapError, match=f"overlaps with {name}") as info,
+    ):
+        img.write(0, b"\xff" * 512)
+    assert info.value.errno == 5 and info.value.offset == where
+    assert events == [(info.value.strerror, where, 512, True)]
+    assert sum("Marking image as corrupt" in r.message for r in caplog.records) == 1
+    # The handle refuses everything from now on.
+    with pytest.raises(OSError):
+        img.write(1 << 20, b"x")
+    img.close()
+    after = path.read_bytes()
+    # Not one byte changed but the corrupt bit.
+    (incompat,) = qi.peek(path, 72, ">Q")
+    assert incompat & 2
+    assert after[:72] == before[:72] and after[80:] == before[80:]
+    with pytest.raises(qcow2ovl.CorruptImageError, match="cannot be opened read/write"):
+        qcow2ovl.open(path, writable=True)
+    with qcow2ovl.open(path) as ro:
+        assert ro.info.corrupt
+
+
+def test_overlapping_metadata_refuses_writable_open(tmp_path: Path) -> None:
+    path = tmp_path / "o.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write 0 64k")
+    (l1,) = qi.peek(path, 40, ">Q")
+    (reftable,) = qi.peek(path, 48, ">Q")
+    qi.poke(path, l1, ">Q", (1 << 63) | reftable)  # L2 table on the refcount table
+    with pytest.raises(qcow2ovl.CorruptImageError, match="refcount table"):
+        qcow2ovl.open(path, writable=True)
+    with qcow2ovl.open(path) as ro:
+        assert any(p.kind == "metadata-overlap" for p in ro.problems)
+
+
+def test_refcount_zero_on_a_table_is_refused(tmp_path: Path) -> None:
+    # The L2 table's refcount is 0: the allocator may hand its cluster out for data, and the
+    # guard refuses the write that would land there.
+    path = tmp_path / "z.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write 0 64k")
+    (l1,) = qi.peek(path, 40, ">Q")
+    (l1e,) = qi.peek(path, l1, ">Q")
+    l2 = l1e & 0x00FFFFFFFFFFFE00
+    (reftable,) = qi.peek(path, 48, ">Q")
+    (refblock,) = qi.peek(path, reftable, ">Q")
+    qi.poke(path, refblock + 2 * (l2 >> 16), ">H", 0)
+    img = qcow2ovl.open(path, writable=True)
+    with pytest.raises(qcow2ovl.MetadataOverlapError, match="active L2 table"):
+        for i in range(1, 64):
+            img.write(i << 20, b"y" * 65536)
+    img.close()
+    assert qi.peek(path, 72, ">Q")[0] & 2
