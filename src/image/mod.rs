@@ -30,6 +30,9 @@ mod mapping;
 mod read;
 mod write;
 
+#[cfg(test)]
+mod crash_tests;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
