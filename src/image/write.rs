@@ -394,7 +394,7 @@ impl Image {
         // or shared data) with the piece on top.
         let mut buf = vec![0u8; cs];
         if p.bytes.len() < cs && !zero {
-            self.read_at(GuestOffset(p.cluster), &mut buf)?;
+            self.read_old(p.cluster, &mut buf)?;
         }
         buf[p.at..p.at + p.bytes.len()].copy_from_slice(p.bytes);
         let target = if owned {
@@ -410,6 +410,17 @@ impl Image {
         self.l2_cache
             .put_dirty(HostOffset(l2_offset), Arc::from(table.to_vec()));
         Ok(())
+    }
+
+    /// Reads the guest view at `guest` into `buf`, as far as the virtual disk goes; the part
+    /// of a last, partial cluster past the end reads as zeros.
+    fn read_old(&self, guest: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let inside = self
+            .virtual_size()
+            .saturating_sub(guest)
+            .min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        self.read_at(GuestOffset(guest), &mut buf[..inside])
     }
 
     /// Queues the release of what `entry` referenced, unless the cluster stays in use.
@@ -461,7 +472,7 @@ impl Image {
             if compressed {
                 // Every subcluster of a compressed cluster is data: copy it all.
                 let mut buf = vec![0u8; g.cluster_size() as usize];
-                self.read_at(GuestOffset(p.cluster), &mut buf)?;
+                self.read_old(p.cluster, &mut buf)?;
                 self.guarded_write(w, WriteKind::GuestData, data_storage.as_ref(), host, &buf)?;
                 bitmap = 0xffff_ffff;
             } else if old_host != 0 && bitmap & 0xffff_ffff != 0 {
@@ -486,7 +497,7 @@ impl Image {
             if bitmap & (1 << s) != 0 {
                 data_storage.read_padded(host + lo as u64, part)?;
             } else {
-                self.read_at(GuestOffset(p.cluster + lo as u64), part)?;
+                self.read_old(p.cluster + lo as u64, part)?;
             }
         }
         buf[p.at - span_start..p.at - span_start + p.bytes.len()].copy_from_slice(p.bytes);
