@@ -356,3 +356,25 @@ def test_refcount_zero_on_a_table_is_refused(tmp_path: Path) -> None:
             img.write(i << 20, b"y" * 65536)
     img.close()
     assert qi.peek(path, 72, ">Q")[0] & 2
+
+
+@pytest.mark.parametrize("what", ["l1", "l2"])
+def test_unaligned_entries_are_fatal(what: str, tmp_path: Path) -> None:
+    path = tmp_path / "u.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write 0 64k")
+    (l1,) = qi.peek(path, 40, ">Q")
+    (l1e,) = qi.peek(path, l1, ">Q")
+    if what == "l1":
+        qi.poke(path, l1, ">Q", l1e + 512)  # the L2 table pointer is off a cluster boundary
+        phrase = "L2 table offset .* unaligned"
+    else:
+        entry_at, _ = _l2_entry_offset(path, 0)
+        (l2e,) = qi.peek(path, entry_at, ">Q")
+        qi.poke(path, entry_at, ">Q", l2e + 512)
+        phrase = "unaligned"
+    img = qcow2ovl.open(path, writable=True)
+    with pytest.raises(qcow2ovl.MetadataOverlapError, match=phrase):
+        img.write(100, b"z" * 100)
+    img.close()
+    assert qi.peek(path, 72, ">Q")[0] & 2

@@ -36,8 +36,13 @@ impl Image {
         }
     }
 
-    /// The flush, with the writer lock held.
+    /// The flush, with the writer lock held; inconsistencies met on the way are fatal.
     pub(crate) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
+        self.write_back(w).map_err(|e| self.fatal(w, e))
+    }
+
+    /// The phases of the flush.
+    fn write_back(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
         // 1. Guest data.
         let chain = self.chain()?;

@@ -196,20 +196,22 @@ impl Image {
         self.check_range("write", guest.0, data.len() as u64)?;
         let mut w = self.writer()?;
         self.before_change(&mut w)?;
-        self.for_each_piece(
-            guest.0,
-            data.len() as u64,
-            |img, w, cluster, at, len, done| {
-                let piece = Piece {
-                    cluster,
-                    at,
-                    bytes: &data[done..done + len],
-                };
-                img.write_piece(w, &piece)
-            },
-            &mut w,
-        )?;
-        self.after_change(&mut w)
+        let r = self
+            .for_each_piece(
+                guest.0,
+                data.len() as u64,
+                |img, w, cluster, at, len, done| {
+                    let piece = Piece {
+                        cluster,
+                        at,
+                        bytes: &data[done..done + len],
+                    };
+                    img.write_piece(w, &piece)
+                },
+                &mut w,
+            )
+            .and_then(|()| self.after_change(&mut w));
+        r.map_err(|e| self.fatal(&mut w, e))
     }
 
     /// Calls `f` for every cluster-sized piece of `[offset, offset + len)`.
@@ -230,6 +232,16 @@ impl Image {
             done += n;
         }
         Ok(())
+    }
+
+    /// Fatal inconsistencies met while writing (an unaligned table or cluster offset, a
+    /// refcount of 0 on a cluster in use, a cluster no refcount block can describe) are handled
+    /// like a refused overlapping write: the image is marked corrupt and the handle poisoned.
+    pub(crate) fn fatal(&self, w: &mut Writer, e: ImageError) -> ImageError {
+        if e.kind() == super::ErrorKind::Corruption && w.poisoned.is_none() {
+            return self.mark_corrupt(w, e.to_string(), 0, 0, MetadataType::empty());
+        }
+        e
     }
 
     /// Keeps memory bounded: too many tables waiting for write-back start a flush.
@@ -534,26 +546,28 @@ impl Image {
         let cs = self.geometry.cluster_size() as usize;
         let zeros = vec![0u8; cs];
         let v3 = w.header.version >= 3;
-        self.for_each_piece(
-            guest.0,
-            len,
-            |img, w, cluster, at, n, _| {
-                if v3 && n == cs {
-                    img.zero_cluster(w, cluster, unmap, false)
-                } else if v3 && img.geometry.is_extended_l2() {
-                    img.zero_subclusters(w, cluster, at, n)
-                } else {
-                    let piece = Piece {
-                        cluster,
-                        at,
-                        bytes: &zeros[..n],
-                    };
-                    img.write_piece(w, &piece)
-                }
-            },
-            &mut w,
-        )?;
-        self.after_change(&mut w)
+        let r = self
+            .for_each_piece(
+                guest.0,
+                len,
+                |img, w, cluster, at, n, _| {
+                    if v3 && n == cs {
+                        img.zero_cluster(w, cluster, unmap, false)
+                    } else if v3 && img.geometry.is_extended_l2() {
+                        img.zero_subclusters(w, cluster, at, n)
+                    } else {
+                        let piece = Piece {
+                            cluster,
+                            at,
+                            bytes: &zeros[..n],
+                        };
+                        img.write_piece(w, &piece)
+                    }
+                },
+                &mut w,
+            )
+            .and_then(|()| self.after_change(&mut w));
+        r.map_err(|e| self.fatal(&mut w, e))
     }
 
     /// Discards whole clusters in `[offset, offset + len)` (partial clusters are left alone, as
@@ -566,19 +580,21 @@ impl Image {
         let cs = self.geometry.cluster_size() as usize;
         let v3 = w.header.version >= 3;
         let at_end = guest.0 + len == self.virtual_size();
-        self.for_each_piece(
-            guest.0,
-            len,
-            |img, w, cluster, _at, n, _| {
-                if n == cs || (at_end && cluster + n as u64 == img.virtual_size()) {
-                    img.zero_cluster(w, cluster, true, !v3)
-                } else {
-                    Ok(())
-                }
-            },
-            &mut w,
-        )?;
-        self.after_change(&mut w)
+        let r = self
+            .for_each_piece(
+                guest.0,
+                len,
+                |img, w, cluster, _at, n, _| {
+                    if n == cs || (at_end && cluster + n as u64 == img.virtual_size()) {
+                        img.zero_cluster(w, cluster, true, !v3)
+                    } else {
+                        Ok(())
+                    }
+                },
+                &mut w,
+            )
+            .and_then(|()| self.after_change(&mut w));
+        r.map_err(|e| self.fatal(&mut w, e))
     }
 
     /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated).
