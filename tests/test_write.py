@@ -378,3 +378,23 @@ def test_unaligned_entries_are_fatal(what: str, tmp_path: Path) -> None:
         img.write(100, b"z" * 100)
     img.close()
     assert qi.peek(path, 72, ">Q")[0] & 2
+
+
+def test_writes_under_a_map_memory_limit_use_the_naive_check(tmp_path: Path) -> None:
+    # With the map too small to hold everything, QEMU's algorithm checks the rest, against the
+    # live tables: writes still work, and a write onto metadata is still refused.
+    path = tmp_path / "limit.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "64M")
+    mirror = Mirror(tmp_path / "m.raw", 64 * MiB)
+    with qcow2ovl.open(path, writable=True, map_memory_limit=256) as img:
+        assert img.unchecked_ranges()
+        img.write(0, b"a" * 4096)
+        mirror.write(0, b"a" * 4096)
+        workload(img, mirror, seed=3, ops=60, size=64 * MiB)
+    assert_clean_and_equal(path, mirror.path)
+    entry_at, _ = _l2_entry_offset(path, 0)
+    (l1,) = qi.peek(path, 40, ">Q")
+    qi.poke(path, entry_at, ">Q", (1 << 63) | l1)
+    with qcow2ovl.open(path, writable=True, map_memory_limit=256) as img:
+        with pytest.raises(qcow2ovl.MetadataOverlapError, match="active L1 table"):
+            img.write(0, b"q" * 10)

@@ -295,6 +295,7 @@ impl Image {
         });
         self.l1.write().unwrap_or_else(|e| e.into_inner())[idx] = new | OFLAG_COPIED;
         w.l1_dirty.insert(idx);
+        self.refresh_fallback_now(w)?;
         self.l2_cache
             .put_dirty(HostOffset(new), Arc::from(table.clone()));
         Ok((new, table))
@@ -351,7 +352,22 @@ impl Image {
             w.header_dirty = true;
         }
         w.new_tables.extend_from_slice(created);
-        Ok(())
+        self.refresh_fallback_now(w)
+    }
+
+    /// Where the map's memory limit left ranges to QEMU's naive checker, that checker must see
+    /// every table the moment it exists, not at the next flush.
+    fn refresh_fallback_now(&self, w: &Writer) -> Result<(), ImageError> {
+        if self
+            .fallback
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Ok(());
+        }
+        let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner()).clone();
+        self.refresh_fallback(w, &l1)
     }
 
     /// Writes one piece of guest data (inside one cluster).
