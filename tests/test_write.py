@@ -398,3 +398,25 @@ def test_writes_under_a_map_memory_limit_use_the_naive_check(tmp_path: Path) -> 
     with qcow2ovl.open(path, writable=True, map_memory_limit=256) as img:
         with pytest.raises(qcow2ovl.MetadataOverlapError, match="active L1 table"):
             img.write(0, b"q" * 10)
+
+
+def test_snapshot_views_read_like_qemu_img_convert_l(tmp_path: Path) -> None:
+    path = tmp_path / "snaps.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "8M")
+    qi.qemu_io(path, "write -P 0x11 0 1M")
+    qi.qemu_img("snapshot", "-c", "one", path)
+    qi.qemu_img("resize", path, "12M")
+    qi.qemu_io(path, "write -P 0x22 512k 1M", "write -P 0x33 9M 64k")
+    qi.qemu_img("snapshot", "-c", "two", path)
+    qi.qemu_io(path, "write -z 0 4M")
+    for snap in ("one", "two", "1", "2"):
+        expected = tmp_path / f"{snap}.raw"
+        key = "snapshot.id" if snap.isdigit() else "snapshot.name"
+        qi.qemu_img("convert", "-l", f"{key}={snap}", "-O", "raw", path, expected)
+        with qcow2ovl.open(path, snapshot=snap) as img:
+            assert img.virtual_size == expected.stat().st_size
+            assert img.read(0, img.virtual_size) == expected.read_bytes(), snap
+    with pytest.raises(FileNotFoundError, match="Can't find snapshot"):
+        qcow2ovl.open(path, snapshot="three")
+    with pytest.raises(qcow2ovl.UnsupportedError, match="read-only"):
+        qcow2ovl.open(path, snapshot="one", writable=True)

@@ -142,6 +142,7 @@ def open_image(
     enabled: int | None = None,
     map_memory_limit: int | None = None,
     cache_size: int | None = None,
+    snapshot: str | None = None,
 ) -> Image: ...
 def create_image(
     path: str | PathLike[str],

@@ -428,6 +428,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     map_memory_limit: int | None = None,
     cache_size: int | None = None,
     on_corruption: CorruptionCallback | None = None,
+    snapshot: str | None = None,
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
 
@@ -436,6 +437,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     *on_corruption* is called as ``on_corruption(message, offset, size, fatal)`` when a write is
     refused for landing on metadata. A writable open refuses images marked corrupt, images
     whose metadata overlaps, encrypted images and images with the dirty bit set.
+
+    *snapshot* (an id, else a name, as QEMU looks them up) opens a read-only view of that
+    internal snapshot's disk instead of the active one, like ``qemu-img convert -l``.
 
     *overlap_check* takes every form :meth:`OverlapCheck.parse` accepts (default: ``"all"``);
     only the enabled types are read and tracked. *map_memory_limit* bounds the map's memory;
@@ -464,5 +468,6 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
         enabled=int(check.mask),
         map_memory_limit=limit,
         cache_size=cache_size,
+        snapshot=snapshot,
     )
     return Image(core, name, check, on_corruption)

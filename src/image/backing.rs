@@ -160,6 +160,7 @@ impl Image {
                     enabled: MetadataType::empty(),
                     map_limit: None,
                     cache_size: self.options.cache_size,
+                    snapshot: None,
                 };
                 let mut image =
                     Image::from_storage(storage, options).map_err(|e| e.in_file(&shown))?;

@@ -56,7 +56,7 @@ use crate::storage::{FileStorage, Storage};
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// How to open an image.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// Open for writing (refused for corrupt images and images with overlapping metadata).
     pub writable: bool,
@@ -67,6 +67,9 @@ pub struct OpenOptions {
     /// Bytes of L2 tables to cache; [`DEFAULT_L2_CACHE_BYTES`] (capped at what the disk needs)
     /// when `None`. At least one table is always cached.
     pub cache_size: Option<u64>,
+    /// Open a read-only view of this internal snapshot's disk (by id, else by name) instead of
+    /// the active one.
+    pub snapshot: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -76,6 +79,7 @@ impl Default for OpenOptions {
             enabled: MetadataType::all(),
             map_limit: None,
             cache_size: None,
+            snapshot: None,
         }
     }
 }
@@ -162,13 +166,23 @@ impl Image {
             &mut scanned.map,
             MetadataMap::new(geometry.cluster_size(), MetadataType::empty(), None)?,
         );
-        let l1 = std::mem::take(&mut scanned.l1_table);
+        let active_l1 = std::mem::take(&mut scanned.l1_table);
+        let mut l1 = active_l1.clone();
+        let mut size = scanned.header.size;
+        if let Some(wanted) = &options.snapshot {
+            if options.writable {
+                return Err(ImageError::Unsupported(
+                    "A snapshot's disk can only be opened read-only".into(),
+                ));
+            }
+            (l1, size) = snapshot_view(&scanned, storage.as_ref(), wanted)?;
+        }
         let fallback = if map.unchecked_ranges().is_empty() {
             None
         } else {
             Some(
                 NaiveChecker::new(
-                    naive_layout(&scanned, &l1),
+                    naive_layout(&scanned, &active_l1),
                     options.enabled,
                     Arc::clone(&storage),
                 )
@@ -185,7 +199,7 @@ impl Image {
             path: None,
             storage,
             options,
-            size: AtomicU64::new(scanned.header.size),
+            size: AtomicU64::new(size),
             scanned,
             geometry,
             l2_cache,
@@ -283,6 +297,33 @@ impl Image {
             None => Ok(found),
         }
     }
+}
+
+/// The L1 table and disk size of a view of the snapshot with id `wanted` (else the first with that name),
+/// as QEMU finds snapshots.
+fn snapshot_view(
+    scanned: &ScannedImage,
+    storage: &dyn Storage,
+    wanted: &str,
+) -> Result<(Vec<u64>, u64), ImageError> {
+    let snaps = &scanned.snapshots;
+    let snap = snaps
+        .iter()
+        .find(|s| s.id == wanted)
+        .or_else(|| snaps.iter().find(|s| s.name == wanted))
+        .ok_or_else(|| {
+            ImageError::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("Can't find snapshot '{wanted}'"),
+            ))
+        })?;
+    snap.check_l1_table(scanned.header.cluster_size())
+        .map_err(|e| ImageError::Unsupported(format!("Failed to load snapshot: {e}")))?;
+    let mut bytes = vec![0u8; snap.l1_table_bytes() as usize];
+    storage.read_padded(snap.l1_table_offset, &mut bytes)?;
+    // As `qemu-img convert -l` shows it: the image's current size, the snapshot's clusters
+    // (past its own L1 table everything reads as zeros).
+    Ok((crate::format::read_u64_table(&bytes), scanned.header.size))
 }
 
 /// L2 tables to cache: `cache_size` bytes (default [`DEFAULT_L2_CACHE_BYTES`], capped at what

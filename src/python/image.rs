@@ -40,7 +40,7 @@ impl PyImage {
 
 /// Opens an image (see `qcow2ovl.open`).
 #[pyfunction]
-#[pyo3(signature = (path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None))]
+#[pyo3(signature = (path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None, snapshot = None))]
 pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
@@ -48,6 +48,7 @@ pub(crate) fn open_image(
     enabled: Option<&Bound<'_, PyAny>>,
     map_memory_limit: Option<&Bound<'_, PyAny>>,
     cache_size: Option<&Bound<'_, PyAny>>,
+    snapshot: Option<String>,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
         writable,
@@ -57,6 +58,7 @@ pub(crate) fn open_image(
         },
         map_limit: limit_obj("map_memory_limit", map_memory_limit)?,
         cache_size: limit_obj("cache_size", cache_size)?.map(|v| v as u64),
+        snapshot,
     };
     let image = py
         .detach(|| Image::open(&path, options))
