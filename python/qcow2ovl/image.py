@@ -209,6 +209,9 @@ class GuestStream(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._check_open()
+        import operator
+
+        offset = operator.index(offset)  # ints only, as io.BytesIO: 1.5 is a TypeError
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::format::HostOffset;
 
 /// A table as cached: its big-endian words decoded (two words per entry with extended L2).
-pub type Table = Arc<[u64]>;
+pub type Table = Arc<Vec<u64>>;
 
 /// The LRU state behind the lock.
 #[derive(Debug, Default)]
@@ -82,7 +82,7 @@ impl TableCache {
                 return Ok(Arc::clone(table));
             }
         }
-        let loaded: Table = load()?.into();
+        let loaded: Table = Arc::new(load()?);
         let mut slots = self.lock();
         if let Some(table) = slots.pinned.get(&offset.0) {
             return Ok(Arc::clone(table));
@@ -107,12 +107,26 @@ impl TableCache {
         Ok(loaded)
     }
 
-    /// Replaces the table at `offset` with a changed one that only the cache holds until it is
-    /// written back: it stays (pinned) until [`TableCache::unpin`].
-    pub fn put_dirty(&self, offset: HostOffset, table: Table) {
+    /// Pins the table at `offset` (about to change; the cache is then its only up-to-date copy
+    /// until it is written back and [`TableCache::unpin`]ned). `table` is used when it is not
+    /// cached yet.
+    pub fn pin(&self, offset: HostOffset, table: Table) {
         let mut slots = self.lock();
-        slots.tables.remove(&offset.0);
-        slots.pinned.insert(offset.0, table);
+        if slots.pinned.contains_key(&offset.0) {
+            return;
+        }
+        let t = match slots.tables.remove(&offset.0) {
+            Some((t, _)) => t,
+            None => table,
+        };
+        slots.pinned.insert(offset.0, t);
+    }
+
+    /// Runs `f` on the pinned table at `offset`, in place (copied first only while a reader
+    /// holds the old version). `None` if it is not pinned.
+    pub fn edit<R>(&self, offset: HostOffset, f: impl FnOnce(&mut Vec<u64>) -> R) -> Option<R> {
+        let mut slots = self.lock();
+        slots.pinned.get_mut(&offset.0).map(|t| f(Arc::make_mut(t)))
     }
 
     /// The pinned (changed, not yet written) tables, by offset.

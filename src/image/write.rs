@@ -254,8 +254,9 @@ impl Image {
     }
 
     /// The L2 table for L1 index `l1_index`, ready to change: allocated if missing, copied if
-    /// shared with a snapshot. Returns its offset and its entries.
-    fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<(u64, Vec<u64>), ImageError> {
+    /// shared with a snapshot. Returns its offset; the table is pinned in the cache, where it is
+    /// changed in place ([`Image::l2_get`], [`Image::l2_set`]).
+    fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<u64, ImageError> {
         let idx = usize::try_from(l1_index)
             .map_err(|_| ImageError::Corruption("L1 index out of range".into()))?;
         let entry = {
@@ -270,7 +271,8 @@ impl Image {
             let table = self
                 .l2_table(l1_index)?
                 .ok_or_else(|| ImageError::Corruption("L2 table vanished".into()))?;
-            return Ok((offset, table.to_vec()));
+            self.l2_cache.pin(HostOffset(offset), table);
+            return Ok(offset);
         }
         // A new table, or a copy of one shared with a snapshot.
         let table = if offset == 0 {
@@ -286,7 +288,7 @@ impl Image {
                 ClusterCount(1),
                 MetadataType::ACTIVE_L2,
             )?;
-            old.to_vec()
+            old.as_ref().clone()
         };
         let new = self.allocate_metadata(w, MetadataType::ACTIVE_L2)?;
         w.new_tables.push(NewTable {
@@ -296,9 +298,24 @@ impl Image {
         self.l1.write().unwrap_or_else(|e| e.into_inner())[idx] = new | OFLAG_COPIED;
         w.l1_dirty.insert(idx);
         self.refresh_fallback_now(w)?;
+        self.l2_cache.pin(HostOffset(new), Arc::new(table));
+        Ok(new)
+    }
+
+    /// Word `i` of the pinned L2 table at `l2`.
+    fn l2_get(&self, l2: u64, i: usize) -> Result<u64, ImageError> {
         self.l2_cache
-            .put_dirty(HostOffset(new), Arc::from(table.clone()));
-        Ok((new, table))
+            .edit(HostOffset(l2), |t| t.get(i).copied())
+            .flatten()
+            .ok_or_else(|| ImageError::Corruption(format!("L2 table at {l2:#x} is not pinned")))
+    }
+
+    /// Sets word `i` of the pinned L2 table at `l2`.
+    fn l2_set(&self, l2: u64, i: usize, value: u64) -> Result<(), ImageError> {
+        self.l2_cache
+            .edit(HostOffset(l2), |t| t.get_mut(i).map(|slot| *slot = value))
+            .flatten()
+            .ok_or_else(|| ImageError::Corruption(format!("L2 table at {l2:#x} is not pinned")))
     }
 
     /// Allocates a cluster for metadata of `types`, entering it (and any refcount structures
@@ -374,12 +391,12 @@ impl Image {
     fn write_piece(&self, w: &mut Writer, p: &Piece<'_>) -> Result<(), ImageError> {
         let g = self.geometry;
         let guest = GuestOffset(p.cluster);
-        let (l2_offset, mut table) = self.l2_for_write(w, g.l1_index(guest))?;
+        let l2_offset = self.l2_for_write(w, g.l1_index(guest))?;
         let i = g.l2_index(guest) as usize;
         if g.is_extended_l2() {
-            self.write_piece_extended(w, p, l2_offset, &mut table, i)?;
+            self.write_piece_extended(w, p, l2_offset, i)?;
         } else {
-            self.write_piece_standard(w, p, l2_offset, &mut table, i)?;
+            self.write_piece_standard(w, p, l2_offset, i)?;
         }
         Ok(())
     }
@@ -389,11 +406,10 @@ impl Image {
         w: &mut Writer,
         p: &Piece<'_>,
         l2_offset: u64,
-        table: &mut [u64],
         i: usize,
     ) -> Result<(), ImageError> {
         let cs = self.geometry.cluster_size() as usize;
-        let entry = table[i];
+        let entry = self.l2_get(l2_offset, i)?;
         let host = entry & L1_L2_OFFSET_MASK;
         let compressed = entry & OFLAG_COMPRESSED != 0;
         let owned = !compressed && entry & OFLAG_COPIED != 0 && (host != 0 || w.external_data);
@@ -434,10 +450,7 @@ impl Image {
         };
         self.guarded_write(w, WriteKind::GuestData, data_storage.as_ref(), target, &buf)?;
         self.release_old(w, entry, owned)?;
-        table[i] = target | OFLAG_COPIED;
-        self.l2_cache
-            .put_dirty(HostOffset(l2_offset), Arc::from(table.to_vec()));
-        Ok(())
+        self.l2_set(l2_offset, i, target | OFLAG_COPIED)
     }
 
     /// Reads the guest view at `guest` into `buf`, as far as the virtual disk goes; the part
@@ -479,12 +492,14 @@ impl Image {
         w: &mut Writer,
         p: &Piece<'_>,
         l2_offset: u64,
-        table: &mut [u64],
         i: usize,
     ) -> Result<(), ImageError> {
         let g = self.geometry;
         let scs = g.subcluster_size() as usize;
-        let (entry, mut bitmap) = (table[2 * i], table[2 * i + 1]);
+        let (entry, mut bitmap) = (
+            self.l2_get(l2_offset, 2 * i)?,
+            self.l2_get(l2_offset, 2 * i + 1)?,
+        );
         let data_storage = self.chain()?.data.clone();
         let compressed = entry & OFLAG_COMPRESSED != 0;
         let mut host = entry & L1_L2_OFFSET_MASK;
@@ -540,11 +555,8 @@ impl Image {
             bitmap |= 1 << s;
             bitmap &= !(1u64 << (32 + s));
         }
-        table[2 * i] = host | OFLAG_COPIED;
-        table[2 * i + 1] = bitmap;
-        self.l2_cache
-            .put_dirty(HostOffset(l2_offset), Arc::from(table.to_vec()));
-        Ok(())
+        self.l2_set(l2_offset, 2 * i, host | OFLAG_COPIED)?;
+        self.l2_set(l2_offset, 2 * i + 1, bitmap)
     }
 
     /// Makes `[offset, offset + len)` read as zeros: whole clusters by the zero flag (version 3;
@@ -629,10 +641,10 @@ impl Image {
         if self.l2_table(l1_index)?.is_none() && (!has_backing || unallocate) {
             return Ok(());
         }
-        let (l2_offset, mut table) = self.l2_for_write(w, l1_index)?;
+        let l2_offset = self.l2_for_write(w, l1_index)?;
         let i = g.l2_index(guest) as usize;
         let ext = g.is_extended_l2();
-        let entry = table[if ext { 2 * i } else { i }];
+        let entry = self.l2_get(l2_offset, if ext { 2 * i } else { i })?;
         let host = entry & L1_L2_OFFSET_MASK;
         let compressed = entry & OFLAG_COMPRESSED != 0;
         let owned = !compressed && entry & OFLAG_COPIED != 0 && host != 0;
@@ -645,18 +657,17 @@ impl Image {
             self.guarded_write(w, WriteKind::GuestData, data.as_ref(), cluster, &zeros)?;
         }
         if ext {
-            table[2 * i] = if keep { host | OFLAG_COPIED } else { 0 };
-            table[2 * i + 1] = if unallocate { 0 } else { 0xffff_ffffu64 << 32 };
+            self.l2_set(l2_offset, 2 * i, if keep { host | OFLAG_COPIED } else { 0 })?;
+            let bitmap = if unallocate { 0 } else { 0xffff_ffffu64 << 32 };
+            self.l2_set(l2_offset, 2 * i + 1, bitmap)
         } else {
-            table[i] = match (unallocate, keep) {
+            let value = match (unallocate, keep) {
                 (true, _) => 0,
                 (false, true) => host | OFLAG_COPIED | OFLAG_ZERO,
                 (false, false) => OFLAG_ZERO,
             };
+            self.l2_set(l2_offset, i, value)
         }
-        self.l2_cache
-            .put_dirty(HostOffset(l2_offset), Arc::from(table));
-        Ok(())
     }
 
     /// Zeroes whole subclusters of one cluster by their zero bits; partial subclusters get
@@ -684,9 +695,9 @@ impl Image {
         }
         if end_full > first_full {
             let guest = GuestOffset(cluster);
-            let (l2_offset, mut table) = self.l2_for_write(w, self.geometry.l1_index(guest))?;
+            let l2_offset = self.l2_for_write(w, self.geometry.l1_index(guest))?;
             let i = self.geometry.l2_index(guest) as usize;
-            let entry = table[2 * i];
+            let entry = self.l2_get(l2_offset, 2 * i)?;
             let owned = entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0;
             if w.raw_data
                 || entry & OFLAG_COMPRESSED != 0
@@ -700,14 +711,12 @@ impl Image {
                 };
                 self.write_piece(w, &piece)?;
             } else {
-                let mut bitmap = table[2 * i + 1];
+                let mut bitmap = self.l2_get(l2_offset, 2 * i + 1)?;
                 for s in first_full..end_full {
                     bitmap &= !(1u64 << s);
                     bitmap |= 1u64 << (32 + s);
                 }
-                table[2 * i + 1] = bitmap;
-                self.l2_cache
-                    .put_dirty(HostOffset(l2_offset), Arc::from(table));
+                self.l2_set(l2_offset, 2 * i + 1, bitmap)?;
             }
         }
         let tail_start = (end_full * scs).max(head_end);
