@@ -1,18 +1,21 @@
 """More image kinds for the guest-data read tests, built by qemu-img / qemu-io.
 
 `qemu_images.KINDS` covers the metadata side; the kinds here add what matters when guest data is
-read: backing chains three deep mixing raw and qcow2 (relative names, backing files shorter than
-the image, a raw backing file of odd size, a raw backing file whose bytes look like qcow2),
-extended L2 subcluster writes / zero writes / discards, deflate and zstd compressed images from
-`qemu-img convert -c` (also partly overwritten afterwards, and compressed writes over a backing
-file), external data files with and without `data_file_raw`, 512 B and 2 MiB clusters, and v2
-images with zero writes and discards.
+read: backing chains three deep mixing raw and qcow2 (relative names, backing files shorter and
+longer than the image, a raw backing file of odd size, a raw backing file whose bytes look like
+qcow2, a compressed backing file), extended L2 subcluster writes / zero writes / discards,
+deflate and zstd compressed images from `qemu-img convert -c` (also partly overwritten
+afterwards, and compressed writes over a backing file), external data files with and without
+`data_file_raw` (also overwritten by another program afterwards), preallocation (metadata,
+falloc, full), 512 B and 2 MiB clusters, virtual sizes that end inside a cluster or just past an
+L2 table, and v2 images with zero writes and discards.
 
 Guest data is mostly random bytes (`qemu-io write -s file`), not constant patterns: a read from
 the wrong place of a constant-pattern write would still look right.
 
-Also builders for broken chains: a backing loop (made with `qemu-img rebase -u`) and a missing
-backing file.
+Also builders for a deep chain, a plain image over an encrypted one, and broken chains: backing
+loops (made with `qemu-img rebase -u`) and missing backing files; and the helpers that compare
+qcow2ovl's guest map with qemu-img's.
 
 Nothing here imports qcow2ovl.
 """
@@ -79,14 +82,23 @@ class Ops:
         self.cmds.append(f"write -c -s {src} {offset} {length}")
         return self
 
-    def run(self, image: Path | qi.ImageRef, fmt: str = "qcow2") -> None:
+    def run(self, image: Path | qi.ImageRef, fmt: str = "qcow2", open_opts: str = "") -> None:
+        """Run the commands on `image`; `open_opts` (e.g. "discard-no-unref=on") are extra
+        qcow2 driver options, passed with --image-opts."""
         try:
             if not self.cmds:
                 return
-            if fmt == "qcow2":
+            path = Path(str(qi.as_ref(image).path))
+            if open_opts:
+                escaped = str(path).replace(",", ",,")
+                qemu_io_args(
+                    ["--image-opts", f"driver={fmt},{open_opts},file.filename={escaped}"],
+                    *self.cmds,
+                )
+            elif fmt == "qcow2":
                 qi.qemu_io(image, *self.cmds)
             else:
-                qemu_io_fmt(Path(str(qi.as_ref(image).path)), fmt, *self.cmds)
+                qemu_io_args(["-f", fmt, str(path)], *self.cmds)
         finally:
             for src in self.sources:
                 src.unlink(missing_ok=True)
@@ -94,13 +106,13 @@ class Ops:
             self.cmds.clear()
 
 
-def qemu_io_fmt(path: Path, fmt: str, *commands: str) -> str:
-    """qemu-io on an image of format `fmt` (e.g. raw); fails on any failed command."""
+def qemu_io_args(image_args: list[str], *commands: str) -> str:
+    """qemu-io with `image_args` naming the image; fails on any failed command."""
     assert qi.QEMU_IO is not None, "qemu-io is not installed"
     args: list[qi.StrPath] = [qi.QEMU_IO]
     for cmd in commands:
         args += ["-c", cmd]
-    args += ["-f", fmt, path]
+    args += image_args
     proc = qi.run(args)
     out = proc.stdout + proc.stderr
     for bad in ("failed", "error", "Error", "can't open"):
@@ -533,22 +545,74 @@ def _chain_compressed_base(d: Path) -> qi.BuiltImage:
     return qi.BuiltImage("chain_compressed_base", top, extra_files=[base.path])
 
 
-def _prealloc(kind: str, opts: dict[str, object]) -> qi.Builder:
+def _prealloc(kind: str, opts: dict[str, object], size: int = 8 * MiB) -> qi.Builder:
     """Preallocated images (metadata, falloc, full) with writes, zero writes and discards: data
     clusters that were never written, and (metadata) holes qemu-img map reports as zero."""
 
     def build(d: Path) -> qi.BuiltImage:
-        ref = qi.create(d / f"{kind}.qcow2", 8 * MiB, opts=opts)
+        ref = qi.create(d / f"{kind}.qcow2", size, opts=opts)
         (
             Ops(d, 1501)
             .data(100, 5000)
-            .data(5 * MiB - 3, 70000)
-            .zero(1 * MiB, 64 * KiB)
-            .discard(2 * MiB, 64 * KiB)
-            .zero(3 * MiB + 512, 100 * KiB, unmap=True)
+            .data(size * 5 // 8 - 3, 70000)
+            .zero(size // 8, 64 * KiB)
+            .discard(size // 4, 64 * KiB)
+            .zero(size * 3 // 8 + 512, 100 * KiB, unmap=True)
             .run(ref)
         )
         return qi.BuiltImage(kind, ref)
+
+    return build
+
+
+def _data_file_overwritten(kind: str, raw: bool) -> qi.Builder:
+    """An external data file that another program then overwrote with random bytes, all of it
+    (grown to the full disk size): what the L2 tables say is unallocated or zero must still
+    read as QEMU reads it (zeros), whatever the data file holds there."""
+
+    def build(d: Path) -> qi.BuiltImage:
+        data = (d / f"{kind}.data").resolve()
+        ref = qi.create(
+            d / f"{kind}.qcow2", 8 * MiB, opts={"data_file": data, "data_file_raw": raw}
+        )
+        (
+            Ops(d, 1601)
+            .data(0, 64 * KiB)
+            .data(1 * MiB + 5, 100 * KiB)
+            .zero(1 * MiB + 64 * KiB, 64 * KiB)
+            .zero(2 * MiB, 64 * KiB, unmap=True)
+            .discard(3 * MiB, 128 * KiB)
+            .data(8 * MiB - 4096, 4096)
+            .run(ref)
+        )
+        raw_file_noise = random.Random(1602).randbytes(8 * MiB)
+        with open(data, "r+b") as f:
+            f.write(raw_file_noise)
+        return qi.BuiltImage(kind, ref, extra_files=[data])
+
+    return build
+
+
+def _discard_no_unref(kind: str, opts: dict[str, object]) -> qi.Builder:
+    """Discards and unmapping zero writes with `discard-no-unref=on`: the clusters keep their
+    host offsets (zero clusters with an allocation; with extended L2, subclusters unallocated in
+    an allocated cluster, which read from the backing file)."""
+
+    def build(d: Path) -> qi.BuiltImage:
+        base = qi.create(d / "base.qcow2", 4 * MiB)
+        Ops(d, 1701).data(0, 4 * MiB).run(base)
+        ref = qi.create(d / f"{kind}.qcow2", 4 * MiB, opts=opts, backing="base.qcow2")
+        (
+            Ops(d, 1702)
+            .data(0, 1 * MiB)
+            .discard(0, 128 * KiB)
+            .zero(256 * KiB, 64 * KiB, unmap=True)
+            .discard(512 * KiB + 2 * KiB, 100 * KiB)
+            .data(2 * MiB, 256 * KiB)
+            .discard(2 * MiB + 64 * KiB, 64 * KiB)
+            .run(ref, open_opts="discard-no-unref=on")
+        )
+        return qi.BuiltImage(kind, ref, extra_files=[base.path])
 
     return build
 
@@ -599,13 +663,17 @@ EXTRA_KINDS: dict[str, qi.Builder] = {
     "backing_larger_odd_end": _backing_larger_odd_end,
     "l2_edge": _l2_edge,
     "chain_compressed_base": _chain_compressed_base,
+    "data_file_overwritten": _data_file_overwritten("data_file_overwritten", raw=False),
+    "data_file_raw_overwritten": _data_file_overwritten("data_file_raw_overwritten", raw=True),
+    "discard_no_unref": _discard_no_unref("discard_no_unref", {}),
+    "discard_no_unref_extl2": _discard_no_unref("discard_no_unref_extl2", {"extended_l2": True}),
     "prealloc_falloc": _prealloc("prealloc_falloc", {"preallocation": "falloc"}),
     "prealloc_full": _prealloc("prealloc_full", {"preallocation": "full"}),
     "prealloc_metadata_extl2": _prealloc(
         "prealloc_metadata_extl2", {"preallocation": "metadata", "extended_l2": True}
     ),
     "prealloc_metadata_512": _prealloc(
-        "prealloc_metadata_512", {"preallocation": "metadata", "cluster_size": 512}
+        "prealloc_metadata_512", {"preallocation": "metadata", "cluster_size": 512}, size=2 * MiB
     ),
 }
 
@@ -631,6 +699,29 @@ def build_deep_chain(d: Path, depth: int) -> Path:
         )
         prev = name
     return d / str(prev)
+
+
+def build_plain_over_encrypted(d: Path) -> tuple[Path, str]:
+    """A plain qcow2 top over an AES-encrypted qcow2 base (data in its first MiB; the top writes
+    64 KiB at 512 KiB). Returns the top and the --image-opts string that lets QEMU read the
+    chain (the base's secret). AES rather than LUKS: LUKS's key derivation costs seconds at
+    every open."""
+    base = qi.create(
+        d / "aes-base.qcow2",
+        4 * MiB,
+        opts={"encrypt.format": "aes", "encrypt.key-secret": qi.SECRET_ID},
+        secret=True,
+    )
+    qi.write(base, [(0, 1 * MiB, 0x44)])
+    top = qi.create(d / "top.qcow2", 4 * MiB, backing=base.path.name)
+    escaped = str(top.path).replace(",", ",,")
+    opts = f"driver=qcow2,file.filename={escaped},backing.encrypt.key-secret={qi.SECRET_ID}"
+    assert qi.QEMU_IO is not None
+    qi.run(
+        [qi.QEMU_IO, "--object", qi.SECRET_OBJECT, "--image-opts", opts]
+        + ["-c", "write -s /dev/urandom 512k 64k"]
+    )
+    return top.path, opts
 
 
 # ---- broken chains ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import io
 import os
 
 from qcow2ovl import _core, options
+from qcow2ovl.errors import MetadataOverlapError
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import MetadataType
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from dataclasses import dataclass
     from types import TracebackType
-    from typing import Any, TypeVar, Union
+    from typing import Any, Union
 
     from typing_extensions import Buffer
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     CorruptionCallback = Callable[[str, int, int, bool], object]
-    _T = TypeVar("_T")
 else:
     from qcow2ovl._records import dataclass
 
@@ -353,25 +353,20 @@ class Image:
 
     # ---- writing (images opened with writable=True) ------------------------------------------
 
-    def _writing(self, call: Callable[[], _T]) -> _T:
-        """Runs a write call; a refused write is reported once, as QEMU does."""
-        from qcow2ovl.errors import MetadataOverlapError
+    def _report(self, e: MetadataOverlapError) -> None:
+        """Tells the logger and the callback about a refused write, once per handle (as QEMU
+        suppresses further corruption events)."""
+        if self._corruption_reported:
+            return
+        self._corruption_reported = True
+        import logging
 
-        try:
-            return call()
-        except MetadataOverlapError as e:
-            if not self._corruption_reported:
-                self._corruption_reported = True
-                import logging
-
-                logging.getLogger("qcow2ovl").error(
-                    "qcow2: Marking image as corrupt: %s; further corruption events will be "
-                    "suppressed",
-                    e.strerror,
-                )
-                if self._on_corruption is not None:
-                    self._on_corruption(str(e.strerror), e.offset, e.size, True)
-            raise
+        logging.getLogger("qcow2ovl").error(
+            "qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
+            e.strerror,
+        )
+        if self._on_corruption is not None:
+            self._on_corruption(str(e.strerror), e.offset, e.size, True)
 
     def write(self, offset: int, data: Buffer) -> int:
         """Write *data* (any bytes-like object) at guest *offset*; returns its length.
@@ -381,27 +376,47 @@ class Image:
         :class:`~qcow2ovl.MetadataOverlapError` is raised, the ``on_corruption`` callback and the
         ``qcow2ovl`` logger hear of it, and the handle refuses every later write.
         """
-        return self._writing(lambda: self._core.write(offset, data))
+        try:
+            return self._core.write(offset, data)
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make ``[offset, offset + length)`` read as zeros: whole clusters by the zero flag
         (version 3; with *unmap* their clusters are freed), the rest by writing zeros."""
-        self._writing(lambda: self._core.write_zeroes(offset, length, unmap))
+        try:
+            self._core.write_zeroes(offset, length, unmap)
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
 
     def discard(self, offset: int, length: int) -> None:
         """Discard the whole clusters of ``[offset, offset + length)`` and free them: they then
         read as zeros (version 3) or from the backing file (version 2). Partial clusters are
         left alone, as QEMU does."""
-        self._writing(lambda: self._core.discard(offset, length))
+        try:
+            self._core.discard(offset, length)
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
 
     def resize(self, size: int) -> None:
         """Change the virtual size (a multiple of 512). Growing may move the L1 table;
         shrinking is refused while anything is allocated past the new end."""
-        self._writing(lambda: self._core.resize(size))
+        try:
+            self._core.resize(size)
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
 
     def flush(self) -> None:
         """Write back tables and refcounts in a crash-safe order and make them durable."""
-        self._writing(self._core.flush)
+        try:
+            self._core.flush()
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
 
     def close(self) -> None:
         """Flush (writable images) and release the image. Safe to call twice."""

@@ -302,6 +302,44 @@ impl Image {
         Ok(new)
     }
 
+    /// The common case, without touching any table: the cluster is plain data this image owns
+    /// (COPIED) in an L2 table it owns, so the data is overwritten in place. Returns whether
+    /// that was the case.
+    fn overwrite_in_place(&self, w: &mut Writer, p: &Piece<'_>) -> Result<bool, ImageError> {
+        let g = self.geometry;
+        let guest = GuestOffset(p.cluster);
+        let l1_index = g.l1_index(guest);
+        let l1_entry = {
+            let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner());
+            usize::try_from(l1_index)
+                .ok()
+                .and_then(|i| l1.get(i).copied())
+                .unwrap_or(0)
+        };
+        if l1_entry & OFLAG_COPIED == 0 || l1_entry & L1_L2_OFFSET_MASK == 0 {
+            return Ok(false);
+        }
+        let Some(table) = self.l2_table(l1_index)? else {
+            return Ok(false);
+        };
+        let entry = table.get(g.l2_index(guest) as usize).copied().unwrap_or(0);
+        drop(table);
+        let host = entry & L1_L2_OFFSET_MASK;
+        let plain = entry & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 && entry & OFLAG_COPIED != 0;
+        if !plain || (host == 0 && !w.external_data) || !g.is_aligned(HostOffset(host)) {
+            return Ok(false);
+        }
+        let data = self.chain()?.data.clone();
+        self.guarded_write(
+            w,
+            WriteKind::GuestData,
+            data.as_ref(),
+            host + p.at as u64,
+            p.bytes,
+        )?;
+        Ok(true)
+    }
+
     /// Word `i` of the pinned L2 table at `l2`.
     fn l2_get(&self, l2: u64, i: usize) -> Result<u64, ImageError> {
         self.l2_cache
@@ -391,6 +429,9 @@ impl Image {
     fn write_piece(&self, w: &mut Writer, p: &Piece<'_>) -> Result<(), ImageError> {
         let g = self.geometry;
         let guest = GuestOffset(p.cluster);
+        if !g.is_extended_l2() && self.overwrite_in_place(w, p)? {
+            return Ok(());
+        }
         let l2_offset = self.l2_for_write(w, g.l1_index(guest))?;
         let i = g.l2_index(guest) as usize;
         if g.is_extended_l2() {
