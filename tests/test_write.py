@@ -4,7 +4,6 @@ clean and `qemu-img compare` finds it identical to a raw mirror of the same writ
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -173,8 +172,8 @@ def test_extended_l2_subclusters_stay_exact(tmp_path: Path) -> None:
     assert qi.check_is_clean(qi.qemu_check(top))
 
 
-def test_external_data_file(tmp_path: Path) -> None:
-    os.chdir(tmp_path)  # data file names are relative to the working directory, as in QEMU
+def test_external_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # data file names are relative to the working directory (QEMU)
     path = tmp_path / "img.qcow2"
     qcow2ovl.create(path, 8 * MiB, data_file="img.data", data_file_raw=True)
     mirror = Mirror(tmp_path / "mirror.raw", 8 * MiB)

@@ -44,9 +44,13 @@ impl Image {
     /// The phases of the flush.
     fn write_back(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
-        // 1. Guest data.
-        let chain = self.chain()?;
-        chain.data.flush()?;
+        // 1. Guest data (an external data file only once it was opened: nothing was written to
+        // it before).
+        let opened = self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match opened {
+            Some(chain) if w.external_data => chain.data.flush()?,
+            _ => storage.flush()?,
+        }
         if w.poisoned.is_some() {
             // Nothing more reaches the disk from a handle that found corruption.
             return Ok(());

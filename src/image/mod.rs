@@ -195,7 +195,7 @@ impl Image {
         } else {
             None
         };
-        let image = Image {
+        Ok(Image {
             path: None,
             storage,
             options,
@@ -210,11 +210,7 @@ impl Image {
             compressed: Mutex::new(None),
             preallocated: OnceLock::new(),
             fallback: RwLock::new(fallback),
-        };
-        if image.writer.is_some() {
-            image.prepare_for_writing()?;
-        }
-        Ok(image)
+        })
     }
 
     /// Whether the image was opened for writing.

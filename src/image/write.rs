@@ -78,6 +78,8 @@ pub(crate) struct Writer {
     pub raw_data: bool,
     /// Set once a write was refused for corruption: the message.
     pub poisoned: Option<String>,
+    /// Whether the first change was prepared (autoclear bits cleared).
+    pub prepared: bool,
 }
 
 impl Writer {
@@ -114,6 +116,7 @@ impl Writer {
                 && h.autoclear_features
                     .contains(AutoclearFeatures::RAW_EXTERNAL_DATA),
             poisoned: None,
+            prepared: false,
         })
     }
 
@@ -148,10 +151,11 @@ impl Image {
         Ok(w.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Things a writable open does before the first write: autoclear bits this library does
-    /// not keep current are cleared (bitmaps would go stale), as the spec requires.
-    pub(crate) fn prepare_for_writing(&self) -> Result<(), ImageError> {
-        let mut w = self.writer()?;
+    /// Before the first change: autoclear bits of extensions this library does not keep
+    /// current are cleared (bitmaps would go stale), as the spec requires. Done at the first
+    /// change, not at open, so that a writable open that writes nothing changes nothing.
+    fn prepare_for_writing(&self, w: &mut Writer) -> Result<(), ImageError> {
+        w.prepared = true;
         let keep = if w.external_data {
             AutoclearFeatures::RAW_EXTERNAL_DATA
         } else {
@@ -160,7 +164,7 @@ impl Image {
         let autoclear = w.header.autoclear_features;
         if w.header.version >= 3 && autoclear & !keep != AutoclearFeatures::empty() {
             w.header.autoclear_features = autoclear & keep;
-            self.write_header(&w)?;
+            self.write_header(w)?;
             self.storage.flush()?;
             // The bitmap directory is no longer metadata the map must protect.
             if !autoclear.contains(AutoclearFeatures::BITMAPS) {
@@ -182,6 +186,9 @@ impl Image {
     /// Sets the dirty bit on disk before the first change when the image uses lazy refcounts.
     fn before_change(&self, w: &mut Writer) -> Result<(), ImageError> {
         w.refuse_if_poisoned()?;
+        if !w.prepared {
+            self.prepare_for_writing(w)?;
+        }
         if Self::lazy_refcounts(w) && !w.dirty_bit_on_disk {
             w.header.incompatible_features |= IncompatibleFeatures::DIRTY;
             self.write_header(w)?;
