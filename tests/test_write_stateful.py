@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -135,6 +136,12 @@ class WriterMachine(RuleBasedStateMachine):
             assert self.img.read(off, n) == bytes(self.model[off : off + n])
 
     def teardown(self) -> None:
+        try:
+            self._final_check()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _final_check(self) -> None:
         if self.img is None:
             return
         self.img.close()

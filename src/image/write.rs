@@ -795,7 +795,9 @@ impl Image {
             });
         }
         if new_size < old_size {
-            let mut at = new_size;
+            // Like `qemu-img resize --shrink`: the cluster the new end falls in may stay
+            // allocated; nothing may be allocated from the next cluster boundary on.
+            let mut at = new_size.div_ceil(g.cluster_size()) * g.cluster_size();
             while at < old_size {
                 let e = self.mapping(GuestOffset(at), old_size - at)?;
                 let allocated = match e.mapping {
