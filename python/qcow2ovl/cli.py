@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help="map the guest disk instead, as `qemu-img map` does",
             )
         p.set_defaults(func=func)
-    from qcow2ovl import _cli_create, _cli_guest
+    from qcow2ovl import _cli_create, _cli_guest, _cli_io
 
     _cli_create.add_parser(sub)
+    _cli_io.add_parser(sub)
     _cli_guest.add_parsers(sub)
     return parser
 
