@@ -113,7 +113,7 @@ def _nonzero_runs(view: memoryview, granule: int, zeros: bytes) -> Iterator[tupl
     n = len(view)
     for at in range(0, n, granule):
         end = min(at + granule, n)
-        if view[at:end] == zeros[: end - at]:
+        if zeros.startswith(view[at:end]):  # all zeros (a memcmp, no copies)
             if start is not None:
                 yield start, at
                 start = None
@@ -204,7 +204,7 @@ def _copy(source: _Source, write: Any, granule: int, progress: bool) -> None:
             n = min(CHUNK, end - pos)
             view = memoryview(buf)[:n]
             source.readinto(pos, view)
-            if view != zeros[:n]:
+            if not zeros.startswith(view):
                 for a, b in _nonzero_runs(view, granule, zeros):
                     write(pos + a, view[a:b])
             pos += n
