@@ -98,6 +98,10 @@ SEQUENCES = {
         "read 0 0",
         "write -P 010 48M 1b",
         "read -P 8 48M 1",
+        "write -q -P 9 4k 4k",
+        "read -q -P 9 4k 4k",
+        "read -qv 4k 16",
+        "discard -q 32M 64k",
     ],
     "errors": [
         "read 0 1G",

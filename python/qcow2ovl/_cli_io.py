@@ -267,7 +267,7 @@ class Session:
         if pattern is not None and data != bytes([pattern]) * length:
             print(f"Pattern verification failed at offset {offset}, {length} bytes", file=self.out)
             ok = False
-        if "v" in opts and data:
+        if "v" in opts and "q" not in opts and data:
             print(dump(data, offset), file=self.out)
         self._done("read", length, offset, seconds, "q" in opts)
         return ok
