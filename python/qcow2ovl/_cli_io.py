@@ -366,11 +366,13 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Add the ``io`` subcommand to an ``argparse`` subparsers object."""
+    import argparse
+
     p = subparsers.add_parser(
         "io",
         help="run qemu-io's read/write/discard/flush commands on a qcow2 image",
         description=__doc__,
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "-c",
