@@ -102,9 +102,17 @@ def _side_by_side(rows: list[tuple[str, str, str]], left: str, right: str) -> No
     print()
 
 
-def _demo_guarded_write() -> None:
+def _read_u64(path: str, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return int(struct.unpack(">Q", f.read(8))[0])
+
+
+def _demo_guarded_write() -> bool:
     """Create an image with our engine, damage one L2 entry so that the next guest write would
-    land on the L1 table, and send that write to our engine and to QEMU with checks off."""
+    land on the L1 table, and send that write to our engine and to QEMU with checks off.
+    Returns whether our side behaved as it must (write refused, image marked corrupt, no
+    metadata changed, the other data readable)."""
     qemu_img, qemu_io = shutil.which("qemu-img"), shutil.which("qemu-io")
     print("=" * 100)
     print("1. A guarded write: what happens when a damaged table sends guest data onto metadata")
@@ -145,6 +153,7 @@ def _demo_guarded_write() -> None:
         print()
         copy = os.path.join(tmp, "qemu-copy.qcow2")
         shutil.copyfile(path, copy)
+        l1_entry_before = _read_u64(path, l1)
         digests = _metadata_digests(path, extents, cs)
         if qemu_img:
             print(f"qemu-img check right after the damage: {_qemu_check(qemu_img, path)}")
@@ -196,7 +205,7 @@ def _demo_guarded_write() -> None:
             logger.propagate = propagate
         if refused is None:
             print("qcow2ovl: the write was NOT refused -- this is a bug, please report it")
-            return
+            return False
         print(f"qcow2ovl raised {type(refused).__name__} (an OSError, errno EIO):")
         print(f"  {refused}")
         print(
@@ -221,9 +230,14 @@ def _demo_guarded_write() -> None:
         except qcow2ovl.CorruptImageError:
             reopen = "refused"
         ours_changed = _changed(digests, path, cs)
-        with open(path, "rb") as f:
-            f.seek(l1)
-            ours_l1 = struct.unpack(">Q", f.read(8))[0]
+        ours_l1 = _read_u64(path, l1)
+        ok = (
+            corrupt
+            and reopen == "refused"
+            and not ours_changed
+            and data_ok
+            and ours_l1 == l1_entry_before
+        )
         rows = [
             ("the write", "refused before a byte reached the disk", ""),
             (
@@ -241,7 +255,11 @@ def _demo_guarded_write() -> None:
                 ),
                 "",
             ),
-            ("L1 entry 0", f"{ours_l1:#018x} (intact)", ""),
+            (
+                "L1 entry 0",
+                f"{ours_l1:#018x} ({'intact' if ours_l1 == l1_entry_before else 'CHANGED'})",
+                "",
+            ),
             (
                 f"data at {_DATA[1][0] // MiB} MiB",
                 f"reads back {_DATA[1][2]:#04x} x 64 KiB" if data_ok else "LOST",
@@ -260,7 +278,7 @@ def _demo_guarded_write() -> None:
             _side_by_side(
                 [(a, b, "(qemu-img/qemu-io not installed)") for a, b, _ in rows], "qcow2ovl", "QEMU"
             )
-            return
+            return ok
 
         proc = subprocess.run(
             [qemu_io, "-c", f"write -P {w_byte:#04x} {w_off} {w_len}", "--image-opts", opts],
@@ -287,13 +305,17 @@ def _demo_guarded_write() -> None:
         )
         first = (read.stdout + read.stderr).strip().splitlines()[:1] or [""]
         theirs_data = (
-            f"reads back {byte:#04x} x 64 KiB" if read.returncode == 0 else f"{first[0]} (qemu-io)"
+            f"reads back {byte:#04x} x 64 KiB"
+            if read.returncode == 0
+            else f"qemu-io says: {first[0]}"
         )
         theirs_rows = [
-            f"done: {w_len} bytes of {w_byte:#04x} landed on the L1 table",
+            f"done: {w_len} bytes of {w_byte:#04x} landed on the L1 table"
+            if proc.returncode == 0 and theirs_l1 != l1_entry_before
+            else f"qemu-io exit status {proc.returncode}, L1 entry 0 {theirs_l1:#x}",
             f"{'set' if theirs_corrupt else 'not set'}: nothing warns the next user",
             f"{len(theirs_changed)} of {len(digests)}: " + ", ".join(theirs_changed),
-            f"{theirs_l1:#018x} (was {ours_l1:#x})",
+            f"{theirs_l1:#018x} (was {l1_entry_before:#x})",
             theirs_data,
             _qemu_check(qemu_img, copy),
         ]
@@ -313,6 +335,7 @@ def _demo_guarded_write() -> None:
         )
     )
     print()
+    return ok
 
 
 def _demo_real_image() -> None:
@@ -352,7 +375,7 @@ def run() -> int:
     """Show a guarded write next to QEMU's unguarded one, scan a real image (when QEMU is
     installed), then map a synthetic 1 TiB image with 16 snapshots and check writes against it
     next to QEMU's naive algorithm."""
-    _demo_guarded_write()
+    guarded_ok = _demo_guarded_write()
     print("=" * 100)
     print("2. The metadata map of a QEMU-made image, and pre-write checks against it")
     print("=" * 100)
@@ -422,4 +445,7 @@ def run() -> int:
         f"naive 'all' {(t2 - t1) / 200 * 1e9:.0f} ns/check"
     )
     print("Rust-side numbers: python benches/bench_map.py")
+    if not guarded_ok:
+        print("\nqcow2ovl demo: the guarded write did not behave as it must (see part 1)")
+        return 1
     return 0
