@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 #: Bytes read and written per step of ``convert``.
@@ -39,57 +42,250 @@ def _progress(done: int, total: int) -> None:
     sys.stdout.flush()
 
 
-def convert(args: argparse.Namespace) -> int:
-    """``qcow2ovl convert [-p] IMAGE OUTPUT``: the guest disk as a sparse raw file.
+#: The first bytes of every qcow2 file.
+QCOW2_MAGIC = b"QFI\xfb"
 
-    Ranges that read as zeros (zero clusters, unallocated clusters without a backing file, and
-    all-zero data) become holes in the output, as with ``qemu-img convert -O raw``.
+
+class _Source:
+    """The guest disk to convert: a qcow2 image or a raw file, read in ranges; ``ranges()``
+    yields ``(start, length, zero)`` covering the disk, where *zero* says the range surely reads
+    as zeros (unallocated, a zero cluster, a hole in a sparse raw file)."""
+
+    def __init__(self, path: str, fmt: str | None) -> None:
+        from qcow2ovl.image import open as open_image
+
+        if fmt is None:
+            with open(path, "rb") as f:
+                fmt = "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+        if fmt not in ("qcow2", "raw"):
+            raise ValueError(f"Unknown file format '{fmt}'")
+        self.fmt = fmt
+        self.image = open_image(path, overlap_check="none") if fmt == "qcow2" else None
+        self.raw = open(path, "rb") if fmt == "raw" else None  # noqa: SIM115 - closed in close()
+        if self.image is not None:
+            self.size = self.image.virtual_size
+        else:
+            assert self.raw is not None
+            self.size = os.fstat(self.raw.fileno()).st_size
+
+    def ranges(self) -> Iterator[tuple[int, int, bool]]:
+        if self.image is not None:
+            for e in self.image.guest_map():
+                yield e.start, e.length, e.zero and not e.data
+            return
+        assert self.raw is not None
+        fd, pos, size = self.raw.fileno(), 0, self.size
+        while pos < size:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_DATA), size)
+            except OSError as exc:
+                # ENXIO: nothing but a hole from here on; otherwise no SEEK_DATA: all data.
+                yield pos, size - pos, exc.errno == errno.ENXIO
+                return
+            if data > pos:
+                yield pos, data - pos, True
+            if data == size:
+                return
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            yield data, hole - data, False
+            pos = hole
+
+    def readinto(self, pos: int, view: memoryview) -> None:
+        if self.image is not None:
+            self.image.readinto(pos, view)
+            return
+        assert self.raw is not None
+        n = os.preadv(self.raw.fileno(), [view], pos)
+        if n < len(view):
+            view[n:] = bytes(len(view) - n)
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+        if self.raw is not None:
+            self.raw.close()
+
+
+def _nonzero_runs(view: memoryview, granule: int, zeros: bytes) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of the runs of *view* made of *granule*-sized pieces that are not all
+    zeros."""
+    start = None
+    n = len(view)
+    for at in range(0, n, granule):
+        end = min(at + granule, n)
+        if zeros.startswith(view[at:end]):  # all zeros (a memcmp, no copies)
+            if start is not None:
+                yield start, at
+                start = None
+        elif start is None:
+            start = at
+    if start is not None:
+        yield start, n
+
+
+#: ``-o`` options of ``convert -O qcow2`` (qemu-img's names), with create()'s keyword for each.
+_QCOW2_OPTIONS = {
+    "cluster_size": "cluster_size",
+    "compat": "version",
+    "refcount_bits": "refcount_bits",
+    "extended_l2": "extended_l2",
+    "lazy_refcounts": "lazy_refcounts",
+    "compression_type": "compression_type",
+    "preallocation": "preallocation",
+}
+
+
+def _qcow2_options(specs: list[str]) -> dict[str, Any]:
+    """create()'s keywords from ``-o key=value,...`` (qemu-img's syntax and names)."""
+    from qcow2ovl import _cli_create as c
+
+    kwargs: dict[str, Any] = {}
+    for spec in specs:
+        for key, value in c._split_options(spec):
+            if key not in _QCOW2_OPTIONS:
+                if key in c._KNOWN:
+                    raise ValueError(f"convert: option '{key}' is not supported yet")
+                raise ValueError(f"Invalid parameter '{key}'")
+            if key == "cluster_size":
+                kwargs["cluster_size"] = c._size_option(key, value)
+            elif key == "refcount_bits":
+                kwargs["refcount_bits"] = c._number(key, value)
+            elif key in ("extended_l2", "lazy_refcounts"):
+                kwargs[key] = c._bool(key, value)
+            else:
+                kwargs[_QCOW2_OPTIONS[key]] = value
+    return kwargs
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``qcow2ovl convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-p] SOURCE OUTPUT``: copy the
+    guest disk of a qcow2 image or a raw file to a new qcow2 image (written by qcow2ovl's
+    guarded engine) or a sparse raw file, as ``qemu-img convert`` does (the default output
+    format is raw, as there).
+
+    Ranges that read as zeros (zero clusters, unallocated clusters without a backing file, holes
+    and all-zero data) are not written: they stay unallocated in a qcow2 output and holes in a
+    raw one. ``-o`` takes qemu-img create's qcow2 options (cluster_size, compat, refcount_bits,
+    extended_l2, lazy_refcounts, compression_type, preallocation). An existing output file is
+    replaced. ``-c`` (compressed output) is not supported yet.
     """
+    if args.compress:
+        raise ValueError("convert: compressed output (-c) is not supported yet")
+    if args.output_format not in ("raw", "qcow2"):
+        raise ValueError(f"convert: output format '{args.output_format}' is not supported yet")
+    kwargs = _qcow2_options(args.options) if args.output_format == "qcow2" else None
+    if args.options and kwargs is None:
+        raise ValueError("convert: -o applies to -O qcow2 only")
+    source = _Source(args.image, args.source_format)
+    try:
+        if kwargs is not None:
+            _to_qcow2(source, args.output, kwargs, args.progress)
+        else:
+            _to_raw(source, args.output, args.progress)
+    finally:
+        source.close()
+    if args.progress:
+        _progress(source.size, source.size)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _copy(source: _Source, write: Any, granule: int, progress: bool) -> None:
+    """Calls ``write(offset, view)`` for every run of non-zero guest data of *source*."""
+    zeros = bytes(CHUNK)
+    buf = bytearray(CHUNK)
+    done = 0
+    for start, length, zero in source.ranges():
+        if zero:
+            done += length
+            continue
+        pos, end = start, start + length
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            view = memoryview(buf)[:n]
+            source.readinto(pos, view)
+            if not zeros.startswith(view):
+                for a, b in _nonzero_runs(view, granule, zeros):
+                    write(pos + a, view[a:b])
+            pos += n
+            done += n
+            if progress:
+                _progress(done, source.size)
+
+
+def _to_raw(source: _Source, output: str, progress: bool) -> None:
+    with open(output, "wb") as out:
+        out.truncate(source.size)
+
+        def write(offset: int, view: memoryview) -> None:
+            out.seek(offset)
+            out.write(view)
+
+        _copy(source, write, CHUNK, progress)
+
+
+def _to_qcow2(source: _Source, output: str, kwargs: dict[str, Any], progress: bool) -> None:
+    from qcow2ovl.create import create
     from qcow2ovl.image import open as open_image
 
-    if args.output_format != "raw":
-        raise ValueError(f"convert: output format '{args.output_format}' is not supported yet")
-    with open_image(args.image, overlap_check="none") as image:
-        size = image.virtual_size
-        extents = image.guest_map()
-        zeros = bytes(CHUNK)
-        buf = bytearray(CHUNK)
-        done = 0
-        with open(args.output, "wb") as out:
-            out.truncate(size)
-            for e in extents:
-                if e.zero and not e.data:
-                    done += e.length
-                    continue
-                pos, end = e.start, e.start + e.length
-                while pos < end:
-                    n = min(CHUNK, end - pos)
-                    view = memoryview(buf)[:n]
-                    image.readinto(pos, view)
-                    if view != zeros[:n]:
-                        out.seek(pos)
-                        out.write(view)
-                    pos += n
-                    done += n
-                    if args.progress:
-                        _progress(done, size)
-        if args.progress:
-            _progress(size, size)
-            sys.stdout.write("\n")
-    return 0
+    size = -(-source.size // _SECTOR) * _SECTOR
+    cluster_size = int(kwargs.get("cluster_size", 65536))
+    # The engine cannot yet write into a last cluster that the virtual size cuts short (it
+    # fills the rest of the cluster from a guest read that runs past the end). Until it can, an
+    # image of such a size is written with its size rounded up to whole clusters, which needs
+    # the same L1 table, and the header's size field is set to the real size afterwards.
+    padded = -(-size // cluster_size) * cluster_size
+    create(output, padded, overwrite=True, **kwargs)
+    with open_image(output, writable=True) as image:
+        _copy(source, image.write, min(cluster_size, CHUNK), progress)
+    if padded != size:
+        _set_virtual_size(output, padded, size)
+
+
+#: Virtual sizes are whole sectors.
+_SECTOR = 512
+#: Where the header keeps the virtual size (8 bytes, big-endian).
+_SIZE_FIELD = 24
+
+
+def _set_virtual_size(path: str, expected: int, size: int) -> None:
+    """Set a closed qcow2 image's virtual size field from *expected* to *size* (same L1 size)."""
+    import struct
+
+    with open(path, "r+b") as f:
+        header = f.read(_SIZE_FIELD + 8)
+        (current,) = struct.unpack_from(">Q", header, _SIZE_FIELD)
+        if header[:4] != QCOW2_MAGIC or current != expected:
+            raise ValueError(f"{path}: unexpected header while setting the virtual size")
+        f.seek(_SIZE_FIELD)
+        f.write(struct.pack(">Q", size))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def add_parsers(sub: Any) -> None:
     """Adds ``convert`` to the command's subparsers."""
     p = sub.add_parser(
         "convert",
-        help="write the guest disk of a qcow2 image to a sparse raw file",
+        help="copy the guest disk of a qcow2 image or raw file to qcow2 or raw",
         description=convert.__doc__,
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    p.add_argument("-O", dest="output_format", default="raw", help="output format (raw)")
-    p.add_argument("image", help="the qcow2 image to read")
-    p.add_argument("output", help="the raw file to write (replaced if it exists)")
+    p.add_argument("-f", dest="source_format", help="source format (qcow2 or raw; default: probe)")
+    p.add_argument("-O", dest="output_format", default="raw", help="output format (raw, qcow2)")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="qcow2 output options, key=value,... (qemu-img create's names)",
+    )
+    p.add_argument(
+        "-c", dest="compress", action="store_true", help="compressed output (not supported yet)"
+    )
+    p.add_argument("image", help="the qcow2 image or raw file to read")
+    p.add_argument("output", help="the file to write (replaced if it exists)")
     p.set_defaults(func=convert)
 
 

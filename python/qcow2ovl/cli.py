@@ -62,7 +62,10 @@ def _demo(_args: argparse.Namespace) -> int:
 
 
 _DEMO_HELP = (
-    "show what qcow2ovl does: have QEMU build a small image with snapshots and a bitmap (when "
+    "show what qcow2ovl does: create an image with qcow2ovl's own engine, damage one L2 entry "
+    "so that the next guest write would land on the L1 table, and show that write refused (and "
+    "the image marked corrupt, its metadata intact) next to QEMU with overlap-check=none "
+    "destroying a copy; then have QEMU build a small image with snapshots and a bitmap (when "
     "qemu-img and qemu-io are installed), print its info, its metadata map and a few pre-write "
     "checks; then map a synthetic 1 TiB image with 16 snapshots and time checks against it next "
     "to QEMU's naive algorithm"
@@ -74,7 +77,10 @@ usage: qcow2ovl [--version] [-h] COMMAND ...
 commands:
   info IMAGE   header facts, snapshots and bitmaps (like qemu-img info)
   map IMAGE    every metadata extent of the host file
-  demo         build an image with QEMU, map it, check writes against it
+  demo         a guarded write next to QEMU's unguarded one; maps and checks
+  create       create a qcow2 image (qemu-img create syntax)
+  convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
+  io IMAGE     read, write, discard, flush (qemu-io -c syntax)
 
 Run 'qcow2ovl COMMAND --help' for a command's options.
 """
@@ -94,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="build an image with QEMU, map it, check writes against it",
+        help="a guarded write next to QEMU's unguarded one; maps and checks",
         description=_DEMO_HELP,
     )
     demo.set_defaults(func=_demo)
@@ -117,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                 help="map the guest disk instead, as `qemu-img map` does",
             )
         p.set_defaults(func=func)
-    from qcow2ovl import _cli_create, _cli_guest
+    from qcow2ovl import _cli_create, _cli_guest, _cli_io
 
     _cli_create.add_parser(sub)
+    _cli_io.add_parser(sub)
     _cli_guest.add_parsers(sub)
     return parser
 

@@ -1,0 +1,408 @@
+"""``qcow2ovl io IMAGE -c CMD [-c CMD ...]``: qemu-io's guest I/O commands on our own engine.
+
+Commands (qemu-io's syntax, numbers with qemu-io's size suffixes ``b k M G T P E``, ``0x`` hex):
+
+- ``read [-qv] [-P pattern] OFF LEN``: read, optionally check every byte against *pattern*
+  and dump the bytes (``-v``);
+- ``write [-q] [-P pattern | -z [-u]] OFF LEN``: write *pattern* (default ``0xcd``), or zeros
+  (``-z``; with ``-u`` the clusters may be freed);
+- ``discard [-q] OFF LEN``;
+- ``flush``.
+
+Each command prints the lines qemu-io prints (``wrote 65536/65536 bytes at offset 0`` and a
+timing line). A command that fails prints why and the next command still runs; the exit status
+is 1 if any command failed. The image is opened writable only when a command writes to it. A
+write that would land on metadata is refused: the message QEMU prints for it goes to stderr,
+the image is marked corrupt and every later write fails; reads keep working (QEMU stops all I/O
+on the image at that point).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from qcow2ovl.image import Image
+
+#: The largest request qemu-io takes (its block layer's limit: INT_MAX rounded down to 512).
+MAX_REQUEST = 2147483136
+#: The byte ``write`` writes without ``-P``, as in qemu-io.
+DEFAULT_PATTERN = 0xCD
+
+_UNITS = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_NUMBER = re.compile(
+    r"(?P<hex>0[xX][0-9a-fA-F]+)|(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?P<unit>[bkmgtpeBKMGTPE]?)",
+    re.ASCII,
+)
+_WRITING = ("write", "discard")
+_USAGE = {
+    "read": "read [-qv] [-P pattern] off len -- reads a number of bytes at a specified offset",
+    "write": "write [-q] [-P pattern | -z [-u]] off len -- writes a number of bytes at a "
+    "specified offset",
+    "discard": "discard [-q] off len -- discards a number of bytes at a specified offset",
+    "flush": "flush -- flush all in-core file state to disk",
+}
+
+
+class CommandError(Exception):
+    """A command that cannot run; ``to_stderr`` says where qemu-io prints the message."""
+
+    def __init__(self, message: str, *, to_stderr: bool = False, usage: str | None = None) -> None:
+        super().__init__(message)
+        self.to_stderr = to_stderr
+        #: The command's usage line, printed to stdout after the message.
+        self.usage = usage
+
+
+def parse_number(text: str) -> int:
+    """A byte count or offset in qemu-io's syntax: decimal, ``0x`` hex (no suffix), or a
+    decimal fraction with a suffix (``1.5k``). Raises :class:`CommandError` with qemu-io's
+    message."""
+    m = _NUMBER.fullmatch(text)
+    bad = CommandError(
+        f"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {text}"
+    )
+    if m is None:
+        raise bad
+    if m.group("hex"):
+        value = int(m.group("hex"), 16)
+    else:
+        whole, frac, unit = m.group("int"), m.group("frac"), m.group("unit").lower()
+        if not whole and not frac:
+            raise bad
+        if frac is not None and not unit:
+            raise bad  # a fraction needs a unit
+        shift = _UNITS.get(unit, 0)
+        digits = frac or ""
+        value = (int(whole or "0") << shift) + (int(digits or "0") << shift) // 10 ** len(digits)
+    if value >= 2**63:
+        raise CommandError(f"Parsing error: argument too large -- {text}")
+    return value
+
+
+def parse_pattern(text: str) -> int:
+    """A pattern byte (``0xab``, ``171``, ``0253``) as qemu-io takes it."""
+    try:
+        value = (
+            int(text, 16) if text[:2] in ("0x", "0X") else int(text, 8 if text[:1] == "0" else 10)
+        )
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 255:
+        raise CommandError(f"{text} is not a valid pattern byte")
+    return value
+
+
+_BINARY_UNITS = ((60, "EiB"), (50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
+
+
+def size_text(value: float) -> str:
+    """A number of bytes the way qemu-io prints it: ``512 bytes``, ``1.500 KiB``, ``64 KiB``."""
+    text, unit = f"{value:f}", "bytes"
+    for shift, name in _BINARY_UNITS:
+        if value >= 1 << shift:
+            text, unit = f"{value / (1 << shift):.3f}", name
+            break
+    # A ".000" anywhere ends the number (so whole values print without decimals).
+    cut = text.find(".000")
+    return f"{text[:cut] if cut >= 0 else text} {unit}"
+
+
+def time_text(seconds: float) -> str:
+    """Elapsed time as qemu-io prints it: ``00.01 sec`` below a minute."""
+    centis = int(seconds * 100)
+    secs, cs = divmod(centis, 100)
+    mins, secs = divmod(secs, 60)
+    hours, mins = divmod(mins, 60)
+    if hours:
+        return f"{hours}:{mins:02d}:{secs:02d}.{cs:02d}"
+    if mins:
+        return f"{mins:02d}:{secs:02d}.{cs:02d}"
+    return f"{secs:02d}.{cs:02d} sec"
+
+
+def report_line(total: int, seconds: float, ops: int = 1) -> str:
+    """qemu-io's timing line: ``64 KiB, 1 ops; 00.00 sec (55.421 MiB/sec and 886.7339 ops/sec)``."""
+    t = max(seconds, 1e-9)
+    return (
+        f"{size_text(total)}, {ops} ops; {time_text(seconds)} "
+        f"({size_text(total / t)}/sec and {ops / t:.4f} ops/sec)"
+    )
+
+
+def dump(data: bytes, offset: int) -> str:
+    """``read -v``'s hex dump: 16 bytes a line, the guest offset, hex, then printable ASCII."""
+    lines = []
+    for i in range(0, len(data), 16):
+        chunk = data[i : i + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{offset + i:08x}:  {' '.join(f'{b:02x}' for b in chunk)}  {text}")
+    return "\n".join(lines)
+
+
+def _options(name: str, words: list[str], flags: str) -> tuple[dict[str, str], list[str]]:
+    """getopt-style parse of a command's words (options may follow operands, as with GNU
+    getopt); *flags* lists the option letters, ``P:`` one that takes a value."""
+    opts: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--":
+            rest += words[i:]
+            break
+        if not word.startswith("-") or word == "-":
+            rest.append(word)
+            continue
+        j = 1
+        while j < len(word):
+            letter = word[j]
+            at = flags.find(letter)
+            if at < 0 or letter == ":":
+                raise CommandError(
+                    f"{name}: invalid option -- '{letter}'", to_stderr=True, usage=_USAGE[name]
+                )
+            if flags[at + 1 : at + 2] == ":":
+                value = word[j + 1 :]
+                if not value:
+                    if i >= len(words):
+                        raise CommandError(
+                            f"{name}: option requires an argument -- '{letter}'",
+                            to_stderr=True,
+                            usage=_USAGE[name],
+                        )
+                    value = words[i]
+                    i += 1
+                opts[letter] = value
+                break
+            opts[letter] = ""
+            j += 1
+    return opts, rest
+
+
+def _operands(name: str, rest: list[str]) -> tuple[int, int]:
+    if len(rest) != 2:
+        if len(rest) < 2:
+            raise CommandError(
+                f"bad argument count {len(rest)} to {name}, expected at least 2 arguments",
+                to_stderr=True,
+            )
+        raise CommandError(_USAGE[name])  # qemu-io prints only the usage line here
+    offset = parse_number(rest[0])
+    length = parse_number(rest[1])
+    if length > MAX_REQUEST:
+        raise CommandError(f"length cannot exceed {MAX_REQUEST}, given {rest[1]}")
+    return offset, length
+
+
+def _failure(what: str, exc: BaseException) -> CommandError:
+    """qemu-io's ``read failed: <strerror>``; out-of-range requests fail with EIO there too."""
+    import errno
+    import os
+
+    code = getattr(exc, "errno", None) or errno.EIO
+    return CommandError(f"{what} failed: {os.strerror(code)}")
+
+
+class Session:
+    """Runs qemu-io commands against one open image, printing as qemu-io does."""
+
+    def __init__(self, image: Image, out: Any = None, err: Any = None) -> None:
+        self.image = image
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
+
+    def run(self, line: str) -> bool:
+        """Runs one command line; returns whether it succeeded."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            print(f"{exc}", file=self.err)
+            return False
+        if not words:
+            return True
+        handlers: dict[str, Callable[[list[str]], bool]] = {
+            "read": self._read,
+            "write": self._write,
+            "discard": self._discard,
+            "flush": self._flush,
+        }
+        handler = handlers.get(words[0])
+        if handler is None:
+            print(f'command "{words[0]}" not found', file=self.err)
+            return False
+        try:
+            return handler(words[1:])
+        except CommandError as exc:
+            print(str(exc), file=self.err if exc.to_stderr else self.out)
+            if exc.usage:
+                print(exc.usage, file=self.out)
+            return False
+
+    def _done(self, verb: str, length: int, offset: int, seconds: float, quiet: bool) -> None:
+        if not quiet:
+            print(f"{verb} {length}/{length} bytes at offset {offset}", file=self.out)
+            print(report_line(length, seconds), file=self.out)
+
+    def _read(self, words: list[str]) -> bool:
+        opts, rest = _options("read", words, "qvP:")
+        pattern = parse_pattern(opts["P"]) if "P" in opts else None
+        offset, length = _operands("read", rest)
+        t0 = time.perf_counter()
+        try:
+            data = self.image.read(offset, length)
+        except (OSError, ValueError) as exc:
+            raise _failure("read", exc) from None
+        seconds = time.perf_counter() - t0
+        ok = True
+        if pattern is not None and data != bytes([pattern]) * length:
+            print(f"Pattern verification failed at offset {offset}, {length} bytes", file=self.out)
+            ok = False
+        if "v" in opts and "q" not in opts and data:
+            print(dump(data, offset), file=self.out)
+        self._done("read", length, offset, seconds, "q" in opts)
+        return ok
+
+    def _write(self, words: list[str]) -> bool:
+        opts, rest = _options("write", words, "qzuP:")
+        if "z" in opts and "P" in opts:
+            raise CommandError("Only one of -z, -P, and -s can be specified at the same time")
+        if "u" in opts and "z" not in opts:
+            raise CommandError("-u requires -z to be specified")
+        pattern = parse_pattern(opts["P"]) if "P" in opts else DEFAULT_PATTERN
+        offset, length = _operands("write", rest)
+        data = None if "z" in opts else bytes([pattern]) * length
+        t0 = time.perf_counter()
+        try:
+            if offset + length > self.image.virtual_size:
+                raise OSError(5, "beyond the end of the disk")
+            if data is None:
+                self.image.write_zeroes(offset, length, unmap="u" in opts)
+            else:
+                self.image.write(offset, data)
+        except (OSError, ValueError) as exc:
+            raise _failure("write", exc) from None
+        self._done("wrote", length, offset, time.perf_counter() - t0, "q" in opts)
+        return True
+
+    def _discard(self, words: list[str]) -> bool:
+        opts, rest = _options("discard", words, "q")
+        offset, length = _operands("discard", rest)
+        t0 = time.perf_counter()
+        try:
+            if offset + length > self.image.virtual_size:
+                raise OSError(5, "beyond the end of the disk")
+            self.image.discard(offset, length)
+        except (OSError, ValueError) as exc:
+            raise _failure("discard", exc) from None
+        self._done("discard", length, offset, time.perf_counter() - t0, "q" in opts)
+        return True
+
+    def _flush(self, words: list[str]) -> bool:
+        if words:
+            raise CommandError(
+                f"bad argument count {len(words)} to flush, expected 0 arguments", to_stderr=True
+            )
+        if self.image.writable:
+            try:
+                self.image.flush()
+            except OSError as exc:
+                raise _failure("flush", exc) from None
+        return True
+
+
+def needs_writable(commands: Sequence[str]) -> bool:
+    """Whether any of the command lines writes (``write``, ``discard``)."""
+    return any(line.split()[:1] and line.split()[0] in _WRITING for line in commands)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``qcow2ovl io``; returns 0 when every command succeeded, else 1."""
+    from qcow2ovl.errors import CorruptImageError, Qcow2Error
+    from qcow2ovl.image import open as open_image
+
+    if args.fmt != "qcow2":
+        print(f"qcow2ovl: Unknown driver '{args.fmt}'", file=sys.stderr)
+        return 1
+    writable = needs_writable(args.commands)
+    if writable:
+        import logging
+
+        # QEMU's corruption message, on stderr as qemu-io prints it.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("qcow2ovl")
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        image = open_image(args.image, writable=writable, overlap_check=args.overlap_check)
+    except (Qcow2Error, OSError, ValueError) as exc:
+        text = str(exc)
+        if isinstance(exc, Qcow2Error):
+            text = text.removeprefix(f"{args.image}: ")
+            if isinstance(exc, CorruptImageError):
+                text = f"qcow2: {text}"  # the driver's name, as QEMU prefixes this one
+        elif isinstance(exc, OSError) and exc.strerror:
+            text = f"Could not open '{args.image}': {exc.strerror}"
+        print(f"qcow2ovl: can't open device {args.image}: {text}", file=sys.stderr)
+        return 1
+    ok = True
+    with image:
+        session = Session(image)
+        for line in args.commands:
+            ok = session.run(line) and ok
+            sys.stdout.flush()
+    return 0 if ok else 1
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``io`` subcommand to an ``argparse`` subparsers object."""
+    import argparse
+
+    p = subparsers.add_parser(
+        "io",
+        help="run qemu-io's read/write/discard/flush commands on a qcow2 image",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-c",
+        dest="commands",
+        action="append",
+        required=True,
+        metavar="CMD",
+        help="a command to run (repeatable; run in order)",
+    )
+    p.add_argument("-f", dest="fmt", default="qcow2", help="image format (only qcow2)")
+    p.add_argument(
+        "--overlap-check",
+        default="all",
+        help="metadata types writes are checked against (QEMU's syntax; default: all)",
+    )
+    p.add_argument("image", help="path of the qcow2 image")
+    p.set_defaults(func=run)
+
+
+__all__ = [
+    "DEFAULT_PATTERN",
+    "MAX_REQUEST",
+    "CommandError",
+    "Session",
+    "add_parser",
+    "dump",
+    "needs_writable",
+    "parse_number",
+    "parse_pattern",
+    "report_line",
+    "run",
+    "size_text",
+]

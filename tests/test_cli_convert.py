@@ -1,0 +1,170 @@
+"""`qcow2ovl convert` against qemu-img: what we write, `qemu-img compare` finds identical to the
+source and `qemu-img check` finds clean; zero ranges stay unallocated as in `qemu-img convert`."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import qemu_images as qi
+
+pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io")
+
+KiB, MiB = 1024, 1 << 20
+
+
+def ours(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "qcow2ovl", "convert", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def identical(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
+    out = qi.qemu_img("compare", "-f", fmt_a, "-F", fmt_b, a, b, ok=(0, 1)).stdout
+    return "identical" in out
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """Guest ranges the image allocates data for, merged."""
+    out: list[tuple[int, int]] = []
+    for e in qi.qemu_map(path):
+        if e["data"]:
+            if out and out[-1][1] == e["start"]:
+                out[-1] = (out[-1][0], e["start"] + e["length"])
+            else:
+                out.append((e["start"], e["start"] + e["length"]))
+    return out
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """A sparse raw file: random data at cluster-aligned and unaligned places, an explicit run
+    of zero bytes, holes, and a size that is not a multiple of a cluster."""
+    path = tmp_path / "src.raw"
+    rng = random.Random(7)
+    with open(path, "wb") as f:
+        f.truncate(40 * MiB + 3 * 512)
+        for off, n in [(0, 100_000), (5 * MiB + 70_000, 200_000), (20 * MiB, 64 * KiB)]:
+            f.seek(off)
+            f.write(rng.randbytes(n))
+        f.seek(10 * MiB)
+        f.write(bytes(2 * MiB))  # zeros written out: no hole, but nothing to copy
+        f.seek(40 * MiB + 512)
+        f.write(b"\x01" * 1024)
+    return path
+
+
+def test_raw_to_qcow2_matches_qemu_img_convert(raw: Path, tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "ours.qcow2", tmp_path / "qemu.qcow2"
+    proc = ours("-O", "qcow2", raw, mine)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    qi.qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, theirs)
+    assert identical(raw, "raw", mine, "qcow2")
+    assert qi.check_is_clean(qi.qemu_check(mine))
+    assert qi.qemu_info(mine)["virtual-size"] == qi.qemu_info(theirs)["virtual-size"]
+    # Zero ranges stay unallocated: the data we allocate is what qemu-img allocates.
+    assert data_ranges(mine) == data_ranges(theirs)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "cluster_size=4k,refcount_bits=1",
+        "compat=0.10",
+        "extended_l2=on,cluster_size=128k",
+        "lazy_refcounts=on,compression_type=zstd",
+        "cluster_size=2M,preallocation=metadata",
+    ],
+)
+def test_options(opts: str, raw: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "ours.qcow2"
+    proc = ours("-f", "raw", "-O", "qcow2", "-o", opts, raw, mine)
+    assert proc.returncode == 0, proc.stderr
+    assert identical(raw, "raw", mine, "qcow2")
+    assert qi.check_is_clean(qi.qemu_check(mine))
+    data = qi.qemu_info(mine)["format-specific"]["data"]
+    want = dict(kv.split("=") for kv in opts.split(","))
+    if "cluster_size" in want:
+        size = int(want["cluster_size"][:-1]) * (KiB if want["cluster_size"][-1] == "k" else MiB)
+        assert qi.qemu_info(mine)["cluster-size"] == size
+    if "refcount_bits" in want:
+        assert data["refcount-bits"] == int(want["refcount_bits"])
+    if "compat" in want:
+        assert data["compat"] == want["compat"]
+    if "extended_l2" in want:
+        assert data["extended-l2"] is True
+    if "compression_type" in want:
+        assert data["compression-type"] == want["compression_type"]
+
+
+@pytest.mark.parametrize(
+    "kind", ["snapshots", "convert_zstd_partial", "chain3_raw_base", "extl2_ops_backing"]
+)
+def test_qcow2_to_qcow2_and_raw(kind: str, tmp_path: Path) -> None:
+    """QEMU-made sources (internal snapshots, compressed clusters, backing chains, extended L2):
+    the output is the guest disk as QEMU reads it."""
+    if kind in qi.KINDS:
+        src = qi.build_image(kind, tmp_path / "src").ref.path
+    else:
+        from read_images import build_read_image
+
+        src = build_read_image(kind, tmp_path / "src").ref.path
+    mine = tmp_path / "ours.qcow2"
+    proc = ours("-O", "qcow2", src, mine)
+    assert proc.returncode == 0, proc.stderr
+    assert identical(src, "qcow2", mine, "qcow2")
+    assert qi.check_is_clean(qi.qemu_check(mine))
+    assert qi.qemu_info(mine).get("backing-filename") is None
+    raw = tmp_path / "ours.raw"
+    assert ours("-p", src, raw).returncode == 0  # raw is the default output format, as in qemu-img
+    assert identical(src, "qcow2", raw, "raw")
+
+
+def test_compressed_output_is_refused_clearly(raw: Path, tmp_path: Path) -> None:
+    proc = ours("-c", "-O", "qcow2", raw, tmp_path / "c.qcow2")
+    assert proc.returncode == 1
+    assert proc.stderr == "qcow2ovl: convert: compressed output (-c) is not supported yet\n"
+    assert not (tmp_path / "c.qcow2").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-O", "vmdk"], "output format 'vmdk' is not supported yet"),
+        (["-O", "qcow2", "-o", "bogus=1"], "Invalid parameter 'bogus'"),
+        (["-O", "qcow2", "-o", "backing_file=x"], "option 'backing_file' is not supported yet"),
+        (["-O", "raw", "-o", "cluster_size=4k"], "-o applies to -O qcow2 only"),
+        (["-f", "vmdk", "-O", "qcow2"], "Unknown file format 'vmdk'"),
+    ],
+)
+def test_usage_errors(args: list[str], message: str, raw: Path, tmp_path: Path) -> None:
+    proc = ours(*args, raw, tmp_path / "out")
+    assert proc.returncode == 1
+    assert message in proc.stderr
+
+
+def test_replaces_an_existing_output(raw: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "ours.qcow2"
+    mine.write_bytes(b"old" * 1000)
+    assert ours("-O", "qcow2", raw, mine).returncode == 0
+    assert identical(raw, "raw", mine, "qcow2")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine: a write into a last cluster cut short by the virtual size fills the rest of "
+    "the cluster from a guest read past the end (convert works around it; remove the work-around "
+    "in _cli_guest._to_qcow2 when this passes)",
+)
+def test_engine_writes_into_a_short_last_cluster(tmp_path: Path) -> None:
+    import qcow2ovl
+
+    path = tmp_path / "short.qcow2"
+    qcow2ovl.create(path, 64 * KiB + 1536)
+    with qcow2ovl.open(path, writable=True) as image:
+        image.write(64 * KiB + 512, b"\x01" * 1024)
+    assert qi.check_is_clean(qi.qemu_check(path))
+    qi.qemu_io(path, f"read -P 1 {64 * KiB + 512} 1024")
