@@ -153,12 +153,6 @@ def test_replaces_an_existing_output(raw: Path, tmp_path: Path) -> None:
     assert identical(raw, "raw", mine, "qcow2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a write into a last cluster cut short by the virtual size fills the rest of "
-    "the cluster from a guest read past the end (convert works around it; remove the work-around "
-    "in _cli_guest._to_qcow2 when this passes)",
-)
 def test_engine_writes_into_a_short_last_cluster(tmp_path: Path) -> None:
     import qcow2ovl
 

@@ -230,37 +230,13 @@ def _to_qcow2(source: _Source, output: str, kwargs: dict[str, Any], progress: bo
 
     size = -(-source.size // _SECTOR) * _SECTOR
     cluster_size = int(kwargs.get("cluster_size", 65536))
-    # The engine cannot yet write into a last cluster that the virtual size cuts short (it
-    # fills the rest of the cluster from a guest read that runs past the end). Until it can, an
-    # image of such a size is written with its size rounded up to whole clusters, which needs
-    # the same L1 table, and the header's size field is set to the real size afterwards.
-    padded = -(-size // cluster_size) * cluster_size
-    create(output, padded, overwrite=True, **kwargs)
+    create(output, size, overwrite=True, **kwargs)
     with open_image(output, writable=True) as image:
         _copy(source, image.write, min(cluster_size, CHUNK), progress)
-    if padded != size:
-        _set_virtual_size(output, padded, size)
 
 
 #: Virtual sizes are whole sectors.
 _SECTOR = 512
-#: Where the header keeps the virtual size (8 bytes, big-endian).
-_SIZE_FIELD = 24
-
-
-def _set_virtual_size(path: str, expected: int, size: int) -> None:
-    """Set a closed qcow2 image's virtual size field from *expected* to *size* (same L1 size)."""
-    import struct
-
-    with open(path, "r+b") as f:
-        header = f.read(_SIZE_FIELD + 8)
-        (current,) = struct.unpack_from(">Q", header, _SIZE_FIELD)
-        if header[:4] != QCOW2_MAGIC or current != expected:
-            raise ValueError(f"{path}: unexpected header while setting the virtual size")
-        f.seek(_SIZE_FIELD)
-        f.write(struct.pack(">Q", size))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def add_parsers(sub: Any) -> None:
