@@ -419,3 +419,85 @@ def test_snapshot_views_read_like_qemu_img_convert_l(tmp_path: Path) -> None:
         qcow2ovl.open(path, snapshot="three")
     with pytest.raises(qcow2ovl.UnsupportedError, match="read-only"):
         qcow2ovl.open(path, snapshot="one", writable=True)
+
+
+def _refblock0(path: Path) -> int:
+    (reftable,) = qi.peek(path, 48, ">Q")
+    (refblock,) = qi.peek(path, reftable, ">Q")
+    return refblock
+
+
+def test_write_onto_the_snapshot_table_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "snap.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write 0 64k")
+    qi.qemu_img("snapshot", "-c", "s", path)
+    (snapshots_offset,) = qi.peek(path, 64, ">Q")
+    entry_at, _ = _l2_entry_offset(path, 0)
+    # The (shared) L2 table claims guest cluster 0 is ours alone, on the snapshot table.
+    qi.poke(path, entry_at, ">Q", (1 << 63) | snapshots_offset)
+    with qcow2ovl.open(path, writable=True) as img:
+        with pytest.raises(qcow2ovl.MetadataOverlapError, match="snapshot table"):
+            img.write(0, b"s" * 512)
+    assert qi.peek(path, 72, ">Q")[0] & 2
+    with qcow2ovl.open(path) as ro:
+        assert [s.name for s in ro.snapshots] == ["s"]
+
+
+def test_emptied_refcount_table_is_refused(tmp_path: Path) -> None:
+    # With refcount table entry 0 cleared, every cluster looks free: the allocator finds the
+    # first refcount block missing (it would have to sit on the header) and refuses, marking
+    # the image corrupt, before any allocation could land on metadata.
+    path = tmp_path / "empty-rt.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write 0 64k")
+    (reftable,) = qi.peek(path, 48, ">Q")
+    qi.poke(path, reftable, ">Q", 0)
+    with qcow2ovl.open(path, writable=True) as img:
+        with pytest.raises(qcow2ovl.MetadataOverlapError, match="Refcount block .* missing"):
+            img.write(8 << 20, b"e" * 512)
+    assert qi.peek(path, 72, ">Q")[0] & 2
+
+
+def test_unaligned_refcount_table_entry_is_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "rt-unaligned.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qi.qemu_io(path, "write 0 64k")
+    (reftable,) = qi.peek(path, 48, ">Q")
+    qi.poke(path, reftable, ">Q", _refblock0(path) + 512)
+    with qcow2ovl.open(path, writable=True) as img:
+        with pytest.raises(qcow2ovl.MetadataOverlapError, match="unaligned"):
+            img.write(8 << 20, b"u" * 512)
+    assert qi.peek(path, 72, ">Q")[0] & 2
+
+
+def test_l1_growth_onto_the_refcount_table_is_refused(tmp_path: Path) -> None:
+    # The refcount table's own refcount is 0: growing the L1 table may allocate it, and the
+    # write of the new L1 table is refused.
+    path = tmp_path / "grow.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "1M")
+    (reftable,) = qi.peek(path, 48, ">Q")
+    qi.poke(path, _refblock0(path) + 2 * (reftable // 512), ">H", 0)
+    img = qcow2ovl.open(path, writable=True)
+    with pytest.raises(qcow2ovl.MetadataOverlapError, match="refcount table"):
+        img.resize(2 * MiB)  # the new L1 table is one cluster: the first "free" one
+    img.close()
+    assert qi.peek(path, 72, ">Q")[0] & 2
+
+
+def test_refcount_table_growth_with_64_bit_refcounts(tmp_path: Path) -> None:
+    # 512-byte clusters and 64-bit refcounts: one refcount block describes 64 clusters and the
+    # first refcount table 4096; writing 6 MiB makes the table grow (and move).
+    path = tmp_path / "rt-grow.qcow2"
+    qcow2ovl.create(path, 16 * MiB, cluster_size=512, refcount_bits=64)
+    (clusters_before,) = qi.peek(path, 56, ">I")
+    mirror = Mirror(tmp_path / "m.raw", 16 * MiB)
+    rng = random.Random(7)
+    with qcow2ovl.open(path, writable=True) as img:
+        for i in range(96):
+            data = rng.randbytes(64 * 1024)
+            img.write(i * 64 * 1024, data)
+            mirror.write(i * 64 * 1024, data)
+    (clusters_after,) = qi.peek(path, 56, ">I")
+    assert clusters_after > clusters_before
+    assert_clean_and_equal(path, mirror.path)

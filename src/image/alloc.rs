@@ -197,17 +197,21 @@ impl Refcounts {
             return Ok(created);
         }
         // Nothing in this range has a refcount, so its first cluster is free: the block goes
-        // there and describes itself.
+        // there and describes itself. The first range starts with the header, which always has
+        // a refcount: a missing first block means the refcount structures are broken.
         let at = index * per;
+        if at == 0 {
+            return Err(ImageError::Corruption(
+                "Refcount block for the clusters from 0 is missing (the refcount table entry \
+                 is 0); the refcount structures are damaged"
+                    .into(),
+            ));
+        }
         self.create_block(index, at)?;
-        let mut created = vec![NewTable {
+        Ok(vec![NewTable {
             offset: at << self.cluster_bits,
             clusters: 1,
-        }];
-        // The block's own cluster now has a refcount; if `cluster` was that cluster, the caller
-        // must look again (it is taken).
-        created.extend(self.ensure_block(storage, cluster)?);
-        Ok(created)
+        }])
     }
 
     /// Creates block `index` in memory at cluster `at` (inside its own range), refcount 1.
@@ -372,5 +376,55 @@ impl Refcounts {
     /// The refcount table's bytes.
     pub fn table_bytes(&self) -> Vec<u8> {
         crate::format::write_u64_table(&self.table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn a_missing_first_block_is_an_error_not_a_loop() {
+        let storage = MemStorage::new(vec![0; 4096]);
+        let mut rc = Refcounts::new(9, 4, 512, vec![0; 64]);
+        let err = rc.allocate(&storage).unwrap_err();
+        assert_eq!(err.kind(), crate::image::ErrorKind::Corruption);
+    }
+
+    #[test]
+    fn blocks_describe_themselves_and_the_table_grows() {
+        // 512-byte clusters, 64-bit refcounts: 64 clusters per block, 64 table entries.
+        let storage = MemStorage::new(vec![0; 4 * 512]);
+        let mut first = vec![0u8; 512];
+        for c in 0..4 {
+            refcount_set(&mut first, c, 6, 1).unwrap();
+        }
+        storage.write_at(2 * 512, &first).unwrap();
+        let mut table = vec![0u64; 64];
+        table[0] = 2 * 512;
+        let mut rc = Refcounts::new(9, 6, 512, table);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5000 {
+            let (c, _) = rc.allocate(&storage).unwrap();
+            assert!(seen.insert(c), "cluster {c} handed out twice");
+            assert_eq!(rc.get(&storage, c).unwrap(), 1);
+        }
+        // 5000 clusters need more than 64 blocks: the table moved and grew.
+        assert!(rc.table.len() > 64);
+        assert_ne!(rc.table_offset, 512);
+        // Every block lies in the range it describes and counts itself.
+        for (i, &e) in rc.table.iter().enumerate() {
+            if e != 0 {
+                let c = e >> 9;
+                assert_eq!(c / 64, i as u64);
+                assert_eq!(rc.get(&storage, c).unwrap(), 1);
+            }
+        }
+        // Frees wait until applied.
+        rc.free_later(4);
+        assert_eq!(rc.get(&storage, 4).unwrap(), 1);
+        assert_eq!(rc.apply_pending(&storage).unwrap(), vec![4]);
+        assert_eq!(rc.allocate(&storage).unwrap().0, 4);
     }
 }
