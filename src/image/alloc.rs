@@ -414,7 +414,7 @@ mod tests {
         assert!(rc.table.len() > 64);
         assert_ne!(rc.table_offset, 512);
         // Every block lies in the range it describes and counts itself.
-        for (i, &e) in rc.table.iter().enumerate() {
+        for (i, e) in rc.table.clone().into_iter().enumerate() {
             if e != 0 {
                 let c = e >> 9;
                 assert_eq!(c / 64, i as u64);
