@@ -421,10 +421,11 @@ mod tests {
                 assert_eq!(rc.get(&storage, c).unwrap(), 1);
             }
         }
-        // Frees wait until applied.
+        // Frees wait until applied; the old table (cluster 1) was queued when it moved.
         rc.free_later(4);
         assert_eq!(rc.get(&storage, 4).unwrap(), 1);
-        assert_eq!(rc.apply_pending(&storage).unwrap(), vec![4]);
+        assert_eq!(rc.apply_pending(&storage).unwrap(), vec![1, 4]);
+        assert_eq!(rc.allocate(&storage).unwrap().0, 1);
         assert_eq!(rc.allocate(&storage).unwrap().0, 4);
     }
 }
