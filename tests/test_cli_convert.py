@@ -3,6 +3,7 @@ source and `qemu-img check` finds clean; zero ranges stay unallocated as in `qem
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -162,3 +163,36 @@ def test_engine_writes_into_a_short_last_cluster(tmp_path: Path) -> None:
         image.write(64 * KiB + 512, b"\x01" * 1024)
     assert qi.check_is_clean(qi.qemu_check(path))
     qi.qemu_io(path, f"read -P 1 {64 * KiB + 512} 1024")
+
+
+def test_snapshot_views_from_the_command_line(tmp_path: Path) -> None:
+    from qcow2ovl.cli import main
+
+    path = tmp_path / "s.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qi.qemu_io(path, "write -P 0x11 0 1M")
+    qi.qemu_img("snapshot", "-c", "first", path)
+    qi.qemu_io(path, "write -P 0x22 0 512k")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    assert main(["convert", "-l", "snapshot.name=first", str(path), str(ours)]) == 0
+    qi.qemu_img("convert", "-l", "snapshot.name=first", "-O", "raw", path, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qcow2ovl",
+            "map",
+            "--guest",
+            "--snapshot",
+            "1",
+            "--output",
+            "json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    got = json.loads(out)
+    assert got[0]["start"] == 0 and got[0]["data"] and got[0]["length"] == 1 << 20

@@ -18,7 +18,9 @@ def guest_map(args: argparse.Namespace) -> int:
     """``qcow2ovl map --guest IMAGE``: the guest disk as ``qemu-img map`` shows it."""
     from qcow2ovl.image import open as open_image
 
-    with open_image(args.image, overlap_check=args.overlap_check) as image:
+    with open_image(
+        args.image, overlap_check=args.overlap_check, snapshot=getattr(args, "snapshot", None)
+    ) as image:
         extents = image.guest_map()
     out = sys.stdout
     if args.output == "json":
@@ -51,7 +53,7 @@ class _Source:
     yields ``(start, length, zero)`` covering the disk, where *zero* says the range surely reads
     as zeros (unallocated, a zero cluster, a hole in a sparse raw file)."""
 
-    def __init__(self, path: str, fmt: str | None) -> None:
+    def __init__(self, path: str, fmt: str | None, snapshot: str | None = None) -> None:
         from qcow2ovl.image import open as open_image
 
         if fmt is None:
@@ -60,7 +62,11 @@ class _Source:
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"Unknown file format '{fmt}'")
         self.fmt = fmt
-        self.image = open_image(path, overlap_check="none") if fmt == "qcow2" else None
+        if snapshot is not None and fmt != "qcow2":
+            raise ValueError("convert: -l (a snapshot) needs a qcow2 source")
+        self.image = (
+            open_image(path, overlap_check="none", snapshot=snapshot) if fmt == "qcow2" else None
+        )
         self.raw = open(path, "rb") if fmt == "raw" else None  # noqa: SIM115 - closed in close()
         if self.image is not None:
             self.size = self.image.virtual_size
@@ -176,7 +182,7 @@ def convert(args: argparse.Namespace) -> int:
     kwargs = _qcow2_options(args.options) if args.output_format == "qcow2" else None
     if args.options and kwargs is None:
         raise ValueError("convert: -o applies to -O qcow2 only")
-    source = _Source(args.image, args.source_format)
+    source = _Source(args.image, args.source_format, args.snapshot)
     try:
         if kwargs is not None:
             _to_qcow2(source, args.output, kwargs, args.progress)
@@ -239,6 +245,14 @@ def _to_qcow2(source: _Source, output: str, kwargs: dict[str, Any], progress: bo
 _SECTOR = 512
 
 
+def _snapshot_arg(value: str) -> str:
+    """qemu-img convert's ``-l`` forms: ``snapshot.name=N``, ``snapshot.id=I`` or a bare name."""
+    for prefix in ("snapshot.name=", "snapshot.id="):
+        if value.startswith(prefix):
+            return value[len(prefix) :]
+    return value
+
+
 def add_parsers(sub: Any) -> None:
     """Adds ``convert`` to the command's subparsers."""
     p = sub.add_parser(
@@ -259,6 +273,15 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "-c", dest="compress", action="store_true", help="compressed output (not supported yet)"
+    )
+    p.add_argument(
+        "-l",
+        "--snapshot",
+        dest="snapshot",
+        metavar="NAME_OR_ID",
+        help="copy this internal snapshot's disk (qemu-img's -l snapshot.name=/snapshot.id= "
+        "are accepted too)",
+        type=_snapshot_arg,
     )
     p.add_argument("image", help="the qcow2 image or raw file to read")
     p.add_argument("output", help="the file to write (replaced if it exists)")

@@ -19,7 +19,9 @@ def _info(args: argparse.Namespace) -> int:
     from qcow2ovl import _format
     from qcow2ovl.image import open as open_image
 
-    with open_image(args.image, overlap_check=args.overlap_check) as image:
+    with open_image(
+        args.image, overlap_check=args.overlap_check, snapshot=getattr(args, "snapshot", None)
+    ) as image:
         d = _format.info_dict(image)
         if args.output == "json":
             import json
@@ -122,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="map the guest disk instead, as `qemu-img map` does",
             )
+        p.add_argument(
+            "--snapshot",
+            metavar="NAME_OR_ID",
+            help="look at this internal snapshot's disk (guest size and map) instead of the "
+            "active one",
+        )
         p.set_defaults(func=func)
     from qcow2ovl import _cli_create, _cli_guest, _cli_io
 
@@ -165,6 +173,7 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
         return None
     from types import SimpleNamespace
 
+    values["snapshot"] = None
     if argv[0] == "map":
         values["guest"] = False
     return SimpleNamespace(command=argv[0], image=image, func=_COMMANDS[argv[0]], **values)
