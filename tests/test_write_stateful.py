@@ -30,6 +30,7 @@ CONFIGS = [
     {"cluster_size": 65536},
     {"cluster_size": 2 * MiB},
     {"refcount_bits": 64},
+    {"cluster_size": 512, "refcount_bits": 64},
     {"extended_l2": True},
     {"extended_l2": True, "backing": True},
     {"lazy_refcounts": True},

@@ -326,11 +326,21 @@ impl Refcounts {
 
     /// Allocates `n` contiguous free clusters (first fit from the hint); returns the first and
     /// the metadata tables created on the way.
+    ///
+    /// A run longer than half a refcount block's range is refused: refcount blocks are placed at
+    /// the start of the range they describe, so such a run may never fit between them.
     pub fn allocate_run(
         &mut self,
         storage: &dyn Storage,
         n: u64,
     ) -> Result<(u64, Vec<NewTable>), ImageError> {
+        if n > self.per_block() / 2 {
+            return Err(ImageError::Unsupported(format!(
+                "cannot allocate {n} contiguous clusters: one refcount block describes only {} \
+                 (use larger clusters or narrower refcounts)",
+                self.per_block()
+            )));
+        }
         let mut created = Vec::new();
         let mut start = self.hint.max(1);
         'search: loop {
@@ -345,6 +355,10 @@ impl Refcounts {
             }
             for k in 0..n {
                 self.set(storage, start + k, 1)?;
+            }
+            if start == self.hint.max(1) {
+                // Nothing below the run is free (the search started there).
+                self.hint = start + n;
             }
             return Ok((start, created));
         }

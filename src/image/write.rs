@@ -204,21 +204,103 @@ impl Image {
         let mut w = self.writer()?;
         self.before_change(&mut w)?;
         let r = self
-            .for_each_piece(
-                guest.0,
-                data.len() as u64,
-                |img, w, cluster, at, len, done| {
-                    let piece = Piece {
-                        cluster,
-                        at,
-                        bytes: &data[done..done + len],
-                    };
-                    img.write_piece(w, &piece)
-                },
-                &mut w,
-            )
+            .write_runs(&mut w, guest.0, data)
             .and_then(|()| self.after_change(&mut w));
         r.map_err(|e| self.fatal(&mut w, e))
+    }
+
+    /// Writes `data` at `offset`: runs of whole clusters that map the same way in one host
+    /// write each ([`Image::write_run`]), everything else cluster by cluster.
+    fn write_runs(&self, w: &mut Writer, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        let mut done = 0usize;
+        while done < data.len() {
+            let g = offset + done as u64;
+            let at = self.geometry.in_cluster_offset(g);
+            let rest = (data.len() - done) as u64;
+            if at == 0 && rest >= 2 * cs {
+                let n = self.write_run(w, g, &data[done..])?;
+                if n > 0 {
+                    done += n;
+                    continue;
+                }
+            }
+            let len = (cs - at).min(rest) as usize;
+            let piece = Piece {
+                cluster: g - at,
+                at: at as usize,
+                bytes: &data[done..done + len],
+            };
+            self.write_piece(w, &piece)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes the longest run of whole clusters from `guest` (cluster-aligned) that one host
+    /// write can take: clusters this image owns at contiguous host offsets (overwritten in
+    /// place), or clusters with no data of their own (unallocated or plain zero: whole clusters
+    /// are written, so nothing needs copying) that get a contiguous run of new clusters.
+    /// Standard L2 entries and data in the image file only. Returns the bytes written; 0 when
+    /// fewer than two clusters qualify.
+    fn write_run(&self, w: &mut Writer, guest: u64, data: &[u8]) -> Result<usize, ImageError> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        if g.is_extended_l2() || w.external_data {
+            return Ok(0);
+        }
+        let l1_index = g.l1_index(GuestOffset(guest));
+        let first = g.l2_index(GuestOffset(guest)) as usize;
+        // Runs of new clusters stay well inside one refcount block's range (see
+        // `Refcounts::allocate_run`).
+        let max = ((data.len() as u64 / cs) as usize)
+            .min(g.l2_entries() as usize - first)
+            .min((w.refcounts.per_block() / 4) as usize);
+        if max < 2 {
+            return Ok(0);
+        }
+        let l2 = self.l2_for_write(w, l1_index)?;
+        let entries: Vec<u64> = self
+            .l2_cache
+            .edit(HostOffset(l2), |t| t[first..first + max].to_vec())
+            .ok_or_else(|| ImageError::Corruption(format!("L2 table at {l2:#x} is not pinned")))?;
+        let owned = |e: u64| {
+            e & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0
+                && e & OFLAG_COPIED != 0
+                && e & L1_L2_OFFSET_MASK != 0
+                && g.is_aligned(HostOffset(e & L1_L2_OFFSET_MASK))
+        };
+        // Whole clusters are written, so nothing of the old view (backing file, zeros) is
+        // needed: unallocated and plain zero clusters just get new ones.
+        let fresh = |e: u64| e == 0 || e == OFLAG_ZERO;
+        let base = entries[0] & L1_L2_OFFSET_MASK;
+        let k = if owned(entries[0]) {
+            entries
+                .iter()
+                .enumerate()
+                .take_while(|&(j, &e)| owned(e) && e & L1_L2_OFFSET_MASK == base + j as u64 * cs)
+                .count()
+        } else if fresh(entries[0]) {
+            entries.iter().take_while(|&&e| fresh(e)).count()
+        } else {
+            0
+        };
+        if k < 2 {
+            return Ok(0);
+        }
+        let bytes = &data[..k * cs as usize];
+        if owned(entries[0]) {
+            let storage = self.storage.clone();
+            self.guarded_write(w, WriteKind::GuestData, storage.as_ref(), base, bytes)?;
+            return Ok(bytes.len());
+        }
+        let run = self.allocate_run(w, k as u64)? << g.cluster_bits();
+        let storage = self.storage.clone();
+        self.guarded_write(w, WriteKind::GuestData, storage.as_ref(), run, bytes)?;
+        for j in 0..k {
+            self.l2_set(l2, first + j, (run + j as u64 * cs) | OFLAG_COPIED)?;
+        }
+        Ok(bytes.len())
     }
 
     /// Calls `f` for every cluster-sized piece of `[offset, offset + len)`.
