@@ -31,6 +31,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    if getattr(args, "picture", None):
+        from qcow2ovl import picture
+
+        picture.write_picture(args.image, args.picture, args.overlap_check)
     if getattr(args, "guest", False):
         from qcow2ovl import _cli_guest
 
@@ -73,7 +77,8 @@ usage: qcow2ovl [--version] [-h] COMMAND ...
 
 commands:
   info IMAGE   header facts, snapshots and bitmaps (like qemu-img info)
-  map IMAGE    every metadata extent of the host file
+  map IMAGE    every metadata extent of the host file (--picture FILE.svg draws it)
+  check IMAGE  refcounts and metadata as qemu-img check, with overlaps named
   demo         build an image with QEMU, map it, check writes against it
 
 Run 'qcow2ovl COMMAND --help' for a command's options.
@@ -116,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="map the guest disk instead, as `qemu-img map` does",
             )
+            p.add_argument("--picture", metavar="FILE.svg", help="also draw the layout as SVG")
         p.set_defaults(func=func)
-    from qcow2ovl import _cli_create, _cli_guest
+    from qcow2ovl import _cli_check, _cli_create, _cli_guest
 
+    _cli_check.add_parser(sub)
     _cli_create.add_parser(sub)
     _cli_guest.add_parsers(sub)
     return parser

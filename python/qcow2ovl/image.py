@@ -14,13 +14,14 @@ from qcow2ovl.types import MetadataType
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import datetime as _dt
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from dataclasses import dataclass
     from types import TracebackType
     from typing import Any, Union
 
     from typing_extensions import Buffer
 
+    from qcow2ovl.check import CheckResult
     from qcow2ovl.options import OverlapCheckSpec
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
@@ -324,6 +325,20 @@ class Image:
         With :meth:`check_overlap` this answers "would a write of guest data here hit
         metadata?"."""
         return self._core.host_offset(guest_offset)
+
+    def check(self, progress: Callable[[int, int], object] | None = None) -> CheckResult:
+        """Check the image as ``qemu-img check`` does, naming every metadata overlap (see
+        :mod:`qcow2ovl.check`); *progress* is called with ``(done, total)`` as it goes."""
+        from qcow2ovl.check import check_image
+
+        return check_image(self, progress)
+
+    def render_layout(self, **options: Any) -> str:
+        """An SVG picture of the host file's clusters coloured by metadata type, with overlaps
+        and problems in red (see :func:`qcow2ovl.picture.render_layout` for *options*)."""
+        from qcow2ovl.picture import render_layout
+
+        return render_layout(self, **options)
 
     def close(self) -> None:
         """Release the image. Safe to call twice."""

@@ -16,6 +16,7 @@
 
 mod backing;
 mod cache;
+mod check;
 pub mod create;
 mod error;
 mod guest_map;
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 pub use backing::Backing;
 pub use cache::{Table, TableCache};
+pub use check::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
 pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;
