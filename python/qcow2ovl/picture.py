@@ -111,10 +111,14 @@ def render_layout(
     keys = {int(t): t.key for t in SINGLE_TYPES}
     for offset, length, types in image.metadata_extents():
         bits = int(types)
-        key = keys.get(bits & -bits, "main-header")
+        # Every type present counts (the first colours the cell, another one its stripe).
+        present_keys = tuple(k for b, k in keys.items() if bits & b) or ("main-header",)
 
-        def add_meta(c: int, n: int, key: str = key, multi: bool = bits & (bits - 1) != 0) -> None:
-            meta[c][key] = meta[c].get(key, 0) + n
+        def add_meta(
+            c: int, n: int, ks: tuple[str, ...] = present_keys, multi: bool = len(present_keys) > 1
+        ) -> None:
+            for key in ks:
+                meta[c][key] = meta[c].get(key, 0) + n
             if multi:
                 red[c] = 1
 
@@ -147,7 +151,7 @@ def render_layout(
     body: list[str] = []
     for c in range(cells):
         m = meta[c]
-        m_total = sum(m.values())
+        m_total = min(cell_bytes, sum(m.values()))
         data = max(0, min(cell_bytes, used[c]) - m_total)
         free = max(0, cell_bytes - m_total - data)
         counts = dict(m)
