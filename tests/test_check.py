@@ -353,8 +353,7 @@ def test_two_l2_tables_sharing_a_cluster(base: Path, tmp_path: Path) -> None:
     p = damaged(base, tmp_path, "shared_l2", _two_l1_entries_one_l2)
     r = ours(p)
     assert any(
-        o.first == {**o.first, "type": "active-l2", "l1_index": 0}
-        and o.second.get("l1_index") == 1
+        o.first == {**o.first, "type": "active-l2", "l1_index": 0} and o.second.get("l1_index") == 1
         for o in r.overlaps
     ), [o.message for o in r.overlaps]
 

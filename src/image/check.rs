@@ -543,8 +543,10 @@ impl Counts {
                     *slot = u16::MAX;
                     self.big.insert(c, v);
                 } else {
+                    if *slot == u16::MAX {
+                        self.big.remove(&c);
+                    }
                     *slot = v as u16;
-                    self.big.remove(&c);
                 }
                 true
             }
@@ -770,6 +772,16 @@ impl Checker<'_> {
     }
 
     fn inc_cluster(&mut self, k: u64, times: u64) {
+        // Fast path: a small count with room to grow.
+        let limit = self.refcount_max.min(u64::from(u16::MAX) - 1);
+        if let Some(slot) = self.refs.small.get_mut(k as usize) {
+            if let Some(v) = u64::from(*slot).checked_add(times) {
+                if v <= limit {
+                    *slot = v as u16;
+                    return;
+                }
+            }
+        }
         let cur = self.refs.get(k);
         let room = self.refcount_max - cur.min(self.refcount_max);
         let added = times.min(room);
