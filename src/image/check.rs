@@ -34,6 +34,9 @@ use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use crate::format::{max_refcount, refcount_get, CompressedDescriptor, Geometry};
 use crate::storage::Storage;
 
+/// Reads ending past this offset fail in QEMU's block layer (the largest length it accepts:
+/// 2^63 - 1 rounded down to 1 GiB), so a refcount block there cannot be read.
+const MAX_IO_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 /// Largest snapshot L1 table QEMU accepts, in entries (32 MiB of entries).
 const MAX_SNAPSHOT_L1_ENTRIES: u64 = (32 << 20) / 8;
 /// Findings kept in the report; the counters count all of them.
@@ -67,7 +70,8 @@ pub enum FindingKind {
     /// The on-disk refcount is higher than the references found (a leak; `reference` is 0 for
     /// a cluster nothing references).
     RefcountTooHigh,
-    /// The refcount of a cluster cannot be read (its refcount block is unaligned).
+    /// The refcount of a cluster cannot be read (its refcount block is unaligned, or lies where
+    /// no read can reach).
     RefcountUnreadable,
     /// More references than the refcount width can count.
     RefcountOverflow,
@@ -97,6 +101,9 @@ pub enum FindingKind {
     CompressedDataFile,
     /// Internal snapshots in an image with an external data file.
     SnapshotsDataFile,
+    /// A version 3 snapshot table entry with less than the 16 bytes of extra data version 3
+    /// requires (`index` is the entry).
+    SnapshotIncomplete,
     /// A snapshot L1 table that is not cluster-aligned.
     SnapshotL1Unaligned,
     /// A snapshot L1 table larger than QEMU allows.
@@ -183,6 +190,7 @@ impl Finding {
             K::CompressedBitmap => "compressed-bitmap",
             K::CompressedDataFile => "compressed-data-file",
             K::SnapshotsDataFile => "snapshots-data-file",
+            K::SnapshotIncomplete => "snapshot-entry-incomplete",
             K::SnapshotL1Unaligned => "snapshot-l1-unaligned",
             K::SnapshotL1TooLarge => "snapshot-l1-too-large",
             K::ReftableReserved => "reftable-reserved-bits",
@@ -230,8 +238,9 @@ impl std::fmt::Display for Finding {
             K::RefcountTooHigh => write!(f, "Leaked cluster {i} refcount={e} reference={r}"),
             K::RefcountUnreadable => write!(
                 f,
-                "ERROR cannot read the refcount of cluster {i}: its refcount block at {o:#x} \
-                 is not cluster-aligned"
+                "ERROR cannot read the refcounts of {} clusters from cluster {i}: their \
+                 refcount block at {o:#x} is unaligned or out of reach",
+                self.times
             ),
             K::RefcountOverflow => write!(
                 f,
@@ -287,6 +296,11 @@ impl std::fmt::Display for Finding {
                     "ERROR {i} snapshots in an image with an external data file"
                 )
             }
+            K::SnapshotIncomplete => write!(
+                f,
+                "ERROR snapshot table entry {i} is incomplete: {e} bytes of extra data, \
+                 version 3 needs 16"
+            ),
             K::SnapshotL1Unaligned => write!(
                 f,
                 "ERROR snapshot {n} l1_offset={o:#x}: L1 table is not cluster-aligned"
@@ -687,7 +701,7 @@ impl Checker<'_> {
             if off == 0 {
                 continue;
             }
-            if off % self.cs != 0 {
+            if off % self.cs != 0 || off.saturating_add(self.cs) > MAX_IO_END {
                 self.unreadable_blocks.push(i as u64);
                 continue;
             }
@@ -733,7 +747,7 @@ impl Checker<'_> {
         if off == 0 {
             return Some(0);
         }
-        if off % self.cs != 0 {
+        if off % self.cs != 0 || off.saturating_add(self.cs) > MAX_IO_END {
             return None;
         }
         let mut buf = vec![0u8; self.cs as usize];
@@ -854,6 +868,18 @@ impl Checker<'_> {
         let img = self.img;
         let h = img.header();
         let cs = self.cs;
+
+        // The snapshot table entries themselves (qemu-img checks them first).
+        if h.version >= 3 {
+            for (n, sn) in img.snapshots().iter().enumerate() {
+                if sn.extra_data_size() < 16 {
+                    let mut f = Finding::new(FindingKind::SnapshotIncomplete, Severity::Corruption);
+                    f.index = n as u64;
+                    f.entry = u64::from(sn.extra_data_size());
+                    self.report.add(f);
+                }
+            }
+        }
 
         // The header cluster, the active L1 table, the snapshot L1 tables.
         self.inc(0, cs, 1);
@@ -1078,6 +1104,15 @@ impl Checker<'_> {
         let cs = self.cs;
         let guest_base = first.l1_index.saturating_mul(self.g.bytes_per_l1_entry());
         let mut next_contiguous = 0u64;
+        let (mut allocated, mut fragmented) = (0u64, 0u64);
+        // The fast path below handles clusters that lie in the file, in an image without an
+        // external data file, whose refcounts are all readable.
+        let fast_end = if self.data_file || !self.unreadable_blocks.is_empty() {
+            0
+        } else {
+            self.img.file_len().min(self.file_clusters << self.cb)
+        };
+        let copied_pass = active > 0 && first.l2_offset != 0;
         for (i, c) in table.chunks_exact(esz).enumerate() {
             let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             let bitmap = if ext {
@@ -1088,8 +1123,44 @@ impl Checker<'_> {
             if e == 0 && bitmap == 0 {
                 continue;
             }
-            let compressed = e & OFLAG_COMPRESSED != 0;
+            // Fast path: a standard, aligned data cluster inside the file, nothing odd about it.
             let offset = e & L1_L2_OFFSET_MASK;
+            if !ext
+                && e & (OFLAG_COMPRESSED | L2_RESERVED_MASK | OFLAG_ZERO) == 0
+                && offset != 0
+                && offset & (cs - 1) == 0
+                && offset < fast_end
+            {
+                let k = offset >> self.cb;
+                if active > 0 {
+                    allocated += active;
+                    if next_contiguous != 0 && offset != next_contiguous {
+                        fragmented += active;
+                    }
+                    next_contiguous = offset + cs;
+                }
+                self.inc_cluster(k, times);
+                if self.meta_bits[(k / 64) as usize] & (1 << (k % 64)) != 0 {
+                    let guest = guest_base.saturating_add((i as u64) << self.cb);
+                    self.data_on_meta(Owner::Data(first.source, guest), offset, k);
+                }
+                if copied_pass {
+                    let rc = match self.disk.small[k as usize] {
+                        u16::MAX => self.disk.get(k),
+                        v => u64::from(v),
+                    };
+                    if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
+                        f.entry = e;
+                        f.reference = rc;
+                        f.offset = offset;
+                        f.times = active;
+                        self.report.add(f);
+                    }
+                }
+                continue;
+            }
+            let compressed = e & OFLAG_COMPRESSED != 0;
             let guest = guest_base.saturating_add((i as u64) << self.cb);
             let data_owner = Owner::Data(first.source, guest);
             if !compressed && e & L2_RESERVED_MASK != 0 {
@@ -1175,7 +1246,8 @@ impl Checker<'_> {
             if self.is_meta(k) {
                 self.data_on_meta(data_owner, offset, k);
             }
-            if active > 0 {
+            // qemu-img's COPIED pass skips an L1 entry whose L2 offset is 0 altogether.
+            if active > 0 && first.l2_offset != 0 {
                 if let Some(rc) = self.disk_refcount(k) {
                     if (rc == 1) != (e & OFLAG_COPIED != 0) {
                         let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
@@ -1188,6 +1260,8 @@ impl Checker<'_> {
                 }
             }
         }
+        self.report.allocated_clusters += allocated;
+        self.report.fragmented_clusters += fragmented;
     }
 
     fn l2_finding(&mut self, kind: FindingKind, e: u64, bitmap: u64, i: usize, times: u64) {
@@ -1408,10 +1482,20 @@ fn decode_block(block: &[u8], order: u32, first: u64, last: u64, out: &mut Count
     let n = (last.saturating_sub(first)) as usize;
     match order {
         4 => {
-            for (j, c) in block.chunks_exact(2).take(n).enumerate() {
-                let v = u16::from_be_bytes([c[0], c[1]]);
-                if v != 0 {
-                    out.set(first + j as u64, u64::from(v));
+            let start = first as usize;
+            match out.small.get_mut(start..start + n) {
+                Some(dst) if !block.chunks_exact(2).take(n).any(|c| c == [0xff, 0xff]) => {
+                    for (d, c) in dst.iter_mut().zip(block.chunks_exact(2)) {
+                        *d = u16::from_be_bytes([c[0], c[1]]);
+                    }
+                }
+                _ => {
+                    for (j, c) in block.chunks_exact(2).take(n).enumerate() {
+                        let v = u16::from_be_bytes([c[0], c[1]]);
+                        if v != 0 {
+                            out.set(first + j as u64, u64::from(v));
+                        }
+                    }
                 }
             }
         }
