@@ -548,7 +548,7 @@ def test_random_corruptions_match_qemu(tmp_path: Path) -> None:
     """Random valid images (the fuzz strategies' deterministic form) with random corruptions:
     wherever both tools can open the image, the counters and exit status are equal."""
     path = tmp_path / "case.qcow2"
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 12
     compared = 0
     for seed in range(1000, 1400):
         if time.monotonic() > deadline:
@@ -581,7 +581,7 @@ def test_check_on_corrupted_images_fails_cleanly(tmp_path: Path) -> None:
     """Random valid images with random corruptions: check returns or raises Qcow2Error /
     ValueError, quickly."""
     path = tmp_path / "current.qcow2"
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 12
     checked = 0
     for seed in range(400):
         if time.monotonic() > deadline:

@@ -46,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
         print("qcow2ovl: check: repair is not supported yet", file=sys.stderr)
         return EXIT_FAILED
     progress = _progress if args.progress and sys.stdout.isatty() else None
-    try:
-        with open_image(args.image, overlap_check="none") as image:
+    # An image that cannot be opened fails like any command (status 1, as qemu-img's does);
+    # one that opens but cannot be checked is "check not supported".
+    with open_image(args.image, overlap_check="none") as image:
+        try:
             result = image.check(progress)
-    except UnsupportedError as exc:
-        print(f"qcow2ovl: check: {exc}", file=sys.stderr)
-        return EXIT_NOT_SUPPORTED
+        except UnsupportedError as exc:
+            print(f"qcow2ovl: check: {exc}", file=sys.stderr)
+            return EXIT_NOT_SUPPORTED
     if progress is not None:
         sys.stdout.write("\n")
     if args.output == "json":

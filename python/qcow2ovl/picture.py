@@ -184,7 +184,7 @@ def render_layout(
         y = margin + head + r * pitch + cell_size - 2
         body.append(
             f'<text x="{margin + label_w - 6}" y="{y}" text-anchor="end" '
-            f'font-size="{max(8, cell_size - 2)}">{r * columns * cell_bytes:#x}</text>'
+            f'font-size="{min(11, max(8, cell_size - 2))}">{r * columns * cell_bytes:#x}</text>'
         )
 
     # Legend and scale under the grid.
@@ -192,7 +192,8 @@ def render_layout(
     legend_y = margin + head + grid_h + 16
     legend: list[str] = []
     entries = [k for k in order if k in present] + ["problem"]
-    per_row = max(1, (label_w + grid_w) // 190)
+    width = max(margin * 2 + label_w + grid_w, 600)
+    per_row = max(1, (width - 2 * margin) // 190)
     for i, k in enumerate(entries):
         x = margin + (i % per_row) * 190
         y = legend_y + (i // per_row) * 20
@@ -218,7 +219,6 @@ def render_layout(
         f'fill="#333333"/><text x="{margin + bar_cells * pitch + 6}" y="{scale_y + 12}" '
         f'font-size="12">{_size(bar_cells * cell_bytes)}</text>'
     )
-    width = margin * 2 + label_w + grid_w
     height = scale_y + 40
     summary = (
         f"{check.corruptions} corruptions, {check.leaks} leaks, {check.overlap_count} overlaps"

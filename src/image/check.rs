@@ -657,7 +657,8 @@ impl Image {
             report: CheckReport::default(),
             progress,
         };
-        c.report.total_clusters = h.size.div_ceil(cs);
+        // The virtual size in whole 512-byte sectors, in clusters (as qemu-img counts it).
+        c.report.total_clusters = (h.size / 512 * 512).div_ceil(cs);
         c.load_disk_refcounts()?;
         c.run()?;
         Ok(c.report)
