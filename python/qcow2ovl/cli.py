@@ -165,6 +165,8 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
         return None
     from types import SimpleNamespace
 
+    if argv[0] == "map":
+        values["guest"] = False
     return SimpleNamespace(command=argv[0], image=image, func=_COMMANDS[argv[0]], **values)
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Union
 
 from qcow2ovl import _core
 
-#: Accepted ``version`` values: the format version, or qemu-img's ``compat`` names.
-VersionSpec = Union[int, str]
-#: Accepted ``preallocation`` values.
-Preallocation = Literal["off", "metadata", "falloc", "full"]
+# Startup time: typing is for type checkers only (see qcow2ovl.image).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal, Union
+
+    #: Accepted ``version`` values: the format version, or qemu-img's ``compat`` names.
+    VersionSpec = Union[int, str]
+    #: Accepted ``preallocation`` values.
+    Preallocation = Literal["off", "metadata", "falloc", "full"]
 
 _VERSIONS: dict[object, int] = {2: 2, 3: 3, "0.10": 2, "1.1": 3, "v2": 2, "v3": 3}
 _COMPRESSION: dict[str, str] = {"zlib": "zlib", "deflate": "zlib", "zstd": "zstd"}
