@@ -167,6 +167,7 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
 
     if argv[0] == "map":
         values["guest"] = False
+        values["picture"] = None
     return SimpleNamespace(command=argv[0], image=image, func=_COMMANDS[argv[0]], **values)
 
 
