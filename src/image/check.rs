@@ -4,7 +4,7 @@
 //! The walk, in order:
 //!
 //! 1. The on-disk refcounts of every cluster of the file are decoded once, refcount block by
-//!    refcount block, into a compact array (16 bits a cluster; larger values in a side table).
+//!    refcount block, into a compact array (a byte a cluster; larger values in a side table).
 //! 2. The header cluster, the active L1 table and every snapshot's L1 table are counted; the L1
 //!    entries are gathered and sorted by L2 table offset, so that an L2 table referenced by the
 //!    active L1 table and by several snapshots is read **once** and its entries counted with
@@ -19,7 +19,7 @@
 //! 6. Every metadata cluster was recorded with its owner; clusters with two owners that may not
 //!    share them, and data clusters landing on metadata, become named [`Overlap`]s.
 //!
-//! Memory is bounded by the file: two 16-bit arrays and one bit per file cluster, the list of
+//! Memory is bounded by the file: two byte arrays and one bit per file cluster, the list of
 //! metadata clusters, and one L2 table at a time. References past the end of the file are kept
 //! in a sparse table of at most [`MAX_PAST_END`] clusters.
 
@@ -520,10 +520,11 @@ impl CheckReport {
     }
 }
 
-/// Per-cluster counts: 16 bits a cluster up to the file's end, values from 65535 up in a side
-/// table, clusters past the end in a sparse table.
+/// Per-cluster counts: 8 bits a cluster up to the file's end, values from 255 up in a side
+/// table (a cluster shared by more than 254 references is rare), clusters past the end in a
+/// sparse table.
 struct Counts {
-    small: Vec<u16>,
+    small: Vec<u8>,
     big: HashMap<u64, u64>,
     past: BTreeMap<u64, u64>,
 }
@@ -543,7 +544,7 @@ impl Counts {
 
     fn get(&self, c: u64) -> u64 {
         match self.small.get(c as usize) {
-            Some(&u16::MAX) => self.big.get(&c).copied().unwrap_or(u64::from(u16::MAX)),
+            Some(&u8::MAX) => self.big.get(&c).copied().unwrap_or(u64::from(u8::MAX)),
             Some(&v) => u64::from(v),
             None => self.past.get(&c).copied().unwrap_or(0),
         }
@@ -553,14 +554,14 @@ impl Counts {
     fn set(&mut self, c: u64, v: u64) -> bool {
         match self.small.get_mut(c as usize) {
             Some(slot) => {
-                if v >= u64::from(u16::MAX) {
-                    *slot = u16::MAX;
+                if v >= u64::from(u8::MAX) {
+                    *slot = u8::MAX;
                     self.big.insert(c, v);
                 } else {
-                    if *slot == u16::MAX {
+                    if *slot == u8::MAX {
                         self.big.remove(&c);
                     }
-                    *slot = v as u16;
+                    *slot = v as u8;
                 }
                 true
             }
@@ -788,11 +789,11 @@ impl Checker<'_> {
 
     fn inc_cluster(&mut self, k: u64, times: u64) {
         // Fast path: a small count with room to grow.
-        let limit = self.refcount_max.min(u64::from(u16::MAX) - 1);
+        let limit = self.refcount_max.min(u64::from(u8::MAX) - 1);
         if let Some(slot) = self.refs.small.get_mut(k as usize) {
             if let Some(v) = u64::from(*slot).checked_add(times) {
                 if v <= limit {
-                    *slot = v as u16;
+                    *slot = v as u8;
                     return;
                 }
             }
@@ -1147,7 +1148,7 @@ impl Checker<'_> {
                 }
                 if copied_pass {
                     let rc = match self.disk.small[k as usize] {
-                        u16::MAX => self.disk.get(k),
+                        u8::MAX => self.disk.get(k),
                         v => u64::from(v),
                     };
                     if (rc == 1) != (e & OFLAG_COPIED != 0) {
@@ -1346,7 +1347,7 @@ impl Checker<'_> {
             }
             let r2 = u64::from(raw);
             let r1 = u64::from(self.disk.small[k as usize]);
-            if r1 == r2 && r1 != u64::from(u16::MAX) {
+            if r1 == r2 && r1 != u64::from(u8::MAX) {
                 if r1 != 0 {
                     highest = Some(k);
                 }
@@ -1485,9 +1486,14 @@ fn decode_block(block: &[u8], order: u32, first: u64, last: u64, out: &mut Count
         4 => {
             let start = first as usize;
             match out.small.get_mut(start..start + n) {
-                Some(dst) if !block.chunks_exact(2).take(n).any(|c| c == [0xff, 0xff]) => {
+                Some(dst)
+                    if block
+                        .chunks_exact(2)
+                        .take(n)
+                        .all(|c| c[0] == 0 && c[1] != 0xff) =>
+                {
                     for (d, c) in dst.iter_mut().zip(block.chunks_exact(2)) {
-                        *d = u16::from_be_bytes([c[0], c[1]]);
+                        *d = c[1];
                     }
                 }
                 _ => {
