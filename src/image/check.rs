@@ -1574,6 +1574,33 @@ mod tests {
     }
 
     #[test]
+    fn unaligned_refcount_block_makes_refcounts_unreadable() {
+        let l2 = [OFLAG_COPIED | (5 * CS)];
+        let mut b = image(1 << 30, &l2, &[(0, 7)]);
+        // Refcount table entry 0: the block moved 512 bytes off its cluster boundary.
+        b[(CS + 6) as usize] = 0x02;
+        let r = check(b);
+        assert_eq!(r.exit_code(), 1);
+        // Every cluster of the file (6) is unreadable; the entry itself is a corruption.
+        assert_eq!(r.check_errors, 6, "{:?}", r.findings);
+        assert!(r
+            .findings
+            .iter()
+            .any(|f| f.kind == FindingKind::RefblockUnaligned));
+    }
+
+    #[test]
+    fn l2_tables_shared_across_l1_tables_may_share_but_not_within_one() {
+        let l2 = |s, i| (0, Owner::SnapshotL2(s, i), 4 * CS);
+        let active = (0, Owner::ActiveL2(0), 4 * CS);
+        assert!(may_share(&active, &l2(0, 0)));
+        assert!(may_share(&l2(0, 0), &l2(1, 0)));
+        assert!(!may_share(&l2(0, 0), &l2(0, 1)));
+        assert!(!may_share(&active, &(0, Owner::ActiveL2(1), 4 * CS)));
+        assert!(!may_share(&active, &(0, Owner::RefcountBlock(0), 4 * CS)));
+    }
+
+    #[test]
     fn truncated_and_garbage_inputs_do_not_panic() {
         let l2 = [
             OFLAG_COMPRESSED | 0x3fff_ffff_ffff_ffff,
