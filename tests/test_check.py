@@ -4,7 +4,8 @@ overlaps, the CLI, the layout picture, and corrupted input that must not crash o
 The damaged corpus is built the way QEMU's own tests build theirs: qemu-img/qemu-io make a
 valid image, then single bytes or entries are poked (refcounts zeroed or raised, a refcount table
 entry cleared, L2 entries pointed into metadata, COPIED flags flipped, unaligned entries,
-reserved bits, a snapshot L1 entry pointed at guest data...). On every image our corruption,
+reserved bits, a snapshot L1 entry pointed at guest data...), plus a writer killed with lazy
+refcounts on, and random corruptions of generated images. On every image our corruption,
 leak and check-error counts and the exit status equal qemu-img's.
 
 By-design differences (tested in `test_by_design_differences`): none in the counters on this
@@ -277,6 +278,23 @@ def test_damaged_corpus_matches_qemu(base: Path, tmp_path: Path, name: str) -> N
     p = damaged(base, tmp_path, name, CORPUS[name])
     mine, theirs = compare(p)
     assert theirs["_exit"] != 0, f"{name}: the poke did no damage"
+
+
+@needs_qemu
+def test_killed_writer_matches_qemu(tmp_path: Path) -> None:
+    """Lazy refcounts and a writer killed before it flushed: the image is dirty and its
+    refcounts lag behind the L2 tables."""
+    ref = qi.create(tmp_path / "killed.qcow2", 64 * MiB, opts={"lazy_refcounts": True})
+    assert qi.QEMU_IO is not None
+    proc = subprocess.run(
+        [qi.QEMU_IO, "-c", "write 0 1M", "-c", "write 8M 512k", "-c", "abort", str(ref.path)],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode != 0  # aborted
+    mine, theirs = compare(ref.path)
+    assert theirs["_exit"] == 2 and mine.corruptions > 0
 
 
 CLEAN_KINDS = sorted(qi.KINDS)
