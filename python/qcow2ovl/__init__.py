@@ -7,6 +7,7 @@ the map itself, QEMU's naive checker (the reference), and the CLI.
 """
 
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
+from qcow2ovl.check import CheckResult, check
 from qcow2ovl.create import create
 from qcow2ovl.errors import (
     CorruptImageError,
@@ -31,6 +32,7 @@ from qcow2ovl.types import TEMPLATES, MetadataType
 __all__ = [
     "TEMPLATES",
     "Bitmap",
+    "CheckResult",
     "CorruptImageError",
     "FormatError",
     "GuestExtent",
@@ -47,6 +49,7 @@ __all__ = [
     "Snapshot",
     "UnsupportedError",
     "__version__",
+    "check",
     "create",
     "open",
 ]

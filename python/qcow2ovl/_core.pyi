@@ -1,8 +1,8 @@
 """Type stubs for the Rust extension module ``qcow2ovl._core``."""
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
-from typing import final, overload
+from typing import Any, final, overload
 
 from typing_extensions import Buffer
 
@@ -15,6 +15,7 @@ __all__ = [
     "MetadataMap",
     "NaiveChecker",
     "__version__",
+    "check_image",
     "create_image",
     "open_image",
 ]
@@ -161,3 +162,6 @@ def create_image(
     preallocation: str = "off",
     overwrite: bool = False,
 ) -> None: ...
+def check_image(
+    image: Image, progress: Callable[[int, int], object] | None = None
+) -> dict[str, Any]: ...

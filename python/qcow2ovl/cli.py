@@ -33,6 +33,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    if getattr(args, "picture", None):
+        from qcow2ovl import picture
+
+        picture.write_picture(args.image, args.picture, args.overlap_check)
     if getattr(args, "guest", False):
         from qcow2ovl import _cli_guest
 
@@ -78,7 +82,8 @@ usage: qcow2ovl [--version] [-h] COMMAND ...
 
 commands:
   info IMAGE   header facts, snapshots and bitmaps (like qemu-img info)
-  map IMAGE    every metadata extent of the host file
+  map IMAGE    every metadata extent of the host file (--picture FILE.svg draws it)
+  check IMAGE  refcounts and metadata as qemu-img check, with overlaps named
   demo         a guarded write next to QEMU's unguarded one; maps and checks
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="map the guest disk instead, as `qemu-img map` does",
             )
+            p.add_argument("--picture", metavar="FILE.svg", help="also draw the layout as SVG")
         p.add_argument(
             "--snapshot",
             metavar="NAME_OR_ID",
@@ -131,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
             "active one",
         )
         p.set_defaults(func=func)
-    from qcow2ovl import _cli_create, _cli_guest, _cli_io
+    from qcow2ovl import _cli_check, _cli_create, _cli_guest, _cli_io
 
+    _cli_check.add_parser(sub)
     _cli_create.add_parser(sub)
     _cli_io.add_parser(sub)
     _cli_guest.add_parsers(sub)
@@ -176,6 +183,7 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     values["snapshot"] = None
     if argv[0] == "map":
         values["guest"] = False
+        values["picture"] = None
     return SimpleNamespace(command=argv[0], image=image, func=_COMMANDS[argv[0]], **values)
 
 

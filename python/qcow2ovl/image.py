@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Buffer
 
+    from qcow2ovl.check import CheckResult
     from qcow2ovl.options import OverlapCheckSpec
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
@@ -417,6 +418,20 @@ class Image:
         except MetadataOverlapError as e:
             self._report(e)
             raise
+
+    def check(self, progress: Callable[[int, int], object] | None = None) -> CheckResult:
+        """Check the image as ``qemu-img check`` does, naming every metadata overlap (see
+        :mod:`qcow2ovl.check`); *progress* is called with ``(done, total)`` as it goes."""
+        from qcow2ovl.check import check_image
+
+        return check_image(self, progress)
+
+    def render_layout(self, **options: Any) -> str:
+        """An SVG picture of the host file's clusters coloured by metadata type, with overlaps
+        and problems in red (see :func:`qcow2ovl.picture.render_layout` for *options*)."""
+        from qcow2ovl.picture import render_layout
+
+        return render_layout(self, **options)
 
     def close(self) -> None:
         """Flush (writable images) and release the image. Safe to call twice."""

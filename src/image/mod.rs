@@ -21,6 +21,7 @@
 mod alloc;
 mod backing;
 mod cache;
+mod check;
 pub mod create;
 mod error;
 mod flush;
@@ -39,6 +40,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 pub use backing::Backing;
 pub use cache::{Table, TableCache};
+pub use check::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
 pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;

@@ -28,7 +28,7 @@ pub(crate) struct PyImage {
 }
 
 impl PyImage {
-    fn image(&self) -> PyResult<Arc<Image>> {
+    pub(super) fn image(&self) -> PyResult<Arc<Image>> {
         self.inner
             .read()
             .unwrap_or_else(|e| e.into_inner())

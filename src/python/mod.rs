@@ -2,6 +2,7 @@
 //! converts arguments, maps errors to the Python exceptions of `qcow2ovl.errors`, and releases the
 //! GIL around I/O.
 
+mod check;
 mod convert;
 mod create;
 mod errors;
@@ -22,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<extents::PyExtentIter>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     Ok(())
 }

@@ -1,0 +1,71 @@
+"""``qcow2ovl check``: ``qemu-img check``'s answers, with every metadata overlap named."""
+
+from __future__ import annotations
+
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
+#: Exit status for an image the command cannot check (qemu-img's "check not supported").
+EXIT_NOT_SUPPORTED = 63
+#: Exit status when the check did not complete.
+EXIT_FAILED = 1
+
+_HELP = "check an image's refcounts and metadata, as `qemu-img check` does, naming overlaps"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``check`` command to the ``qcow2ovl`` parser."""
+    p = sub.add_parser("check", help=_HELP, description=_HELP)
+    p.add_argument("image", help="path of the qcow2 image (opened read-only)")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-p", "--progress", action="store_true", help="show progress (on a terminal)")
+    p.add_argument(
+        "-r",
+        "--repair",
+        choices=("leaks", "all"),
+        help="repair the image (not supported yet: the command fails)",
+    )
+    p.set_defaults(func=run)
+
+
+def _progress(done: int, total: int) -> None:
+    pct = 100.0 if total == 0 else 100.0 * done / total
+    sys.stdout.write(f"    ({pct:.2f}/100%)\r")
+    sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``qcow2ovl check``; returns qemu-img's exit status for the result."""
+    from qcow2ovl.errors import UnsupportedError
+    from qcow2ovl.image import open as open_image
+
+    if args.repair:
+        print("qcow2ovl: check: repair is not supported yet", file=sys.stderr)
+        return EXIT_FAILED
+    progress = _progress if args.progress and sys.stdout.isatty() else None
+    # An image that cannot be opened fails like any command (status 1, as qemu-img's does);
+    # one that opens but cannot be checked is "check not supported".
+    with open_image(args.image, overlap_check="none") as image:
+        try:
+            result = image.check(progress)
+        except UnsupportedError as exc:
+            print(f"qcow2ovl: check: {exc}", file=sys.stderr)
+            return EXIT_NOT_SUPPORTED
+    if progress is not None:
+        sys.stdout.write("\n")
+    if args.output == "json":
+        import json
+
+        print(json.dumps(result.as_qemu_dict(), indent=4))
+    else:
+        err = sys.stderr
+        for line in result.problem_lines():
+            err.write(line + "\n")
+        err.flush()
+        print(result.summary())
+    if result.check_errors and args.output == "human":
+        print("qcow2ovl: check: the check did not complete", file=sys.stderr)
+    return result.exit_code

@@ -1,0 +1,115 @@
+//! `qcow2ovl._core.check_image`: the Rust check behind `Image.check()` and `qcow2ovl check`.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::image_err;
+use super::image::PyImage;
+use crate::image::{CheckReport, Owner};
+
+/// The owner of a cluster as a dict: `type`, `offset`, `description`, and the indices that
+/// apply (`l1_index`, `snapshot`, `refcount_table_index`, `bitmap`, `guest_offset`).
+fn owner_dict<'py>(py: Python<'py>, owner: Owner, offset: u64) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("type", owner.type_name())?;
+    d.set_item("offset", offset)?;
+    d.set_item("description", owner.to_string())?;
+    match owner {
+        Owner::RefcountBlock(i) => d.set_item("refcount_table_index", i)?,
+        Owner::SnapshotL1(s) => d.set_item("snapshot", s + 1)?,
+        Owner::ActiveL2(i) => d.set_item("l1_index", i)?,
+        Owner::SnapshotL2(s, i) => {
+            d.set_item("snapshot", s + 1)?;
+            d.set_item("l1_index", i)?;
+        }
+        Owner::BitmapTable(b) => d.set_item("bitmap", b + 1)?,
+        Owner::BitmapData(b, i) => {
+            d.set_item("bitmap", b + 1)?;
+            d.set_item("index", i)?;
+        }
+        Owner::Data(s, g) => {
+            if let Some(s) = s {
+                d.set_item("snapshot", s + 1)?;
+            }
+            d.set_item("guest_offset", g)?;
+        }
+        _ => {}
+    }
+    Ok(d)
+}
+
+fn report_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("corruptions", r.corruptions)?;
+    d.set_item("leaks", r.leaks)?;
+    d.set_item("check_errors", r.check_errors)?;
+    d.set_item("corruptions_fixed", r.corruptions_fixed)?;
+    d.set_item("leaks_fixed", r.leaks_fixed)?;
+    d.set_item("image_end_offset", r.image_end_offset)?;
+    d.set_item("total_clusters", r.total_clusters)?;
+    d.set_item("allocated_clusters", r.allocated_clusters)?;
+    d.set_item("fragmented_clusters", r.fragmented_clusters)?;
+    d.set_item("compressed_clusters", r.compressed_clusters)?;
+    let findings: Vec<_> = r
+        .findings
+        .iter()
+        .map(|f| {
+            (
+                f.kind_name(),
+                f.severity_name(),
+                f.times,
+                f.offset,
+                f.to_string(),
+            )
+        })
+        .collect();
+    d.set_item("findings", findings)?;
+    d.set_item("finding_count", r.finding_count)?;
+    let overlaps = r
+        .overlaps
+        .iter()
+        .map(|o| {
+            let od = PyDict::new(py);
+            od.set_item("message", o.to_string())?;
+            od.set_item("cluster_offset", o.cluster_offset)?;
+            od.set_item("first", owner_dict(py, o.first, o.first_offset)?)?;
+            od.set_item("second", owner_dict(py, o.second, o.second_offset)?)?;
+            Ok(od)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    d.set_item("overlaps", overlaps)?;
+    d.set_item("overlap_count", r.overlap_count)?;
+    d.set_item("used_runs", &r.used_runs)?;
+    Ok(d)
+}
+
+/// Checks an open image (see `Image.check`); `progress(done, total)` is called as L2 tables
+/// are walked. Returns the report as a dict (the Python layer builds `CheckResult`).
+#[pyfunction]
+#[pyo3(signature = (image, progress = None))]
+pub(crate) fn check_image<'py>(
+    py: Python<'py>,
+    image: &PyImage,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let img = image.image()?;
+    let report = match progress {
+        Some(cb) => {
+            let mut failed: Option<PyErr> = None;
+            let mut call = |done: u64, total: u64| {
+                if failed.is_none() {
+                    if let Err(e) = cb.call1((done, total)) {
+                        failed = Some(e);
+                    }
+                }
+            };
+            let r = img.check_with_progress(&mut call).map_err(image_err)?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            r
+        }
+        None => py.detach(|| img.check()).map_err(image_err)?,
+    };
+    report_dict(py, &report)
+}
