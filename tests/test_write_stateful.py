@@ -61,7 +61,8 @@ class WriterMachine(RuleBasedStateMachine):
             self.base = self.base[: SIZE - 12345] + bytes(12345)
             opts["backing_file"] = str(base)
             opts["backing_format"] = "raw"
-        if opts.pop("data_file", False):
+        self.data_file = bool(opts.pop("data_file", False))
+        if self.data_file:
             opts["data_file"] = str(self.dir / "img.data")
         qcow2ovl.create(self.path, SIZE, **opts)  # type: ignore[arg-type]
         self.cs = int(opts.get("cluster_size", 65536))  # type: ignore[call-overload]
@@ -81,6 +82,18 @@ class WriterMachine(RuleBasedStateMachine):
         assert self.img is not None
         self.img.write(off, bytes([byte]) * n)
         self.model[off : off + n] = bytes([byte]) * n
+
+    @precondition(lambda self: self.img is not None and not self.data_file)
+    @rule(data=st.data(), byte=st.integers(0, 255))
+    def write_compressed(self, data: st.DataObject, byte: int) -> None:
+        assert self.img is not None
+        cluster = data.draw(st.integers(0, (self.size - 1) // self.cs)) * self.cs
+        n = min(self.cs, self.size - cluster)
+        if n < self.cs and cluster + n != self.size:
+            return
+        payload = (bytes([byte, byte ^ 0x5A]) * (n // 2 + 1))[:n]
+        self.img.write_compressed(cluster, payload)
+        self.model[cluster : cluster + n] = payload
 
     @precondition(lambda self: self.img is not None)
     @rule(data=st.data(), unmap=st.booleans())

@@ -173,10 +173,12 @@ def convert(args: argparse.Namespace) -> int:
     and all-zero data) are not written: they stay unallocated in a qcow2 output and holes in a
     raw one. ``-o`` takes qemu-img create's qcow2 options (cluster_size, compat, refcount_bits,
     extended_l2, lazy_refcounts, compression_type, preallocation). An existing output file is
-    replaced. ``-c`` (compressed output) is not supported yet.
+    replaced. With ``-c`` every non-zero cluster of a qcow2 output is stored compressed (the
+    image's compression type: ``-o compression_type=zstd`` for zstd), except clusters that do not
+    shrink, which are stored as they are (as qemu-img does).
     """
-    if args.compress:
-        raise ValueError("convert: compressed output (-c) is not supported yet")
+    if args.compress and args.output_format != "qcow2":
+        raise ValueError("convert: compressed output (-c) needs -O qcow2")
     if args.output_format not in ("raw", "qcow2"):
         raise ValueError(f"convert: output format '{args.output_format}' is not supported yet")
     kwargs = _qcow2_options(args.options) if args.output_format == "qcow2" else None
@@ -185,7 +187,7 @@ def convert(args: argparse.Namespace) -> int:
     source = _Source(args.image, args.source_format, args.snapshot)
     try:
         if kwargs is not None:
-            _to_qcow2(source, args.output, kwargs, args.progress)
+            _to_qcow2(source, args.output, kwargs, args.progress, args.compress)
         else:
             _to_raw(source, args.output, args.progress)
     finally:
@@ -230,7 +232,9 @@ def _to_raw(source: _Source, output: str, progress: bool) -> None:
         _copy(source, write, CHUNK, progress)
 
 
-def _to_qcow2(source: _Source, output: str, kwargs: dict[str, Any], progress: bool) -> None:
+def _to_qcow2(
+    source: _Source, output: str, kwargs: dict[str, Any], progress: bool, compress: bool = False
+) -> None:
     from qcow2ovl.create import create
     from qcow2ovl.image import open as open_image
 
@@ -238,7 +242,30 @@ def _to_qcow2(source: _Source, output: str, kwargs: dict[str, Any], progress: bo
     cluster_size = int(kwargs.get("cluster_size", 65536))
     create(output, size, overwrite=True, **kwargs)
     with open_image(output, writable=True) as image:
-        _copy(source, image.write, min(cluster_size, CHUNK), progress)
+        if compress:
+            _copy_compressed(source, image, cluster_size, progress)
+        else:
+            _copy(source, image.write, min(cluster_size, CHUNK), progress)
+
+
+def _copy_compressed(source: _Source, image: Any, cluster_size: int, progress: bool) -> None:
+    """Writes every output cluster that is not all zeros with ``Image.write_compressed``."""
+    zero_ranges = [(s, s + n) for s, n, zero in source.ranges() if zero]
+    zeros = bytes(cluster_size)
+    buf = bytearray(cluster_size)
+    z = 0
+    for pos in range(0, source.size, cluster_size):
+        n = min(cluster_size, source.size - pos)
+        while z < len(zero_ranges) and zero_ranges[z][1] <= pos:
+            z += 1
+        if z < len(zero_ranges) and zero_ranges[z][0] <= pos and pos + n <= zero_ranges[z][1]:
+            continue  # wholly inside a range known to read as zeros
+        view = memoryview(buf)[:n]
+        source.readinto(pos, view)
+        if view != zeros[:n]:
+            image.write_compressed(pos, view)
+        if progress:
+            _progress(pos + n, source.size)
 
 
 #: Virtual sizes are whole sectors.
@@ -272,7 +299,7 @@ def add_parsers(sub: Any) -> None:
         help="qcow2 output options, key=value,... (qemu-img create's names)",
     )
     p.add_argument(
-        "-c", dest="compress", action="store_true", help="compressed output (not supported yet)"
+        "-c", dest="compress", action="store_true", help="compressed output (qcow2 only)"
     )
     p.add_argument(
         "-l",

@@ -383,6 +383,17 @@ class Image:
             self._report(e)
             raise
 
+    def write_compressed(self, offset: int, data: Buffer) -> bool:
+        """Write one whole guest cluster (aligned; the rest of the disk for a last, partial
+        cluster) compressed with the image's compression type, packed after the previous
+        compressed cluster as QEMU packs them. Data that does not shrink is written plainly.
+        Returns whether it was stored compressed."""
+        try:
+            return self._core.write_compressed(offset, data)
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
+
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make ``[offset, offset + length)`` read as zeros: whole clusters by the zero flag
         (version 3; with *unmap* their clusters are freed), the rest by writing zeros."""

@@ -150,6 +150,24 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Adds one to the refcount of an allocated `cluster` now (another compressed cluster in a
+    /// host cluster already holding some).
+    pub fn increment(&mut self, storage: &dyn Storage, cluster: u64) -> Result<(), ImageError> {
+        let v = self.get(storage, cluster)?;
+        if v == 0 {
+            return Err(ImageError::Corruption(format!(
+                "refcount of cluster {cluster:#x} is 0; cannot add a reference"
+            )));
+        }
+        let max = crate::format::refcount::max_refcount(self.order).unwrap_or(u64::MAX);
+        if v >= max {
+            return Err(ImageError::Unsupported(format!(
+                "refcount of cluster {cluster:#x} would exceed {max}"
+            )));
+        }
+        self.set(storage, cluster, v + 1)
+    }
+
     /// Queues a decrement of `cluster`, applied by [`Refcounts::apply_pending`].
     pub fn free_later(&mut self, cluster: u64) {
         self.pending.push(cluster);

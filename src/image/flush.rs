@@ -126,7 +126,10 @@ impl Image {
             w.header_dirty = false;
         }
 
-        // 6. Decrements.
+        // 6. Decrements. Freed clusters may be reused from here on: no compressed cluster goes
+        // into the last one that held some, and no decompressed copy of one is trusted.
+        w.compressed_cursor = None;
+        *self.compressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if w.refcounts.has_pending() {
             let freed = w.refcounts.apply_pending(storage)?;
             let cs = self.geometry.cluster_size();

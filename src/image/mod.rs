@@ -14,6 +14,8 @@
 //! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
 //! | `alloc.rs` | refcounts and cluster allocation (in memory; queued decrements) |
 //! | `write.rs` | guest writes, zero writes, discard, resize |
+//! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
+//! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
 //! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
 //! | `flush.rs` | ordered write-back of refcounts, tables and header |
 //! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
@@ -22,6 +24,7 @@ mod alloc;
 mod backing;
 mod cache;
 mod check;
+mod compress;
 pub mod create;
 mod error;
 mod flush;

@@ -80,6 +80,9 @@ pub(crate) struct Writer {
     pub poisoned: Option<String>,
     /// Whether the first change was prepared (autoclear bits cleared).
     pub prepared: bool,
+    /// Where the next compressed cluster may go: `(next byte, end of its host cluster)` in the
+    /// host cluster that holds the last one (reset at every flush, when clusters may be freed).
+    pub compressed_cursor: Option<(u64, u64)>,
 }
 
 impl Writer {
@@ -117,6 +120,7 @@ impl Writer {
                     .contains(AutoclearFeatures::RAW_EXTERNAL_DATA),
             poisoned: None,
             prepared: false,
+            compressed_cursor: None,
         })
     }
 
@@ -132,18 +136,18 @@ impl Writer {
 }
 
 /// Guest bytes of one cluster to write, at an offset inside it.
-struct Piece<'a> {
+pub(crate) struct Piece<'a> {
     /// Guest offset of the cluster.
-    cluster: u64,
+    pub cluster: u64,
     /// Offset of the bytes inside the cluster.
-    at: usize,
+    pub at: usize,
     /// The bytes (all zeros for zero-filling writes).
-    bytes: &'a [u8],
+    pub bytes: &'a [u8],
 }
 
 impl Image {
     /// The writer lock, or an error for a read-only image.
-    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, ImageError> {
+    pub(crate) fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, ImageError> {
         let w = self
             .writer
             .as_ref()
@@ -184,7 +188,7 @@ impl Image {
     }
 
     /// Sets the dirty bit on disk before the first change when the image uses lazy refcounts.
-    fn before_change(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(crate) fn before_change(&self, w: &mut Writer) -> Result<(), ImageError> {
         w.refuse_if_poisoned()?;
         if !w.prepared {
             self.prepare_for_writing(w)?;
@@ -334,7 +338,7 @@ impl Image {
     }
 
     /// Keeps memory bounded: too many tables waiting for write-back start a flush.
-    fn after_change(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(crate) fn after_change(&self, w: &mut Writer) -> Result<(), ImageError> {
         if self.l2_cache.dirty_len() > self.l2_cache.capacity().max(16) {
             self.flush_locked(w)?;
         }
@@ -345,7 +349,7 @@ impl Image {
     /// The L2 table for L1 index `l1_index`, ready to change: allocated if missing, copied if
     /// shared with a snapshot. Returns its offset; the table is pinned in the cache, where it is
     /// changed in place ([`Image::l2_get`], [`Image::l2_set`]).
-    fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<u64, ImageError> {
+    pub(crate) fn l2_for_write(&self, w: &mut Writer, l1_index: u64) -> Result<u64, ImageError> {
         let idx = usize::try_from(l1_index)
             .map_err(|_| ImageError::Corruption("L1 index out of range".into()))?;
         let entry = {
@@ -430,7 +434,7 @@ impl Image {
     }
 
     /// Word `i` of the pinned L2 table at `l2`.
-    fn l2_get(&self, l2: u64, i: usize) -> Result<u64, ImageError> {
+    pub(crate) fn l2_get(&self, l2: u64, i: usize) -> Result<u64, ImageError> {
         self.l2_cache
             .edit(HostOffset(l2), |t| t.get(i).copied())
             .flatten()
@@ -438,7 +442,7 @@ impl Image {
     }
 
     /// Sets word `i` of the pinned L2 table at `l2`.
-    fn l2_set(&self, l2: u64, i: usize, value: u64) -> Result<(), ImageError> {
+    pub(crate) fn l2_set(&self, l2: u64, i: usize, value: u64) -> Result<(), ImageError> {
         self.l2_cache
             .edit(HostOffset(l2), |t| t.get_mut(i).map(|slot| *slot = value))
             .flatten()
@@ -459,7 +463,7 @@ impl Image {
     }
 
     /// Allocates one cluster (refcount 1), entering new refcount structures into the map.
-    fn allocate_cluster(&self, w: &mut Writer) -> Result<u64, ImageError> {
+    pub(crate) fn allocate_cluster(&self, w: &mut Writer) -> Result<u64, ImageError> {
         let (cluster, created) = w.refcounts.allocate(self.storage.as_ref())?;
         if cluster == 0 {
             return Err(self.mark_corrupt(
@@ -515,7 +519,7 @@ impl Image {
     }
 
     /// Writes one piece of guest data (inside one cluster).
-    fn write_piece(&self, w: &mut Writer, p: &Piece<'_>) -> Result<(), ImageError> {
+    pub(crate) fn write_piece(&self, w: &mut Writer, p: &Piece<'_>) -> Result<(), ImageError> {
         let g = self.geometry;
         let guest = GuestOffset(p.cluster);
         if !g.is_extended_l2() && self.overwrite_in_place(w, p)? {
@@ -595,7 +599,12 @@ impl Image {
     }
 
     /// Queues the release of what `entry` referenced, unless the cluster stays in use.
-    fn release_old(&self, w: &mut Writer, entry: u64, kept: bool) -> Result<(), ImageError> {
+    pub(crate) fn release_old(
+        &self,
+        w: &mut Writer,
+        entry: u64,
+        kept: bool,
+    ) -> Result<(), ImageError> {
         if kept || w.external_data {
             return Ok(());
         }

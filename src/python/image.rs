@@ -265,6 +265,20 @@ impl PyImage {
         Ok(bytes.len())
     }
 
+    /// Writes one whole guest cluster compressed; returns whether it was stored compressed.
+    fn write_compressed(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let offset = u64_obj("offset", offset)?;
+        let bytes = bytes_of(data)?;
+        let img = self.image()?;
+        py.detach(|| img.write_compressed(GuestOffset(offset), &bytes))
+            .map_err(image_err)
+    }
+
     /// Makes `[offset, offset + length)` read as zeros.
     #[pyo3(signature = (offset, length, unmap = false))]
     fn write_zeroes(

@@ -1,0 +1,118 @@
+//! Compressed cluster writes (`convert -c`): one whole guest cluster compressed with the image's
+//! compression type and packed, byte-granular, after the previous compressed cluster in the same
+//! host cluster, as QEMU packs them. Each host cluster touched by a compressed cluster counts
+//! it once in its refcount.
+
+use super::write::{Piece, WriteKind};
+use super::{Image, ImageError};
+use crate::format::entry::COMPRESSED_SECTOR_SIZE;
+use crate::format::header::COMPRESSION_ZSTD;
+use crate::format::{CompressedDescriptor, GuestOffset, HostOffset};
+
+/// Raw deflate with the 4 KiB window QEMU's decompressor is limited to.
+fn deflate(data: &[u8]) -> Option<Vec<u8>> {
+    let mut z = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+    let mut out = Vec::with_capacity(data.len());
+    match z.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+        Ok(flate2::Status::StreamEnd) => Some(out),
+        _ => None,
+    }
+}
+
+impl Image {
+    /// Writes the whole guest cluster at `guest` (cluster-aligned; `data` is one cluster, or
+    /// the rest of the disk for a last, partial cluster) compressed. Data that does not shrink
+    /// is written as a plain cluster, as QEMU does. Returns whether it was stored compressed.
+    pub fn write_compressed(&self, guest: GuestOffset, data: &[u8]) -> Result<bool, ImageError> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        self.check_range("write_compressed", guest.0, data.len() as u64)?;
+        let end = guest.0 + data.len() as u64;
+        if !g.is_aligned(HostOffset(guest.0))
+            || (data.len() as u64 != cs && end != self.virtual_size())
+        {
+            return Err(ImageError::OutOfRange {
+                what: "write_compressed (one whole, aligned cluster)",
+                offset: guest.0,
+                length: data.len() as u64,
+                size: self.virtual_size(),
+            });
+        }
+        let mut w = self.writer()?;
+        if w.external_data {
+            return Err(ImageError::Unsupported(
+                "Compression is not supported with an external data file".into(),
+            ));
+        }
+        self.before_change(&mut w)?;
+        let mut cluster = data.to_vec();
+        cluster.resize(cs as usize, 0);
+        let packed = if self.scanned.header.compression_type == COMPRESSION_ZSTD {
+            zstd::bulk::compress(&cluster, 0).ok()
+        } else {
+            deflate(&cluster)
+        };
+        let r = match packed.filter(|p| (p.len() as u64) < cs) {
+            None => {
+                let piece = Piece {
+                    cluster: guest.0,
+                    at: 0,
+                    bytes: data,
+                };
+                self.write_piece(&mut w, &piece).map(|()| false)
+            }
+            Some(bytes) => self.place_compressed(&mut w, guest, &bytes).map(|()| true),
+        };
+        let r = r.and_then(|stored| self.after_change(&mut w).map(|()| stored));
+        r.map_err(|e| self.fatal(&mut w, e))
+    }
+
+    fn place_compressed(
+        &self,
+        w: &mut super::write::Writer,
+        guest: GuestOffset,
+        bytes: &[u8],
+    ) -> Result<(), ImageError> {
+        let g = self.geometry;
+        let len = bytes.len() as u64;
+        // After the last compressed cluster if it fits in that host cluster and its refcount
+        // can count one more (1-bit refcounts cannot), else at the start of a new cluster.
+        let shared = match w.compressed_cursor {
+            Some((next, end)) if next + len <= end => {
+                let c = next >> g.cluster_bits();
+                let max = crate::format::refcount::max_refcount(w.header.refcount_order)
+                    .unwrap_or(u64::MAX);
+                (w.refcounts.get(self.storage.as_ref(), c)? < max).then_some((next, c))
+            }
+            _ => None,
+        };
+        let at = match shared {
+            Some((next, c)) => {
+                w.refcounts.increment(self.storage.as_ref(), c)?;
+                next
+            }
+            None => self.allocate_cluster(w)? << g.cluster_bits(),
+        };
+        w.compressed_cursor = Some((at + len, (at | (g.cluster_size() - 1)) + 1));
+        let storage = self.storage.clone();
+        self.guarded_write(w, WriteKind::GuestData, storage.as_ref(), at, bytes)?;
+        let sectors = ((at % COMPRESSED_SECTOR_SIZE) + len).div_ceil(COMPRESSED_SECTOR_SIZE);
+        let entry = CompressedDescriptor {
+            host_offset: HostOffset(at),
+            nb_sectors: sectors,
+        }
+        .to_entry(g.cluster_bits())
+        .ok_or_else(|| ImageError::Corruption("compressed cluster descriptor overflow".into()))?;
+        let l2 = self.l2_for_write(w, g.l1_index(guest))?;
+        let i = g.l2_index(guest) as usize;
+        let ext = g.is_extended_l2();
+        let old = self.l2_get(l2, if ext { 2 * i } else { i })?;
+        self.release_old(w, old, false)?;
+        if ext {
+            self.l2_set(l2, 2 * i, entry)?;
+            self.l2_set(l2, 2 * i + 1, 0)
+        } else {
+            self.l2_set(l2, i, entry)
+        }
+    }
+}
