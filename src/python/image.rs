@@ -415,8 +415,53 @@ fn readinto_buffer(
     Ok(len)
 }
 
-/// Reads into a Python buffer through one copy (the limited API of a Python 3.9 abi3 build has
-/// no buffer protocol).
+/// The buffer protocol's view (`Py_buffer`). Every CPython 3 lays it out this way; the limited
+/// API of Python 3.9 does not declare it, and Python 3.11 added it to the stable ABI unchanged.
+#[cfg(feature = "abi3")]
+#[repr(C)]
+struct RawBuffer {
+    buf: *mut std::ffi::c_void,
+    obj: *mut pyo3::ffi::PyObject,
+    len: pyo3::ffi::Py_ssize_t,
+    itemsize: pyo3::ffi::Py_ssize_t,
+    readonly: std::ffi::c_int,
+    ndim: std::ffi::c_int,
+    format: *mut std::ffi::c_char,
+    shape: *mut pyo3::ffi::Py_ssize_t,
+    strides: *mut pyo3::ffi::Py_ssize_t,
+    suboffsets: *mut pyo3::ffi::Py_ssize_t,
+    internal: *mut std::ffi::c_void,
+}
+
+#[cfg(feature = "abi3")]
+extern "C" {
+    // Exported by every CPython 3 interpreter (part of the stable ABI since 3.11).
+    fn PyObject_GetBuffer(
+        obj: *mut pyo3::ffi::PyObject,
+        view: *mut RawBuffer,
+        flags: std::ffi::c_int,
+    ) -> std::ffi::c_int;
+    fn PyBuffer_Release(view: *mut RawBuffer);
+}
+
+/// `PyBUF_WRITABLE` without shape or strides: a writable, contiguous run of bytes, or an error.
+#[cfg(feature = "abi3")]
+const PYBUF_WRITABLE: std::ffi::c_int = 0x0001;
+
+/// An exported buffer, released when dropped (with the GIL held: drops happen in the caller).
+#[cfg(feature = "abi3")]
+struct ExportedBuffer(RawBuffer);
+
+#[cfg(feature = "abi3")]
+impl Drop for ExportedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the view was filled by a successful PyObject_GetBuffer and is released once.
+        unsafe { PyBuffer_Release(&mut self.0) };
+    }
+}
+
+/// Reads into a Python buffer in place, through the buffer protocol called directly (the
+/// limited API of a Python 3.9 abi3 build does not declare it, but every CPython 3 has it).
 #[cfg(feature = "abi3")]
 fn readinto_buffer(
     py: Python<'_>,
@@ -424,20 +469,32 @@ fn readinto_buffer(
     offset: u64,
     buffer: &Bound<'_, PyAny>,
 ) -> PyResult<usize> {
-    let view = py
-        .import("builtins")?
-        .getattr("memoryview")?
-        .call1((buffer,))?
-        .call_method1("cast", ("B",))?;
-    if view.getattr("readonly")?.extract::<bool>()? {
-        return Err(PyTypeError::new_err("readinto() needs a writable buffer"));
+    let mut raw = std::mem::MaybeUninit::<RawBuffer>::zeroed();
+    // SAFETY: `buffer` is a live object (we hold the GIL and a reference); `raw` is a writable
+    // Py_buffer-sized, zeroed struct that the call fills on success.
+    let rc = unsafe { PyObject_GetBuffer(buffer.as_ptr(), raw.as_mut_ptr(), PYBUF_WRITABLE) };
+    if rc != 0 {
+        return Err(PyErr::take(py).unwrap_or_else(|| {
+            PyTypeError::new_err("readinto() needs a writable, contiguous buffer")
+        }));
     }
-    let len: usize = view.len()?;
+    // SAFETY: PyObject_GetBuffer succeeded, so the struct is initialized.
+    let view = ExportedBuffer(unsafe { raw.assume_init() });
+    let len = usize::try_from(view.0.len).unwrap_or(0);
     img.check_range("read", offset, len as u64)
         .map_err(image_err)?;
-    let mut data = vec![0u8; len];
-    py.detach(|| img.read_at(GuestOffset(offset), &mut data))
-        .map_err(image_err)?;
-    view.set_item(pyo3::types::PySlice::full(py), PyBytes::new(py, &data))?;
+    let ptr = view.0.buf as usize;
+    py.detach(|| {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the exported view keeps `len` writable, contiguous bytes at `ptr` alive and
+        // in place until it is released (after this call). As with io.RawIOBase.readinto,
+        // other threads using the buffer meanwhile are the caller's affair.
+        let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+        img.read_at(GuestOffset(offset), out)
+    })
+    .map_err(image_err)?;
+    drop(view);
     Ok(len)
 }
