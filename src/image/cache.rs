@@ -27,6 +27,20 @@ struct Slots {
     clock: u64,
 }
 
+impl Slots {
+    /// The table at `offset` if cached (pinned first), marked as just used.
+    fn lookup(&mut self, offset: HostOffset) -> Option<Table> {
+        if let Some(table) = self.pinned.get(&offset.0) {
+            return Some(Arc::clone(table));
+        }
+        self.clock += 1;
+        let now = self.clock;
+        let (table, used) = self.tables.get_mut(&offset.0)?;
+        *used = now;
+        Some(Arc::clone(table))
+    }
+}
+
 /// A bounded LRU cache of tables keyed by host offset.
 #[derive(Debug)]
 pub struct TableCache {
@@ -70,29 +84,16 @@ impl TableCache {
         offset: HostOffset,
         load: impl FnOnce() -> Result<Vec<u64>, E>,
     ) -> Result<Table, E> {
-        {
-            let mut slots = self.lock();
-            if let Some(table) = slots.pinned.get(&offset.0) {
-                return Ok(Arc::clone(table));
-            }
-            slots.clock += 1;
-            let now = slots.clock;
-            if let Some((table, used)) = slots.tables.get_mut(&offset.0) {
-                *used = now;
-                return Ok(Arc::clone(table));
-            }
+        if let Some(table) = self.lock().lookup(offset) {
+            return Ok(table);
         }
         let loaded: Table = Arc::new(load()?);
         let mut slots = self.lock();
-        if let Some(table) = slots.pinned.get(&offset.0) {
-            return Ok(Arc::clone(table));
+        // Another thread may have loaded (or the writer pinned) it meanwhile: keep that copy.
+        if let Some(table) = slots.lookup(offset) {
+            return Ok(table);
         }
-        slots.clock += 1;
         let now = slots.clock;
-        if let Some((table, used)) = slots.tables.get_mut(&offset.0) {
-            *used = now;
-            return Ok(Arc::clone(table));
-        }
         if slots.tables.len() >= self.capacity {
             let oldest = slots
                 .tables
