@@ -31,8 +31,6 @@ struct Block {
     data: Vec<u8>,
     /// Changed since it was last written.
     dirty: bool,
-    /// Created in memory; not yet on disk at all.
-    new: bool,
 }
 
 /// A table the flush must write in full before anything points at it.
@@ -121,7 +119,6 @@ impl Refcounts {
                     offset,
                     data,
                     dirty: false,
-                    new: false,
                 },
             );
         }
@@ -243,7 +240,6 @@ impl Refcounts {
                 offset,
                 data,
                 dirty: true,
-                new: true,
             },
         );
         let slot = usize::try_from(index)
@@ -382,7 +378,7 @@ impl Refcounts {
         }
     }
 
-    /// Dirty blocks as `(host offset, bytes, new)`, oldest first by offset; marks them clean.
+    /// Dirty blocks as `(host offset, bytes)`, by offset; marks them clean.
     pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
             .blocks
@@ -390,7 +386,6 @@ impl Refcounts {
             .filter(|b| b.dirty)
             .map(|b| {
                 b.dirty = false;
-                b.new = false;
                 (b.offset, b.data.clone())
             })
             .collect();

@@ -628,6 +628,16 @@ impl Image {
         &self,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<CheckReport, ImageError> {
+        // A writable handle's tables have moved on since its scan: check what its flush put on
+        // disk, through a fresh read-only view of the same storage.
+        if self.writer.is_some() {
+            self.flush()?;
+            let view = Image::from_storage(
+                std::sync::Arc::clone(&self.storage),
+                super::OpenOptions::default(),
+            )?;
+            return view.check_with_progress(progress);
+        }
         let h = self.header();
         let g = self.geometry;
         let cs = g.cluster_size();

@@ -156,7 +156,6 @@ impl Image {
             storage.flush()?;
             w.dirty_bit_on_disk = false;
         }
-        w.new_tables.clear();
         self.refresh_fallback(w, &l1)?;
         Ok(())
     }

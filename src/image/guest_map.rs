@@ -200,7 +200,7 @@ impl Image {
         let per_block = (cs * 8) >> order;
         let mut block = vec![0u8; cs as usize];
         let mut counted = 0u64;
-        for (i, &e) in self.scanned.refcount_table.iter().enumerate() {
+        for (i, &e) in self.refcount_table().iter().enumerate() {
             let first = i as u64 * per_block;
             if first >= clusters {
                 break;

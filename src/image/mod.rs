@@ -258,6 +258,19 @@ impl Image {
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The refcount table as it is now: the writer's (it grows and moves) or the scanned one.
+    pub(crate) fn refcount_table(&self) -> Vec<u64> {
+        match &self.writer {
+            Some(w) => w
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refcounts
+                .table
+                .clone(),
+            None => self.scanned.refcount_table.clone(),
+        }
+    }
+
     /// A copy of the active L1 table as it is now.
     pub fn l1_table(&self) -> Vec<u64> {
         self.l1.read().unwrap_or_else(|e| e.into_inner()).clone()

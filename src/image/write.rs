@@ -65,8 +65,6 @@ pub(crate) struct Writer {
     /// The L1 table moved (resize): the new table must be written whole, then the header, and
     /// the old one freed.
     pub l1_moved: Option<NewTable>,
-    /// New L2 tables (and refcount blocks) not yet on disk, to write whole.
-    pub new_tables: Vec<NewTable>,
     /// Header fields changed since the last flush.
     pub header_dirty: bool,
     /// Whether the dirty bit is set on disk (lazy refcounts) and must be cleared by a flush.
@@ -111,7 +109,6 @@ impl Writer {
             ),
             l1_dirty: Default::default(),
             l1_moved: None,
-            new_tables: Vec::new(),
             header_dirty: false,
             dirty_bit_on_disk: false,
             external_data: h.has_external_data_file(),
@@ -133,6 +130,16 @@ impl Writer {
             None => Ok(()),
         }
     }
+}
+
+/// The host offset of the cluster an L2 entry points to when this image alone owns it: not
+/// compressed, COPIED set (refcount 1), and an offset (0 counts only in an external data file,
+/// where it is a valid offset). Such a cluster may be written in place.
+fn owned_host(entry: u64, external_data: bool) -> Option<u64> {
+    let host = entry & L1_L2_OFFSET_MASK;
+    let owned =
+        entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0 && (host != 0 || external_data);
+    owned.then_some(host)
 }
 
 /// Guest bytes of one cluster to write, at an offset inside it.
@@ -269,10 +276,8 @@ impl Image {
             .edit(HostOffset(l2), |t| t[first..first + max].to_vec())
             .ok_or_else(|| ImageError::Corruption(format!("L2 table at {l2:#x} is not pinned")))?;
         let owned = |e: u64| {
-            e & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0
-                && e & OFLAG_COPIED != 0
-                && e & L1_L2_OFFSET_MASK != 0
-                && g.is_aligned(HostOffset(e & L1_L2_OFFSET_MASK))
+            e & OFLAG_ZERO == 0
+                && owned_host(e, false).is_some_and(|h| h != 0 && g.is_aligned(HostOffset(h)))
         };
         // Whole clusters are written, so nothing of the old view (backing file, zeros) is
         // needed: unallocated and plain zero clusters just get new ones.
@@ -384,10 +389,6 @@ impl Image {
             old.as_ref().clone()
         };
         let new = self.allocate_metadata(w, MetadataType::ACTIVE_L2)?;
-        w.new_tables.push(NewTable {
-            offset: new,
-            clusters: 1,
-        });
         self.l1.write().unwrap_or_else(|e| e.into_inner())[idx] = new | OFLAG_COPIED;
         w.l1_dirty.insert(idx);
         self.refresh_fallback_now(w)?;
@@ -417,11 +418,10 @@ impl Image {
         };
         let entry = table.get(g.l2_index(guest) as usize).copied().unwrap_or(0);
         drop(table);
-        let host = entry & L1_L2_OFFSET_MASK;
-        let plain = entry & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 && entry & OFLAG_COPIED != 0;
-        if !plain || (host == 0 && !w.external_data) || !g.is_aligned(HostOffset(host)) {
-            return Ok(false);
-        }
+        let host = match owned_host(entry, w.external_data) {
+            Some(host) if entry & OFLAG_ZERO == 0 && g.is_aligned(HostOffset(host)) => host,
+            _ => return Ok(false),
+        };
         let data = self.chain()?.data.clone();
         self.guarded_write(
             w,
@@ -499,7 +499,6 @@ impl Image {
                 u32::try_from(w.refcounts.table_clusters()).unwrap_or(u32::MAX);
             w.header_dirty = true;
         }
-        w.new_tables.extend_from_slice(created);
         self.refresh_fallback_now(w)
     }
 
@@ -545,9 +544,8 @@ impl Image {
         let cs = self.geometry.cluster_size() as usize;
         let entry = self.l2_get(l2_offset, i)?;
         let host = entry & L1_L2_OFFSET_MASK;
-        let compressed = entry & OFLAG_COMPRESSED != 0;
-        let owned = !compressed && entry & OFLAG_COPIED != 0 && (host != 0 || w.external_data);
-        let zero = !compressed && entry & OFLAG_ZERO != 0;
+        let owned = owned_host(entry, w.external_data).is_some();
+        let zero = entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_ZERO != 0;
         let data_storage = self.chain()?.data.clone();
         if owned && !zero {
             if !self.geometry.is_aligned(HostOffset(host)) {
@@ -642,7 +640,7 @@ impl Image {
         let data_storage = self.chain()?.data.clone();
         let compressed = entry & OFLAG_COMPRESSED != 0;
         let mut host = entry & L1_L2_OFFSET_MASK;
-        let owned = !compressed && entry & OFLAG_COPIED != 0 && (host != 0 || w.external_data);
+        let owned = owned_host(entry, w.external_data).is_some();
         if !owned {
             // A new cluster: for a shared one, the allocated subclusters' data is copied over.
             let old_host = host;
@@ -785,9 +783,7 @@ impl Image {
         let ext = g.is_extended_l2();
         let entry = self.l2_get(l2_offset, if ext { 2 * i } else { i })?;
         let host = entry & L1_L2_OFFSET_MASK;
-        let compressed = entry & OFLAG_COMPRESSED != 0;
-        let owned = !compressed && entry & OFLAG_COPIED != 0 && host != 0;
-        let keep = owned && !unmap && !unallocate && !w.external_data;
+        let keep = !unmap && !unallocate && !w.external_data && owned_host(entry, false).is_some();
         self.release_old(w, entry, keep)?;
         if w.raw_data {
             // The raw data file must read as the disk does.
@@ -837,11 +833,8 @@ impl Image {
             let l2_offset = self.l2_for_write(w, self.geometry.l1_index(guest))?;
             let i = self.geometry.l2_index(guest) as usize;
             let entry = self.l2_get(l2_offset, 2 * i)?;
-            let owned = entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0;
-            if w.raw_data
-                || entry & OFLAG_COMPRESSED != 0
-                || (!owned && entry & L1_L2_OFFSET_MASK != 0)
-            {
+            let shared = entry & L1_L2_OFFSET_MASK != 0 && owned_host(entry, false).is_none();
+            if w.raw_data || entry & OFLAG_COMPRESSED != 0 || shared {
                 // Shared or compressed: write zeros (which copies the cluster first).
                 let piece = Piece {
                     cluster,
