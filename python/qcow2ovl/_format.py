@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-    from qcow2ovl.image import Image
+    from qcow2ovl.image import Image, Snapshot
     from qcow2ovl.types import MetadataType
 
 _UNITS = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -128,6 +128,35 @@ def _clock_text(nsec: int) -> str:
     return f"{hours:04d}:{m:02d}:{s:02d}.{ms:03d}"
 
 
+def snapshot_list_lines(snapshots: Sequence[Snapshot]) -> list[str]:
+    """``qemu-img snapshot -l``'s listing (also in ``qemu-img info``): a title, a header and one
+    line per snapshot, the date in local time as QEMU prints it; nothing without snapshots."""
+    import datetime as _dt
+
+    if not snapshots:
+        return []
+    row = "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}"
+    lines = ["Snapshot list:", row.format("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
+    for s in snapshots:
+        date = _dt.datetime.fromtimestamp(s.date_sec).strftime("%Y-%m-%d %H:%M:%S")
+        icount = "" if s.icount is None or s.icount == _ICOUNT_OFF else str(s.icount)
+        lines.append(
+            row.format(
+                s.id,
+                s.name,
+                size_text(s.vm_state_size),
+                date,
+                _clock_text(s.vm_clock_nsec),
+                icount,
+            )
+        )
+    return lines
+
+
+#: The icount QEMU records when record/replay was off (shown blank).
+_ICOUNT_OFF = (1 << 64) - 1
+
+
 def info_text(image: Image, d: dict[str, Any]) -> str:
     """The human form of ``qcow2ovl info``, following ``qemu-img info``."""
     lines = [
@@ -142,16 +171,7 @@ def info_text(image: Image, d: dict[str, Any]) -> str:
         if d["backing-filename-format"]:
             lines.append(f"backing file format: {d['backing-filename-format']}")
     if d["snapshots"]:
-        lines.append("Snapshot list:")
-        lines.append(
-            f"{'ID':<4} {'TAG':<16} {'VM SIZE':>10} {'DATE':<19} {'VM CLOCK':>15} {'L1 TABLE':>12}"
-        )
-        for s, j in zip(image.snapshots, d["snapshots"]):
-            date = s.date.strftime("%Y-%m-%d %H:%M:%S")
-            lines.append(
-                f"{s.id:<4} {s.name:<16} {size_text(s.vm_state_size):>10} {date:<19} "
-                f"{_clock_text(s.vm_clock_nsec):>15} {j['l1-table-offset']:>#12x}"
-            )
+        lines.extend(snapshot_list_lines(image.snapshots))
     lines.append("Format specific information:")
     lines.append(f"    compat: {d['compat']}")
     lines.append(f"    compression type: {d['compression-type']}")

@@ -88,6 +88,7 @@ commands:
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
   io IMAGE     read, write, discard, flush (qemu-io -c syntax)
+  snapshot     list, create, apply or delete internal snapshots (qemu-img snapshot syntax)
 
 Run 'qcow2ovl COMMAND --help' for a command's options.
 """
@@ -137,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
             "active one",
         )
         p.set_defaults(func=func)
-    from qcow2ovl import _cli_check, _cli_create, _cli_guest, _cli_io
+    from qcow2ovl import _cli_check, _cli_create, _cli_guest, _cli_io, _cli_snapshot
 
     _cli_check.add_parser(sub)
+    _cli_snapshot.add_parser(sub)
     _cli_create.add_parser(sub)
     _cli_io.add_parser(sub)
     _cli_guest.add_parsers(sub)

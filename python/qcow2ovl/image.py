@@ -269,7 +269,6 @@ class Image:
         if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
             info["compression_type"] = "zlib"
         self.info: ImageInfo = _build(ImageInfo, info)
-        self.snapshots: list[Snapshot] = [_build(Snapshot, s) for s in core.snapshots()]
         self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]
 
     @property
@@ -421,6 +420,44 @@ class Image:
         except MetadataOverlapError as e:
             self._report(e)
             raise
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots, in table order, as they are now."""
+        return [_build(Snapshot, s) for s in self._core.snapshots()]
+
+    def create_snapshot(self, name: str, *, id: str | None = None, vm_state_size: int = 0) -> Snapshot:  # noqa: A002 - QEMU's word
+        """Take an internal snapshot of the active disk, as ``qemu-img snapshot -c`` does.
+
+        *name* must be new among the snapshot names (1 to 255 bytes); *id* must be new among the
+        ids (by default the next free number). *vm_state_size* is only recorded: no VM state is
+        stored. Nothing is copied: the snapshot shares every cluster with the active disk until
+        a write copies one. Raises :class:`ValueError` for a taken or invalid name or id and
+        :class:`~qcow2ovl.errors.UnsupportedError` when the image cannot take snapshots (an
+        external data file, or a refcount that would overflow, such as any allocated cluster
+        with ``refcount_bits=1``); either way nothing changed.
+        """
+        return self._snapshot_op(lambda: self._core.create_snapshot(name, id, vm_state_size))
+
+    def delete_snapshot(self, name_or_id: str) -> Snapshot:
+        """Delete the snapshot with this id (else this name), as ``qemu-img snapshot -d``
+        does, freeing the clusters only it used; returns the deleted entry. A missing one
+        raises :class:`FileNotFoundError`."""
+        return self._snapshot_op(lambda: self._core.delete_snapshot(name_or_id))
+
+    def apply_snapshot(self, name_or_id: str) -> Snapshot:
+        """Revert the active disk to the snapshot with this id (else this name), as
+        ``qemu-img snapshot -a`` does: its data and its disk size. The snapshot stays; what only
+        the old active disk used is freed. Returns the entry."""
+        return self._snapshot_op(lambda: self._core.apply_snapshot(name_or_id))
+
+    def _snapshot_op(self, op: Callable[[], Mapping[str, Any]]) -> Snapshot:
+        try:
+            entry: Snapshot = _build(Snapshot, op())
+        except MetadataOverlapError as e:
+            self._report(e)
+            raise
+        return entry
 
     def flush(self) -> None:
         """Write back tables and refcounts in a crash-safe order and make them durable."""

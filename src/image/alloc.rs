@@ -165,6 +165,51 @@ impl Refcounts {
         self.set(storage, cluster, v + 1)
     }
 
+    /// Adds `delta` (±1) to the refcount of `cluster` in memory at once and returns the new
+    /// value. For snapshot bookkeeping, where the caller orders the block write-back itself:
+    /// increments before any table says the cluster is shared, decrements after the last
+    /// reference is gone from disk. A cluster freed here may be handed out again.
+    pub fn adjust(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        delta: i64,
+    ) -> Result<u64, ImageError> {
+        let v = self.get(storage, cluster)?;
+        let max = crate::format::refcount::max_refcount(self.order).unwrap_or(u64::MAX);
+        let new = match delta {
+            1 if v == 0 => {
+                return Err(ImageError::Corruption(format!(
+                    "refcount of cluster {cluster:#x} is 0 while it is in use"
+                )))
+            }
+            1 if v >= max => {
+                return Err(ImageError::Unsupported(format!(
+                    "Cannot add a reference to cluster {cluster:#x}: its refcount is already \
+                     the largest {}-bit refcount ({max})",
+                    1u32 << self.order
+                )))
+            }
+            1 => v + 1,
+            -1 if v == 0 => {
+                return Err(ImageError::Corruption(format!(
+                    "refcount of cluster {cluster:#x} is already 0; cannot drop a reference"
+                )))
+            }
+            -1 => v - 1,
+            _ => {
+                return Err(ImageError::Corruption(format!(
+                    "bad refcount change {delta}"
+                )))
+            }
+        };
+        self.set(storage, cluster, new)?;
+        if new == 0 {
+            self.hint = self.hint.min(cluster);
+        }
+        Ok(new)
+    }
+
     /// Queues a decrement of `cluster`, applied by [`Refcounts::apply_pending`].
     pub fn free_later(&mut self, cluster: u64) {
         self.pending.push(cluster);

@@ -25,6 +25,9 @@ struct Slots {
     /// their only copy), counted apart from the capacity.
     pinned: HashMap<u64, Table>,
     clock: u64,
+    /// Bumped by [`TableCache::clear`]: a table loaded from disk before the clear may be stale
+    /// and is not inserted after it.
+    generation: u64,
 }
 
 impl Slots {
@@ -84,14 +87,22 @@ impl TableCache {
         offset: HostOffset,
         load: impl FnOnce() -> Result<Vec<u64>, E>,
     ) -> Result<Table, E> {
-        if let Some(table) = self.lock().lookup(offset) {
-            return Ok(table);
-        }
+        let generation = {
+            let mut slots = self.lock();
+            if let Some(table) = slots.lookup(offset) {
+                return Ok(table);
+            }
+            slots.generation
+        };
         let loaded: Table = Arc::new(load()?);
         let mut slots = self.lock();
         // Another thread may have loaded (or the writer pinned) it meanwhile: keep that copy.
         if let Some(table) = slots.lookup(offset) {
             return Ok(table);
+        }
+        if slots.generation != generation {
+            // Tables were rewritten on disk while this one was read: use it once, keep none.
+            return Ok(loaded);
         }
         let now = slots.clock;
         if slots.tables.len() >= self.capacity {
@@ -169,6 +180,14 @@ impl TableCache {
                 None => break,
             }
         }
+    }
+
+    /// Forgets every table that is not pinned (after tables were rewritten on disk behind the
+    /// cache, as snapshot operations do).
+    pub fn clear(&self) {
+        let mut slots = self.lock();
+        slots.tables.clear();
+        slots.generation += 1;
     }
 
     /// Forgets the table at `offset` (freed), pinned or not.

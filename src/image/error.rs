@@ -74,6 +74,9 @@ pub enum ImageError {
     /// Inconsistent metadata found while serving a request.
     #[error("{0}")]
     Corruption(String),
+    /// A caller's argument is not acceptable (a snapshot name that is taken, too long, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// A write would have landed on metadata: refused, and the image marked corrupt.
     #[error("{message}")]
     MetadataOverlap {
@@ -123,7 +126,9 @@ impl ImageError {
             ImageError::CorruptReadWrite | ImageError::OverlappingMetadata(_) => {
                 ErrorKind::CorruptImage
             }
-            ImageError::OutOfRange { .. } => ErrorKind::InvalidArgument,
+            ImageError::OutOfRange { .. } | ImageError::InvalidArgument(_) => {
+                ErrorKind::InvalidArgument
+            }
             ImageError::Unsupported(_) => ErrorKind::Unsupported,
             ImageError::Corruption(_) => ErrorKind::Corruption,
             ImageError::MetadataOverlap { .. } => ErrorKind::MetadataOverlap,

@@ -56,27 +56,8 @@ impl Image {
             return Ok(());
         }
 
-        // 2. Refcount increments.
-        let blocks = w.refcounts.take_dirty();
-        for (offset, bytes) in &blocks {
-            self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
-        }
-        if !blocks.is_empty() {
-            storage.flush()?;
-        }
-
-        // 3. The refcount table.
-        if w.refcounts.table_dirty {
-            let bytes = w.refcounts.table_bytes();
-            let offset = w.refcounts.table_offset;
-            self.guarded_write(w, WriteKind::RefcountTableEntries, storage, offset, &bytes)?;
-            storage.flush()?;
-            if w.refcounts.old_table.is_some() {
-                self.write_header(w)?;
-                storage.flush()?;
-            }
-            w.refcounts.table_dirty = false;
-        }
+        // 2, 3. Refcount increments, then the refcount table.
+        self.write_refcounts(w)?;
 
         // 4. L2 tables.
         let tables = self.l2_cache.dirty();
@@ -130,24 +111,7 @@ impl Image {
         // into the last one that held some, and no decompressed copy of one is trusted.
         w.compressed_cursor = None;
         *self.compressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        if w.refcounts.has_pending() {
-            let freed = w.refcounts.apply_pending(storage)?;
-            let cs = self.geometry.cluster_size();
-            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-            for c in &freed {
-                map.remove(HostOffset(c * cs), ClusterCount(1), MetadataType::all())?;
-                self.l2_cache.forget(HostOffset(c * cs));
-            }
-            drop(map);
-            w.refcounts.old_table = None;
-            let blocks = w.refcounts.take_dirty();
-            for (offset, bytes) in &blocks {
-                self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
-            }
-            if !blocks.is_empty() {
-                storage.flush()?;
-            }
-        }
+        self.apply_decrements(w)?;
 
         // 7. Lazy refcounts: the refcounts on disk are exact again.
         if w.dirty_bit_on_disk {
@@ -160,6 +124,62 @@ impl Image {
         Ok(())
     }
 
+    /// Phases 2 and 3: dirty refcount blocks, then the refcount table (and, when the table
+    /// moved, the header that points at it), each followed by a barrier.
+    pub(crate) fn write_refcounts(&self, w: &mut Writer) -> Result<(), ImageError> {
+        let storage = self.storage.as_ref();
+        let blocks = w.refcounts.take_dirty();
+        for (offset, bytes) in &blocks {
+            self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
+        }
+        if !blocks.is_empty() {
+            storage.flush()?;
+        }
+        if w.refcounts.table_dirty {
+            let bytes = w.refcounts.table_bytes();
+            let offset = w.refcounts.table_offset;
+            self.guarded_write(w, WriteKind::RefcountTableEntries, storage, offset, &bytes)?;
+            storage.flush()?;
+            if w.refcounts.old_table.is_some() {
+                self.write_header(w)?;
+                storage.flush()?;
+            }
+            w.refcounts.table_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Phase 6: applies the queued decrements, forgets freed clusters (map and cache) and
+    /// writes the changed refcount blocks. Only once no table on disk references what is freed.
+    pub(crate) fn apply_decrements(&self, w: &mut Writer) -> Result<(), ImageError> {
+        if !w.refcounts.has_pending() {
+            return Ok(());
+        }
+        let freed = w.refcounts.apply_pending(self.storage.as_ref())?;
+        self.forget_freed(&freed)?;
+        w.refcounts.old_table = None;
+        let storage = self.storage.as_ref();
+        let blocks = w.refcounts.take_dirty();
+        for (offset, bytes) in &blocks {
+            self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
+        }
+        if !blocks.is_empty() {
+            storage.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Freed clusters hold no metadata any more: out of the map and the table cache.
+    pub(crate) fn forget_freed(&self, freed: &[u64]) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        for c in freed {
+            map.remove(HostOffset(c * cs), ClusterCount(1), MetadataType::all())?;
+            self.l2_cache.forget(HostOffset(c * cs));
+        }
+        Ok(())
+    }
+
     /// Rebuilds the naive checker (used only where the map's memory limit left ranges
     /// unchecked) from the live tables, so that it never checks against stale ones.
     pub(crate) fn refresh_fallback(&self, w: &Writer, l1: &[u64]) -> Result<(), ImageError> {
@@ -168,13 +188,22 @@ impl Image {
             return Ok(());
         };
         let prev = old.layout().clone();
+        let snaps = self.snaps.read().unwrap_or_else(|e| e.into_inner());
         let layout = NaiveLayout {
             l1_table_offset: w.header.l1_table_offset,
             l1_table: l1.to_vec(),
             refcount_table_offset: w.refcounts.table_offset,
             refcount_table: w.refcounts.table.clone(),
+            snapshots_offset: w.header.snapshots_offset,
+            snapshots_size: snaps.table_bytes,
+            snapshots: snaps
+                .entries
+                .iter()
+                .map(|e| (e.l1_table_offset, e.l1_size))
+                .collect(),
             ..prev
         };
+        drop(snaps);
         *slot = Some(
             NaiveChecker::new(
                 layout,

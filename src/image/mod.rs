@@ -15,7 +15,7 @@
 //! | `alloc.rs` | refcounts and cluster allocation (in memory; queued decrements) |
 //! | `write.rs` | guest writes, zero writes, discard, resize |
 //! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
-//! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
+//! | `snapshot.rs` | internal snapshots: create, apply, delete, COPIED flags, map upkeep |
 //! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
 //! | `flush.rs` | ordered write-back of refcounts, tables and header |
 //! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
@@ -32,6 +32,7 @@ mod guard;
 mod guest_map;
 mod mapping;
 mod read;
+mod snapshot;
 mod write;
 
 #[cfg(test)]
@@ -49,7 +50,7 @@ pub use guest_map::GuestExtent;
 pub use mapping::Extent;
 pub use write::WriteKind;
 
-use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset, SnapshotEntry};
+use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};
 pub(crate) use crate::overlap::NaiveLayout;
 use crate::overlap::{MetadataMap, MetadataType, NaiveChecker};
 use crate::problem::Problem;
@@ -106,6 +107,8 @@ pub struct Image {
     map: RwLock<MetadataMap>,
     /// The virtual disk size (the writer changes it on resize).
     size: AtomicU64,
+    /// The snapshot list as it is now (snapshot operations change it).
+    snaps: RwLock<snapshot::SnapshotList>,
     /// Writer state; `None` for a read-only image, which can never write.
     writer: Option<Mutex<write::Writer>>,
     /// The backing chain and data file, opened on first use (see `backing.rs`).
@@ -200,11 +203,16 @@ impl Image {
         } else {
             None
         };
+        let snaps = snapshot::SnapshotList {
+            entries: scanned.snapshots.clone(),
+            table_bytes: scanned.snapshot_table_bytes,
+        };
         Ok(Image {
             path: None,
             storage,
             options,
             size: AtomicU64::new(size),
+            snaps: RwLock::new(snaps),
             scanned,
             geometry,
             l2_cache,
@@ -241,11 +249,6 @@ impl Image {
     /// The virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
-    }
-
-    /// The snapshot list.
-    pub fn snapshots(&self) -> &[SnapshotEntry] {
-        &self.scanned.snapshots
     }
 
     /// The persistent bitmaps.

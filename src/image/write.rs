@@ -36,8 +36,12 @@ pub enum WriteKind {
     L1Entries,
     /// Entries of the refcount table rewritten in place.
     RefcountTableEntries,
-    /// A new table in fresh clusters (L1, refcount table, refcount block, L2): covers nothing.
+    /// A new table in fresh clusters (L1, refcount table, refcount block, L2, snapshot table,
+    /// a snapshot's L1 copy): covers nothing.
     NewTable,
+    /// Rewrite of an L2 table that a snapshot uses (COPIED flags, by snapshot operations): its
+    /// own cluster is INACTIVE_L2, and ACTIVE_L2 too while the active L1 table shares it.
+    SharedL2Table,
 }
 
 impl WriteKind {
@@ -46,6 +50,7 @@ impl WriteKind {
         match self {
             WriteKind::GuestData | WriteKind::NewTable => MetadataType::empty(),
             WriteKind::L2Table => MetadataType::ACTIVE_L2,
+            WriteKind::SharedL2Table => MetadataType::ACTIVE_L2.union(MetadataType::INACTIVE_L2),
             WriteKind::RefcountBlock => MetadataType::REFCOUNT_BLOCK,
             WriteKind::L1Entries => MetadataType::ACTIVE_L1,
             WriteKind::RefcountTableEntries => MetadataType::REFCOUNT_TABLE,
@@ -386,7 +391,14 @@ impl Image {
                 ClusterCount(1),
                 MetadataType::ACTIVE_L2,
             )?;
-            old.as_ref().clone()
+            // Every cluster the copy references is shared with the old table now: no entry
+            // of the copy may claim sole ownership (COPIED), whatever the old one said.
+            let step = if self.geometry.is_extended_l2() { 2 } else { 1 };
+            let mut copy = old.as_ref().clone();
+            for e in copy.iter_mut().step_by(step) {
+                *e &= !OFLAG_COPIED;
+            }
+            copy
         };
         let new = self.allocate_metadata(w, MetadataType::ACTIVE_L2)?;
         self.l1.write().unwrap_or_else(|e| e.into_inner())[idx] = new | OFLAG_COPIED;
@@ -898,44 +910,7 @@ impl Image {
                 at += e.len;
             }
         }
-        let needed = g.l1_entries_for(new_size);
-        let current = self.l1.read().unwrap_or_else(|e| e.into_inner()).len() as u64;
-        if needed > current {
-            if needed * 8 > crate::format::limits::MAX_L1_BYTES {
-                return Err(ImageError::Unsupported(
-                    "The image size is too large for file format 'qcow2' (try using a larger \
-                     cluster size)"
-                        .into(),
-                ));
-            }
-            let clusters = (needed * 8).div_ceil(g.cluster_size());
-            let first = self.allocate_run(&mut w, clusters)?;
-            let offset = first << g.cluster_bits();
-            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-            map.enter(
-                HostOffset(offset),
-                ClusterCount(clusters),
-                MetadataType::ACTIVE_L1,
-            )?;
-            drop(map);
-            let old = NewTable {
-                offset: w.header.l1_table_offset,
-                clusters: (current * 8).div_ceil(g.cluster_size()),
-            };
-            if w.l1_moved.is_none() && old.clusters > 0 {
-                let first_old = old.offset >> g.cluster_bits();
-                for c in first_old..first_old + old.clusters {
-                    w.refcounts.free_later(c);
-                }
-                w.l1_moved = Some(old);
-            }
-            self.l1
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .resize(needed as usize, 0);
-            w.header.l1_table_offset = offset;
-            w.header.l1_size = needed as u32;
-        }
+        self.grow_l1(&mut w, g.l1_entries_for(new_size))?;
         w.header.size = new_size;
         w.header_dirty = true;
         // Grow and shrink both take effect on disk with the next flush; reads see the new size.
@@ -945,8 +920,55 @@ impl Image {
         self.flush()
     }
 
+    /// Makes the active L1 table at least `needed` entries long: a larger table in a new run of
+    /// clusters, which the next flush writes whole before switching the header to it (the old
+    /// one is freed after that).
+    pub(crate) fn grow_l1(&self, w: &mut Writer, needed: u64) -> Result<(), ImageError> {
+        let g = self.geometry;
+        let current = self.l1.read().unwrap_or_else(|e| e.into_inner()).len() as u64;
+        if needed <= current {
+            return Ok(());
+        }
+        if needed * 8 > crate::format::limits::MAX_L1_BYTES {
+            return Err(ImageError::Unsupported(
+                "The image size is too large for file format 'qcow2' (try using a larger \
+                 cluster size)"
+                    .into(),
+            ));
+        }
+        let clusters = (needed * 8).div_ceil(g.cluster_size());
+        let first = self.allocate_run(w, clusters)?;
+        let offset = first << g.cluster_bits();
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.enter(
+            HostOffset(offset),
+            ClusterCount(clusters),
+            MetadataType::ACTIVE_L1,
+        )?;
+        drop(map);
+        let old = NewTable {
+            offset: w.header.l1_table_offset,
+            clusters: (current * 8).div_ceil(g.cluster_size()),
+        };
+        if w.l1_moved.is_none() && old.clusters > 0 {
+            let first_old = old.offset >> g.cluster_bits();
+            for c in first_old..first_old + old.clusters {
+                w.refcounts.free_later(c);
+            }
+            w.l1_moved = Some(old);
+        }
+        self.l1
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(needed as usize, 0);
+        w.header.l1_table_offset = offset;
+        w.header.l1_size = needed as u32;
+        w.header_dirty = true;
+        Ok(())
+    }
+
     /// Allocates `n` contiguous clusters; returns the first.
-    fn allocate_run(&self, w: &mut Writer, n: u64) -> Result<u64, ImageError> {
+    pub(crate) fn allocate_run(&self, w: &mut Writer, n: u64) -> Result<u64, ImageError> {
         let (first, created) = w.refcounts.allocate_run(self.storage.as_ref(), n)?;
         self.enter_created(w, &created)?;
         Ok(first)

@@ -103,26 +103,59 @@ impl PyImage {
         Ok(d)
     }
 
-    /// The snapshot list as dicts.
+    /// The snapshot list as dicts (as it is now).
     fn snapshots<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.image()?
             .snapshots()
             .iter()
-            .map(|s| {
-                let d = PyDict::new(py);
-                d.set_item("id", &s.id)?;
-                d.set_item("name", &s.name)?;
-                d.set_item("l1_table_offset", s.l1_table_offset)?;
-                d.set_item("l1_size", s.l1_size)?;
-                d.set_item("vm_state_size", s.vm_state_bytes())?;
-                d.set_item("date_sec", s.date_sec)?;
-                d.set_item("date_nsec", s.date_nsec)?;
-                d.set_item("vm_clock_nsec", s.vm_clock_nsec)?;
-                d.set_item("disk_size", s.disk_size)?;
-                d.set_item("icount", s.icount)?;
-                Ok(d)
-            })
+            .map(|s| snapshot_dict(py, s))
             .collect()
+    }
+
+    /// Creates an internal snapshot of the active disk; returns its entry as a dict.
+    #[pyo3(signature = (name, id = None, vm_state_size = None))]
+    fn create_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        id: Option<&str>,
+        vm_state_size: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let vm_state_size = match vm_state_size {
+            Some(v) => u64_obj("vm_state_size", v)?,
+            None => 0,
+        };
+        let img = self.image()?;
+        let entry = py
+            .detach(|| img.create_snapshot(name, id, vm_state_size))
+            .map_err(image_err)?;
+        snapshot_dict(py, &entry)
+    }
+
+    /// Deletes the snapshot with this id (else name); returns its entry as a dict.
+    fn delete_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        name_or_id: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let img = self.image()?;
+        let entry = py
+            .detach(|| img.delete_snapshot(name_or_id))
+            .map_err(image_err)?;
+        snapshot_dict(py, &entry)
+    }
+
+    /// Reverts the active disk to the snapshot with this id (else name); returns its entry.
+    fn apply_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        name_or_id: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let img = self.image()?;
+        let entry = py
+            .detach(|| img.apply_snapshot(name_or_id))
+            .map_err(image_err)?;
+        snapshot_dict(py, &entry)
     }
 
     /// The persistent bitmaps as dicts.
@@ -497,4 +530,23 @@ fn readinto_buffer(
     .map_err(image_err)?;
     drop(view);
     Ok(len)
+}
+
+/// A snapshot entry as the dict `qcow2ovl.Snapshot` is built from.
+fn snapshot_dict<'py>(
+    py: Python<'py>,
+    s: &crate::format::SnapshotEntry,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", &s.id)?;
+    d.set_item("name", &s.name)?;
+    d.set_item("l1_table_offset", s.l1_table_offset)?;
+    d.set_item("l1_size", s.l1_size)?;
+    d.set_item("vm_state_size", s.vm_state_bytes())?;
+    d.set_item("date_sec", s.date_sec)?;
+    d.set_item("date_nsec", s.date_nsec)?;
+    d.set_item("vm_clock_nsec", s.vm_clock_nsec)?;
+    d.set_item("disk_size", s.disk_size)?;
+    d.set_item("icount", s.icount)?;
+    Ok(d)
 }
