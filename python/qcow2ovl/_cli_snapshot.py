@@ -1,8 +1,8 @@
 """``qcow2ovl snapshot``: qemu-img's ``snapshot`` command for internal snapshots.
 
 ``qcow2ovl snapshot [-l | -c NAME | -a NAME | -d NAME] [-q] IMAGE`` lists (the default), creates,
-applies or deletes, with qemu-img's listing and error messages. ``-a`` and ``-d`` find a
-snapshot by id first, then by name. Every write goes through the guarded engine.
+applies or deletes, with qemu-img's listing and error messages. ``-a`` finds a snapshot by id
+first, then by name; ``-d`` by name only (both as qemu-img does). Every write goes through the guarded engine.
 """
 
 from __future__ import annotations
@@ -61,7 +61,15 @@ def run(args: argparse.Namespace) -> int:
             "delete": image.delete_snapshot,
         }[action]
         try:
-            op(name)
+            if action == "delete":
+                # qemu-img deletes by name only; the id then names that very snapshot.
+                found = [s.id for s in image.snapshots if s.name == name]
+                if not found:
+                    raise FileNotFoundError(2, f"Can't find snapshot '{name}'")
+                name_or_id = found[0]
+            else:
+                name_or_id = name
+            op(name_or_id)
         except (Qcow2Error, OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             if isinstance(exc, FileNotFoundError):
