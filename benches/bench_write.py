@@ -3,10 +3,11 @@
 Three workloads, each measured for qcow2ovl and for QEMU in the same run:
 
 ``overlap``
-    4 KiB overwrites of allocated clusters in a 1 TiB image with 16 internal snapshots.
-    Preparation: ``qcow2ovl.create`` of a 1 TiB image, one 64 KiB write every 512 MiB (so every
-    one of the 2,048 L2 tables exists) and a 64 MiB region at offset 0, then 16 ``qemu-img
-    snapshot -c`` (which share every L2 table with the snapshots), then the region is
+    4 KiB overwrites of allocated clusters in a 1 TiB image with 1, 16 and 64 internal
+    snapshots (``--snapshots``), one series point per count. Preparation: ``qcow2ovl.create``
+    of a 1 TiB image, one 64 KiB write every 512 MiB (so every one of the 2,048 L2 tables
+    exists) and a 64 MiB region at offset 0, then N snapshots taken by qcow2ovl (which share
+    every L2 table with the active L1 table; ``qemu-img check`` verifies the result), then the region is
     overwritten once with ``qemu-io`` so its clusters belong to the active table alone and the
     timed writes are pure overwrites. The image is cached (``--cache-dir``, default
     ``~/.cache/qcow2ovl-bench``; ``--rebuild``) and reused; the timed writes overwrite the
@@ -34,7 +35,8 @@ Each measurement is repeated ``--repeat`` times, alternating ours and QEMU's; th
 reported. Prints one JSON object per workload. Usage::
 
     python benches/bench_write.py [overlap] [throughput] [convert] [--repeat 3]
-                                  [--cache-dir DIR] [--rebuild] [--work-dir DIR]
+                                  [--snapshots 1,16,64] [--cache-dir DIR] [--rebuild]
+                                  [--work-dir DIR]
 """
 
 from __future__ import annotations
@@ -90,15 +92,17 @@ def default_cache_dir() -> pathlib.Path:
 # ---- overlap ---------------------------------------------------------------------------------
 
 REGION = 64 * MiB
-SNAPSHOTS = 16
+SNAPSHOT_COUNTS = (1, 16, 64)
 OVERWRITES = REGION // (4 * KiB)
 
 
-def prepare_overlap(cache_dir: pathlib.Path, rebuild: bool) -> tuple[pathlib.Path, bool]:
+def prepare_overlap(
+    cache_dir: pathlib.Path, rebuild: bool, snapshots: int
+) -> tuple[pathlib.Path, bool]:
     version = run("qemu-img", "--version").stdout.split("\n")[0]
-    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"1T-snap{SNAPSHOTS}-{version}").strip("-")
+    tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"1T-snap{snapshots}-{version}").strip("-")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    img = cache_dir / f"write-overlap-{tag}.qcow2"
+    img = cache_dir / f"write-overlap-v2-{tag}.qcow2"
     if img.exists() and not rebuild:
         return img, True
     tmp = cache_dir / f".{img.name}.{os.getpid()}.partial"
@@ -109,8 +113,10 @@ def prepare_overlap(cache_dir: pathlib.Path, rebuild: bool) -> tuple[pathlib.Pat
             for off in range(0, TiB, 512 * MiB):
                 image.write(off, chunk)
             image.write(0, b"\x5b" * REGION)
-        for i in range(SNAPSHOTS):
-            run("qemu-img", "snapshot", "-c", f"snap{i}", str(tmp))
+            for i in range(snapshots):
+                image.create_snapshot(f"snap{i}")
+        check = subprocess.run(["qemu-img", "check", str(tmp)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
         run("qemu-io", "-c", f"write -P 0x5c 0 {REGION}", "-f", "qcow2", str(tmp))
         tmp.replace(img)
     finally:
@@ -129,13 +135,13 @@ def ours_overwrites(img: pathlib.Path, overlap: str) -> float:
         return time.process_time() - t0
 
 
-def bench_overlap(args: argparse.Namespace) -> dict[str, object]:
+def overlap_point(args: argparse.Namespace, snapshots: int) -> dict[str, object]:
     t0 = time.perf_counter()
-    img, reused = prepare_overlap(args.cache_dir, args.rebuild)
+    img, reused = prepare_overlap(args.cache_dir, args.rebuild, snapshots)
     prep_s = time.perf_counter() - t0
     with qcow2ovl.open(img) as image:
         metadata_clusters = sum(n for _, n, _ in image.metadata_extents()) // 65536
-        snapshots = len(image.snapshots)
+        assert len(image.snapshots) == snapshots
         map_bytes = image.map_memory_usage()  # what the "all" runs check against
     ours_all, ours_none, qemu_all, qemu_none = [], [], [], []
     qemu_wall = {"all": [], "none": []}  # type: dict[str, list[float]]
@@ -150,9 +156,8 @@ def bench_overlap(args: argparse.Namespace) -> dict[str, object]:
     med = statistics.median
     n = OVERWRITES
     return {
-        "workload": "overlap: 4 KiB overwrites, 1 TiB image, 16 snapshots",
-        "writes": n,
         "snapshots": snapshots,
+        "writes": n,
         "metadata_clusters": metadata_clusters,
         "map_bytes": map_bytes,
         "ours_cpu_s_all": round(med(ours_all), 4),
@@ -171,6 +176,13 @@ def bench_overlap(args: argparse.Namespace) -> dict[str, object]:
         "image": str(img),
         "image_reused": reused,
         "prepare_s": round(prep_s, 1),
+    }
+
+
+def bench_overlap(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "workload": "overlap: 4 KiB overwrites, 1 TiB image, N snapshots",
+        "series": [overlap_point(args, n) for n in args.snapshots],
     }
 
 
@@ -313,6 +325,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("workloads", nargs="*", default=["overlap", "throughput", "convert"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--snapshots",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=list(SNAPSHOT_COUNTS),
+        help="snapshot counts of the overlap series (default: 1,16,64)",
+    )
     ap.add_argument("--cache-dir", type=pathlib.Path, default=default_cache_dir())
     ap.add_argument("--rebuild", action="store_true", help="build the overlap image again")
     ap.add_argument(

@@ -16,11 +16,34 @@
 //!   blocks that describe it in fresh clusters past every range described so far, and the old
 //!   table is freed after the header points at the new one.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use super::ImageError;
 use crate::format::refcount::{refcount_get, refcount_set, REFTABLE_OFFSET_MASK};
 use crate::storage::Storage;
+
+/// Hashes refcount block indices (small consecutive integers) by one multiplication: the
+/// default SipHash made lookups most of the time of walking millions of refcounts (snapshot
+/// operations on large images). Keys are not attacker-chosen beyond the table's size.
+#[derive(Default)]
+struct BlockIndexHasher(u64);
+
+impl Hasher for BlockIndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        // Fibonacci hashing: spreads consecutive indices over the high bits the table uses.
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// A refcount block in memory.
 #[derive(Debug)]
@@ -55,7 +78,7 @@ pub(crate) struct Refcounts {
     pub table_dirty: bool,
     /// The previous table, to free once the header points at the new one.
     pub old_table: Option<NewTable>,
-    blocks: HashMap<u64, Block>,
+    blocks: HashMap<u64, Block, BuildHasherDefault<BlockIndexHasher>>,
     /// Decrements waiting for the tables that drop the references to reach the disk.
     pending: Vec<u64>,
     /// No cluster below this one is free (first-fit search starts here).
@@ -72,7 +95,7 @@ impl Refcounts {
             table_offset,
             table_dirty: false,
             old_table: None,
-            blocks: HashMap::new(),
+            blocks: HashMap::default(),
             pending: Vec::new(),
             hint: 0,
         }
@@ -110,19 +133,18 @@ impl Refcounts {
                 "Refblock offset {offset:#x} unaligned (reftable index: {index:#x})"
             )));
         }
-        if !self.blocks.contains_key(&index) {
-            let mut data = vec![0u8; self.cluster_size() as usize];
-            storage.read_padded(offset, &mut data)?;
-            self.blocks.insert(
-                index,
-                Block {
+        match self.blocks.entry(index) {
+            Entry::Occupied(o) => Ok(Some(o.into_mut())),
+            Entry::Vacant(v) => {
+                let mut data = vec![0u8; 1usize << self.cluster_bits];
+                storage.read_padded(offset, &mut data)?;
+                Ok(Some(v.insert(Block {
                     offset,
                     data,
                     dirty: false,
-                },
-            );
+                })))
+            }
         }
-        Ok(self.blocks.get_mut(&index))
     }
 
     /// The refcount of `cluster` (0 where no block describes it).
@@ -175,8 +197,15 @@ impl Refcounts {
         cluster: u64,
         delta: i64,
     ) -> Result<u64, ImageError> {
-        let v = self.get(storage, cluster)?;
-        let max = crate::format::refcount::max_refcount(self.order).unwrap_or(u64::MAX);
+        let (per, order) = (self.per_block(), self.order);
+        let max = crate::format::refcount::max_refcount(order).unwrap_or(u64::MAX);
+        let Some(block) = self.block(storage, cluster / per)? else {
+            return Err(ImageError::Corruption(format!(
+                "no refcount block describes cluster {cluster:#x}, which is in use"
+            )));
+        };
+        let at = (cluster % per) as usize;
+        let v = refcount_get(&block.data, at, order)?;
         let new = match delta {
             1 if v == 0 => {
                 return Err(ImageError::Corruption(format!(
@@ -203,7 +232,8 @@ impl Refcounts {
                 )))
             }
         };
-        self.set(storage, cluster, new)?;
+        refcount_set(&mut block.data, at, order, new)?;
+        block.dirty = true;
         if new == 0 {
             self.hint = self.hint.min(cluster);
         }
@@ -367,12 +397,32 @@ impl Refcounts {
         Ok(created)
     }
 
+    /// The first cluster from `c` on whose refcount is 0: scans the loaded blocks' bytes
+    /// directly (a full image has millions of clusters before the first free one), and stops
+    /// at the first range no block describes.
+    fn first_free_from(&mut self, storage: &dyn Storage, mut c: u64) -> Result<u64, ImageError> {
+        let (per, order) = (self.per_block(), self.order);
+        loop {
+            let index = c / per;
+            let Some(block) = self.block(storage, index)? else {
+                return Ok(c);
+            };
+            for i in (c % per)..per {
+                if refcount_get(&block.data, i as usize, order)? == 0 {
+                    return Ok(index * per + i);
+                }
+            }
+            c = (index + 1) * per;
+        }
+    }
+
     /// Allocates one free cluster (refcount 0 → 1), first fit from the hint. Returns it and
     /// the metadata tables created on the way.
     pub fn allocate(&mut self, storage: &dyn Storage) -> Result<(u64, Vec<NewTable>), ImageError> {
         let mut created = Vec::new();
         let mut c = self.hint.max(1);
         loop {
+            c = self.first_free_from(storage, c)?;
             created.extend(self.ensure_block(storage, c)?);
             if self.get(storage, c)? == 0 {
                 self.set(storage, c, 1)?;
@@ -403,6 +453,7 @@ impl Refcounts {
         let mut created = Vec::new();
         let mut start = self.hint.max(1);
         'search: loop {
+            start = self.first_free_from(storage, start)?;
             for k in 0..n {
                 created.extend(self.ensure_block(storage, start + k)?);
             }
