@@ -7,9 +7,9 @@ Three workloads, each measured for qcow2ovl and for QEMU in the same run:
     snapshots (``--snapshots``), one series point per count. Preparation: ``qcow2ovl.create``
     of a 1 TiB image, one 64 KiB write every 512 MiB (so every one of the 2,048 L2 tables
     exists) and a 64 MiB region at offset 0, then N snapshots taken by qcow2ovl (which share
-    every L2 table with the active L1 table; ``qemu-img check`` verifies the result), then the region is
-    overwritten once with ``qemu-io`` so its clusters belong to the active table alone and the
-    timed writes are pure overwrites. The image is cached (``--cache-dir``, default
+    every L2 table with the active L1 table; ``qemu-img check`` verifies the result), then the
+    region is overwritten once with ``qemu-io`` so its clusters belong to the active table
+    alone and the timed writes are pure overwrites. The image is cached (``--cache-dir``, default
     ``~/.cache/qcow2ovl-bench``; ``--rebuild``) and reused; the timed writes overwrite the
     region with constant data, so reuse does not change the image's layout. Timed: CPU seconds
     (user + system) of 16,384 sequential 4 KiB writes over the region, ours with

@@ -349,6 +349,39 @@ def test_data_write_onto_snapshot_metadata_is_refused(
     assert after[:72] == before[:72] and after[80:] == before[80:]
 
 
+def test_snapshots_under_a_map_memory_limit(tmp_path: Path) -> None:
+    # Past the map's memory limit QEMU's naive algorithm checks the rest; it must see every new
+    # snapshot table and snapshot L1 table at once, and still protect inactive L2 tables.
+    path = tmp_path / "limit.qcow2"
+    qi.create(path, 16 * MiB, opts={"cluster_size": 4096})
+    model = bytearray(16 * MiB)
+    rng = random.Random(7)
+    with qcow2ovl.open(path, writable=True, map_memory_limit=256) as img:
+        assert img.unchecked_ranges()
+        random_writes(img, model, rng, 20)
+        img.create_snapshot("s")
+        saved = bytes(model)
+        random_writes(img, model, rng, 20)
+        img.create_snapshot("t")
+        img.delete_snapshot("s")
+        img.apply_snapshot("t")
+        img.create_snapshot("s")
+        assert img.read(0, len(model)) == model
+    assert_clean(path)
+    assert qemu_raw(path, tmp_path, "s") == model
+    assert saved != model
+    # iotest 060's inactive-L2 write, caught by the naive checker this time.
+    qi.write(path, [(0, 512, 9)])  # the active L2 table is copied away from the snapshots'
+    (sn_l1,) = qi.peek(path, _snapshot_l1(path), ">Q")
+    (l1_offset,) = qi.peek(path, 40, ">Q")
+    (active,) = qi.peek(path, l1_offset, ">Q")
+    assert active & OFFSET_MASK != sn_l1 & OFFSET_MASK
+    qi.poke(path, active & OFFSET_MASK, ">Q", COPIED | (sn_l1 & OFFSET_MASK))
+    with qcow2ovl.open(path, writable=True, map_memory_limit=256) as img:
+        with pytest.raises(qcow2ovl.MetadataOverlapError, match="inactive L2 table"):
+            img.write(0, b"x" * 512)
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -391,8 +424,10 @@ def test_cli_matches_qemu_img_snapshot(tmp_path: Path) -> None:
     bad = cli("-a", "nope", path)
     assert bad.returncode == 1
     assert "Could not apply snapshot 'nope': snapshot not found" in bad.stderr
-    assert cli("-c", "first", path).stderr.strip().endswith(
-        "Could not create snapshot 'first': Snapshot 'first' already exists"
+    assert (
+        cli("-c", "first", path)
+        .stderr.strip()
+        .endswith("Could not create snapshot 'first': Snapshot 'first' already exists")
     )
     assert "Cannot mix" in cli("-l", "-c", "x", path).stderr
     assert cli("-q", "-l", path).stdout == ""

@@ -1,8 +1,9 @@
 """``qcow2ovl snapshot``: qemu-img's ``snapshot`` command for internal snapshots.
 
-``qcow2ovl snapshot [-l | -c NAME | -a NAME | -d NAME] [-q] IMAGE`` lists (the default), creates,
-applies or deletes, with qemu-img's listing and error messages. ``-a`` finds a snapshot by id
-first, then by name; ``-d`` by name only (both as qemu-img does). Every write goes through the guarded engine.
+``qcow2ovl snapshot [-l | -c NAME | -a NAME | -d NAME] [-q] IMAGE`` lists (the default),
+creates, applies or deletes, with qemu-img's listing and error messages. ``-a`` finds a
+snapshot by id first, then by name; ``-d`` by name only (both as qemu-img does). Every write
+goes through the guarded engine.
 """
 
 from __future__ import annotations
@@ -55,11 +56,6 @@ def run(args: argparse.Namespace) -> int:
     action = chosen[0]
     name: str = getattr(args, action)
     with open_image(args.image, writable=True, overlap_check=args.overlap_check) as image:
-        op = {
-            "create": image.create_snapshot,
-            "apply": image.apply_snapshot,
-            "delete": image.delete_snapshot,
-        }[action]
         try:
             if action == "delete":
                 # qemu-img deletes by name only; the id then names that very snapshot.
@@ -69,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
                 name_or_id = found[0]
             else:
                 name_or_id = name
-            op(name_or_id)
+            if action == "create":
+                image.create_snapshot(name_or_id)
+            elif action == "apply":
+                image.apply_snapshot(name_or_id)
+            else:
+                image.delete_snapshot(name_or_id)
         except (Qcow2Error, OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             if isinstance(exc, FileNotFoundError):

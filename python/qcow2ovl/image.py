@@ -426,7 +426,13 @@ class Image:
         """The internal snapshots, in table order, as they are now."""
         return [_build(Snapshot, s) for s in self._core.snapshots()]
 
-    def create_snapshot(self, name: str, *, id: str | None = None, vm_state_size: int = 0) -> Snapshot:  # noqa: A002 - QEMU's word
+    def create_snapshot(
+        self,
+        name: str,
+        *,
+        id: str | None = None,  # noqa: A002 - QEMU's word for it
+        vm_state_size: int = 0,
+    ) -> Snapshot:
         """Take an internal snapshot of the active disk, as ``qemu-img snapshot -c`` does.
 
         *name* must be new among the snapshot names (1 to 255 bytes); *id* must be new among the

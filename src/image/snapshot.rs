@@ -614,7 +614,9 @@ impl Image {
             entries: list,
             table_bytes: bytes.len() as u64,
         };
-        Ok(())
+        // Where the map's memory limit left ranges to the naive checker, it must know the new
+        // table (and the snapshot L1 tables it lists) before the next write.
+        self.refresh_fallback(w, &self.l1_table())
     }
 
     /// Enters `clusters` clusters at `offset` as `types`; metadata already there that may not
