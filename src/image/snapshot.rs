@@ -292,12 +292,17 @@ impl Image {
 
         // 2. Its references dropped, in memory only.
         let mut freed = Vec::new();
-        self.walk_references(&sn_l1, &mut |c, _| {
+        let mut freed_data = Vec::new();
+        self.walk_references(&sn_l1, &mut |c, kind| {
             if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
                 freed.push(c);
+                if kind == Ref::Data {
+                    freed_data.push(c);
+                }
             }
             Ok(())
         })?;
+        self.refuse_freeing_metadata(&freed_data)?;
         let l1_first = gone.l1_table_offset / cs;
         for c in l1_first..l1_first + l1_clusters {
             if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
@@ -376,12 +381,17 @@ impl Image {
         // 4. The old active references dropped in memory; COPIED set where a refcount fell to
         // 1; then the refcounts drop on disk.
         let mut freed = Vec::new();
-        self.walk_references(&old_l1, &mut |c, _| {
+        let mut freed_data = Vec::new();
+        self.walk_references(&old_l1, &mut |c, kind| {
             if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
                 freed.push(c);
+                if kind == Ref::Data {
+                    freed_data.push(c);
+                }
             }
             Ok(())
         })?;
+        self.refuse_freeing_metadata(&freed_data)?;
         let l1 = self.l1_table();
         let active = self.sync_copied(w, &l1)?;
         self.write_active_l1(w, &l1, &active)?;
@@ -451,6 +461,25 @@ impl Image {
                     )));
                 }
                 f(host >> cb, Ref::Data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Data clusters whose last reference is gone must not be metadata: an L2 entry pointing
+    /// into a table would otherwise free that table. Corruption (fatal) before anything of it
+    /// reaches the disk.
+    fn refuse_freeing_metadata(&self, data_clusters: &[u64]) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        for &c in data_clusters {
+            let hit = self.check_overlap(HostOffset(c * cs), cs, MetadataType::empty())?;
+            if !hit.is_empty() {
+                return Err(ImageError::Corruption(format!(
+                    "An L2 entry points into the {} at {:#x} as if it were guest data; \
+                     refusing to free it",
+                    hit.message_name().unwrap_or("metadata"),
+                    c * cs
+                )));
             }
         }
         Ok(())

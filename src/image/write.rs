@@ -623,6 +623,7 @@ impl Image {
             if let Some(d) = CompressedDescriptor::from_entry(entry, bits) {
                 if let Some((start, end)) = d.sector_range() {
                     for c in (start >> bits)..=((end - 1) >> bits) {
+                        self.refuse_metadata_as_data(w, entry, c)?;
                         w.refcounts.free_later(c);
                     }
                 }
@@ -631,9 +632,34 @@ impl Image {
         }
         let host = entry & L1_L2_OFFSET_MASK;
         if host != 0 {
+            self.refuse_metadata_as_data(w, entry, host >> bits)?;
             w.refcounts.free_later(host >> bits);
         }
         Ok(())
+    }
+
+    /// A guest cluster being dropped (copied away, zeroed, discarded) must hold data, never
+    /// metadata: a broken L2 entry pointing at, say, the snapshot table would otherwise drop
+    /// that table's refcount and let the next allocation overwrite it. Refused like an
+    /// overlapping write, before anything changes.
+    pub(crate) fn refuse_metadata_as_data(
+        &self,
+        w: &mut Writer,
+        entry: u64,
+        cluster: u64,
+    ) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        let at = cluster * cs;
+        let hit = self.check_overlap(HostOffset(at), cs, MetadataType::empty())?;
+        if hit.is_empty() {
+            return Ok(());
+        }
+        let name = hit.message_name().unwrap_or("metadata");
+        let message = format!(
+            "Preventing invalid free of metadata: L2 entry {entry:#x} points into the {name} at \
+             {at:#x} as if it were guest data (overlaps with {name})"
+        );
+        Err(self.mark_corrupt(w, message, at, cs, hit))
     }
 
     fn write_piece_extended(
