@@ -18,6 +18,7 @@
 //! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
 //! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
 //! | `flush.rs` | ordered write-back of refcounts, tables and header |
+//! | `repair.rs` | `check -r leaks\|all`: refcounts, a rebuilt refcount structure, COPIED flags |
 //! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
 
 mod alloc;
@@ -32,6 +33,7 @@ mod guard;
 mod guest_map;
 mod mapping;
 mod read;
+mod repair;
 mod write;
 
 #[cfg(test)]
@@ -47,6 +49,7 @@ pub use check::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
 pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;
+pub use repair::{Repair, NEED_REBUILD};
 pub use write::WriteKind;
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset, SnapshotEntry};
@@ -63,8 +66,13 @@ pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// Open for writing (refused for corrupt images and images with overlapping metadata).
+    /// Open for writing (refused for corrupt images and images with overlapping metadata,
+    /// unless `repair`). A dirty image (lazy refcounts) is repaired first, unless `repair`.
     pub writable: bool,
+    /// Open for [`Image::repair`] (QEMU's `BDRV_O_CHECK`): a writable open is allowed for
+    /// images marked corrupt, with overlapping metadata (the map still guards every write) or
+    /// left dirty (not repaired at open: the caller repairs).
+    pub repair: bool,
     /// The metadata types to track in the map (and so to read at open).
     pub enabled: MetadataType,
     /// Memory limit of the map in bytes; ranges past it are checked the naive way.
@@ -81,6 +89,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             writable: false,
+            repair: false,
             enabled: MetadataType::all(),
             map_limit: None,
             cache_size: None,
@@ -151,10 +160,10 @@ impl Image {
         options: OpenOptions,
     ) -> Result<Self, ImageError> {
         let scanned = scan(storage.as_ref(), options.enabled, options.map_limit)?;
-        if options.writable && scanned.header.is_corrupt() {
+        if options.writable && !options.repair && scanned.header.is_corrupt() {
             return Err(ImageError::CorruptReadWrite);
         }
-        if options.writable && scanned.blocks_writes {
+        if options.writable && !options.repair && scanned.blocks_writes {
             let first = scanned
                 .problems
                 .iter()
@@ -200,7 +209,7 @@ impl Image {
         } else {
             None
         };
-        Ok(Image {
+        let image = Image {
             path: None,
             storage,
             options,
@@ -215,7 +224,9 @@ impl Image {
             compressed: Mutex::new(None),
             preallocated: OnceLock::new(),
             fallback: RwLock::new(fallback),
-        })
+        };
+        image.repair_if_dirty()?;
+        Ok(image)
     }
 
     /// Whether the image was opened for writing.

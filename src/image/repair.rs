@@ -1,0 +1,597 @@
+//! Repair: what `qemu-img check -r leaks|all` does, on a handle opened for it.
+//!
+//! The repair works from the check's recomputed reference counts, in three steps, each ended
+//! by a flush (a storage barrier) and followed by a fresh check of what reached the disk:
+//!
+//! 1. **Refcounts.** Leaks (on-disk refcount above the references) are lowered in both modes;
+//!    corruptions (below the references) are raised only by [`Repair::All`]. A damaged refcount
+//!    structure (a used cluster with refcount 0, which includes a refcount table entry of 0 for
+//!    a range in use; an unaligned, out-of-range or reserved-bit refcount table entry; a
+//!    refcount block sharing its cluster) cannot be patched in place: [`Repair::All`] rebuilds
+//!    it in fresh clusters past everything in use, and [`Repair::Leaks`] refuses, as qemu-img
+//!    does.
+//! 2. **COPIED flags** of active L1 and L2 entries are set exactly where the refcount of the
+//!    target is now 1 (in [`Repair::Leaks`] mode only when step 1 left nothing wrong, as
+//!    qemu-img does: otherwise the refcounts they would follow are not trusted).
+//! 3. **Header bits.** When nothing is left wrong, the corrupt and dirty bits are cleared.
+//!
+//! Every write goes through `guarded_write`, and no repair touches a cluster that two
+//! structures use (a named [`Overlap`](super::Overlap)): qemu-img would raise its refcount to
+//! the number of users and call the image repaired, but the structures still overwrite each
+//! other; here the cluster keeps its refcount and the final report keeps the corruption, so
+//! that it says what was not repaired.
+//!
+//! Why the order is crash-safe: raising a refcount and lowering a refcount nothing references
+//! are both safe at any moment; a rebuilt structure is written whole and flushed before the one
+//! header write that switches to it, and the old structure is never overwritten (a crash before
+//! the switch leaves the old image as it was); COPIED flags are written after the refcounts they
+//! follow, and a flag left clear is always safe (it only makes writers copy).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use super::check::Counts;
+use super::write::{WriteKind, Writer};
+use super::{CheckReport, ErrorKind, FindingKind, Image, ImageError, OpenOptions, Owner};
+use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COPIED};
+use crate::format::header::IncompatibleFeatures;
+use crate::format::refcount::{max_refcount, refcount_set, REFTABLE_OFFSET_MASK};
+use crate::format::{write_u64_table, ClusterCount, HostOffset};
+use crate::overlap::MetadataType;
+
+/// What a repair may change (`qemu-img check -r leaks` / `-r all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Lower refcounts that are higher than the references (leaked clusters). Never raises a
+    /// refcount, so it cannot make a damaged image worse; refuses when the refcount structure
+    /// itself needs rebuilding.
+    Leaks,
+    /// Leaks, refcounts lower than the references, COPIED flags, and a rebuild of a damaged
+    /// refcount structure.
+    All,
+}
+
+/// The error of a leaks-only repair that found a refcount structure only a rebuild can fix.
+pub const NEED_REBUILD: &str =
+    "ERROR need to rebuild refcount structures (only a repair of all errors rebuilds them)";
+
+/// Findings that mean the refcount structure must be rebuilt rather than patched.
+fn needs_rebuild(report: &CheckReport) -> bool {
+    report.findings.iter().any(|f| match f.kind {
+        FindingKind::RefblockUnaligned
+        | FindingKind::RefblockOutside
+        | FindingKind::RefblockRefcount
+        | FindingKind::ReftableReserved
+        | FindingKind::RefcountUnreadable => true,
+        // A used cluster with refcount 0 may lie in a range with no refcount block at all.
+        FindingKind::RefcountTooLow => f.entry == 0,
+        _ => false,
+    })
+}
+
+/// The corruptions a report counts for COPIED flags (repaired in step 2, counted apart).
+fn copied_count(report: &CheckReport) -> u64 {
+    report
+        .findings
+        .iter()
+        .filter(|f| matches!(f.kind, FindingKind::CopiedL1 | FindingKind::CopiedL2))
+        .map(|f| f.times)
+        .sum()
+}
+
+/// Whether an owner is part of the refcount structure (which a rebuild replaces).
+fn is_refcount_structure(owner: Owner) -> bool {
+    matches!(owner, Owner::RefcountTable | Owner::RefcountBlock(_))
+}
+
+/// The clusters two structures use, which no repair may touch: their overlaps. When the
+/// refcount structure is rebuilt, overlaps with the old one disappear with it and do not count.
+fn shared_clusters(report: &CheckReport, cluster_bits: u32, rebuild: bool) -> HashSet<u64> {
+    report
+        .overlaps
+        .iter()
+        .filter(|o| {
+            !(rebuild && (is_refcount_structure(o.first) || is_refcount_structure(o.second)))
+        })
+        .map(|o| o.cluster_offset >> cluster_bits)
+        .collect()
+}
+
+impl Image {
+    /// Repairs the image as `qemu-img check -r leaks|all` does (see the module documentation)
+    /// and returns the final check, with `corruptions_fixed` and `leaks_fixed` counted as
+    /// qemu-img counts them and what remains in `corruptions` and `leaks`. The handle must be
+    /// writable; open it with [`OpenOptions::repair`] to reach images marked corrupt or with
+    /// overlapping metadata.
+    pub fn repair(&self, mode: Repair) -> Result<CheckReport, ImageError> {
+        let mut w = self.writer()?;
+        self.repair_locked(&mut w, mode)
+    }
+
+    /// A writable open of an image whose lazy refcounts were left dirty: repair it as QEMU
+    /// does at open (all errors), or refuse the open if that leaves anything wrong.
+    pub(crate) fn repair_if_dirty(&self) -> Result<(), ImageError> {
+        if !self.writable() || self.options.repair || !self.header().is_dirty() {
+            return Ok(());
+        }
+        let r = self.repair(Repair::All)?;
+        if r.corruptions > 0 || r.check_errors > 0 || r.overlap_count > 0 {
+            return Err(ImageError::Corruption(format!(
+                "Could not repair dirty image: {} corruptions and {} check errors remain; \
+                 repair it with 'qcow2ovl check -r all'",
+                r.corruptions, r.check_errors
+            )));
+        }
+        Ok(())
+    }
+
+    fn repair_locked(&self, w: &mut Writer, mode: Repair) -> Result<CheckReport, ImageError> {
+        let (before, counts) = self.check_through_view(w)?;
+        if before.overlap_count > before.overlaps.len() as u64 {
+            return Err(ImageError::Unsupported(format!(
+                "{} metadata overlaps: too many to repair around",
+                before.overlap_count
+            )));
+        }
+        let rebuild = needs_rebuild(&before);
+        if rebuild && mode == Repair::Leaks {
+            return Err(ImageError::Corruption(NEED_REBUILD.into()));
+        }
+        let shared = shared_clusters(&before, self.geometry.cluster_bits(), rebuild);
+        let steps = self.repair_steps(w, mode, &before, &counts, &shared, rebuild);
+        let (mid, copied_fixed) = match steps {
+            Ok(done) => done,
+            // A write the map refused is a repair that could not be made: the image is marked
+            // corrupt and the handle refuses further writes; report what is on disk.
+            Err(e) if e.kind() == ErrorKind::MetadataOverlap || w.poisoned.is_some() => {
+                let (mut after, _) = self.check_through_view(w)?;
+                after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+                after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+                return Ok(after);
+            }
+            Err(e) => return Err(e),
+        };
+        let (mut after, _) = self.check_through_view(w)?;
+        // As qemu-img counts: refcount corruptions and leaks fixed in step 1 (the check before
+        // and after it, COPIED flags apart), plus the COPIED flags fixed in step 2.
+        let refcount_corruptions =
+            |r: &CheckReport| r.corruptions - copied_count(r).min(r.corruptions);
+        after.corruptions_fixed =
+            refcount_corruptions(&before).saturating_sub(refcount_corruptions(&mid)) + copied_fixed;
+        after.leaks_fixed = before.leaks.saturating_sub(mid.leaks);
+        if after.corruptions == 0 && after.check_errors == 0 && after.overlap_count == 0 {
+            let bits = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
+            if w.header.incompatible_features.intersects(bits) {
+                w.header.incompatible_features -= bits;
+                self.write_header(w)?;
+                self.storage.flush()?;
+            }
+            w.dirty_bit_on_disk = false;
+        }
+        Ok(after)
+    }
+
+    /// Steps 1 and 2; returns the check between them and the COPIED flags fixed.
+    fn repair_steps(
+        &self,
+        w: &mut Writer,
+        mode: Repair,
+        before: &CheckReport,
+        counts: &Counts,
+        shared: &HashSet<u64>,
+        rebuild: bool,
+    ) -> Result<(CheckReport, u64), ImageError> {
+        if rebuild {
+            self.rebuild_refcounts(w, before, counts, shared)?;
+        } else {
+            self.fix_refcounts(w, mode, before, shared)?;
+        }
+        let (mid, _) = self.check_through_view(w)?;
+        let trusted =
+            mid.check_errors == 0 && mid.leaks == 0 && mid.corruptions == copied_count(&mid);
+        let copied_fixed = if mode == Repair::All || trusted {
+            self.fix_copied(w, &mid, shared)?
+        } else {
+            0
+        };
+        self.flush_locked(w)?;
+        Ok((mid, copied_fixed))
+    }
+
+    /// Flushes, then checks what is on disk through a fresh read-only view.
+    fn check_through_view(&self, w: &mut Writer) -> Result<(CheckReport, Counts), ImageError> {
+        self.flush_locked(w)?;
+        let view = Image::from_storage(Arc::clone(&self.storage), OpenOptions::default())?;
+        view.check_counts(&mut |_, _| {})
+    }
+
+    /// Step 1 in place: each wrong refcount the mode may fix is set to the recomputed count
+    /// (written back by the flush's refcount phase, through `guarded_write`).
+    fn fix_refcounts(
+        &self,
+        w: &mut Writer,
+        mode: Repair,
+        before: &CheckReport,
+        shared: &HashSet<u64>,
+    ) -> Result<(), ImageError> {
+        let storage = Arc::clone(&self.storage);
+        for f in &before.findings {
+            let allowed = match f.kind {
+                FindingKind::RefcountTooHigh => true,
+                FindingKind::RefcountTooLow => mode == Repair::All && f.entry > 0,
+                _ => false,
+            };
+            if allowed && !shared.contains(&f.index) {
+                w.refcounts.set(storage.as_ref(), f.index, f.reference)?;
+            }
+        }
+        self.flush_locked(w)
+    }
+
+    /// Step 1 by rebuilding: new refcount blocks and a new refcount table, holding the
+    /// recomputed counts, in fresh clusters past everything in use (and past the old
+    /// structure, which is left intact until the header no longer points at it). They are
+    /// written and flushed, then the header is switched to them in one write. The old
+    /// structure is not counted by the new one: its clusters are simply free afterwards.
+    fn rebuild_refcounts(
+        &self,
+        w: &mut Writer,
+        before: &CheckReport,
+        counts: &Counts,
+        shared: &HashSet<u64>,
+    ) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let order = w.header.refcount_order;
+        let max = max_refcount(order)
+            .ok_or_else(|| ImageError::Unsupported(format!("refcount order {order}")))?;
+        let per = (cs * 8) >> order;
+        // A cluster two structures use keeps the refcount it had on disk (when it had one):
+        // the repair leaves it as it found it.
+        let kept: HashMap<u64, u64> = before
+            .findings
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.kind,
+                    FindingKind::RefcountTooLow | FindingKind::RefcountTooHigh
+                ) && f.entry > 0
+                    && shared.contains(&f.index)
+            })
+            .map(|f| (f.index, f.entry))
+            .collect();
+        let value = |k: u64| {
+            kept.get(&k)
+                .copied()
+                .unwrap_or_else(|| counts.get(k))
+                .min(max)
+        };
+        let mut used = BTreeSet::new();
+        for k in 0..counts.dense_len() {
+            if value(k) > 0 {
+                used.insert(k / per);
+            }
+        }
+        let mut start = counts.dense_len();
+        for (k, _) in counts.past_end() {
+            if value(k) > 0 {
+                used.insert(k / per);
+                start = start.max(k + 1);
+            }
+        }
+        let layout = NewLayout::place(&used, start, per, cs)?;
+        let storage = Arc::clone(&self.storage);
+        let mut table = vec![0u64; (layout.table_clusters * cs / 8) as usize];
+        for (j, &b) in layout.blocks.iter().enumerate() {
+            let at = (layout.start + j as u64) << cb;
+            let mut bytes = vec![0u8; cs as usize];
+            for i in 0..per {
+                let k = b * per + i;
+                let v = if layout.contains(k) { 1 } else { value(k) };
+                if v > 0 {
+                    refcount_set(&mut bytes, i as usize, order, v)?;
+                }
+            }
+            self.guarded_write(w, WriteKind::NewTable, storage.as_ref(), at, &bytes)?;
+            table[b as usize] = at;
+        }
+        let table_offset = layout.table_start() << cb;
+        let table_bytes = write_u64_table(&table);
+        self.guarded_write(
+            w,
+            WriteKind::NewTable,
+            storage.as_ref(),
+            table_offset,
+            &table_bytes,
+        )?;
+        storage.flush()?;
+
+        // The one header write that switches to the new structure.
+        let old_table = (w.header.refcount_table_offset, w.refcounts.table_clusters());
+        let old_blocks: Vec<u64> = w.refcounts.table.clone();
+        w.header.refcount_table_offset = table_offset;
+        w.header.refcount_table_clusters = u32::try_from(layout.table_clusters)
+            .map_err(|_| ImageError::Unsupported("rebuilt refcount table too large".into()))?;
+        self.write_header(w)?;
+        storage.flush()?;
+        w.refcounts = super::alloc::Refcounts::new(cb, order, table_offset, table);
+
+        // The map follows: the old structure is no longer metadata, the new one is.
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        // Removing what was never entered (absurd offsets) fails harmlessly.
+        let _ = map.remove(
+            HostOffset(old_table.0),
+            ClusterCount(old_table.1),
+            MetadataType::REFCOUNT_TABLE,
+        );
+        for e in old_blocks {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off != 0 && off % cs == 0 {
+                let _ = map.remove(
+                    HostOffset(off),
+                    ClusterCount(1),
+                    MetadataType::REFCOUNT_BLOCK,
+                );
+            }
+        }
+        for j in 0..layout.blocks.len() as u64 {
+            map.enter(
+                HostOffset((layout.start + j) << cb),
+                ClusterCount(1),
+                MetadataType::REFCOUNT_BLOCK,
+            )?;
+        }
+        map.enter(
+            HostOffset(table_offset),
+            ClusterCount(layout.table_clusters),
+            MetadataType::REFCOUNT_TABLE,
+        )?;
+        drop(map);
+        let l1 = self.l1_table();
+        self.refresh_fallback(w, &l1)
+    }
+
+    /// Step 2: COPIED flags of active L1 and L2 entries follow the refcounts on disk (checked
+    /// in `mid`, after step 1). Changed in the writer's L1 table and pinned L2 tables, written
+    /// back by the flush through `guarded_write`. An entry is left alone when its table or its
+    /// target is a shared cluster, or when the table's write-back would cover other metadata.
+    /// Returns the flags fixed.
+    fn fix_copied(
+        &self,
+        w: &mut Writer,
+        mid: &CheckReport,
+        shared: &HashSet<u64>,
+    ) -> Result<u64, ImageError> {
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let flag = |e: u64, rc: u64| {
+            if rc == 1 {
+                e | OFLAG_COPIED
+            } else {
+                e & !OFLAG_COPIED
+            }
+        };
+        let mut fixed = 0;
+        for f in mid
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::CopiedL1)
+        {
+            let Ok(i) = usize::try_from(f.index) else {
+                continue;
+            };
+            let at = w.header.l1_table_offset.saturating_add(8 * f.index);
+            if shared.contains(&(f.offset >> cb))
+                || !self
+                    .check_overlap(HostOffset(at), 8, MetadataType::ACTIVE_L1)?
+                    .is_empty()
+            {
+                continue;
+            }
+            let mut l1 = self.l1.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = l1.get_mut(i).filter(|s| **s == f.entry) {
+                *slot = flag(f.entry, f.reference);
+                w.l1_dirty.insert(i);
+                fixed += f.times;
+            }
+        }
+        let words = self.geometry.l2_entry_size() / 8;
+        for f in mid
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::CopiedL2)
+        {
+            let table = f.l2_table;
+            if table == 0
+                || shared.contains(&(table >> cb))
+                || shared.contains(&(f.offset >> cb))
+                || !self
+                    .check_overlap(HostOffset(table), cs, MetadataType::ACTIVE_L2)?
+                    .is_empty()
+            {
+                continue;
+            }
+            let l1_entry = self.l1_table().get(f.index as usize).copied().unwrap_or(0);
+            if l1_entry & L1_L2_OFFSET_MASK != table {
+                continue;
+            }
+            let Ok(Some(t)) = self.l2_table(f.index) else {
+                continue;
+            };
+            self.l2_cache.pin(HostOffset(table), t);
+            let word = (f.l2_index * words) as usize;
+            if self.l2_get(table, word)? == f.entry {
+                self.l2_set(table, word, flag(f.entry, f.reference))?;
+                fixed += f.times;
+            }
+        }
+        Ok(fixed)
+    }
+}
+
+/// Where a rebuilt refcount structure goes: `blocks.len()` refcount blocks from cluster
+/// `start`, then the refcount table.
+#[derive(Debug, PartialEq, Eq)]
+struct NewLayout {
+    start: u64,
+    /// The refcount table indices of the new blocks, in the order they are placed.
+    blocks: Vec<u64>,
+    table_clusters: u64,
+}
+
+impl NewLayout {
+    /// Places blocks for the ranges in `used` and for the new structure itself, from cluster
+    /// `start`. The structure's size depends on the ranges it covers, which depend on its
+    /// size: grow until both agree (a few rounds at most).
+    fn place(used: &BTreeSet<u64>, start: u64, per: u64, cs: u64) -> Result<Self, ImageError> {
+        let mut layout = NewLayout {
+            start,
+            blocks: used.iter().copied().collect(),
+            table_clusters: 1,
+        };
+        for _ in 0..64 {
+            let end = layout.table_start() + layout.table_clusters;
+            let mut blocks = used.clone();
+            blocks.extend(start / per..=(end - 1) / per);
+            let entries = blocks.last().map_or(1, |&b| b + 1);
+            let table_clusters = (entries * 8).div_ceil(cs).max(1);
+            let blocks: Vec<u64> = blocks.into_iter().collect();
+            if blocks == layout.blocks && table_clusters == layout.table_clusters {
+                return Ok(layout);
+            }
+            layout.blocks = blocks;
+            layout.table_clusters = table_clusters;
+        }
+        Err(ImageError::Unsupported(
+            "could not place a rebuilt refcount structure".into(),
+        ))
+    }
+
+    fn table_start(&self) -> u64 {
+        self.start + self.blocks.len() as u64
+    }
+
+    /// Whether cluster `k` belongs to the new structure.
+    fn contains(&self, k: u64) -> bool {
+        k >= self.start && k < self.table_start() + self.table_clusters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+    use crate::storage::MemStorage;
+
+    fn open_for_repair(bytes: Vec<u8>) -> (Arc<MemStorage>, Image) {
+        let st = Arc::new(MemStorage::new(bytes));
+        let options = OpenOptions {
+            writable: true,
+            repair: true,
+            ..OpenOptions::default()
+        };
+        let img = Image::from_storage(st.clone(), options).unwrap();
+        (st, img)
+    }
+
+    fn check(st: &Arc<MemStorage>) -> CheckReport {
+        let view = Image::from_storage(st.clone(), OpenOptions::default()).unwrap();
+        view.check().unwrap()
+    }
+
+    fn put16(b: &mut [u8], at: u64, v: u16) {
+        b[at as usize..at as usize + 2].copy_from_slice(&v.to_be_bytes());
+    }
+
+    #[test]
+    fn leaks_mode_lowers_leaks_and_leaves_corruptions() {
+        // Cluster 5 used with refcount 3 (too low is not the case: too high), cluster 6 leaked.
+        let l2 = [5 * CS, OFLAG_COPIED | (6 * CS)];
+        let mut b = image(1 << 30, &l2, &[(0, 7), (0, 8), (0, 9)]);
+        put16(&mut b, 2 * CS + 2 * 7, 2); // cluster 7: nothing references it
+        put16(&mut b, 2 * CS + 2 * 5, 1); // cluster 5 (COPIED clear, refcount 1): a COPIED error
+        let (st, img) = open_for_repair(b);
+        let r = img.repair(Repair::Leaks).unwrap();
+        assert_eq!((r.leaks, r.leaks_fixed), (0, 1), "{:?}", r.findings);
+        // Nothing else was wrong once the leak was gone: the COPIED flag was fixed too.
+        assert_eq!(
+            (r.corruptions, r.corruptions_fixed),
+            (0, 1),
+            "{:?}",
+            r.findings
+        );
+        assert_eq!(check(&st).exit_code(), 0);
+    }
+
+    #[test]
+    fn all_mode_raises_refcounts_and_fixes_copied() {
+        let l2 = [OFLAG_COPIED | (5 * CS), OFLAG_COPIED | (5 * CS)];
+        // Cluster 5 referenced twice with refcount 1: raise to 2, clear both COPIED flags.
+        let (st, img) = open_for_repair(image(1 << 30, &l2, &[(0, 7)]));
+        assert_eq!(img.repair(Repair::Leaks).unwrap().corruptions, 1);
+        let r = img.repair(Repair::All).unwrap();
+        assert_eq!(
+            (r.corruptions, r.corruptions_fixed),
+            (0, 3),
+            "{:?}",
+            r.findings
+        );
+        let after = check(&st);
+        assert_eq!(after.exit_code(), 0, "{:?}", after.findings);
+        let l2_word = u64::from_be_bytes(st.snapshot()[4 * CS as usize..][..8].try_into().unwrap());
+        assert_eq!(l2_word, 5 * CS);
+    }
+
+    #[test]
+    fn zero_refcount_rebuilds_the_structure_at_the_end() {
+        let l2 = [OFLAG_COPIED | (5 * CS)];
+        let mut b = image(1 << 30, &l2, &[(0, 7)]);
+        put16(&mut b, 2 * CS + 2 * 5, 0);
+        let len = b.len() as u64;
+        let (st, img) = open_for_repair(b);
+        let err = img.repair(Repair::Leaks).unwrap_err();
+        assert!(err.to_string().contains("rebuild"), "{err}");
+        let r = img.repair(Repair::All).unwrap();
+        assert_eq!((r.corruptions, r.leaks, r.corruptions_fixed), (0, 0, 1));
+        // The new table and block sit past the old end; the old ones are free.
+        let view = Image::from_storage(st.clone(), OpenOptions::default()).unwrap();
+        assert!(view.header().refcount_table_offset >= len);
+        assert_eq!(check(&st).exit_code(), 0);
+        // Data unchanged.
+        assert!(st.snapshot()[5 * CS as usize..6 * CS as usize]
+            .iter()
+            .all(|&x| x == 7));
+    }
+
+    #[test]
+    fn shared_cluster_is_left_and_reported() {
+        // Data cluster of guest 0 on the L1 table (cluster 3): refcount 1, two users.
+        let l2 = [OFLAG_COPIED | (3 * CS)];
+        let (st, img) = open_for_repair(image(1 << 30, &l2, &[]));
+        let before = check(&st);
+        assert!(!before.overlaps.is_empty());
+        let r = img.repair(Repair::All).unwrap();
+        assert_eq!(r.corruptions, before.corruptions, "{:?}", r.findings);
+        assert_eq!(r.corruptions_fixed, 0);
+        assert!(r
+            .findings
+            .iter()
+            .any(|f| f.kind == FindingKind::RefcountTooLow && f.index == 3));
+        // qemu-img would see the same: the cluster still has refcount 1 and two users.
+        let again = check(&st);
+        assert!(again
+            .findings
+            .iter()
+            .any(|f| f.kind == FindingKind::RefcountTooLow && f.index == 3 && f.entry == 1));
+        assert!(!again.overlaps.is_empty());
+    }
+
+    #[test]
+    fn layout_covers_itself() {
+        let used: BTreeSet<u64> = [0].into_iter().collect();
+        // 512-byte clusters, 16-bit refcounts: 2048 clusters a block; start just below a range.
+        let l = NewLayout::place(&used, 2047, 2048, 512).unwrap();
+        assert_eq!(l.blocks, vec![0, 1]);
+        assert!(l.contains(2047) && l.contains(2049) && !l.contains(2050));
+    }
+}
