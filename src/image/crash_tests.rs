@@ -16,7 +16,7 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
 use super::create::{plan, write_image, CreateOptions};
-use super::{Image, OpenOptions};
+use super::{Image, OpenOptions, Repair};
 use crate::format::GuestOffset;
 use crate::storage::{MemStorage, Storage};
 
@@ -200,6 +200,7 @@ fn every_crash_point_leaves_a_consistent_image() {
         .and_then(|v| v.parse().ok())
         .unwrap_or((writes.len() / 40).max(1));
     let mut covered = 0;
+    let mut leaks_fixed = 0;
     let mut x: u64 = 0x9e37_79b9;
     for (k, &n) in writes.iter().enumerate().step_by(every) {
         // The last round whose flush() completed before this write (for the data check), and
@@ -257,6 +258,33 @@ fn every_crash_point_leaves_a_consistent_image() {
                     "crash at write {k}, {tag}: guest byte {i} reads {g}, flushed {b}"
                 );
             }
+            // A killed writer leaves leaks at worst: a leaks-only repair makes the image clean
+            // and the guest reads the same.
+            let st = Arc::new(MemStorage::new(bytes.clone()));
+            let repair = OpenOptions {
+                writable: true,
+                repair: true,
+                ..OpenOptions::default()
+            };
+            let img = Image::from_storage(st.clone(), repair).unwrap();
+            let r = img.repair(Repair::Leaks).unwrap();
+            assert_eq!(
+                (r.corruptions, r.leaks, r.check_errors, r.corruptions_fixed),
+                (0, 0, 0, 0),
+                "crash at write {k}, {tag}: repair left {:?}",
+                r.findings
+            );
+            leaks_fixed += r.leaks_fixed;
+            drop(img);
+            let (corruptions, errors) = qemu_check(&qemu, &st.snapshot(), tag);
+            assert_eq!((corruptions, errors), (0, 0), "crash at write {k}, {tag}");
+            let img = Image::from_storage(st, OpenOptions::default()).unwrap();
+            let mut again = vec![0u8; size as usize];
+            img.read_at(GuestOffset(0), &mut again).unwrap();
+            assert!(
+                again == got,
+                "crash at write {k}, {tag}: repair changed guest data"
+            );
         }
         covered += 1;
     }
@@ -266,4 +294,5 @@ fn every_crash_point_leaves_a_consistent_image() {
         log.len()
     );
     assert!(covered > 0);
+    assert!(leaks_fixed > 0, "no crash point left a leak to repair");
 }

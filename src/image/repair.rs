@@ -55,6 +55,16 @@ pub enum Repair {
 pub const NEED_REBUILD: &str =
     "ERROR need to rebuild refcount structures (only a repair of all errors rebuilds them)";
 
+/// What one repair works from: the mode, the check before it and its recomputed counts, the
+/// clusters it must not touch, and whether the refcount structure is rebuilt.
+struct Plan<'a> {
+    mode: Repair,
+    before: &'a CheckReport,
+    counts: &'a Counts,
+    shared: &'a HashSet<u64>,
+    rebuild: bool,
+}
+
 /// Findings that mean the refcount structure must be rebuilt rather than patched.
 fn needs_rebuild(report: &CheckReport) -> bool {
     report.findings.iter().any(|f| match f.kind {
@@ -138,7 +148,23 @@ impl Image {
             return Err(ImageError::Corruption(NEED_REBUILD.into()));
         }
         let shared = shared_clusters(&before, self.geometry.cluster_bits(), rebuild);
-        let steps = self.repair_steps(w, mode, &before, &counts, &shared, rebuild);
+        let mut log = Vec::new();
+        for o in &before.overlaps {
+            if shared.contains(&(o.cluster_offset >> self.geometry.cluster_bits())) {
+                log.push(format!(
+                    "Not repairing the cluster at {:#x}: two structures use it ({o})",
+                    o.cluster_offset
+                ));
+            }
+        }
+        let plan = Plan {
+            mode,
+            before: &before,
+            counts: &counts,
+            shared: &shared,
+            rebuild,
+        };
+        let steps = self.repair_steps(w, &plan, &mut log);
         let (mid, copied_fixed) = match steps {
             Ok(done) => done,
             // A write the map refused is a repair that could not be made: the image is marked
@@ -147,6 +173,8 @@ impl Image {
                 let (mut after, _) = self.check_through_view(w)?;
                 after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
                 after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+                log.push(format!("ERROR repair stopped: {e}"));
+                after.repair_log = log;
                 return Ok(after);
             }
             Err(e) => return Err(e),
@@ -159,6 +187,7 @@ impl Image {
         after.corruptions_fixed =
             refcount_corruptions(&before).saturating_sub(refcount_corruptions(&mid)) + copied_fixed;
         after.leaks_fixed = before.leaks.saturating_sub(mid.leaks);
+        after.repair_log = log;
         if after.corruptions == 0 && after.check_errors == 0 && after.overlap_count == 0 {
             let bits = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
             if w.header.incompatible_features.intersects(bits) {
@@ -175,22 +204,21 @@ impl Image {
     fn repair_steps(
         &self,
         w: &mut Writer,
-        mode: Repair,
-        before: &CheckReport,
-        counts: &Counts,
-        shared: &HashSet<u64>,
-        rebuild: bool,
+        plan: &Plan<'_>,
+        log: &mut Vec<String>,
     ) -> Result<(CheckReport, u64), ImageError> {
-        if rebuild {
-            self.rebuild_refcounts(w, before, counts, shared)?;
+        let (mode, shared) = (plan.mode, plan.shared);
+        if plan.rebuild {
+            log.push("Rebuilding refcount structure".into());
+            self.rebuild_refcounts(w, plan.before, plan.counts, shared)?;
         } else {
-            self.fix_refcounts(w, mode, before, shared)?;
+            self.fix_refcounts(w, mode, plan.before, shared, log)?;
         }
         let (mid, _) = self.check_through_view(w)?;
         let trusted =
             mid.check_errors == 0 && mid.leaks == 0 && mid.corruptions == copied_count(&mid);
         let copied_fixed = if mode == Repair::All || trusted {
-            self.fix_copied(w, &mid, shared)?
+            self.fix_copied(w, &mid, shared, log)?
         } else {
             0
         };
@@ -213,6 +241,7 @@ impl Image {
         mode: Repair,
         before: &CheckReport,
         shared: &HashSet<u64>,
+        log: &mut Vec<String>,
     ) -> Result<(), ImageError> {
         let storage = Arc::clone(&self.storage);
         for f in &before.findings {
@@ -223,6 +252,10 @@ impl Image {
             };
             if allowed && !shared.contains(&f.index) {
                 w.refcounts.set(storage.as_ref(), f.index, f.reference)?;
+                log.push(format!(
+                    "Repairing cluster {} refcount={} reference={}",
+                    f.index, f.entry, f.reference
+                ));
             }
         }
         self.flush_locked(w)
@@ -361,6 +394,7 @@ impl Image {
         w: &mut Writer,
         mid: &CheckReport,
         shared: &HashSet<u64>,
+        log: &mut Vec<String>,
     ) -> Result<u64, ImageError> {
         let cs = self.geometry.cluster_size();
         let cb = self.geometry.cluster_bits();
@@ -393,6 +427,10 @@ impl Image {
                 *slot = flag(f.entry, f.reference);
                 w.l1_dirty.insert(i);
                 fixed += f.times;
+                log.push(format!(
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={}",
+                    f.entry, f.reference
+                ));
             }
         }
         let words = self.geometry.l2_entry_size() / 8;
@@ -423,6 +461,10 @@ impl Image {
             if self.l2_get(table, word)? == f.entry {
                 self.l2_set(table, word, flag(f.entry, f.reference))?;
                 fixed += f.times;
+                log.push(format!(
+                    "Repairing OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                    f.entry, f.reference
+                ));
             }
         }
         Ok(fixed)
