@@ -147,10 +147,11 @@ pub struct Finding {
     pub reference: u64,
     /// A name (snapshot or bitmap), where one applies.
     pub name: String,
-    /// For COPIED findings in L2 tables: the host offset of the L2 table holding the entry
-    /// (`index` is then the active L1 index that references it), so that repair can find it.
+    /// For COPIED findings and unaligned entries in active L2 tables: the host offset of the L2
+    /// table holding the entry (`index` is then the active L1 index that references it), so
+    /// that repair can find it.
     pub l2_table: u64,
-    /// For COPIED findings in L2 tables: the entry's index in its L2 table.
+    /// For the same findings: the entry's index in its L2 table.
     pub l2_index: u64,
 }
 
@@ -1299,6 +1300,12 @@ impl Checker<'_> {
                 f.offset = offset;
                 f.entry = e;
                 f.times = times;
+                f.reference = bitmap;
+                if active > 0 {
+                    f.index = first.l1_index;
+                    f.l2_table = first.l2_offset;
+                    f.l2_index = i as u64;
+                }
                 self.report.add(f);
             }
             if active > 0 {

@@ -209,7 +209,7 @@ impl Image {
         } else {
             None
         };
-        let image = Image {
+        let mut image = Image {
             path: None,
             storage,
             options,

@@ -33,8 +33,9 @@ use std::sync::Arc;
 use super::check::Counts;
 use super::write::{WriteKind, Writer};
 use super::{CheckReport, ErrorKind, FindingKind, Image, ImageError, OpenOptions, Owner};
-use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COPIED};
+use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use crate::format::header::IncompatibleFeatures;
+use crate::format::limits::MAX_REFTABLE_BYTES;
 use crate::format::refcount::{max_refcount, refcount_set, REFTABLE_OFFSET_MASK};
 use crate::format::{write_u64_table, ClusterCount, HostOffset};
 use crate::overlap::MetadataType;
@@ -55,14 +56,13 @@ pub enum Repair {
 pub const NEED_REBUILD: &str =
     "ERROR need to rebuild refcount structures (only a repair of all errors rebuilds them)";
 
-/// What one repair works from: the mode, the check before it and its recomputed counts, the
-/// clusters it must not touch, and whether the refcount structure is rebuilt.
-struct Plan<'a> {
-    mode: Repair,
-    before: &'a CheckReport,
-    counts: &'a Counts,
-    shared: &'a HashSet<u64>,
-    rebuild: bool,
+/// The checks a repair's fixed counters come from: before step 1 (after step 0) and between
+/// steps 1 and 2, with the entries step 0 zeroed and the COPIED flags step 2 fixed.
+struct Steps {
+    before: CheckReport,
+    mid: CheckReport,
+    zeroed: u64,
+    copied: u64,
 }
 
 /// Findings that mean the refcount structure must be rebuilt rather than patched.
@@ -120,11 +120,14 @@ impl Image {
 
     /// A writable open of an image whose lazy refcounts were left dirty: repair it as QEMU
     /// does at open (all errors), or refuse the open if that leaves anything wrong.
-    pub(crate) fn repair_if_dirty(&self) -> Result<(), ImageError> {
+    pub(crate) fn repair_if_dirty(&mut self) -> Result<(), ImageError> {
         if !self.writable() || self.options.repair || !self.header().is_dirty() {
             return Ok(());
         }
         let r = self.repair(Repair::All)?;
+        // The header as opened now shows the bits as the repair left them.
+        let bits = self.writer()?.header.incompatible_features;
+        self.scanned.header.incompatible_features = bits;
         if r.corruptions > 0 || r.check_errors > 0 || r.overlap_count > 0 {
             return Err(ImageError::Corruption(format!(
                 "Could not repair dirty image: {} corruptions and {} check errors remain; \
@@ -136,43 +139,26 @@ impl Image {
     }
 
     fn repair_locked(&self, w: &mut Writer, mode: Repair) -> Result<CheckReport, ImageError> {
-        let (before, counts) = self.check_through_view(w)?;
-        if before.overlap_count > before.overlaps.len() as u64 {
+        let (first, counts) = self.check_through_view(w)?;
+        if first.overlap_count > first.overlaps.len() as u64 {
             return Err(ImageError::Unsupported(format!(
                 "{} metadata overlaps: too many to repair around",
-                before.overlap_count
+                first.overlap_count
             )));
         }
-        let rebuild = needs_rebuild(&before);
-        if rebuild && mode == Repair::Leaks {
+        if mode == Repair::Leaks && needs_rebuild(&first) {
             return Err(ImageError::Corruption(NEED_REBUILD.into()));
         }
-        let shared = shared_clusters(&before, self.geometry.cluster_bits(), rebuild);
+        let (first_corruptions, first_leaks) = (first.corruptions, first.leaks);
         let mut log = Vec::new();
-        for o in &before.overlaps {
-            if shared.contains(&(o.cluster_offset >> self.geometry.cluster_bits())) {
-                log.push(format!(
-                    "Not repairing the cluster at {:#x}: two structures use it ({o})",
-                    o.cluster_offset
-                ));
-            }
-        }
-        let plan = Plan {
-            mode,
-            before: &before,
-            counts: &counts,
-            shared: &shared,
-            rebuild,
-        };
-        let steps = self.repair_steps(w, &plan, &mut log);
-        let (mid, copied_fixed) = match steps {
-            Ok(done) => done,
+        let steps = match self.repair_steps(w, mode, first, counts, &mut log) {
+            Ok(steps) => steps,
             // A write the map refused is a repair that could not be made: the image is marked
             // corrupt and the handle refuses further writes; report what is on disk.
             Err(e) if e.kind() == ErrorKind::MetadataOverlap || w.poisoned.is_some() => {
                 let (mut after, _) = self.check_through_view(w)?;
-                after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
-                after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+                after.corruptions_fixed = first_corruptions.saturating_sub(after.corruptions);
+                after.leaks_fixed = first_leaks.saturating_sub(after.leaks);
                 log.push(format!("ERROR repair stopped: {e}"));
                 after.repair_log = log;
                 return Ok(after);
@@ -180,13 +166,14 @@ impl Image {
             Err(e) => return Err(e),
         };
         let (mut after, _) = self.check_through_view(w)?;
-        // As qemu-img counts: refcount corruptions and leaks fixed in step 1 (the check before
-        // and after it, COPIED flags apart), plus the COPIED flags fixed in step 2.
+        // As qemu-img counts: the entries zeroed, the refcount corruptions and leaks fixed in
+        // step 1 (the checks before and after it, COPIED flags apart), the COPIED flags.
         let refcount_corruptions =
             |r: &CheckReport| r.corruptions - copied_count(r).min(r.corruptions);
-        after.corruptions_fixed =
-            refcount_corruptions(&before).saturating_sub(refcount_corruptions(&mid)) + copied_fixed;
-        after.leaks_fixed = before.leaks.saturating_sub(mid.leaks);
+        after.corruptions_fixed = steps.zeroed
+            + refcount_corruptions(&steps.before).saturating_sub(refcount_corruptions(&steps.mid))
+            + steps.copied;
+        after.leaks_fixed = steps.before.leaks.saturating_sub(steps.mid.leaks);
         after.repair_log = log;
         if after.corruptions == 0 && after.check_errors == 0 && after.overlap_count == 0 {
             let bits = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
@@ -200,30 +187,137 @@ impl Image {
         Ok(after)
     }
 
-    /// Steps 1 and 2; returns the check between them and the COPIED flags fixed.
+    /// Steps 0 to 2 (see the module documentation); returns the checks that the fixed
+    /// counters are computed from.
     fn repair_steps(
         &self,
         w: &mut Writer,
-        plan: &Plan<'_>,
+        mode: Repair,
+        first: CheckReport,
+        counts: Counts,
         log: &mut Vec<String>,
-    ) -> Result<(CheckReport, u64), ImageError> {
-        let (mode, shared) = (plan.mode, plan.shared);
-        if plan.rebuild {
+    ) -> Result<Steps, ImageError> {
+        let cb = self.geometry.cluster_bits();
+        let (mut before, mut counts) = (first, counts);
+        let mut zeroed = 0;
+        if mode == Repair::All {
+            let shared = shared_clusters(&before, cb, false);
+            zeroed = self.zero_unaligned(w, &before, &shared, log)?;
+            if zeroed > 0 {
+                (before, counts) = self.check_through_view(w)?;
+            }
+        }
+        let rebuild = needs_rebuild(&before);
+        let shared = shared_clusters(&before, cb, rebuild);
+        for o in &before.overlaps {
+            if shared.contains(&(o.cluster_offset >> cb)) {
+                log.push(format!(
+                    "Not repairing the cluster at {:#x}: two structures use it ({o})",
+                    o.cluster_offset
+                ));
+            }
+        }
+        if rebuild {
             log.push("Rebuilding refcount structure".into());
-            self.rebuild_refcounts(w, plan.before, plan.counts, shared)?;
+            self.rebuild_refcounts(w, &before, &counts, &shared)?;
         } else {
-            self.fix_refcounts(w, mode, plan.before, shared, log)?;
+            self.fix_refcounts(w, mode, &before, &shared, log)?;
         }
         let (mid, _) = self.check_through_view(w)?;
         let trusted =
             mid.check_errors == 0 && mid.leaks == 0 && mid.corruptions == copied_count(&mid);
-        let copied_fixed = if mode == Repair::All || trusted {
-            self.fix_copied(w, &mid, shared, log)?
+        let copied = if mode == Repair::All || trusted {
+            self.fix_copied(w, &mid, &shared, log)?
         } else {
             0
         };
         self.flush_locked(w)?;
-        Ok((mid, copied_fixed))
+        Ok(Steps {
+            before,
+            mid,
+            zeroed,
+            copied,
+        })
+    }
+
+    /// Step 0 ([`Repair::All`]): an active L2 entry for a preallocated zero cluster whose
+    /// offset is not cluster-aligned cannot be trusted to point anywhere; as qemu-img does, it
+    /// becomes a plain zero cluster (the guest reads zeros either way). Returns the entries
+    /// fixed.
+    fn zero_unaligned(
+        &self,
+        w: &mut Writer,
+        before: &CheckReport,
+        shared: &HashSet<u64>,
+        log: &mut Vec<String>,
+    ) -> Result<u64, ImageError> {
+        let mut fixed = 0;
+        let ext = self.geometry.is_extended_l2();
+        for f in before
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::PreallocatedUnaligned)
+        {
+            let Some(word) = self.pin_entry(f.index, f.l2_table, f.l2_index, shared)? else {
+                continue;
+            };
+            if self.l2_get(f.l2_table, word)? != f.entry {
+                continue;
+            }
+            if ext {
+                // Allocated subclusters (there are none: it holds no data) become zero.
+                let bitmap = self.l2_get(f.l2_table, word + 1)?;
+                self.l2_set(f.l2_table, word, 0)?;
+                self.l2_set(f.l2_table, word + 1, (bitmap | bitmap << 32) & !0xffff_ffff)?;
+            } else {
+                self.l2_set(f.l2_table, word, OFLAG_ZERO)?;
+            }
+            fixed += 1;
+            log.push(format!(
+                "Repairing offset={:x}: Preallocated cluster is not properly aligned; L2 entry \
+                 corrupted.",
+                f.offset
+            ));
+        }
+        if fixed > 0 {
+            self.flush_locked(w)?;
+        }
+        Ok(fixed)
+    }
+
+    /// Pins the active L2 table at `table` (referenced by L1 index `l1_index`) for an edit of
+    /// its entry `index`, and returns the entry's first word; `None` when the entry may not be
+    /// changed: the table is a shared cluster, is no longer referenced there, or its
+    /// write-back would cover other metadata (an L2 table a snapshot also uses).
+    fn pin_entry(
+        &self,
+        l1_index: u64,
+        table: u64,
+        index: u64,
+        shared: &HashSet<u64>,
+    ) -> Result<Option<usize>, ImageError> {
+        let cs = self.geometry.cluster_size();
+        if table == 0
+            || shared.contains(&(table >> self.geometry.cluster_bits()))
+            || !self
+                .check_overlap(HostOffset(table), cs, MetadataType::ACTIVE_L2)?
+                .is_empty()
+        {
+            return Ok(None);
+        }
+        let l1_entry = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1_table().get(i).copied())
+            .unwrap_or(0);
+        if l1_entry & L1_L2_OFFSET_MASK != table {
+            return Ok(None);
+        }
+        let Ok(Some(t)) = self.l2_table(l1_index) else {
+            return Ok(None);
+        };
+        self.l2_cache.pin(HostOffset(table), t);
+        let words = self.geometry.l2_entry_size() / 8;
+        Ok(usize::try_from(index.saturating_mul(words)).ok())
     }
 
     /// Flushes, then checks what is on disk through a fresh read-only view.
@@ -312,7 +406,7 @@ impl Image {
                 start = start.max(k + 1);
             }
         }
-        let layout = NewLayout::place(&used, start, per, cs)?;
+        let layout = self.free_layout(before, &used, start, per)?;
         let storage = Arc::clone(&self.storage);
         let mut table = vec![0u64; (layout.table_clusters * cs / 8) as usize];
         for (j, &b) in layout.blocks.iter().enumerate() {
@@ -384,6 +478,51 @@ impl Image {
         self.refresh_fallback(w, &l1)
     }
 
+    /// Places the rebuilt structure from cluster `start` (past the file and every counted
+    /// reference), moved further until it meets nothing: no metadata the map knows (a table
+    /// may lie past the end of a truncated file) and no reference past the end of the file
+    /// that the check did not count, which would otherwise point into the new structure.
+    fn free_layout(
+        &self,
+        before: &CheckReport,
+        used: &BTreeSet<u64>,
+        mut start: u64,
+        per: u64,
+    ) -> Result<NewLayout, ImageError> {
+        let cs = self.geometry.cluster_size();
+        let cb = self.geometry.cluster_bits();
+        let clusters = |off: u64, len: u64| (off >> cb, off.saturating_add(len).div_ceil(cs));
+        let map = self.map();
+        let mut avoid: Vec<(u64, u64)> = map
+            .extents()
+            .into_iter()
+            .map(|(off, len, _)| clusters(off, len))
+            .chain(
+                map.unchecked_ranges()
+                    .into_iter()
+                    .map(|(o, l)| clusters(o, l)),
+            )
+            .collect();
+        drop(map);
+        avoid.extend(
+            before
+                .findings
+                .iter()
+                .filter(|f| f.kind == FindingKind::PastEnd)
+                .map(|f| clusters(f.offset, f.entry)),
+        );
+        avoid.retain(|&(_, end)| end > start);
+        avoid.sort_unstable();
+        loop {
+            let layout = NewLayout::place(used, start, per, cs)?;
+            let end = layout.table_start() + layout.table_clusters;
+            match avoid.iter().find(|&&(a, b)| a < end && b > start) {
+                Some(&(_, b)) => start = b,
+                None => return Ok(layout),
+            }
+        }
+    }
+
     /// Step 2: COPIED flags of active L1 and L2 entries follow the refcounts on disk (checked
     /// in `mid`, after step 1). Changed in the writer's L1 table and pinned L2 tables, written
     /// back by the flush through `guarded_write`. An entry is left alone when its table or its
@@ -396,7 +535,6 @@ impl Image {
         shared: &HashSet<u64>,
         log: &mut Vec<String>,
     ) -> Result<u64, ImageError> {
-        let cs = self.geometry.cluster_size();
         let cb = self.geometry.cluster_bits();
         let flag = |e: u64, rc: u64| {
             if rc == 1 {
@@ -433,31 +571,18 @@ impl Image {
                 ));
             }
         }
-        let words = self.geometry.l2_entry_size() / 8;
         for f in mid
             .findings
             .iter()
             .filter(|f| f.kind == FindingKind::CopiedL2)
         {
             let table = f.l2_table;
-            if table == 0
-                || shared.contains(&(table >> cb))
-                || shared.contains(&(f.offset >> cb))
-                || !self
-                    .check_overlap(HostOffset(table), cs, MetadataType::ACTIVE_L2)?
-                    .is_empty()
-            {
+            if shared.contains(&(f.offset >> cb)) {
                 continue;
             }
-            let l1_entry = self.l1_table().get(f.index as usize).copied().unwrap_or(0);
-            if l1_entry & L1_L2_OFFSET_MASK != table {
-                continue;
-            }
-            let Ok(Some(t)) = self.l2_table(f.index) else {
+            let Some(word) = self.pin_entry(f.index, table, f.l2_index, shared)? else {
                 continue;
             };
-            self.l2_cache.pin(HostOffset(table), t);
-            let word = (f.l2_index * words) as usize;
             if self.l2_get(table, word)? == f.entry {
                 self.l2_set(table, word, flag(f.entry, f.reference))?;
                 fixed += f.times;
@@ -496,7 +621,14 @@ impl NewLayout {
             let mut blocks = used.clone();
             blocks.extend(start / per..=(end - 1) / per);
             let entries = blocks.last().map_or(1, |&b| b + 1);
-            let table_clusters = (entries * 8).div_ceil(cs).max(1);
+            let table_clusters = entries.saturating_mul(8).div_ceil(cs).max(1);
+            if table_clusters.saturating_mul(cs) > MAX_REFTABLE_BYTES {
+                return Err(ImageError::Unsupported(format!(
+                    "cannot rebuild the refcount structure: a refcount table for clusters up \
+                     to {:#x} would exceed {MAX_REFTABLE_BYTES} bytes",
+                    start.saturating_add(blocks.len() as u64)
+                )));
+            }
             let blocks: Vec<u64> = blocks.into_iter().collect();
             if blocks == layout.blocks && table_clusters == layout.table_clusters {
                 return Ok(layout);
