@@ -18,7 +18,8 @@
 //! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
 //! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
 //! | `flush.rs` | ordered write-back of refcounts, tables and header |
-//! | `repair.rs` | `check -r leaks\|all`: refcounts, a rebuilt refcount structure, COPIED flags |
+//! | `repair.rs` | `check -r leaks\|all`: refcounts, COPIED flags, unaligned preallocated entries |
+//! | `rebuild.rs` | a damaged refcount structure rebuilt past everything in use |
 //! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
 
 mod alloc;
@@ -33,6 +34,7 @@ mod guard;
 mod guest_map;
 mod mapping;
 mod read;
+mod rebuild;
 mod repair;
 mod write;
 
