@@ -90,8 +90,9 @@ class CheckResult:
     ``compressed_clusters`` (of the active L1 table). ``findings`` and ``overlaps`` list what
     was found (capped; ``finding_count`` and ``overlap_count`` count everything).
     ``used_runs`` gives the ``(first cluster, count)`` runs of host clusters something
-    references. ``repair_log`` says what a repair did (``"Repairing cluster ..."``) and what it
-    left alone on purpose (clusters two structures use); empty for a plain check.
+    references. ``repair_log`` lists what a repair found before it started, then what it did
+    (``"Repairing cluster ..."``) and what it left alone on purpose (clusters two structures
+    use); empty for a plain check.
     """
 
     filename: str

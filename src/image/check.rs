@@ -490,8 +490,9 @@ pub struct CheckReport {
     /// Runs `(first cluster, clusters)` of the file's clusters that something references (at
     /// most [`MAX_RUNS`]; past that the last run grows to cover the rest).
     pub used_runs: Vec<(u64, u64)>,
-    /// What a repair did, one line each in qemu-img's words (`Repairing cluster ...`), and what
-    /// it left alone on purpose; empty for a plain check.
+    /// What a repair found before it started (the findings' lines), then what it did, one line
+    /// each in qemu-img's words (`Repairing cluster ...`), and what it left alone on purpose;
+    /// empty for a plain check.
     pub repair_log: Vec<String>,
 }
 

@@ -151,7 +151,8 @@ impl Image {
             return Err(ImageError::Corruption(NEED_REBUILD.into()));
         }
         let (first_corruptions, first_leaks) = (first.corruptions, first.leaks);
-        let mut log = Vec::new();
+        // What was found comes first, as qemu-img prints it before repairing.
+        let mut log: Vec<String> = first.findings.iter().map(|f| f.to_string()).collect();
         let steps = match self.repair_steps(w, mode, first, counts, &mut log) {
             Ok(steps) => steps,
             // A write the map refused is a repair that could not be made: the image is marked
