@@ -163,8 +163,13 @@ def test_repair_leaks_matches_qemu(base: Path, tmp_path: Path, name: str) -> Non
         assert ours.read_bytes() == unchanged
         assert q["_exit"] == 1 and "leaks-fixed" not in q
         return
+    before = qcow2ovl.check(ours)
     r = qcow2ovl.check(ours, repair="leaks")
     assert r.leaks == 0
+    # Corruptions are left alone: every refcount that was too low still is.
+    too_low = {(f.offset, f.kind) for f in before.findings if f.kind == "refcount-too-low"}
+    assert too_low <= {(f.offset, f.kind) for f in r.findings}
+    assert not any(line.startswith("Rebuilding") for line in r.repair_log)
     assert (r.corruptions_fixed, r.leaks_fixed) == (
         q.get("corruptions-fixed", 0),
         q.get("leaks-fixed", 0),
