@@ -18,6 +18,7 @@ use super::check::Counts;
 use super::write::{WriteKind, Writer};
 use super::{CheckReport, FindingKind, Image, ImageError};
 use crate::format::limits::MAX_REFTABLE_BYTES;
+use crate::format::offsets::MAX_HOST_OFFSET;
 use crate::format::refcount::{max_refcount, refcount_set, REFTABLE_OFFSET_MASK};
 use crate::format::{write_u64_table, ClusterCount, HostOffset};
 use crate::overlap::MetadataType;
@@ -214,6 +215,15 @@ impl NewLayout {
         };
         for _ in 0..64 {
             let end = layout.table_start() + layout.table_clusters;
+            let too_far = match end.checked_mul(cs) {
+                Some(bytes) => bytes > MAX_HOST_OFFSET,
+                None => true,
+            };
+            if too_far {
+                return Err(ImageError::Unsupported(format!(
+                    "cannot rebuild the refcount structure: no room for it below {MAX_HOST_OFFSET:#x}"
+                )));
+            }
             let mut blocks = used.clone();
             blocks.extend(start / per..=(end - 1) / per);
             let entries = blocks.last().map_or(1, |&b| b + 1);
@@ -360,6 +370,13 @@ mod tests {
             .findings
             .iter()
             .any(|f| f.kind == FindingKind::RefcountTooLow && f.index == 7 && f.entry == 0));
+    }
+
+    #[test]
+    fn layout_past_the_largest_host_offset_is_refused() {
+        let used: BTreeSet<u64> = [0].into_iter().collect();
+        let err = NewLayout::place(&used, (MAX_HOST_OFFSET >> 9) - 1, 2048, 512).unwrap_err();
+        assert!(err.to_string().contains("no room"), "{err}");
     }
 
     #[test]
