@@ -438,10 +438,8 @@ def test_cli_exit_codes_and_json(base: Path, tmp_path: Path) -> None:
     human = run_cli("check", str(bad))
     assert "OVERLAP L2 table of L1 index 0" in human.stderr
     assert "ERROR cluster" in human.stderr and "errors were found" in human.stdout
-    rep = run_cli("check", "-r", "all", str(bad))
-    assert rep.returncode == 1 and "repair is not supported yet" in rep.stderr
-    with pytest.raises(qcow2ovl.UnsupportedError):
-        qcow2ovl.check(bad, repair="leaks")
+    with pytest.raises(ValueError, match="repair must be"):
+        qcow2ovl.check(bad, repair="everything")
 
 
 def test_cli_not_qcow2_fails(tmp_path: Path) -> None:

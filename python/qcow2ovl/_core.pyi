@@ -18,6 +18,7 @@ __all__ = [
     "check_image",
     "create_image",
     "open_image",
+    "repair_image",
 ]
 
 __version__: str
@@ -171,3 +172,4 @@ def create_image(
 def check_image(
     image: Image, progress: Callable[[int, int], object] | None = None
 ) -> dict[str, Any]: ...
+def repair_image(path: str | PathLike[str], mode: str) -> dict[str, Any]: ...

@@ -84,11 +84,15 @@ class CheckResult:
 
     ``corruptions`` (refcounts too low, bad flags, unaligned entries...), ``leaks`` (refcounts
     higher than the references), ``check_errors`` (what could not be examined), ``*_fixed``
-    (always 0: repair is not supported yet), ``image_end_offset``, ``total_clusters`` (of the
-    virtual disk), ``allocated_clusters``, ``fragmented_clusters`` and ``compressed_clusters`` (of
-    the active L1 table). ``findings`` and ``overlaps`` list what was found (capped;
-    ``finding_count`` and ``overlap_count`` count everything). ``used_runs`` gives the
-    ``(first cluster, count)`` runs of host clusters something references.
+    (what a repair fixed, counted as qemu-img counts it; 0 for a plain check; after a repair
+    ``corruptions`` and ``leaks`` are what remains), ``image_end_offset``, ``total_clusters``
+    (of the virtual disk), ``allocated_clusters``, ``fragmented_clusters`` and
+    ``compressed_clusters`` (of the active L1 table). ``findings`` and ``overlaps`` list what
+    was found (capped; ``finding_count`` and ``overlap_count`` count everything).
+    ``used_runs`` gives the ``(first cluster, count)`` runs of host clusters something
+    references. ``repair_log`` lists what a repair found before it started, then what it did
+    (``"Repairing cluster ..."``) and what it left alone on purpose (clusters two structures
+    use); empty for a plain check.
     """
 
     filename: str
@@ -107,6 +111,7 @@ class CheckResult:
     overlaps: tuple[CheckOverlap, ...]
     overlap_count: int
     used_runs: tuple[tuple[int, int], ...]
+    repair_log: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -224,6 +229,7 @@ def _result(filename: str, d: Mapping[str, Any]) -> CheckResult:
         ),
         overlap_count=d["overlap_count"],
         used_runs=tuple((int(a), int(b)) for a, b in d["used_runs"]),
+        repair_log=tuple(str(line) for line in d.get("repair_log", ())),
     )
 
 
@@ -240,17 +246,24 @@ def check(
 ) -> CheckResult:
     """Check the image at *path* as ``qemu-img check`` does (opened read-only).
 
-    *repair* (``"leaks"`` or ``"all"``) is not supported yet and raises
-    :class:`~qcow2ovl.errors.UnsupportedError`. *progress*, if given, is called with
-    ``(done, total)`` L2 table references as the check walks them.
+    With *repair* (``"leaks"`` or ``"all"``, as ``qemu-img check -r``) the image is opened for
+    repair instead (writable, even when marked corrupt, dirty or with overlapping metadata;
+    every write is still checked against the metadata map), repaired, and checked again: the
+    result is that final check, with ``corruptions_fixed`` and ``leaks_fixed`` set. Clusters
+    that two metadata structures use are never repaired: they stay in ``corruptions`` and in
+    ``overlaps``. ``"leaks"`` raises :class:`OSError` (``EIO``) when the refcount structure is
+    damaged and must be rebuilt, which only ``"all"`` does. See ``docs/design/check.md``.
+
+    *progress*, if given, is called with ``(done, total)`` L2 table references as the check
+    walks them (a plain check only).
     """
-    from qcow2ovl.errors import UnsupportedError
     from qcow2ovl.image import open as open_image
 
     if repair is not None:
         if repair not in ("leaks", "all"):
             raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
-        raise UnsupportedError("repair is not supported yet")
+        name = os.fsdecode(path)
+        return _result(name, _core.repair_image(name, repair))
     with open_image(path, overlap_check="none") as image:
         return check_image(image, progress)
 

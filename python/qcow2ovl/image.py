@@ -523,7 +523,11 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     write is checked against the metadata map first, with every check on by default.
     *on_corruption* is called as ``on_corruption(message, offset, size, fatal)`` when a write is
     refused for landing on metadata. A writable open refuses images marked corrupt, images
-    whose metadata overlaps, encrypted images and images with the dirty bit set.
+    whose metadata overlaps and encrypted images. An image left dirty by a writer that used
+    lazy refcounts is repaired first, as QEMU does at open (refcounts recomputed, the dirty bit
+    cleared); if that leaves anything wrong the open fails with :class:`OSError` naming
+    ``qcow2ovl check -r all``. To repair an image explicitly use ``qcow2ovl.check(path,
+    repair="all")``.
 
     *snapshot* (an id, else a name, as QEMU looks them up) opens a read-only view of that
     internal snapshot's disk instead of the active one, like ``qemu-img convert -l``.

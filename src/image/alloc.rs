@@ -158,7 +158,12 @@ impl Refcounts {
     }
 
     /// Sets the refcount of `cluster`, which a block must describe (see [`Refcounts::ensure_block`]).
-    fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<(), ImageError> {
+    pub fn set(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        value: u64,
+    ) -> Result<(), ImageError> {
         let per = self.per_block();
         let order = self.order;
         let b = self.block(storage, cluster / per)?.ok_or_else(|| {

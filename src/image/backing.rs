@@ -157,6 +157,7 @@ impl Image {
                 // A backing image is only read: no map, no writer, the same cache budget.
                 let options = OpenOptions {
                     writable: false,
+                    repair: false,
                     enabled: MetadataType::empty(),
                     map_limit: None,
                     cache_size: self.options.cache_size,

@@ -147,6 +147,12 @@ pub struct Finding {
     pub reference: u64,
     /// A name (snapshot or bitmap), where one applies.
     pub name: String,
+    /// For COPIED findings and unaligned entries in active L2 tables: the host offset of the L2
+    /// table holding the entry (`index` is then the active L1 index that references it), so
+    /// that repair can find it.
+    pub l2_table: u64,
+    /// For the same findings: the entry's index in its L2 table.
+    pub l2_index: u64,
 }
 
 impl Finding {
@@ -160,6 +166,8 @@ impl Finding {
             entry: 0,
             reference: 0,
             name: String::new(),
+            l2_table: 0,
+            l2_index: 0,
         }
     }
 
@@ -457,9 +465,9 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Things the check could not examine.
     pub check_errors: u64,
-    /// Corruptions repaired (always 0: repair is not implemented yet).
+    /// Corruptions repaired (0 unless the report comes from [`Image::repair`]).
     pub corruptions_fixed: u64,
-    /// Leaks repaired (always 0: repair is not implemented yet).
+    /// Leaks repaired (0 unless the report comes from [`Image::repair`]).
     pub leaks_fixed: u64,
     /// One past the last cluster in use (by refcount or by reference), in bytes.
     pub image_end_offset: u64,
@@ -482,6 +490,10 @@ pub struct CheckReport {
     /// Runs `(first cluster, clusters)` of the file's clusters that something references (at
     /// most [`MAX_RUNS`]; past that the last run grows to cover the rest).
     pub used_runs: Vec<(u64, u64)>,
+    /// What a repair found before it started (the findings' lines), then what it did, one line
+    /// each in qemu-img's words (`Repairing cluster ...`), and what it left alone on purpose;
+    /// empty for a plain check.
+    pub repair_log: Vec<String>,
 }
 
 impl CheckReport {
@@ -523,7 +535,7 @@ impl CheckReport {
 /// Per-cluster counts: 8 bits a cluster up to the file's end, values from 255 up in a side
 /// table (a cluster shared by more than 254 references is rare), clusters past the end in a
 /// sparse table.
-struct Counts {
+pub(crate) struct Counts {
     small: Vec<u8>,
     big: HashMap<u64, u64>,
     past: BTreeMap<u64, u64>,
@@ -542,7 +554,26 @@ impl Counts {
         })
     }
 
-    fn get(&self, c: u64) -> u64 {
+    /// Clusters held in the dense part (the file's clusters).
+    pub(crate) fn dense_len(&self) -> u64 {
+        self.small.len() as u64
+    }
+
+    /// The clusters past the end of the file that have a count, with it.
+    pub(crate) fn past_end(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.past.iter().map(|(&k, &v)| (k, v))
+    }
+
+    /// Removes one from a cluster's count (not below 0).
+    pub(crate) fn decrement(&mut self, c: u64) {
+        let v = self.get(c);
+        if v > 0 {
+            self.set(c, v - 1);
+        }
+    }
+
+    /// The count of cluster `c`.
+    pub(crate) fn get(&self, c: u64) -> u64 {
         match self.small.get(c as usize) {
             Some(&u8::MAX) => self.big.get(&c).copied().unwrap_or(u64::from(u8::MAX)),
             Some(&v) => u64::from(v),
@@ -614,6 +645,9 @@ struct Checker<'a> {
     meta_past_end: bool,
     report: CheckReport,
     progress: &'a mut dyn FnMut(u64, u64),
+    /// The clusters counted for the refcount table and the refcount blocks (once each time
+    /// they were counted), so that a rebuild can subtract them.
+    refcount_structures: Vec<u64>,
 }
 
 impl Image {
@@ -628,6 +662,17 @@ impl Image {
         &self,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<CheckReport, ImageError> {
+        self.check_counts(progress).map(|(report, _)| report)
+    }
+
+    /// The check, also returning the recomputed reference counts without the references of the
+    /// refcount table and refcount blocks themselves: what a rebuilt refcount structure must
+    /// hold (before counting its own clusters). Read-only handles only (a writable one checks
+    /// through a fresh view).
+    pub(crate) fn check_counts(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(CheckReport, Counts), ImageError> {
         // A writable handle's tables have moved on since its scan: check what its flush put on
         // disk, through a fresh read-only view of the same storage.
         if self.writer.is_some() {
@@ -636,7 +681,7 @@ impl Image {
                 std::sync::Arc::clone(&self.storage),
                 super::OpenOptions::default(),
             )?;
-            return view.check_with_progress(progress);
+            return view.check_counts(progress);
         }
         let h = self.header();
         let g = self.geometry;
@@ -667,12 +712,17 @@ impl Image {
             meta_past_end: false,
             report: CheckReport::default(),
             progress,
+            refcount_structures: Vec::new(),
         };
         // The virtual size in whole 512-byte sectors, in clusters (as qemu-img counts it).
         c.report.total_clusters = (h.size / 512 * 512).div_ceil(cs);
         c.load_disk_refcounts()?;
         c.run()?;
-        Ok(c.report)
+        let mut counts = c.refs;
+        for k in c.refcount_structures {
+            counts.decrement(k);
+        }
+        Ok((c.report, counts))
     }
 }
 
@@ -951,6 +1001,13 @@ impl Checker<'_> {
         let rt_bytes = img.scanned.refcount_table.len() as u64 * 8;
         self.inc(h.refcount_table_offset, rt_bytes, 1);
         self.own(Owner::RefcountTable, h.refcount_table_offset, rt_bytes);
+        if rt_bytes > 0
+            && h.refcount_table_offset.saturating_add(rt_bytes) < img.file_len().saturating_add(cs)
+        {
+            let first = h.refcount_table_offset >> self.cb;
+            let last = (h.refcount_table_offset + rt_bytes - 1) >> self.cb;
+            self.refcount_structures.extend(first..=last);
+        }
         if let Some((offset, length)) = h.crypto_header() {
             self.inc(offset, length, 1);
             self.own(Owner::CryptoHeader, offset, length);
@@ -1163,6 +1220,9 @@ impl Checker<'_> {
                     };
                     if (rc == 1) != (e & OFLAG_COPIED != 0) {
                         let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
+                        f.index = first.l1_index;
+                        f.l2_table = first.l2_offset;
+                        f.l2_index = i as u64;
                         f.entry = e;
                         f.reference = rc;
                         f.offset = offset;
@@ -1241,6 +1301,12 @@ impl Checker<'_> {
                 f.offset = offset;
                 f.entry = e;
                 f.times = times;
+                f.reference = bitmap;
+                if active > 0 {
+                    f.index = first.l1_index;
+                    f.l2_table = first.l2_offset;
+                    f.l2_index = i as u64;
+                }
                 self.report.add(f);
             }
             if active > 0 {
@@ -1263,6 +1329,9 @@ impl Checker<'_> {
                 if let Some(rc) = self.disk_refcount(k) {
                     if (rc == 1) != (e & OFLAG_COPIED != 0) {
                         let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
+                        f.index = first.l1_index;
+                        f.l2_table = first.l2_offset;
+                        f.l2_index = i as u64;
                         f.entry = e;
                         f.reference = rc;
                         f.offset = offset;
@@ -1317,6 +1386,9 @@ impl Checker<'_> {
             }
             if off != 0 {
                 self.inc(off, cs, 1);
+                if off.saturating_add(cs) < self.img.file_len().saturating_add(cs) {
+                    self.refcount_structures.push(k);
+                }
                 let rc = self.refs.get(k);
                 if rc != 1 {
                     f.kind = FindingKind::RefblockRefcount;

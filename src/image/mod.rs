@@ -18,6 +18,8 @@
 //! | `snapshot.rs` | internal snapshots: create, apply, delete, COPIED flags, map upkeep |
 //! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
 //! | `flush.rs` | ordered write-back of refcounts, tables and header |
+//! | `repair.rs` | `check -r leaks\|all`: refcounts, COPIED flags, unaligned preallocated entries |
+//! | `rebuild.rs` | a damaged refcount structure rebuilt past everything in use |
 //! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
 
 mod alloc;
@@ -32,6 +34,8 @@ mod guard;
 mod guest_map;
 mod mapping;
 mod read;
+mod rebuild;
+mod repair;
 mod snapshot;
 mod write;
 
@@ -48,6 +52,7 @@ pub use check::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
 pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;
+pub use repair::{Repair, NEED_REBUILD};
 pub use write::WriteKind;
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};
@@ -64,8 +69,13 @@ pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// Open for writing (refused for corrupt images and images with overlapping metadata).
+    /// Open for writing (refused for corrupt images and images with overlapping metadata,
+    /// unless `repair`). A dirty image (lazy refcounts) is repaired first, unless `repair`.
     pub writable: bool,
+    /// Open for [`Image::repair`] (QEMU's `BDRV_O_CHECK`): a writable open is allowed for
+    /// images marked corrupt, with overlapping metadata (the map still guards every write) or
+    /// left dirty (not repaired at open: the caller repairs).
+    pub repair: bool,
     /// The metadata types to track in the map (and so to read at open).
     pub enabled: MetadataType,
     /// Memory limit of the map in bytes; ranges past it are checked the naive way.
@@ -82,6 +92,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             writable: false,
+            repair: false,
             enabled: MetadataType::all(),
             map_limit: None,
             cache_size: None,
@@ -154,10 +165,10 @@ impl Image {
         options: OpenOptions,
     ) -> Result<Self, ImageError> {
         let scanned = scan(storage.as_ref(), options.enabled, options.map_limit)?;
-        if options.writable && scanned.header.is_corrupt() {
+        if options.writable && !options.repair && scanned.header.is_corrupt() {
             return Err(ImageError::CorruptReadWrite);
         }
-        if options.writable && scanned.blocks_writes {
+        if options.writable && !options.repair && scanned.blocks_writes {
             let first = scanned
                 .problems
                 .iter()
@@ -207,7 +218,7 @@ impl Image {
             entries: scanned.snapshots.clone(),
             table_bytes: scanned.snapshot_table_bytes,
         };
-        Ok(Image {
+        let mut image = Image {
             path: None,
             storage,
             options,
@@ -223,7 +234,9 @@ impl Image {
             compressed: Mutex::new(None),
             preallocated: OnceLock::new(),
             fallback: RwLock::new(fallback),
-        })
+        };
+        image.repair_if_dirty()?;
+        Ok(image)
     }
 
     /// Whether the image was opened for writing.

@@ -97,13 +97,6 @@ impl Writer {
                 "Writing to encrypted images is not supported".into(),
             ));
         }
-        if h.is_dirty() {
-            return Err(ImageError::Unsupported(
-                "Image has the dirty bit set (lazy refcounts): its refcounts must be repaired \
-                 first, for example with 'qemu-img check -r all'"
-                    .into(),
-            ));
-        }
         Ok(Writer {
             header: h.clone(),
             refcounts: Refcounts::new(

@@ -1,11 +1,15 @@
-//! `qcow2ovl._core.check_image`: the Rust check behind `Image.check()` and `qcow2ovl check`.
+//! `qcow2ovl._core.check_image` and `repair_image`: the Rust check and repair behind
+//! `Image.check()`, `qcow2ovl.check(path, repair=...)` and `qcow2ovl check [-r]`.
 
+use std::path::PathBuf;
+
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::image_err;
 use super::image::PyImage;
-use crate::image::{CheckReport, Owner};
+use crate::image::{CheckReport, Image, ImageError, OpenOptions, Owner, Repair};
 
 /// The owner of a cluster as a dict: `type`, `offset`, `description`, and the indices that
 /// apply (`l1_index`, `snapshot`, `refcount_table_index`, `bitmap`, `guest_offset`).
@@ -80,6 +84,7 @@ fn report_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyD
     d.set_item("overlaps", overlaps)?;
     d.set_item("overlap_count", r.overlap_count)?;
     d.set_item("used_runs", &r.used_runs)?;
+    d.set_item("repair_log", &r.repair_log)?;
     Ok(d)
 }
 
@@ -111,5 +116,40 @@ pub(crate) fn check_image<'py>(
         }
         None => py.detach(|| img.check()).map_err(image_err)?,
     };
+    report_dict(py, &report)
+}
+
+/// Opens the image at `path` for repair (writable, allowed when marked corrupt, dirty or with
+/// overlapping metadata; the map guards every write), repairs it (`mode`: `"leaks"` or
+/// `"all"`) and returns the final check as a dict, with the fixed counters.
+#[pyfunction]
+pub(crate) fn repair_image<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    mode: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let mode = match mode {
+        "leaks" => Repair::Leaks,
+        "all" => Repair::All,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "repair must be 'leaks' or 'all', not {other:?}"
+            )))
+        }
+    };
+    let options = OpenOptions {
+        writable: true,
+        repair: true,
+        ..OpenOptions::default()
+    };
+    let name = path.display().to_string();
+    let report = py
+        .detach(|| {
+            let img = Image::open(&path, options)?;
+            let report = img.repair(mode).map_err(|e| e.in_file(&name))?;
+            img.flush().map_err(|e| e.in_file(&name))?;
+            Ok::<_, ImageError>(report)
+        })
+        .map_err(image_err)?;
     report_dict(py, &report)
 }

@@ -52,6 +52,7 @@ pub(crate) fn open_image(
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
         writable,
+        repair: false,
         enabled: match enabled {
             Some(e) => types_obj("enabled", e)?,
             None => crate::overlap::MetadataType::all(),

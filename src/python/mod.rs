@@ -24,5 +24,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
+    m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;
     Ok(())
 }
