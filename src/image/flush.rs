@@ -128,13 +128,7 @@ impl Image {
     /// moved, the header that points at it), each followed by a barrier.
     pub(crate) fn write_refcounts(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
-        let blocks = w.refcounts.take_dirty();
-        for (offset, bytes) in &blocks {
-            self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
-        }
-        if !blocks.is_empty() {
-            storage.flush()?;
-        }
+        self.write_dirty_blocks(w)?;
         if w.refcounts.table_dirty {
             let bytes = w.refcounts.table_bytes();
             let offset = w.refcounts.table_offset;
@@ -158,6 +152,11 @@ impl Image {
         let freed = w.refcounts.apply_pending(self.storage.as_ref())?;
         self.forget_freed(&freed)?;
         w.refcounts.old_table = None;
+        self.write_dirty_blocks(w)
+    }
+
+    /// Writes the changed refcount blocks, then a barrier.
+    fn write_dirty_blocks(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
         let blocks = w.refcounts.take_dirty();
         for (offset, bytes) in &blocks {

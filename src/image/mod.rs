@@ -336,17 +336,7 @@ fn snapshot_view(
     storage: &dyn Storage,
     wanted: &str,
 ) -> Result<(Vec<u64>, u64), ImageError> {
-    let snaps = &scanned.snapshots;
-    let snap = snaps
-        .iter()
-        .find(|s| s.id == wanted)
-        .or_else(|| snaps.iter().find(|s| s.name == wanted))
-        .ok_or_else(|| {
-            ImageError::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("Can't find snapshot '{wanted}'"),
-            ))
-        })?;
+    let snap = &scanned.snapshots[snapshot::find(&scanned.snapshots, wanted)?];
     snap.check_l1_table(scanned.header.cluster_size())
         .map_err(|e| ImageError::Unsupported(format!("Failed to load snapshot: {e}")))?;
     let mut bytes = vec![0u8; snap.l1_table_bytes() as usize];
@@ -400,6 +390,23 @@ pub(crate) mod testutil {
 
     /// Cluster size of the test images.
     pub const CS: u64 = 65536;
+
+    /// An image held in memory, opened for repair (writable, corrupt and dirty images allowed).
+    pub fn open_for_repair(
+        bytes: Vec<u8>,
+    ) -> (
+        std::sync::Arc<crate::storage::MemStorage>,
+        crate::image::Image,
+    ) {
+        let st = std::sync::Arc::new(crate::storage::MemStorage::new(bytes));
+        let options = crate::image::OpenOptions {
+            writable: true,
+            repair: true,
+            ..crate::image::OpenOptions::default()
+        };
+        let img = crate::image::Image::from_storage(st.clone(), options).unwrap();
+        (st, img)
+    }
 
     /// A v3 image of `size` bytes: header, reftable at cluster 1, refblock at 2, L1 at 3, and
     /// the L2 table of L1 index 0 at cluster 4 (with `l2` entries), data clusters after that.

@@ -266,13 +266,7 @@ mod tests {
     use crate::storage::MemStorage;
 
     fn repaired(bytes: Vec<u8>) -> (Arc<MemStorage>, CheckReport) {
-        let st = Arc::new(MemStorage::new(bytes));
-        let options = OpenOptions {
-            writable: true,
-            repair: true,
-            ..OpenOptions::default()
-        };
-        let img = Image::from_storage(st.clone(), options).unwrap();
+        let (st, img) = open_for_repair(bytes);
         let r = img.repair(Repair::All).unwrap();
         (st, r)
     }

@@ -494,17 +494,6 @@ mod tests {
     use super::*;
     use crate::storage::MemStorage;
 
-    fn open_for_repair(bytes: Vec<u8>) -> (Arc<MemStorage>, Image) {
-        let st = Arc::new(MemStorage::new(bytes));
-        let options = OpenOptions {
-            writable: true,
-            repair: true,
-            ..OpenOptions::default()
-        };
-        let img = Image::from_storage(st.clone(), options).unwrap();
-        (st, img)
-    }
-
     fn check(st: &Arc<MemStorage>) -> CheckReport {
         let view = Image::from_storage(st.clone(), OpenOptions::default()).unwrap();
         view.check().unwrap()

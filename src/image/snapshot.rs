@@ -66,7 +66,7 @@ enum Ref {
 }
 
 /// The position of `wanted` in `list`: by id first, then by name, as QEMU looks snapshots up.
-fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageError> {
+pub(crate) fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageError> {
     list.iter()
         .position(|s| s.id == wanted)
         .or_else(|| list.iter().position(|s| s.name == wanted))
@@ -291,18 +291,7 @@ impl Image {
         }
 
         // 2. Its references dropped, in memory only.
-        let mut freed = Vec::new();
-        let mut freed_data = Vec::new();
-        self.walk_references(&sn_l1, &mut |c, kind| {
-            if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
-                freed.push(c);
-                if kind == Ref::Data {
-                    freed_data.push(c);
-                }
-            }
-            Ok(())
-        })?;
-        self.refuse_freeing_metadata(&freed_data)?;
+        let mut freed = self.drop_references(w, &sn_l1)?;
         let l1_first = gone.l1_table_offset / cs;
         for c in l1_first..l1_first + l1_clusters {
             if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
@@ -310,17 +299,8 @@ impl Image {
             }
         }
 
-        // 3. COPIED set where a refcount fell to 1, while the disk still counts the old
-        // references (so a crash leaves leaks, never a COPIED flag on a shared cluster).
-        let l1 = self.l1_table();
-        let active = self.sync_copied(w, &l1)?;
-        self.write_active_l1(w, &l1, &active)?;
-
-        // 4. The refcounts drop on disk; the map and the cache forget freed clusters.
-        self.forget_freed(&freed)?;
-        self.write_refcounts(w)?;
-        self.l2_cache.clear();
-        self.flush_locked(w)?;
+        // 3, 4. COPIED set where a refcount fell to 1, then the refcounts drop on disk.
+        self.finish_dropping(w, &freed)?;
         Ok(gone)
     }
 
@@ -341,7 +321,6 @@ impl Image {
         }
         self.before_change(w)?;
         self.flush_locked(w)?;
-        let storage = std::sync::Arc::clone(&self.storage);
         let old_l1 = self.l1_table();
 
         // 1. One more reference to everything the snapshot reaches, on disk first.
@@ -380,26 +359,23 @@ impl Image {
 
         // 4. The old active references dropped in memory; COPIED set where a refcount fell to
         // 1; then the refcounts drop on disk.
-        let mut freed = Vec::new();
-        let mut freed_data = Vec::new();
-        self.walk_references(&old_l1, &mut |c, kind| {
-            if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
-                freed.push(c);
-                if kind == Ref::Data {
-                    freed_data.push(c);
-                }
-            }
-            Ok(())
-        })?;
-        self.refuse_freeing_metadata(&freed_data)?;
+        let freed = self.drop_references(w, &old_l1)?;
+        self.finish_dropping(w, &freed)?;
+        Ok(sn)
+    }
+
+    /// After references were dropped in memory (`freed`: the clusters that reached 0): COPIED
+    /// is set in the active tables where a refcount fell to 1 while the disk still counts the
+    /// old references (so a crash leaves leaks, never a COPIED flag on a shared cluster); then
+    /// the lower refcounts are written, and the map and the cache forget the freed clusters.
+    fn finish_dropping(&self, w: &mut Writer, freed: &[u64]) -> Result<(), ImageError> {
         let l1 = self.l1_table();
         let active = self.sync_copied(w, &l1)?;
         self.write_active_l1(w, &l1, &active)?;
-        self.forget_freed(&freed)?;
+        self.forget_freed(freed)?;
         self.write_refcounts(w)?;
         self.l2_cache.clear();
-        self.flush_locked(w)?;
-        Ok(sn)
+        self.flush_locked(w)
     }
 
     /// The L1 table of snapshot `sn`, from disk.
@@ -464,6 +440,25 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Drops (in memory) one reference to everything `l1` reaches; returns the clusters
+    /// freed. The caller writes the refcount blocks once nothing on disk references them.
+    fn drop_references(&self, w: &mut Writer, l1: &[u64]) -> Result<Vec<u64>, ImageError> {
+        let storage = std::sync::Arc::clone(&self.storage);
+        let mut freed = Vec::new();
+        let mut freed_data = Vec::new();
+        self.walk_references(l1, &mut |c, kind| {
+            if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
+                freed.push(c);
+                if kind == Ref::Data {
+                    freed_data.push(c);
+                }
+            }
+            Ok(())
+        })?;
+        self.refuse_freeing_metadata(&freed_data)?;
+        Ok(freed)
     }
 
     /// Data clusters whose last reference is gone must not be metadata: an L2 entry pointing

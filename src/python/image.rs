@@ -36,6 +36,17 @@ impl PyImage {
             .map(Arc::clone)
             .ok_or_else(|| PyValueError::new_err("I/O operation on a closed image"))
     }
+
+    /// Runs a snapshot operation without the GIL; returns the entry it names as a dict.
+    fn snapshot_op<'py>(
+        &self,
+        py: Python<'py>,
+        op: impl FnOnce(&Image) -> Result<crate::format::SnapshotEntry, crate::image::ImageError> + Send,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let img = self.image()?;
+        let entry = py.detach(|| op(&img)).map_err(image_err)?;
+        snapshot_dict(py, &entry)
+    }
 }
 
 /// Opens an image (see `qcow2ovl.open`).
@@ -126,11 +137,7 @@ impl PyImage {
             Some(v) => u64_obj("vm_state_size", v)?,
             None => 0,
         };
-        let img = self.image()?;
-        let entry = py
-            .detach(|| img.create_snapshot(name, id, vm_state_size))
-            .map_err(image_err)?;
-        snapshot_dict(py, &entry)
+        self.snapshot_op(py, |img| img.create_snapshot(name, id, vm_state_size))
     }
 
     /// Deletes the snapshot with this id (else name); returns its entry as a dict.
@@ -139,11 +146,7 @@ impl PyImage {
         py: Python<'py>,
         name_or_id: &str,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let img = self.image()?;
-        let entry = py
-            .detach(|| img.delete_snapshot(name_or_id))
-            .map_err(image_err)?;
-        snapshot_dict(py, &entry)
+        self.snapshot_op(py, |img| img.delete_snapshot(name_or_id))
     }
 
     /// Reverts the active disk to the snapshot with this id (else name); returns its entry.
@@ -152,11 +155,7 @@ impl PyImage {
         py: Python<'py>,
         name_or_id: &str,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let img = self.image()?;
-        let entry = py
-            .detach(|| img.apply_snapshot(name_or_id))
-            .map_err(image_err)?;
-        snapshot_dict(py, &entry)
+        self.snapshot_op(py, |img| img.apply_snapshot(name_or_id))
     }
 
     /// The persistent bitmaps as dicts.
