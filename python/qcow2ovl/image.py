@@ -525,8 +525,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     refused for landing on metadata. A writable open refuses images marked corrupt, images
     whose metadata overlaps and encrypted images. An image left dirty by a writer that used
     lazy refcounts is repaired first, as QEMU does at open (refcounts recomputed, the dirty bit
-    cleared); if that leaves anything wrong the open fails with :class:`OSError` naming
-    ``qcow2ovl check -r all``. To repair an image explicitly use ``qcow2ovl.check(path,
+    cleared); if that leaves anything wrong the open fails with
+    :class:`~qcow2ovl.CorruptImageError` naming ``qcow2ovl check -r all``. To repair an image explicitly use ``qcow2ovl.check(path,
     repair="all")``.
 
     *snapshot* (an id, else a name, as QEMU looks them up) opens a read-only view of that
@@ -545,7 +545,9 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
 
     Raises :class:`~qcow2ovl.FormatError` for a malformed image, :class:`~qcow2ovl.UnsupportedError`
     for a valid one using unsupported features, :class:`~qcow2ovl.CorruptImageError` for a
-    read-write open of an image marked corrupt, and :class:`OSError` when the file cannot be read.
+    read-write open of an image marked corrupt, with overlapping metadata, or left dirty by lazy
+    refcounts beyond what the repair at open can fix, and :class:`OSError` when the file cannot
+    be read.
     """
     check = OverlapCheck.parse(overlap_check)
     fspath = os.fspath(path)

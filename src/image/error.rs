@@ -47,6 +47,10 @@ pub enum ImageError {
     /// The corrupt bit is set and a read-write open was asked for.
     #[error("Image is corrupt; cannot be opened read/write")]
     CorruptReadWrite,
+    /// The image was left dirty by lazy refcounts and the repair at a writable open could not
+    /// make it consistent (`CorruptImageError`).
+    #[error("{0}; cannot be opened read/write")]
+    CannotOpenDirty(String),
     /// Metadata structures share clusters; writing would destroy one of them.
     #[error("Image has overlapping metadata ({0}); cannot be opened read/write")]
     OverlappingMetadata(String),
@@ -123,9 +127,9 @@ impl ImageError {
             ImageError::Scan(ScanError::OutOfMemory(_)) | ImageError::OutOfMemory(_) => {
                 ErrorKind::OutOfMemory
             }
-            ImageError::CorruptReadWrite | ImageError::OverlappingMetadata(_) => {
-                ErrorKind::CorruptImage
-            }
+            ImageError::CorruptReadWrite
+            | ImageError::OverlappingMetadata(_)
+            | ImageError::CannotOpenDirty(_) => ErrorKind::CorruptImage,
             ImageError::OutOfRange { .. } | ImageError::InvalidArgument(_) => {
                 ErrorKind::InvalidArgument
             }

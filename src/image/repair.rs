@@ -125,12 +125,17 @@ impl Image {
         if !self.writable() || self.options.repair || !self.header().is_dirty() {
             return Ok(());
         }
-        let r = self.repair(Repair::All)?;
+        let r = self.repair(Repair::All).map_err(|e| match e.kind() {
+            ErrorKind::Corruption => {
+                ImageError::CannotOpenDirty(format!("Could not repair dirty image: {e}"))
+            }
+            _ => e,
+        })?;
         // The header as opened now shows the bits as the repair left them.
         let bits = self.writer()?.header.incompatible_features;
         self.scanned.header.incompatible_features = bits;
         if r.corruptions > 0 || r.check_errors > 0 || r.overlap_count > 0 {
-            return Err(ImageError::Corruption(format!(
+            return Err(ImageError::CannotOpenDirty(format!(
                 "Could not repair dirty image: {} corruptions and {} check errors remain; \
                  repair it with 'qcow2ovl check -r all'",
                 r.corruptions, r.check_errors
