@@ -526,8 +526,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     whose metadata overlaps and encrypted images. An image left dirty by a writer that used
     lazy refcounts is repaired first, as QEMU does at open (refcounts recomputed, the dirty bit
     cleared); if that leaves anything wrong the open fails with
-    :class:`~qcow2ovl.CorruptImageError` naming ``qcow2ovl check -r all``. To repair an image explicitly use ``qcow2ovl.check(path,
-    repair="all")``.
+    :class:`~qcow2ovl.CorruptImageError` naming ``qcow2ovl check -r all``. To repair an image
+    explicitly use ``qcow2ovl.check(path, repair="all")``.
 
     *snapshot* (an id, else a name, as QEMU looks them up) opens a read-only view of that
     internal snapshot's disk instead of the active one, like ``qemu-img convert -l``.
