@@ -847,3 +847,28 @@ def test_missing_backing(builder: Any, how: str, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         with qcow2ovl.open(path) as img:
             first_use(img, how)
+
+
+def test_long_reads_work_in_a_forked_child(tmp_path: Path) -> None:
+    """The second reader thread of long reads belongs to the process that started it: a child
+    forked afterwards reads alone (a fork has no copy of that thread) and does not hang."""
+    import multiprocessing
+
+    path = tmp_path / "fork.qcow2"
+    qcow2ovl.create(path, 8 << 20)
+    data = bytes(range(256)) * (4 << 12)
+    with qcow2ovl.open(path, writable=True) as img:
+        img.write(0, data)
+    with qcow2ovl.open(path) as img:
+        assert img.read(0, len(data)) == data  # starts the reader thread in this process
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_read_in_child, args=(str(path), data))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the forked child failed or hung"
+
+
+def _read_in_child(path: str, data: bytes) -> None:
+    with qcow2ovl.open(path) as img:
+        if img.read(0, len(data)) != data:
+            raise SystemExit(1)

@@ -11,6 +11,7 @@
 //! | `mapping.rs` | guest offset → decoded [`L2Mapping`](crate::format::L2Mapping) extents |
 //! | `backing.rs` | the backing chain and the external data file, opened on first use |
 //! | `read.rs` | guest reads: data, zeros, subclusters, compressed clusters, backing files |
+//! | `reader.rs` | a long-lived second reader thread for long runs of data |
 //! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
 //! | `alloc.rs` | refcounts and cluster allocation (in memory; queued decrements) |
 //! | `write.rs` | guest writes, zero writes, discard, resize |
@@ -34,6 +35,7 @@ mod guard;
 mod guest_map;
 mod mapping;
 mod read;
+mod reader;
 mod rebuild;
 mod repair;
 mod snapshot;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use super::{Image, ImageError};
 use crate::format::header::{COMPRESSION_DEFLATE, COMPRESSION_ZSTD, CRYPT_AES, CRYPT_LUKS};
 use crate::format::{CompressedDescriptor, GuestOffset, L2Mapping};
-use crate::storage::Storage;
 
 impl Image {
     /// Reads `buf.len()` guest bytes at `guest`. The whole range must lie inside the virtual
@@ -26,7 +25,7 @@ impl Image {
             let n = extent.len as usize;
             let out = &mut buf[done..done + n];
             match extent.mapping {
-                L2Mapping::Data { host } => read_data(chain.data.as_ref(), host.0, out)?,
+                L2Mapping::Data { host } => super::reader::read_run(&chain.data, host.0, out)?,
                 L2Mapping::Zero { .. } => out.fill(0),
                 L2Mapping::Unallocated { .. } => match &chain.backing {
                     Some(backing) => backing.read(at.0, out)?,
@@ -97,28 +96,6 @@ impl Image {
             Some((key, Arc::clone(&bytes)));
         Ok(bytes)
     }
-}
-
-/// Runs of data at least this long are read by two threads at once: reading from the page
-/// cache is a memory copy, and one core does not reach the memory bandwidth of two.
-const PARALLEL_READ: usize = 512 << 10;
-
-/// Reads one run of contiguous data, splitting a long run between two threads.
-fn read_data(storage: &dyn Storage, host: u64, out: &mut [u8]) -> Result<(), ImageError> {
-    if out.len() < PARALLEL_READ {
-        return Ok(storage.read_padded(host, out)?);
-    }
-    let half = out.len() / 2 / 4096 * 4096;
-    let (a, b) = out.split_at_mut(half);
-    std::thread::scope(|s| {
-        let second = s.spawn(|| storage.read_padded(host + half as u64, b));
-        let first = storage.read_padded(host, a);
-        let second = second
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("reader thread panicked")));
-        first.and(second)
-    })?;
-    Ok(())
 }
 
 /// Inflates a raw deflate stream (no zlib header, as QEMU writes them) into `out`, which must
