@@ -33,7 +33,9 @@ else:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """Facts from an image's header.
+    """Facts from an image's header as it was when the image was opened (a frozen record: after
+    :meth:`Image.resize` or a snapshot operation, :attr:`Image.virtual_size` and
+    :attr:`Image.snapshots` give the current values; a new :func:`open` gives new facts).
 
     ``crypt_method`` is 0 (none), 1 (legacy AES) or 2 (LUKS). ``features`` names every set feature
     bit in QEMU's words (``"dirty bit"``, ``"corrupt bit"``, ``"external data file"``,
