@@ -76,7 +76,13 @@ class SnapshotMachine(WriterMachine):
             with pytest.raises(FileNotFoundError):
                 self.img.apply_snapshot(name)
             return
-        entry = self.img.apply_snapshot(name)
+        try:
+            entry = self.img.apply_snapshot(name)
+        except qcow2ovl.UnsupportedError as e:
+            # Applying adds a reference to everything the snapshot holds: narrow refcounts may
+            # be full. Refused, nothing changed (the invariants read the old disk).
+            assert self.refcount_bits < 16 and "largest" in str(e), e
+            return
         data, size = self.snaps[entry.name]
         self.model = bytearray(data)
         self.size = size
