@@ -362,6 +362,9 @@ def test_snapshots_under_a_map_memory_limit(tmp_path: Path) -> None:
         img.create_snapshot("s")
         saved = bytes(model)
         random_writes(img, model, rng, 20)
+        img.flush()
+        with qcow2ovl.open(path, snapshot="s") as view:  # the writes copied, never overwrote
+            assert view.read(0, len(saved)) == saved
         img.create_snapshot("t")
         img.delete_snapshot("s")
         img.apply_snapshot("t")

@@ -20,6 +20,25 @@ pub struct Extent {
 }
 
 impl Image {
+    /// The L2 table an L1 entry (at `l1_index` of any L1 table) points to; `None` for no
+    /// table. An unaligned offset is corruption (QEMU's words).
+    pub(crate) fn l2_table_offset(
+        &self,
+        l1_index: u64,
+        entry: u64,
+    ) -> Result<Option<u64>, ImageError> {
+        let offset = entry & L1_L2_OFFSET_MASK;
+        if offset == 0 {
+            return Ok(None);
+        }
+        if !self.geometry.is_aligned(HostOffset(offset)) {
+            return Err(ImageError::Corruption(format!(
+                "L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
+            )));
+        }
+        Ok(Some(offset))
+    }
+
     /// The L2 table of L1 index `l1_index` in the active L1 table, or `None` where the L1
     /// entry is empty (or past the end of the table).
     pub(crate) fn l2_table(&self, l1_index: u64) -> Result<Option<Table>, ImageError> {
@@ -30,15 +49,9 @@ impl Image {
                 None => return Ok(None),
             }
         };
-        let offset = entry & L1_L2_OFFSET_MASK;
-        if offset == 0 {
+        let Some(offset) = self.l2_table_offset(l1_index, entry)? else {
             return Ok(None);
-        }
-        if !self.geometry.is_aligned(HostOffset(offset)) {
-            return Err(ImageError::Corruption(format!(
-                "L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
-            )));
-        }
+        };
         let cs = self.geometry.cluster_size() as usize;
         self.l2_cache
             .get_or_load(HostOffset(offset), || {

@@ -405,15 +405,9 @@ impl Image {
         let step = if g.is_extended_l2() { 2 } else { 1 };
         let mut bytes = vec![0u8; cs as usize];
         for (i, &e) in l1.iter().enumerate() {
-            let t = e & L1_L2_OFFSET_MASK;
-            if t == 0 {
+            let Some(t) = self.l2_table_offset(i as u64, e)? else {
                 continue;
-            }
-            if !g.is_aligned(HostOffset(t)) {
-                return Err(ImageError::Corruption(format!(
-                    "L2 table offset {t:#x} unaligned (L1 index: {i:#x})"
-                )));
-            }
+            };
             f(t >> cb, Ref::L2Table)?;
             self.storage.read_padded(t, &mut bytes)?;
             for e in read_u64_table(&bytes).into_iter().step_by(step) {
@@ -518,16 +512,10 @@ impl Image {
         let mut bytes = vec![0u8; cs as usize];
         let mut wrote = false;
         for (i, slot) in out.iter_mut().enumerate() {
-            let t = *slot & L1_L2_OFFSET_MASK;
-            if t == 0 {
+            let Some(t) = self.l2_table_offset(i as u64, *slot)? else {
                 *slot &= !OFLAG_COPIED;
                 continue;
-            }
-            if !g.is_aligned(HostOffset(t)) {
-                return Err(ImageError::Corruption(format!(
-                    "L2 table offset {t:#x} unaligned (L1 index: {i:#x})"
-                )));
-            }
+            };
             let owned = w.refcounts.get(st, t >> cb)? == 1;
             *slot = if owned {
                 *slot | OFLAG_COPIED

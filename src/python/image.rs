@@ -19,7 +19,7 @@ use super::errors::image_err;
 use super::extents::PyExtentList;
 use crate::format::features::{compression_name, feature_names};
 use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
-use crate::image::{Image, OpenOptions};
+use crate::image::{Image, ImageError, OpenOptions};
 
 /// An open qcow2 image (the Rust side of `qcow2ovl.Image`).
 #[pyclass(name = "Image", module = "qcow2ovl._core")]
@@ -37,14 +37,23 @@ impl PyImage {
             .ok_or_else(|| PyValueError::new_err("I/O operation on a closed image"))
     }
 
+    /// Runs `op` on the open image without the GIL; its error becomes a Python exception.
+    fn detached<R: Send>(
+        &self,
+        py: Python<'_>,
+        op: impl FnOnce(&Image) -> Result<R, ImageError> + Send,
+    ) -> PyResult<R> {
+        let img = self.image()?;
+        py.detach(|| op(&img)).map_err(image_err)
+    }
+
     /// Runs a snapshot operation without the GIL; returns the entry it names as a dict.
     fn snapshot_op<'py>(
         &self,
         py: Python<'py>,
-        op: impl FnOnce(&Image) -> Result<crate::format::SnapshotEntry, crate::image::ImageError> + Send,
+        op: impl FnOnce(&Image) -> Result<crate::format::SnapshotEntry, ImageError> + Send,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let img = self.image()?;
-        let entry = py.detach(|| op(&img)).map_err(image_err)?;
+        let entry = self.detached(py, op)?;
         snapshot_dict(py, &entry)
     }
 }
@@ -292,9 +301,7 @@ impl PyImage {
     ) -> PyResult<usize> {
         let offset = u64_obj("offset", offset)?;
         let bytes = bytes_of(data)?;
-        let img = self.image()?;
-        py.detach(|| img.write_at(GuestOffset(offset), &bytes))
-            .map_err(image_err)?;
+        self.detached(py, |img| img.write_at(GuestOffset(offset), &bytes))?;
         Ok(bytes.len())
     }
 
@@ -307,9 +314,7 @@ impl PyImage {
     ) -> PyResult<bool> {
         let offset = u64_obj("offset", offset)?;
         let bytes = bytes_of(data)?;
-        let img = self.image()?;
-        py.detach(|| img.write_compressed(GuestOffset(offset), &bytes))
-            .map_err(image_err)
+        self.detached(py, |img| img.write_compressed(GuestOffset(offset), &bytes))
     }
 
     /// Makes `[offset, offset + length)` read as zeros.
@@ -322,9 +327,9 @@ impl PyImage {
         unmap: bool,
     ) -> PyResult<()> {
         let (offset, length) = (u64_obj("offset", offset)?, u64_obj("length", length)?);
-        let img = self.image()?;
-        py.detach(|| img.write_zeroes(GuestOffset(offset), length, unmap))
-            .map_err(image_err)
+        self.detached(py, |img| {
+            img.write_zeroes(GuestOffset(offset), length, unmap)
+        })
     }
 
     /// Discards whole clusters of `[offset, offset + length)`.
@@ -335,31 +340,24 @@ impl PyImage {
         length: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let (offset, length) = (u64_obj("offset", offset)?, u64_obj("length", length)?);
-        let img = self.image()?;
-        py.detach(|| img.discard(GuestOffset(offset), length))
-            .map_err(image_err)
+        self.detached(py, |img| img.discard(GuestOffset(offset), length))
     }
 
     /// Changes the virtual size.
     fn resize(&self, py: Python<'_>, size: &Bound<'_, PyAny>) -> PyResult<()> {
         let size = u64_obj("size", size)?;
-        let img = self.image()?;
-        py.detach(|| img.resize(size)).map_err(image_err)
+        self.detached(py, |img| img.resize(size))
     }
 
     /// Writes everything back in order and makes it durable.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        let img = self.image()?;
-        py.detach(|| img.flush()).map_err(image_err)
+        self.detached(py, Image::flush)
     }
 
     /// Host offset of guest byte `offset` where this image stores it as plain data.
     fn host_offset(&self, py: Python<'_>, offset: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
         let offset = u64_obj("offset", offset)?;
-        let img = self.image()?;
-        let host = py
-            .detach(|| img.host_offset(GuestOffset(offset)))
-            .map_err(image_err)?;
+        let host = self.detached(py, |img| img.host_offset(GuestOffset(offset)))?;
         Ok(host.map(|h| h.0))
     }
 
