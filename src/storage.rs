@@ -157,6 +157,11 @@ impl FileStorage {
     pub fn is_writable(&self) -> bool {
         self.writable
     }
+
+    /// The open file (for locks on its open file description).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 impl Storage for FileStorage {

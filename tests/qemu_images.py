@@ -184,18 +184,22 @@ def qemu_info(image: StrPath | ImageRef) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
-def qemu_map(image: StrPath | ImageRef) -> list[dict[str, Any]]:
-    """`qemu-img map --output=json`: guest ranges with depth, data/zero flags, host offsets."""
+def qemu_map(image: StrPath | ImageRef, force_share: bool = False) -> list[dict[str, Any]]:
+    """`qemu-img map --output=json`: guest ranges with depth, data/zero flags, host offsets
+    (with `-U` for *force_share*, beside a qcow2ovl writer that flushed)."""
     ref = as_ref(image)
-    out = qemu_img("map", "--output=json", *ref.qemu_img_args()).stdout
+    shared = ["-U"] if force_share else []
+    out = qemu_img("map", "--output=json", *shared, *ref.qemu_img_args()).stdout
     return list(json.loads(out))
 
 
-def qemu_check(image: StrPath | ImageRef) -> dict[str, Any]:
+def qemu_check(image: StrPath | ImageRef, force_share: bool = False) -> dict[str, Any]:
     """`qemu-img check --output=json`. Exit 2 (corruptions) and 3 (leaks) still return the
-    report; look at `check-errors`, `corruptions` and `leaks` keys."""
+    report; look at `check-errors`, `corruptions` and `leaks` keys. *force_share* (`-U`) checks
+    an image that a qcow2ovl handle still has open for writing (flush it first)."""
     ref = as_ref(image)
-    proc = qemu_img("check", "--output=json", *ref.qemu_img_args(), ok=(0, 2, 3))
+    shared = ["-U"] if force_share else []
+    proc = qemu_img("check", "--output=json", *shared, *ref.qemu_img_args(), ok=(0, 2, 3))
     report = dict(json.loads(proc.stdout))
     report["_exit"] = proc.returncode
     return report

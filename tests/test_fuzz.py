@@ -402,6 +402,12 @@ def _open_and_exercise(path: Path, size: int, **options: Any) -> tuple[bool, str
             img = qcow2ovl.open(path, **options)
         except qcow2ovl.Qcow2Error as e:
             return False, f"{type(e).__name__}: {e}"
+        except OSError as e:
+            # A writable open opens the backing chain and data file at once (as QEMU does): a
+            # file the header names that is missing or unreadable is an OSError naming it.
+            if not options.get("writable") or e.filename in (None, str(path)):
+                raise
+            return False, f"{type(e).__name__}: {e}"
         with img:
             try:
                 _exercise(img, size)

@@ -190,6 +190,9 @@ def test_repair_of_qemu_made_kinds(tmp_path: Path, kind: str) -> None:
     built = qi.get_image(kind)
     p = tmp_path / f"{kind}.qcow2"
     shutil.copyfile(built.path, p)
+    # A repair opens the image writable, and so its backing file too (as qemu-img does).
+    for extra in built.extra_files:
+        shutil.copyfile(extra, tmp_path / Path(extra).name)
     before = p.read_bytes()
     if kind == "dirty_lazy":
         assert qcow2ovl.check(p).exit_code == 2

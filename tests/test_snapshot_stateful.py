@@ -105,7 +105,7 @@ class SnapshotMachine(WriterMachine):
         if self.img is None:
             return
         self.img.flush()
-        with qcow2ovl.open(self.path) as fresh:
+        with qcow2ovl.open(self.path, force_share=True) as fresh:
             assert list(self.img.metadata_extents()) == list(fresh.metadata_extents())
         assert [s.name for s in self.img.snapshots] == list(self.snaps)
 

@@ -12,6 +12,7 @@ from qcow2ovl.create import create
 from qcow2ovl.errors import (
     CorruptImageError,
     FormatError,
+    LockError,
     MetadataOverlapError,
     Qcow2Error,
     UnsupportedError,
@@ -39,6 +40,7 @@ __all__ = [
     "GuestStream",
     "Image",
     "ImageInfo",
+    "LockError",
     "MetadataMap",
     "MetadataOverlapError",
     "MetadataType",

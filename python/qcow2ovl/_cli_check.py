@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=("leaks", "all"),
         help="repair leaked clusters (leaks) or all errors (all), as `qemu-img check -r`",
     )
+    from qcow2ovl._cli_options import add_force_share
+
+    add_force_share(p)
     p.set_defaults(func=run)
 
 
@@ -45,11 +48,14 @@ def run(args: argparse.Namespace) -> int:
     from qcow2ovl.image import open as open_image
 
     if args.repair:
+        from qcow2ovl._cli_options import refuse_force_share
+
+        refuse_force_share(args)
         return _repair(args)
     progress = _progress if args.progress and sys.stdout.isatty() else None
     # An image that cannot be opened fails like any command (status 1, as qemu-img's does);
     # one that opens but cannot be checked is "check not supported".
-    with open_image(args.image, overlap_check="none") as image:
+    with open_image(args.image, overlap_check="none", force_share=args.force_share) as image:
         try:
             result = image.check(progress)
         except UnsupportedError as exc:
@@ -79,9 +85,12 @@ def _print(args: argparse.Namespace, result: CheckResult) -> None:
 def _repair(args: argparse.Namespace) -> int:
     """``check -r leaks|all``: repair, then report the double check as qemu-img does."""
     from qcow2ovl.check import check
+    from qcow2ovl.errors import LockError
 
     try:
         result = check(args.image, repair=args.repair)
+    except LockError:
+        raise  # not a failed check: the image could not be opened (reported as qemu-img does)
     except OSError as exc:
         # Includes a leaks-only repair that found a refcount structure to rebuild (qemu-img:
         # "Check failed", status 1).

@@ -19,7 +19,10 @@ def guest_map(args: argparse.Namespace) -> int:
     from qcow2ovl.image import open as open_image
 
     with open_image(
-        args.image, overlap_check=args.overlap_check, snapshot=getattr(args, "snapshot", None)
+        args.image,
+        overlap_check=args.overlap_check,
+        snapshot=getattr(args, "snapshot", None),
+        force_share=args.force_share,
     ) as image:
         extents = image.guest_map()
     out = sys.stdout
@@ -53,7 +56,9 @@ class _Source:
     yields ``(start, length, zero)`` covering the disk, where *zero* says the range surely reads
     as zeros (unallocated, a zero cluster, a hole in a sparse raw file)."""
 
-    def __init__(self, path: str, fmt: str | None, snapshot: str | None = None) -> None:
+    def __init__(
+        self, path: str, fmt: str | None, snapshot: str | None = None, force_share: bool = False
+    ) -> None:
         from qcow2ovl.image import open as open_image
 
         if fmt is None:
@@ -65,7 +70,9 @@ class _Source:
         if snapshot is not None and fmt != "qcow2":
             raise ValueError("convert: -l (a snapshot) needs a qcow2 source")
         self.image = (
-            open_image(path, overlap_check="none", snapshot=snapshot) if fmt == "qcow2" else None
+            open_image(path, overlap_check="none", snapshot=snapshot, force_share=force_share)
+            if fmt == "qcow2"
+            else None
         )
         self.raw = open(path, "rb") if fmt == "raw" else None  # noqa: SIM115 - closed in close()
         if self.image is not None:
@@ -184,7 +191,7 @@ def convert(args: argparse.Namespace) -> int:
     kwargs = _qcow2_options(args.options) if args.output_format == "qcow2" else None
     if args.options and kwargs is None:
         raise ValueError("convert: -o applies to -O qcow2 only")
-    source = _Source(args.image, args.source_format, args.snapshot)
+    source = _Source(args.image, args.source_format, args.snapshot, args.force_share)
     try:
         if kwargs is not None:
             _to_qcow2(source, args.output, kwargs, args.progress, args.compress)
@@ -310,6 +317,9 @@ def add_parsers(sub: Any) -> None:
         "are accepted too)",
         type=_snapshot_arg,
     )
+    from qcow2ovl._cli_options import add_force_share
+
+    add_force_share(p)
     p.add_argument("image", help="the qcow2 image or raw file to read")
     p.add_argument("output", help="the file to write (replaced if it exists)")
     p.set_defaults(func=convert)

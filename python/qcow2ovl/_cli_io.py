@@ -333,7 +333,15 @@ def run(args: argparse.Namespace) -> int:
     if args.fmt != "qcow2":
         print(f"qcow2ovl: Unknown driver '{args.fmt}'", file=sys.stderr)
         return 1
-    writable = needs_writable(args.commands)
+    if args.force_share and not args.read_only:
+        # qemu-io opens read-write without -r, and -U cannot share a writer's image.
+        print(
+            f"qcow2ovl: can't open device {args.image}: force-share=on can only be used with "
+            "read-only images",
+            file=sys.stderr,
+        )
+        return 1
+    writable = needs_writable(args.commands) and not args.read_only
     if writable:
         import logging
 
@@ -344,7 +352,12 @@ def run(args: argparse.Namespace) -> int:
         logger.addHandler(handler)
         logger.propagate = False
     try:
-        image = open_image(args.image, writable=writable, overlap_check=args.overlap_check)
+        image = open_image(
+            args.image,
+            writable=writable,
+            overlap_check=args.overlap_check,
+            force_share=args.force_share,
+        )
     except (Qcow2Error, OSError, ValueError) as exc:
         text = str(exc)
         if isinstance(exc, Qcow2Error):
@@ -383,6 +396,16 @@ def add_parser(subparsers: Any) -> None:
         help="a command to run (repeatable; run in order)",
     )
     p.add_argument("-f", dest="fmt", default="qcow2", help="image format (only qcow2)")
+    p.add_argument(
+        "-r",
+        "--read-only",
+        dest="read_only",
+        action="store_true",
+        help="open the image read-only (writing commands fail)",
+    )
+    from qcow2ovl._cli_options import add_force_share
+
+    add_force_share(p)
     p.add_argument(
         "--overlap-check",
         default="all",

@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("-a", dest="apply", metavar="NAME", help="revert the disk to a snapshot")
     p.add_argument("-d", dest="delete", metavar="NAME", help="delete a snapshot")
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet mode")
+    from qcow2ovl._cli_options import add_force_share
+
+    add_force_share(p)
     p.add_argument(
         "--overlap-check",
         default="all",
@@ -48,13 +51,16 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         from qcow2ovl._format import snapshot_list_lines
 
-        with open_image(args.image, overlap_check="none") as image:
+        with open_image(args.image, overlap_check="none", force_share=args.force_share) as image:
             lines = snapshot_list_lines(image.snapshots)
         if lines and not args.quiet:
             print("\n".join(lines))
         return 0
     action = chosen[0]
     name: str = getattr(args, action)
+    from qcow2ovl._cli_options import refuse_force_share
+
+    refuse_force_share(args)
     with open_image(args.image, writable=True, overlap_check=args.overlap_check) as image:
         try:
             if action == "delete":

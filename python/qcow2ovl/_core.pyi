@@ -17,6 +17,7 @@ __all__ = [
     "__version__",
     "check_image",
     "create_image",
+    "locking_notice",
     "open_image",
     "repair_image",
 ]
@@ -151,7 +152,11 @@ def open_image(
     map_memory_limit: int | None = None,
     cache_size: int | None = None,
     snapshot: str | None = None,
+    locking: str = "auto",
+    force_share: bool = False,
+    metadata_only: bool = False,
 ) -> Image: ...
+def locking_notice(mode: str) -> str | None: ...
 def create_image(
     path: str | PathLike[str],
     size: int,
@@ -168,6 +173,7 @@ def create_image(
     data_file_raw: bool = False,
     preallocation: str = "off",
     overwrite: bool = False,
+    locking: str = "auto",
 ) -> None: ...
 def check_image(
     image: Image, progress: Callable[[int, int], object] | None = None

@@ -17,10 +17,16 @@ if TYPE_CHECKING:
 
 def _info(args: argparse.Namespace) -> int:
     from qcow2ovl import _format
-    from qcow2ovl.image import open as open_image
+    from qcow2ovl.image import _open
 
-    with open_image(
-        args.image, overlap_check=args.overlap_check, snapshot=getattr(args, "snapshot", None)
+    # qemu-img info's locks: the header and tables only (no permission held), refused beside a
+    # writer unless -U.
+    with _open(
+        args.image,
+        overlap_check=args.overlap_check,
+        snapshot=getattr(args, "snapshot", None),
+        force_share=args.force_share,
+        metadata_only=True,
     ) as image:
         d = _format.info_dict(image)
         if args.output == "json":
@@ -42,9 +48,14 @@ def _map(args: argparse.Namespace) -> int:
 
         return _cli_guest.guest_map(args)
     from qcow2ovl import _format
-    from qcow2ovl.image import open as open_image
+    from qcow2ovl.image import _open
 
-    with open_image(args.image, overlap_check=args.overlap_check) as image:
+    with _open(
+        args.image,
+        overlap_check=args.overlap_check,
+        force_share=args.force_share,
+        metadata_only=True,
+    ) as image:
         extents = image.metadata_extents()
     if args.output == "json":
         import json
@@ -105,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="qcow2 metadata maps and constant-time metadata overlap checks",
     )
     parser.add_argument("--version", action="version", version=f"qcow2ovl {__version__}")
+    from qcow2ovl import _cli_options
+
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
@@ -131,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="map the guest disk instead, as `qemu-img map` does",
             )
             p.add_argument("--picture", metavar="FILE.svg", help="also draw the layout as SVG")
+        _cli_options.add_force_share(p)
         p.add_argument(
             "--snapshot",
             metavar="NAME_OR_ID",
@@ -183,10 +197,20 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     from types import SimpleNamespace
 
     values["snapshot"] = None
+    values["force_share"] = False
     if argv[0] == "map":
         values["guest"] = False
         values["picture"] = None
     return SimpleNamespace(command=argv[0], image=image, func=_COMMANDS[argv[0]], **values)
+
+
+def lock_message(args: object, exc: BaseException) -> str:
+    """A lock conflict as qemu-img prints it: ``Could not open 'IMAGE': `` before QEMU's two
+    lines (``IMAGE: `` for the image being created)."""
+    image = getattr(args, "output_image", None) or getattr(args, "image", None)
+    if getattr(args, "command", None) == "create":
+        return f"{image}: {exc}"
+    return f"Could not open '{image}': {exc}" if image else str(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE, end="")
         return 2
     args = fast_parse(args_list) or build_parser().parse_args(args_list)
-    from qcow2ovl.errors import Qcow2Error
+    from qcow2ovl.errors import LockError, Qcow2Error
 
     try:
         return int(args.func(args))
@@ -204,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (``| head``): not an error worth a message.
         sys.stderr.close()
         return 0
+    except LockError as exc:
+        print(f"qcow2ovl: {lock_message(args, exc)}", file=sys.stderr)
+        return 1
     except (Qcow2Error, OSError, ValueError) as exc:
         print(f"qcow2ovl: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     VersionSpec = Union[int, str]
     #: Accepted ``preallocation`` values.
     Preallocation = Literal["off", "metadata", "falloc", "full"]
+    #: Accepted ``locking`` values (QEMU's ``file.locking``).
+    Locking = Literal["auto", "on", "off"]
 
 _VERSIONS: dict[object, int] = {2: 2, 3: 3, "0.10": 2, "1.1": 3, "v2": 2, "v3": 3}
 _COMPRESSION: dict[str, str] = {"zlib": "zlib", "deflate": "zlib", "zstd": "zstd"}
@@ -47,7 +49,8 @@ def _backing_size(path: str, fmt: str) -> int:
     if fmt == "qcow2":
         from qcow2ovl.image import open as open_image
 
-        with open_image(path, overlap_check="none") as backing:
+        # As qemu-img: the size is read with force-share, beside any user of the backing file.
+        with open_image(path, overlap_check="none", force_share=True) as backing:
             return backing.info.virtual_size
     if fmt == "raw":
         size = os.path.getsize(path)
@@ -71,6 +74,7 @@ def create(
     data_file_raw: bool = False,
     preallocation: Preallocation = "off",
     overwrite: bool = False,
+    locking: Locking = "auto",
 ) -> None:
     """Create a qcow2 image at *path*, as ``qemu-img create -f qcow2`` would.
 
@@ -86,6 +90,12 @@ def create(
     creates the image and when it opens it); the data file is created (or, with *overwrite*,
     truncated) accordingly, with the virtual size. *backing_format* is required with a backing
     file, as in qemu-img.
+
+    The new files are locked as QEMU locks a file it creates (*locking* as for
+    :func:`qcow2ovl.open`): a file that another process has open as an image — a running VM,
+    ``qemu-io``, a qcow2ovl handle — is refused with :class:`~qcow2ovl.LockError` and left
+    byte for byte as it was, even with *overwrite* (which empties a file only once it is
+    locked).
 
     Raises :class:`FileExistsError` if *path* (or the data file) exists, unless *overwrite*;
     :class:`ValueError` with QEMU's message for an invalid option or combination;
@@ -128,4 +138,5 @@ def create(
         data_file_raw=data_file_raw,
         preallocation=preallocation,
         overwrite=overwrite,
+        locking=locking,
     )

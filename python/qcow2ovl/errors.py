@@ -45,9 +45,28 @@ class MetadataOverlapError(Qcow2Error, OSError):
         return str(self.strerror)
 
 
+class LockError(Qcow2Error, OSError):
+    """Another process (or another open handle in this one) uses the image in a way that
+    conflicts with this open, by QEMU's image locks; nothing was read or changed (errno
+    ``EAGAIN``).
+
+    The message is QEMU's: ``Failed to get "write" lock`` (someone refuses to share what this
+    open needs) or ``Failed to get shared "write" lock`` (someone holds what this open refuses
+    to share), then ``Is another process using the image [PATH]?``. ``filename`` is the locked
+    file: the image itself, or the backing or data file that is held.
+    """
+
+    def __init__(self, message: str, filename: str = "") -> None:
+        super().__init__(errno.EAGAIN, message, filename)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 __all__ = [
     "CorruptImageError",
     "FormatError",
+    "LockError",
     "MetadataOverlapError",
     "Qcow2Error",
     "UnsupportedError",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from dataclasses import dataclass
     from types import TracebackType
-    from typing import Any, Union
+    from typing import Any, Literal, Union
 
     from typing_extensions import Buffer
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from qcow2ovl.options import OverlapCheckSpec
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
+    Locking = Literal["auto", "on", "off"]
     CorruptionCallback = Callable[[str, int, int, bool], object]
 else:
     from qcow2ovl._records import dataclass
@@ -518,6 +519,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     cache_size: int | None = None,
     on_corruption: CorruptionCallback | None = None,
     snapshot: str | None = None,
+    force_share: bool = False,
+    locking: Locking = "auto",
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
 
@@ -540,23 +543,75 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     *cache_size* is the memory for L2 tables in bytes (default: 32 MiB, or less when that
     covers the whole disk; at least one table is always cached).
 
-    Opening reads metadata only. The backing chain and an external data file are opened at the
-    first guest read (or :meth:`Image.guest_map`), so an image can be inspected without them;
-    missing files then raise :class:`FileNotFoundError`, a backing chain that loops a
-    :class:`~qcow2ovl.FormatError`.
+    Locks: the image, its backing files and its data file are locked as QEMU locks them, so
+    that QEMU processes (VMs, ``qemu-img``, ``qemu-io``, ``qemu-nbd``) and other qcow2ovl
+    handles refuse to write an image while it is open here, and this open is refused while
+    one of them writes it (:class:`~qcow2ovl.LockError`, before anything is read or changed).
+    A writable open excludes every other writer and every reader but force-share ones; a
+    read-only open excludes writers. *force_share* (QEMU's ``-U``/``force-share=on``, read-only
+    opens only) takes no exclusion at all: the image may change under the reader, which then
+    sees inconsistent data. *locking* is QEMU's ``file.locking``: ``"auto"`` (lock where the
+    system has OFD locks), ``"on"`` (fall back to process-wide POSIX locks, with QEMU's warning)
+    or ``"off"`` (neither lock nor look). The locks last until :meth:`Image.close`.
+
+    Opening reads metadata only. The backing chain and an external data file of a read-only
+    image are opened (and locked) at the first guest read (or :meth:`Image.guest_map`), so an
+    image can be inspected without them; missing files then raise :class:`FileNotFoundError`, a
+    backing chain that loops a :class:`~qcow2ovl.FormatError`. A writable image opens them at
+    once: its backing files must not change while it is written.
 
     Raises :class:`~qcow2ovl.FormatError` for a malformed image, :class:`~qcow2ovl.UnsupportedError`
     for a valid one using unsupported features, :class:`~qcow2ovl.CorruptImageError` for a
     read-write open of an image marked corrupt, with overlapping metadata, or left dirty by lazy
-    refcounts beyond what the repair at open can fix, and :class:`OSError` when the file cannot
-    be read.
+    refcounts beyond what the repair at open can fix, :class:`~qcow2ovl.LockError` when another
+    user's locks conflict, :class:`ValueError` for *force_share* with *writable* or an unknown
+    *locking*, and :class:`OSError` when the file cannot be read.
     """
+    return _open(
+        path,
+        writable=writable,
+        overlap_check=overlap_check,
+        map_memory_limit=map_memory_limit,
+        cache_size=cache_size,
+        on_corruption=on_corruption,
+        snapshot=snapshot,
+        force_share=force_share,
+        locking=locking,
+    )
+
+
+#: The messages about locking already logged by this process (each is said once).
+_LOCK_NOTICES: set[str] = set()
+
+
+def _open(
+    path: PathArg,
+    *,
+    writable: bool = False,
+    overlap_check: OverlapCheckSpec = "all",
+    map_memory_limit: int | None = None,
+    cache_size: int | None = None,
+    on_corruption: CorruptionCallback | None = None,
+    snapshot: str | None = None,
+    force_share: bool = False,
+    locking: Locking = "auto",
+    metadata_only: bool = False,
+) -> Image:
+    """:func:`open`, and for the command line *metadata_only*: an open that reads the header
+    and tables only (``qemu-img info``'s locks: it holds no permission but still refuses to
+    open beside a writer)."""
     check = OverlapCheck.parse(overlap_check)
     fspath = os.fspath(path)
     name = os.fsdecode(fspath)
     if "\0" in name:
         raise ValueError("embedded null byte in path")
     limit = options.map_memory_limit(map_memory_limit)
+    notice = _core.locking_notice(locking)
+    if notice is not None and notice not in _LOCK_NOTICES:
+        _LOCK_NOTICES.add(notice)
+        import logging
+
+        logging.getLogger("qcow2ovl").warning("%s", notice)
     core = _core.open_image(
         name,
         writable=writable,
@@ -564,5 +619,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
         map_memory_limit=limit,
         cache_size=cache_size,
         snapshot=snapshot,
+        locking=locking,
+        force_share=force_share,
+        metadata_only=metadata_only,
     )
     return Image(core, name, check, on_corruption)

@@ -1,18 +1,24 @@
 //! The backing chain and the external data file.
 //!
-//! Both are opened on the first guest read (or `guest_map`), not at open: inspecting an image's
-//! metadata (`info`, `map`, overlap checks) must work even when its backing file is elsewhere.
+//! For a read-only image both are opened on the first guest read (or `guest_map`), not at
+//! open: inspecting an image's metadata (`info`, `map`, overlap checks) must work even when its
+//! backing file is elsewhere. A writable image opens them at open, as QEMU does, so that their
+//! locks keep writers of the backing files out from the start.
 //! The whole chain below an image is opened at once, so that a loop is found before anything is
 //! read. Names are resolved as QEMU 10 resolves them: a backing file name relative to the folder
 //! of the image that names it, an external data file name relative to the current directory
 //! (QEMU opens the data file by the name as stored, both when it creates and when it opens an
 //! image).
+//!
+//! Every file of the chain is locked as QEMU locks it ([`crate::lock`]) before it is read, and
+//! stays locked while the chain is open: no writer of a backing file is let in meanwhile.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Image, ImageError, OpenOptions};
 use crate::format::header::QCOW2_MAGIC;
+use crate::lock::{FileLock, LockSet};
 use crate::overlap::MetadataType;
 use crate::storage::{FileStorage, Storage};
 
@@ -62,6 +68,9 @@ pub(crate) struct Chain {
     pub data: Arc<dyn Storage>,
     /// The backing disk, if any.
     pub backing: Option<Backing>,
+    /// Locks on the data file and a raw backing file (a qcow2 backing image holds its own),
+    /// for as long as the chain is open.
+    _locks: Vec<FileLock>,
 }
 
 /// Resolves `name` (from an image's header) against the folder of `image`, as QEMU does.
@@ -105,25 +114,55 @@ impl Image {
     /// the images above (and including) this one.
     fn open_chain(&self, visited: &mut Vec<PathBuf>) -> Result<Chain, ImageError> {
         let header = &self.scanned.header;
+        let mut locks = Vec::new();
         let data: Arc<dyn Storage> = if header.has_external_data_file() {
             let name = header.data_file().ok_or_else(|| {
                 ImageError::Unsupported("'data-file' is required for this image".into())
             })?;
             let path = PathBuf::from(name);
+            let shown = path.display().to_string();
             let file = FileStorage::open(&path, self.options.writable)
-                .map_err(|e| ImageError::Io(e).in_file(&path.display().to_string()))?;
+                .map_err(|e| ImageError::Io(e).in_file(&shown))?;
+            let set = match (self.options.writable, self.options.force_share) {
+                (true, _) => LockSet::DATA_FILE_WRITABLE,
+                (false, false) => LockSet::DATA_FILE_READ_ONLY,
+                (false, true) => LockSet::FORCE_SHARE,
+            };
+            locks.extend(self.lock_file(&file, &shown, set)?);
             Arc::new(file)
         } else {
             Arc::clone(&self.storage)
         };
         let backing = match &header.backing_file {
             None => None,
-            Some(name) => Some(self.open_backing(name, visited)?),
+            Some(name) => Some(self.open_backing(name, visited, &mut locks)?),
         };
-        Ok(Chain { data, backing })
+        Ok(Chain {
+            data,
+            backing,
+            _locks: locks,
+        })
     }
 
-    fn open_backing(&self, name: &str, visited: &mut Vec<PathBuf>) -> Result<Backing, ImageError> {
+    /// Takes this image's kind of lock on a file of its chain (none under `locking=off`).
+    fn lock_file(
+        &self,
+        file: &FileStorage,
+        shown: &str,
+        set: LockSet,
+    ) -> Result<Option<FileLock>, ImageError> {
+        FileLock::for_mode(file.file(), shown, set, self.options.locking)
+            .map_err(|e| ImageError::Lock(e).in_file(shown))
+    }
+
+    /// Opens a backing file: locked as QEMU locks one (read-only: readers may share it, writers
+    /// may not; everything shared under force-share), whatever this image's own access.
+    fn open_backing(
+        &self,
+        name: &str,
+        visited: &mut Vec<PathBuf>,
+        locks: &mut Vec<FileLock>,
+    ) -> Result<Backing, ImageError> {
         if is_protocol(name) {
             return Err(ImageError::Unsupported(format!(
                 "Backing file '{name}' uses a protocol; only files are supported"
@@ -138,9 +177,12 @@ impl Image {
             names.push(canonical.display().to_string());
             return Err(ImageError::BackingLoop(names.join(" -> ")));
         }
-        let storage = Arc::new(
-            FileStorage::open(&path, false).map_err(|e| ImageError::Io(e).in_file(&shown))?,
-        );
+        let file =
+            FileStorage::open(&path, false).map_err(|e| ImageError::Io(e).in_file(&shown))?;
+        let set = LockSet::for_read(false, self.options.force_share);
+        let lock = FileLock::for_mode(file.file(), &shown, set, self.options.locking)
+            .map_err(|e| ImageError::Lock(e.in_backing_file()).in_file(&shown))?;
+        let storage = Arc::new(file);
         let format = match self.scanned.header.backing_format() {
             Some(f) => f.to_string(),
             None => probe(storage.as_ref()).map_err(|e| e.in_file(&shown))?,
@@ -150,22 +192,23 @@ impl Image {
                 // QEMU measures disks in 512-byte sectors: a raw file of odd length is a disk
                 // rounded up to the next sector, the tail reading as zeros.
                 let size = storage.len()?.div_ceil(512) * 512;
+                locks.extend(lock);
                 Ok(Backing::Raw { storage, size })
             }
             "qcow2" => {
                 visited.push(canonical);
                 // A backing image is only read: no map, no writer, the same cache budget.
                 let options = OpenOptions {
-                    writable: false,
-                    repair: false,
                     enabled: MetadataType::empty(),
-                    map_limit: None,
                     cache_size: self.options.cache_size,
-                    snapshot: None,
+                    locking: self.options.locking,
+                    force_share: self.options.force_share,
+                    ..OpenOptions::default()
                 };
                 let mut image =
                     Image::from_storage(storage, options).map_err(|e| e.in_file(&shown))?;
                 image.path = Some(path);
+                image.lock = lock;
                 let chain = image.open_chain(visited)?;
                 *image.chain.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(chain));
                 visited.pop();

@@ -44,6 +44,7 @@ use crate::format::{
     write_extended_l2_table, write_u64_table, ClusterCount, ClusterIndex, FormatError, Geometry,
     GuestOffset, Header, HostOffset,
 };
+use crate::lock::{FileLock, LockError, LockSet, Locking};
 use crate::storage::{FileStorage, Storage};
 
 /// Largest virtual size a command line accepts (sizes are signed 64-bit in QEMU).
@@ -214,6 +215,9 @@ pub enum CreateError {
         /// QEMU's `strerror` text.
         reason: &'static str,
     },
+    /// The file is held by another process (QEMU's image locks); nothing was changed.
+    #[error("{0}")]
+    Lock(#[from] LockError),
     /// Creating or writing a file failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -230,7 +234,7 @@ impl CreateError {
     /// Whether the options were at fault (nothing was created); the bindings make this a
     /// `ValueError`.
     pub fn is_invalid_options(&self) -> bool {
-        !matches!(self, CreateError::Io { .. })
+        !matches!(self, CreateError::Io { .. } | CreateError::Lock(_))
     }
 
     fn io(what: &'static str, path: &str) -> impl FnOnce(io::Error) -> CreateError {
@@ -735,46 +739,91 @@ fn fallocate(file: &File, offset: u64, len: u64, path: &str) -> Result<(), Creat
     Ok(())
 }
 
-/// Opens a new file for writing: refuses an existing one unless `overwrite`.
-fn open_new(path: &Path, overwrite: bool) -> Result<File, CreateError> {
+/// A file opened for creation, locked as QEMU locks a file it creates.
+struct NewFile {
+    file: File,
+    /// Whether this call made the file (and so may remove it again on failure).
+    created: bool,
+    _lock: Option<FileLock>,
+}
+
+/// Opens a file for creation: refuses an existing one unless `overwrite`. An existing file is
+/// opened without truncation, locked (write and resize held, resize not shared: refused while
+/// any other process has the image open for writing or reading), and only then emptied, so a
+/// file that someone else holds is left byte for byte as it was.
+fn open_new(path: &Path, overwrite: bool, locking: Locking) -> Result<NewFile, CreateError> {
+    let shown = path.to_string_lossy().into_owned();
     let mut o = OpenOptions::new();
-    o.read(true).write(true);
-    if overwrite {
-        o.create(true).truncate(true);
-    } else {
-        o.create_new(true);
+    o.read(true).write(true).create_new(true);
+    let (file, created) = match o.open(path) {
+        Ok(f) => (f, true),
+        Err(e) if overwrite && e.kind() == io::ErrorKind::AlreadyExists => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(CreateError::io("could not create", &shown))?;
+            (f, false)
+        }
+        Err(e) => return Err(CreateError::io("could not create", &shown)(e)),
+    };
+    let lock = match FileLock::for_mode(&file, &shown, LockSet::CREATE, locking) {
+        Ok(lock) => lock,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(CreateError::Lock(e));
+        }
+    };
+    if !created {
+        file.set_len(0)
+            .map_err(CreateError::io("could not truncate", &shown))?;
     }
-    o.open(path)
-        .map_err(CreateError::io("could not create", &path.to_string_lossy()))
+    Ok(NewFile {
+        file,
+        created,
+        _lock: lock,
+    })
 }
 
 /// Creates the image at `path` and its external data file. Refuses an existing image or data
-/// file unless `overwrite`. On failure nothing that this call created is left behind.
+/// file unless `overwrite`, and a file another process holds (QEMU's locks, as `locking` says)
+/// in every case. On failure nothing that this call created is left behind.
 ///
 /// A relative data file name is used as given, relative to the working directory: QEMU (10.0)
 /// creates the data file there and also looks for it there when it opens the image (unlike a
 /// backing file, which it looks for next to the image).
-pub fn create_file(path: &Path, opts: &CreateOptions, overwrite: bool) -> Result<(), CreateError> {
+pub fn create_file(
+    path: &Path,
+    opts: &CreateOptions,
+    overwrite: bool,
+    locking: Locking,
+) -> Result<(), CreateError> {
     let plan = plan(opts)?;
     let shown = path.to_string_lossy().into_owned();
-    let image_file = open_new(path, overwrite)?;
+    let image_new = open_new(path, overwrite, locking)?;
     let data_path = opts.data_file.as_deref().map(PathBuf::from);
-    let data_file = match &data_path {
-        Some(p) => match open_new(p, overwrite) {
+    let data_new = match &data_path {
+        Some(p) => match open_new(p, overwrite, locking) {
             Ok(f) => Some(f),
             Err(e) => {
-                let _ = std::fs::remove_file(path);
+                if image_new.created {
+                    let _ = std::fs::remove_file(path);
+                }
                 return Err(e);
             }
         },
         None => None,
     };
+    let image_file = &image_new.file;
+    let data_file = data_new.as_ref().map(|n| &n.file);
     let result = (|| {
         let image_clone = image_file
             .try_clone()
             .map_err(CreateError::io("could not open", &shown))?;
         let image = FileStorage::from_file(image_clone, true);
-        let data = match &data_file {
+        let data = match data_file {
             Some(f) => Some(FileStorage::from_file(
                 f.try_clone()
                     .map_err(CreateError::io("could not open", &shown))?,
@@ -785,15 +834,16 @@ pub fn create_file(path: &Path, opts: &CreateOptions, overwrite: bool) -> Result
         if plan.preallocation == Preallocation::Falloc {
             // Reserve first, so that a full disk fails before anything is written.
             if let Some((start, len)) = plan.contiguous_data_range() {
-                fallocate(&image_file, start.0, len, &shown)?;
+                fallocate(image_file, start.0, len, &shown)?;
             }
-            if let (Some(f), Some(len)) = (&data_file, plan.data_file_len) {
+            if let (Some(f), Some(len)) = (data_file, plan.data_file_len) {
                 fallocate(f, 0, len, &shown)?;
             }
         }
         write_image(&plan, &image, data.as_ref().map(|d| d as &dyn Storage))
     })();
     if result.is_err() {
+        // The files were emptied (or made) by this call: what is there now is half an image.
         let _ = std::fs::remove_file(path);
         if let Some(p) = &data_path {
             let _ = std::fs::remove_file(p);
@@ -1134,19 +1184,19 @@ mod tests {
             preallocation: Preallocation::Falloc,
             ..opts(1 << 20)
         };
-        create_file(&img, &o, false).unwrap();
+        create_file(&img, &o, false, Locking::Auto).unwrap();
         assert_eq!(std::fs::metadata(&data).unwrap().len(), 1 << 20);
-        let err = create_file(&img, &o, false).unwrap_err();
+        let err = create_file(&img, &o, false, Locking::Auto).unwrap_err();
         assert!(matches!(&err, CreateError::Io { source, .. }
             if source.kind() == io::ErrorKind::AlreadyExists));
         assert!(!err.is_invalid_options());
         // The image is refused before the data file is touched; a refused data file removes
         // the image this call created.
         std::fs::remove_file(&img).unwrap();
-        assert!(create_file(&img, &o, false).is_err());
+        assert!(create_file(&img, &o, false, Locking::Auto).is_err());
         assert!(!img.exists());
         assert!(data.exists());
-        create_file(&img, &o, true).unwrap();
+        create_file(&img, &o, true, Locking::Auto).unwrap();
         let s = scan(
             &FileStorage::open_read_only(&img).unwrap(),
             MetadataType::all(),
@@ -1163,6 +1213,7 @@ mod tests {
                 ..opts(1)
             },
             false,
+            Locking::Auto,
         );
         assert!(e.is_err_and(|e| e.is_invalid_options()));
         assert!(!bad.exists());

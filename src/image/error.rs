@@ -3,6 +3,7 @@
 use std::io;
 
 use crate::format::{FormatError, MappingError};
+use crate::lock::LockError;
 use crate::overlap::MapError;
 use crate::scan::ScanError;
 
@@ -26,6 +27,9 @@ pub enum ErrorKind {
     InvalidArgument,
     /// Memory for a table could not be reserved (`MemoryError`).
     OutOfMemory,
+    /// Another process (or another handle in this one) holds a lock that conflicts with this
+    /// open (`LockError`, errno `EAGAIN`).
+    Lock,
     /// An operating system error with this errno (`OSError` and its subclasses).
     Os(i32),
 }
@@ -96,6 +100,9 @@ pub enum ImageError {
     /// The backing chain leads back to an image already in it.
     #[error("Backing file chain loop: {0}")]
     BackingLoop(String),
+    /// A file is locked by another user in a way that conflicts with this open.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// An allocation for a table failed.
     #[error("cannot allocate {0} bytes")]
     OutOfMemory(usize),
@@ -137,7 +144,18 @@ impl ImageError {
             ImageError::Corruption(_) => ErrorKind::Corruption,
             ImageError::MetadataOverlap { .. } => ErrorKind::MetadataOverlap,
             ImageError::BackingLoop(_) => ErrorKind::Format,
+            ImageError::Lock(LockError::Syscall { source, .. }) => io_kind(source),
+            ImageError::Lock(_) => ErrorKind::Lock,
             ImageError::Io(e) => io_kind(e),
+        }
+    }
+
+    /// The lock conflict behind this error, if it is one.
+    pub fn lock_error(&self) -> Option<&LockError> {
+        match self {
+            ImageError::File { source, .. } => source.lock_error(),
+            ImageError::Lock(e) => Some(e),
+            _ => None,
         }
     }
 

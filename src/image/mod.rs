@@ -5,11 +5,11 @@
 //!
 //! | file | concern |
 //! |---|---|
-//! | `mod.rs` | open, close, accessors, the overlap check |
+//! | `mod.rs` | open (locks first, see [`crate::lock`]), close, accessors, the overlap check |
 //! | `error.rs` | [`ImageError`] and the [`ErrorKind`] the bindings map to exceptions |
 //! | `cache.rs` | the bounded L2 table cache |
 //! | `mapping.rs` | guest offset → decoded [`L2Mapping`](crate::format::L2Mapping) extents |
-//! | `backing.rs` | the backing chain and the external data file, opened on first use |
+//! | `backing.rs` | the backing chain and the external data file (at open when writable, else on first use) |
 //! | `read.rs` | guest reads: data, zeros, subclusters, compressed clusters, backing files |
 //! | `reader.rs` | a long-lived second reader thread for long runs of data |
 //! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
@@ -58,6 +58,7 @@ pub use repair::{Repair, NEED_REBUILD};
 pub use write::WriteKind;
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};
+use crate::lock::{FileLock, LockSet, Locking};
 pub(crate) use crate::overlap::NaiveLayout;
 use crate::overlap::{MetadataMap, MetadataType, NaiveChecker};
 use crate::problem::Problem;
@@ -88,6 +89,14 @@ pub struct OpenOptions {
     /// Open a read-only view of this internal snapshot's disk (by id, else by name) instead of
     /// the active one.
     pub snapshot: Option<String>,
+    /// How to lock the image file, its backing files and its data file (QEMU's `locking`).
+    pub locking: Locking,
+    /// Let other users hold every permission, writers included (QEMU's `force-share`, `-U`):
+    /// read-only opens only.
+    pub force_share: bool,
+    /// The open reads the header and tables, never guest data (`qemu-img info`): it holds no
+    /// permission, but still refuses to open beside a writer unless `force_share`.
+    pub metadata_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -99,6 +108,23 @@ impl Default for OpenOptions {
             map_limit: None,
             cache_size: None,
             snapshot: None,
+            locking: Locking::Auto,
+            force_share: false,
+            metadata_only: false,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// The permissions an open with these options takes on the image file, as QEMU takes them
+    /// for the same kind of open; force-share on a writable open is refused in QEMU's words.
+    pub fn lock_set(&self) -> Result<LockSet, ImageError> {
+        match (self.writable, self.force_share) {
+            (true, true) => Err(ImageError::InvalidArgument(
+                "force-share=on can only be used with read-only images".into(),
+            )),
+            (true, false) => Ok(LockSet::WRITABLE),
+            (false, force) => Ok(LockSet::for_read(self.metadata_only, force)),
         }
     }
 }
@@ -133,6 +159,10 @@ pub struct Image {
     /// QEMU's naive checker, built only when the map's memory limit left ranges unchecked:
     /// there, and only there, checks fall back to it.
     fallback: RwLock<Option<NaiveChecker>>,
+    /// QEMU's locks on the image file, held until the image is dropped (`None` for in-memory
+    /// storage and `locking=off`). Declared last: fields drop in order, so the locks go only
+    /// after everything else of the image.
+    lock: Option<FileLock>,
 }
 
 impl std::fmt::Debug for Image {
@@ -153,10 +183,25 @@ impl Image {
         Self::open_file(path, options).map_err(|e| e.in_file(&name))
     }
 
+    /// Opens, locks, then reads: nothing of the file is read (or repaired) before its locks
+    /// are taken. A writable image opens its backing chain and data file at once, so that
+    /// their locks are held from the start (a writer of a backing file would change what this
+    /// image's unallocated clusters read).
     fn open_file(path: &Path, options: OpenOptions) -> Result<Self, ImageError> {
+        let set = options.lock_set()?;
         let storage = FileStorage::open(path, options.writable)?;
+        let lock = FileLock::for_mode(
+            storage.file(),
+            &path.display().to_string(),
+            set,
+            options.locking,
+        )?;
         let mut image = Self::from_storage(Arc::new(storage), options)?;
         image.path = Some(path.to_path_buf());
+        image.lock = lock;
+        if image.writable() {
+            image.chain()?;
+        }
         Ok(image)
     }
 
@@ -236,6 +281,7 @@ impl Image {
             compressed: Mutex::new(None),
             preallocated: OnceLock::new(),
             fallback: RwLock::new(fallback),
+            lock: None,
         };
         image.repair_if_dirty()?;
         Ok(image)
@@ -244,6 +290,11 @@ impl Image {
     /// Whether the image was opened for writing.
     pub fn writable(&self) -> bool {
         self.options.writable
+    }
+
+    /// The permissions this image holds on its file, when it holds locks.
+    pub fn lock_set(&self) -> Option<LockSet> {
+        self.lock.as_ref().map(FileLock::set)
     }
 
     /// The path the image was opened from.

@@ -6,6 +6,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 use super::convert::u64_obj;
+use super::errors::LockError;
 use crate::image::create::{
     create_file, CompressionType, CreateError, CreateOptions, Preallocation,
 };
@@ -22,6 +23,10 @@ fn create_err(e: CreateError) -> PyErr {
             }
             None => PyOSError::new_err(format!("{path}: {source}")),
         },
+        CreateError::Lock(lock) => {
+            let path = lock.path().unwrap_or_default().to_string();
+            LockError::new_err((lock.to_string(), path))
+        }
         other => PyValueError::new_err(other.to_string()),
     }
 }
@@ -55,7 +60,8 @@ fn preallocation_arg(name: &str) -> PyResult<Preallocation> {
 #[pyo3(signature = (
     path, size, *, cluster_size = None, version = 3, refcount_bits = None, extended_l2 = false,
     lazy_refcounts = false, compression_type = "zlib", backing_file = None, backing_format = None,
-    data_file = None, data_file_raw = false, preallocation = "off", overwrite = false
+    data_file = None, data_file_raw = false, preallocation = "off", overwrite = false,
+    locking = "auto"
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn create_image(
@@ -74,7 +80,9 @@ pub(crate) fn create_image(
     data_file_raw: bool,
     preallocation: &str,
     overwrite: bool,
+    locking: &str,
 ) -> PyResult<()> {
+    let locking = super::image::locking_arg(locking)?;
     let opts = CreateOptions {
         size: u64_obj("size", size)?,
         cluster_size: cluster_size.map_or(Ok(65536), |v| u64_obj("cluster_size", v))?,
@@ -89,6 +97,6 @@ pub(crate) fn create_image(
         data_file_raw,
         preallocation: preallocation_arg(preallocation)?,
     };
-    py.detach(|| create_file(&path, &opts, overwrite))
+    py.detach(|| create_file(&path, &opts, overwrite, locking))
         .map_err(create_err)
 }

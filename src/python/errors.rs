@@ -9,9 +9,10 @@ pyo3::import_exception!(qcow2ovl.errors, FormatError);
 pyo3::import_exception!(qcow2ovl.errors, UnsupportedError);
 pyo3::import_exception!(qcow2ovl.errors, CorruptImageError);
 pyo3::import_exception!(qcow2ovl.errors, MetadataOverlapError);
+pyo3::import_exception!(qcow2ovl.errors, LockError);
 
 /// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
-/// `CorruptImageError`, `ValueError`, `MemoryError`, or `OSError` with the errno (Python picks
+/// `CorruptImageError`, `LockError`, `ValueError`, `MemoryError`, or `OSError` with the errno (Python picks
 /// the subclass: `FileNotFoundError`, `IsADirectoryError`, ...) and the file name.
 pub(crate) fn image_err(e: ImageError) -> PyErr {
     let kind = e.kind();
@@ -28,6 +29,10 @@ pub(crate) fn image_err(e: ImageError) -> PyErr {
             } => MetadataOverlapError::new_err((message.clone(), types.bits(), *offset, *size)),
             other => MetadataOverlapError::new_err((other.to_string(), 0u16, 0u64, 0u64)),
         },
+        ErrorKind::Lock => {
+            let path = e.lock_error().and_then(|l| l.path()).unwrap_or_default();
+            LockError::new_err((e.message(), path.to_string()))
+        }
         ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
         ErrorKind::OutOfMemory => PyMemoryError::new_err(e.to_string()),
         ErrorKind::Corruption | ErrorKind::Os(_) => {

@@ -20,6 +20,7 @@ use super::extents::PyExtentList;
 use crate::format::features::{compression_name, feature_names};
 use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
 use crate::image::{Image, ImageError, OpenOptions};
+use crate::lock::Locking;
 
 /// An open qcow2 image (the Rust side of `qcow2ovl.Image`).
 #[pyclass(name = "Image", module = "qcow2ovl._core")]
@@ -60,7 +61,11 @@ impl PyImage {
 
 /// Opens an image (see `qcow2ovl.open`).
 #[pyfunction]
-#[pyo3(signature = (path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None, snapshot = None))]
+#[pyo3(signature = (
+    path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None,
+    snapshot = None, locking = "auto", force_share = false, metadata_only = false
+))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
@@ -69,10 +74,16 @@ pub(crate) fn open_image(
     map_memory_limit: Option<&Bound<'_, PyAny>>,
     cache_size: Option<&Bound<'_, PyAny>>,
     snapshot: Option<String>,
+    locking: &str,
+    force_share: bool,
+    metadata_only: bool,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
         writable,
         repair: false,
+        locking: locking_arg(locking)?,
+        force_share,
+        metadata_only,
         enabled: match enabled {
             Some(e) => types_obj("enabled", e)?,
             None => crate::overlap::MetadataType::all(),
@@ -81,12 +92,25 @@ pub(crate) fn open_image(
         cache_size: limit_obj("cache_size", cache_size)?.map(|v| v as u64),
         snapshot,
     };
+    // Refused before the file is touched, in QEMU's words.
+    options.lock_set().map_err(image_err)?;
     let image = py
         .detach(|| Image::open(&path, options))
         .map_err(image_err)?;
     Ok(PyImage {
         inner: RwLock::new(Some(Arc::new(image))),
     })
+}
+
+/// The `locking` mode for `"auto"`, `"on"` or `"off"`; anything else is QEMU's error.
+pub(crate) fn locking_arg(mode: &str) -> PyResult<Locking> {
+    mode.parse::<Locking>().map_err(PyValueError::new_err)
+}
+
+/// What opening with `locking=mode` on this system should tell the user, once (`None`: nothing).
+#[pyfunction]
+pub(crate) fn locking_notice(mode: &str) -> PyResult<Option<&'static str>> {
+    Ok(crate::lock::plan(locking_arg(mode)?, crate::lock::ofd_available()).1)
 }
 
 #[pymethods]

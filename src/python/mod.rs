@@ -22,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<extents::PyExtentList>()?;
     m.add_class::<extents::PyExtentIter>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
+    m.add_function(wrap_pyfunction!(image::locking_notice, m)?)?;
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;
