@@ -1,30 +1,35 @@
-//! A bounded cache of metadata tables (L2 tables now; refcount blocks when the writer lands),
-//! kept apart from the I/O that fills it.
+//! A bounded cache of metadata tables (L2 tables), kept apart from the I/O that fills it.
 //!
 //! The cache only decides what stays in memory: callers hand it a loader, and a miss runs the
 //! loader *outside* the lock, so one thread's disk read never stalls another thread's hit. Two
 //! threads that miss the same table at once both load it and the second insert keeps the first
-//! one's copy (identical bytes; tables are read-only until the writer adds dirty tracking).
+//! one's copy (identical bytes: a table the writer changes is pinned first, see below).
 //!
-//! Eviction is least-recently-used by a use counter. Finding the oldest entry is a linear scan,
-//! paid only on a miss when full, where it is small next to the disk read that follows.
+//! Eviction is least-recently-used, in O(1) per lookup and per eviction (the `lru` crate's
+//! linked hash map): with 512-byte clusters the default cache holds 65,536 tables, and a miss
+//! of a full cache must not cost a walk over all of them.
+//!
+//! Tables the writer changed and has not written back are *pinned*: kept apart from the LRU
+//! order, never evicted (the cache is their only up-to-date copy), not counted in the capacity.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use crate::format::HostOffset;
 
 /// A table as cached: its big-endian words decoded (two words per entry with extended L2).
 pub type Table = Arc<Vec<u64>>;
 
-/// The LRU state behind the lock.
-#[derive(Debug, Default)]
+/// The cache state behind the lock.
+#[derive(Debug)]
 struct Slots {
-    tables: HashMap<u64, (Table, u64)>,
-    /// Tables the writer changed and has not written back yet: never evicted (the cache is
-    /// their only copy), counted apart from the capacity.
+    /// Tables as on disk, in least-recently-used order.
+    tables: LruCache<u64, Table>,
+    /// Tables the writer changed and has not written back yet.
     pinned: HashMap<u64, Table>,
-    clock: u64,
     /// Bumped by [`TableCache::clear`]: a table loaded from disk before the clear may be stale
     /// and is not inserted after it.
     generation: u64,
@@ -36,11 +41,7 @@ impl Slots {
         if let Some(table) = self.pinned.get(&offset.0) {
             return Some(Arc::clone(table));
         }
-        self.clock += 1;
-        let now = self.clock;
-        let (table, used) = self.tables.get_mut(&offset.0)?;
-        *used = now;
-        Some(Arc::clone(table))
+        self.tables.get(&offset.0).map(Arc::clone)
     }
 }
 
@@ -48,24 +49,29 @@ impl Slots {
 #[derive(Debug)]
 pub struct TableCache {
     slots: Mutex<Slots>,
-    capacity: usize,
+    capacity: NonZeroUsize,
 }
 
 impl TableCache {
     /// A cache that holds at most `capacity` tables (at least one).
     pub fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
         TableCache {
-            slots: Mutex::new(Slots::default()),
-            capacity: capacity.max(1),
+            slots: Mutex::new(Slots {
+                tables: LruCache::new(capacity),
+                pinned: HashMap::new(),
+                generation: 0,
+            }),
+            capacity,
         }
     }
 
     /// How many tables the cache may hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity.get()
     }
 
-    /// How many tables it holds now.
+    /// How many tables it holds now (pinned ones apart).
     pub fn len(&self) -> usize {
         self.lock().tables.len()
     }
@@ -104,18 +110,8 @@ impl TableCache {
             // Tables were rewritten on disk while this one was read: use it once, keep none.
             return Ok(loaded);
         }
-        let now = slots.clock;
-        if slots.tables.len() >= self.capacity {
-            let oldest = slots
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(&k, _)| k);
-            if let Some(k) = oldest {
-                slots.tables.remove(&k);
-            }
-        }
-        slots.tables.insert(offset.0, (Arc::clone(&loaded), now));
+        // Full: the least recently used table goes.
+        slots.tables.push(offset.0, Arc::clone(&loaded));
         Ok(loaded)
     }
 
@@ -127,10 +123,7 @@ impl TableCache {
         if slots.pinned.contains_key(&offset.0) {
             return;
         }
-        let t = match slots.tables.remove(&offset.0) {
-            Some((t, _)) => t,
-            None => table,
-        };
+        let t = slots.tables.pop(&offset.0).unwrap_or(table);
         slots.pinned.insert(offset.0, t);
     }
 
@@ -158,27 +151,13 @@ impl TableCache {
         self.lock().pinned.len()
     }
 
-    /// Moves every pinned table back among the ordinary (evictable) ones: they are on disk now.
+    /// Moves every pinned table back among the ordinary (evictable) ones, as just used: they
+    /// are on disk now. Past the capacity, the least recently used tables go.
     pub fn unpin(&self) {
         let mut slots = self.lock();
         let pinned = std::mem::take(&mut slots.pinned);
         for (o, t) in pinned {
-            slots.clock += 1;
-            let now = slots.clock;
-            slots.tables.insert(o, (t, now));
-        }
-        while slots.tables.len() > self.capacity {
-            let oldest = slots
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(&k, _)| k);
-            match oldest {
-                Some(k) => {
-                    slots.tables.remove(&k);
-                }
-                None => break,
-            }
+            slots.tables.push(o, t);
         }
     }
 
@@ -193,7 +172,7 @@ impl TableCache {
     /// Forgets the table at `offset` (freed), pinned or not.
     pub fn forget(&self, offset: HostOffset) {
         let mut slots = self.lock();
-        slots.tables.remove(&offset.0);
+        slots.tables.pop(&offset.0);
         slots.pinned.remove(&offset.0);
     }
 }
@@ -226,6 +205,43 @@ mod tests {
         assert_eq!(loads.get(), 3);
         get(2);
         assert_eq!(loads.get(), 4);
+    }
+
+    #[test]
+    fn pinned_tables_stay_and_unpin_keeps_the_capacity() {
+        let cache = TableCache::new(2);
+        let load = |o: u64| move || Ok::<_, ()>(vec![o]);
+        cache.get_or_load(HostOffset(1), load(1)).unwrap();
+        cache.pin(HostOffset(1), Arc::new(vec![0]));
+        cache.edit(HostOffset(1), |t| t[0] = 11).unwrap();
+        // Two more tables fill the cache; the pinned one is not among them and not evicted.
+        cache.get_or_load(HostOffset(2), load(2)).unwrap();
+        cache.get_or_load(HostOffset(3), load(3)).unwrap();
+        let got = cache
+            .get_or_load(HostOffset(1), || Err::<Vec<u64>, _>("not loaded again"))
+            .unwrap();
+        assert_eq!(got[0], 11);
+        assert_eq!((cache.len(), cache.dirty_len()), (2, 1));
+        // Unpinned as just used: the least recently used of the others goes.
+        cache.unpin();
+        assert_eq!((cache.len(), cache.dirty_len()), (2, 0));
+        assert!(cache.get_or_load(HostOffset(2), || Err("evicted")).is_err());
+        assert!(cache.get_or_load(HostOffset(3), || Err::<Vec<u64>, _>("kept")).is_ok());
+        cache.forget(HostOffset(3));
+        assert!(cache.get_or_load(HostOffset(3), || Err("forgotten")).is_err());
+    }
+
+    #[test]
+    fn a_full_cache_of_many_tables_evicts_in_lru_order() {
+        let n = 65_536u64;
+        let cache = TableCache::new(n as usize);
+        for o in 0..2 * n {
+            cache.get_or_load(HostOffset(o), || Ok::<_, ()>(vec![o])).unwrap();
+        }
+        assert_eq!(cache.len(), n as usize);
+        // The second half stayed, the first half went.
+        assert!(cache.get_or_load(HostOffset(2 * n - 1), || Err("gone")).is_ok());
+        assert!(cache.get_or_load(HostOffset(0), || Err::<Vec<u64>, _>("gone")).is_err());
     }
 
     #[test]
