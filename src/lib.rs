@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+pub mod create;
 pub mod format;
 pub mod image;
 pub mod lock;

@@ -2,7 +2,7 @@
 //! starts with, the entries that point at preallocated tables and clusters, and how many
 //! refcount structures cover a given number of clusters.
 //!
-//! Everything here is pure arithmetic and byte building; the image creator (`image::create`)
+//! Everything here is pure arithmetic and byte building; the image creator (`create`)
 //! decides where things go and does the I/O.
 
 use super::entry::{ExtendedL2Entry, L1_L2_OFFSET_MASK, OFLAG_COPIED};

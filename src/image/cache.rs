@@ -226,9 +226,13 @@ mod tests {
         cache.unpin();
         assert_eq!((cache.len(), cache.dirty_len()), (2, 0));
         assert!(cache.get_or_load(HostOffset(2), || Err("evicted")).is_err());
-        assert!(cache.get_or_load(HostOffset(3), || Err::<Vec<u64>, _>("kept")).is_ok());
+        assert!(cache
+            .get_or_load(HostOffset(3), || Err::<Vec<u64>, _>("kept"))
+            .is_ok());
         cache.forget(HostOffset(3));
-        assert!(cache.get_or_load(HostOffset(3), || Err("forgotten")).is_err());
+        assert!(cache
+            .get_or_load(HostOffset(3), || Err("forgotten"))
+            .is_err());
     }
 
     #[test]
@@ -236,12 +240,18 @@ mod tests {
         let n = 65_536u64;
         let cache = TableCache::new(n as usize);
         for o in 0..2 * n {
-            cache.get_or_load(HostOffset(o), || Ok::<_, ()>(vec![o])).unwrap();
+            cache
+                .get_or_load(HostOffset(o), || Ok::<_, ()>(vec![o]))
+                .unwrap();
         }
         assert_eq!(cache.len(), n as usize);
         // The second half stayed, the first half went.
-        assert!(cache.get_or_load(HostOffset(2 * n - 1), || Err("gone")).is_ok());
-        assert!(cache.get_or_load(HostOffset(0), || Err::<Vec<u64>, _>("gone")).is_err());
+        assert!(cache
+            .get_or_load(HostOffset(2 * n - 1), || Err("gone"))
+            .is_ok());
+        assert!(cache
+            .get_or_load(HostOffset(0), || Err::<Vec<u64>, _>("gone"))
+            .is_err());
     }
 
     #[test]

@@ -23,8 +23,8 @@
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 
-use super::create::{plan, write_image, CreateOptions};
 use super::{Image, OpenOptions, Repair};
+use crate::create::{plan, write_image, CreateOptions};
 use crate::format::GuestOffset;
 use crate::storage::{MemStorage, Storage};
 

@@ -19,16 +19,13 @@
 //! | `snapshot.rs` | internal snapshots: create, apply, delete, COPIED flags, map upkeep |
 //! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
 //! | `flush.rs` | ordered write-back of refcounts, tables and header |
-//! | `repair.rs` | `check -r leaks\|all`: refcounts, COPIED flags, unaligned preallocated entries |
-//! | `rebuild.rs` | a damaged refcount structure rebuilt past everything in use |
-//! | `create.rs` | new images: option checks as QEMU words them, layout, first write |
+//! | `check/` | `check` and `check -r`: report, recomputed counts, the walk, repair, rebuild |
 
 mod alloc;
 mod backing;
 mod cache;
 mod check;
 mod compress;
-pub mod create;
 mod error;
 mod flush;
 mod guard;
@@ -36,8 +33,6 @@ mod guest_map;
 mod mapping;
 mod read;
 mod reader;
-mod rebuild;
-mod repair;
 mod snapshot;
 mod write;
 
@@ -50,11 +45,12 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 pub use backing::Backing;
 pub use cache::{Table, TableCache};
-pub use check::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
+pub use check::{
+    CheckReport, Finding, FindingKind, Overlap, Owner, Repair, Severity, NEED_REBUILD,
+};
 pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;
-pub use repair::{Repair, NEED_REBUILD};
 pub use write::WriteKind;
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};

@@ -7,9 +7,7 @@ use pyo3::prelude::*;
 
 use super::convert::u64_obj;
 use super::errors::LockError;
-use crate::image::create::{
-    create_file, CompressionType, CreateError, CreateOptions, Preallocation,
-};
+use crate::create::{create_file, CompressionType, CreateError, CreateOptions, Preallocation};
 
 /// Maps a creation error: option errors are `ValueError` with QEMU's message, I/O errors the
 /// `OSError` subclass of their errno (`FileExistsError` for an existing file), with the path.

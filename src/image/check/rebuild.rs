@@ -14,13 +14,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::check::Counts;
-use super::write::{WriteKind, Writer};
-use super::{CheckReport, FindingKind, Image, ImageError};
+use super::Counts;
+use super::{CheckReport, FindingKind};
 use crate::format::limits::MAX_REFTABLE_BYTES;
 use crate::format::offsets::MAX_HOST_OFFSET;
 use crate::format::refcount::{max_refcount, refcount_set, REFTABLE_OFFSET_MASK};
 use crate::format::{write_u64_table, ClusterCount, HostOffset};
+use crate::image::write::{WriteKind, Writer};
+use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 
 impl Image {
@@ -110,7 +111,7 @@ impl Image {
             .map_err(|_| ImageError::Unsupported("rebuilt refcount table too large".into()))?;
         self.write_header(w)?;
         storage.flush()?;
-        w.refcounts = super::alloc::Refcounts::new(cb, order, table_offset, table);
+        w.refcounts = crate::image::alloc::Refcounts::new(cb, order, table_offset, table);
 
         // The map follows: the old structure is no longer metadata, the new one is.
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
@@ -259,10 +260,11 @@ impl NewLayout {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
-    use super::super::{OpenOptions, Repair};
+    use super::super::Repair;
     use super::*;
     use crate::format::entry::OFLAG_COPIED;
+    use crate::image::testutil::*;
+    use crate::image::OpenOptions;
     use crate::storage::MemStorage;
 
     fn repaired(bytes: Vec<u8>) -> (Arc<MemStorage>, CheckReport) {

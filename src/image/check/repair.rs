@@ -19,7 +19,7 @@
 //! 3. **Header bits.** When nothing is left wrong, the corrupt and dirty bits are cleared.
 //!
 //! Every write goes through `guarded_write`, and no repair touches a cluster that two
-//! structures use (a named [`Overlap`](super::Overlap)): qemu-img would raise its refcount to
+//! structures use (a named [`Overlap`](super::report::Overlap)): qemu-img would raise its refcount to
 //! the number of users and call the image repaired, but the structures still overwrite each
 //! other; here the cluster keeps its refcount and the final report keeps the corruption, so
 //! that it says what was not repaired.
@@ -33,12 +33,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::check::Counts;
-use super::write::{WriteKind, Writer};
-use super::{CheckReport, ErrorKind, FindingKind, Image, ImageError, OpenOptions, Owner};
+use super::Counts;
+use super::{CheckReport, FindingKind, Owner};
 use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use crate::format::header::IncompatibleFeatures;
 use crate::format::HostOffset;
+use crate::image::write::{WriteKind, Writer};
+use crate::image::{ErrorKind, Image, ImageError, OpenOptions};
 use crate::overlap::MetadataType;
 
 /// What a repair may change (`qemu-img check -r leaks` / `-r all`).
@@ -495,8 +496,8 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
     use super::*;
+    use crate::image::testutil::*;
     use crate::storage::MemStorage;
 
     fn check(st: &Arc<MemStorage>) -> CheckReport {

@@ -1,0 +1,25 @@
+//! `check` and `check -r`, as qemu-img does them: every cluster's refcount recomputed from the
+//! metadata and compared with the refcount structures, every metadata overlap named, and the
+//! repairs.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `report.rs` | what a check reports: findings, severities, overlaps, counters, exit code |
+//! | `counts.rs` | the recomputed per-cluster refcounts and the decoding of refcount blocks |
+//! | `walk.rs` | the walk over every table, in qemu-img's order: its state and its steps |
+//! | `tables.rs` | the walk's L1 and L2 tables (each L2 table read once) and bitmaps |
+//! | `compare.rs` | the walk's refcount blocks, the comparison with the disk, the overlaps |
+//! | `repair.rs` | `check -r leaks\|all`: refcounts, COPIED flags, unaligned preallocated entries |
+//! | `rebuild.rs` | a damaged refcount structure rebuilt past everything in use |
+
+mod compare;
+mod counts;
+mod rebuild;
+mod repair;
+mod report;
+mod tables;
+mod walk;
+
+pub(crate) use counts::Counts;
+pub use repair::{Repair, NEED_REBUILD};
+pub use report::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};

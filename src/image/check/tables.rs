@@ -1,0 +1,330 @@
+//! The table part of the check's walk: L1 tables gathered, every L2 table read once and its
+//! entries counted (with the number of references as a multiplier), and the bitmaps.
+
+use super::report::{Finding, FindingKind, Owner, Severity};
+use super::walk::{Checker, L1Ref};
+use crate::format::entry::{
+    L1_L2_OFFSET_MASK, L1_RESERVED_MASK, L2_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
+use crate::format::CompressedDescriptor;
+
+impl Checker<'_> {
+    pub(super) fn gather_l1(&mut self, bytes: &[u8], source: Option<u32>, refs: &mut Vec<L1Ref>) {
+        for (i, c) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            if e == 0 {
+                continue;
+            }
+            if e & L1_RESERVED_MASK != 0 {
+                let mut f = Finding::new(FindingKind::L1Reserved, Severity::Corruption);
+                f.index = i as u64;
+                f.entry = e;
+                self.report.add(f);
+            }
+            let l2 = e & L1_L2_OFFSET_MASK;
+            // Counted even when 0 (QEMU counts cluster 0 for an entry with only flag bits).
+            self.inc(l2, self.cs, 1);
+            if l2 % self.cs != 0 {
+                let mut f = Finding::new(FindingKind::L2TableUnaligned, Severity::Corruption);
+                f.offset = l2;
+                f.index = i as u64;
+                self.report.add(f);
+            }
+            if source.is_none() {
+                // COPIED flag of the L1 entry against the L2 table's on-disk refcount.
+                if l2 != 0 {
+                    if let Some(rc) = self.disk_refcount(l2 >> self.cb) {
+                        if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                            let mut f = Finding::new(FindingKind::CopiedL1, Severity::Corruption);
+                            f.index = i as u64;
+                            f.entry = e;
+                            f.reference = rc;
+                            f.offset = l2;
+                            self.report.add(f);
+                        }
+                    }
+                }
+            }
+            refs.push(L1Ref {
+                l2_offset: l2,
+                source,
+                l1_index: i as u64,
+            });
+        }
+    }
+
+    pub(super) fn bitmaps(&mut self) {
+        let img = self.img;
+        let Some(ext) = img.header().active_bitmaps_ext() else {
+            return;
+        };
+        if ext.nb_bitmaps == 0 {
+            return;
+        }
+        self.inc(ext.dir_offset, ext.dir_size, 1);
+        self.own(Owner::BitmapDirectory, ext.dir_offset, ext.dir_size);
+        let bitmaps = img.bitmaps();
+        if bitmaps.len() as u64 != u64::from(ext.nb_bitmaps) {
+            let mut f = Finding::new(FindingKind::BitmapInvalid, Severity::Corruption);
+            f.name = "directory".into();
+            self.report.add(f);
+            return;
+        }
+        for (n, bm) in bitmaps.iter().enumerate() {
+            let tbytes = bm.table_bytes();
+            self.inc(bm.table_offset, tbytes, 1);
+            self.own(Owner::BitmapTable(n as u32), bm.table_offset, tbytes);
+            let Some(t) = self.read(bm.table_offset, tbytes, "a bitmap table") else {
+                continue;
+            };
+            for (i, c) in t.chunks_exact(8).enumerate() {
+                let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                let entry = crate::format::BitmapTableEntry(e);
+                if entry.check(self.cs).is_err() {
+                    let mut f = Finding::new(FindingKind::BitmapEntry, Severity::Corruption);
+                    f.index = i as u64;
+                    f.entry = e;
+                    f.name = bm.name.clone();
+                    self.report.add(f);
+                    continue;
+                }
+                let off = entry.offset().0;
+                if off != 0 {
+                    self.inc(off, self.cs, 1);
+                    self.own(Owner::BitmapData(n as u32, i as u64), off, self.cs);
+                }
+            }
+        }
+    }
+
+    pub(super) fn walk_l2_tables(&mut self, refs: &mut [L1Ref]) {
+        refs.sort_by_key(|r| (r.l2_offset, r.source.map_or(0, |s| u64::from(s) + 1)));
+        let total = refs.len() as u64;
+        let table_bytes = self.g.l2_entries() * self.g.l2_entry_size();
+        let mut buf = vec![0u8; table_bytes as usize];
+        let mut start = 0;
+        let mut done = 0u64;
+        while start < refs.len() {
+            let off = refs[start].l2_offset;
+            let end = start + refs[start..].partition_point(|r| r.l2_offset == off);
+            let group = &refs[start..end];
+            let times = group.len() as u64;
+            let active = group.iter().filter(|r| r.source.is_none()).count() as u64;
+            let first = group[0];
+            start = end;
+            done += times;
+            if done % 256 < times {
+                (self.progress)(done, total);
+            }
+            if let Err(e) = self.storage.read_padded(off, &mut buf) {
+                let mut f = Finding::new(FindingKind::ReadError, Severity::CheckError);
+                f.offset = off;
+                f.name = format!("an L2 table ({e})");
+                self.report.add(f);
+                continue;
+            }
+            let l2 = std::mem::take(&mut buf);
+            self.l2_table(&l2, first, times, active);
+            buf = l2;
+        }
+        (self.progress)(total, total);
+    }
+
+    /// Counts the entries of one L2 table referenced `times` times, `active` of them from the
+    /// active L1 table; `first` names it in overlaps.
+    pub(super) fn l2_table(&mut self, table: &[u8], first: L1Ref, times: u64, active: u64) {
+        let ext = self.g.is_extended_l2();
+        let esz = self.g.l2_entry_size() as usize;
+        let cs = self.cs;
+        let guest_base = first.l1_index.saturating_mul(self.g.bytes_per_l1_entry());
+        let mut next_contiguous = 0u64;
+        let (mut allocated, mut fragmented) = (0u64, 0u64);
+        // The fast path below handles clusters that lie in the file, in an image without an
+        // external data file, whose refcounts are all readable.
+        let fast_end = if self.data_file || !self.unreadable_blocks.is_empty() {
+            0
+        } else {
+            self.img.file_len().min(self.file_clusters << self.cb)
+        };
+        let copied_pass = active > 0 && first.l2_offset != 0;
+        for (i, c) in table.chunks_exact(esz).enumerate() {
+            let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let bitmap = if ext {
+                u64::from_be_bytes([c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]])
+            } else {
+                0
+            };
+            if e == 0 && bitmap == 0 {
+                continue;
+            }
+            // Fast path: a standard, aligned data cluster inside the file, nothing odd about it.
+            let offset = e & L1_L2_OFFSET_MASK;
+            if !ext
+                && e & (OFLAG_COMPRESSED | L2_RESERVED_MASK | OFLAG_ZERO) == 0
+                && offset != 0
+                && offset & (cs - 1) == 0
+                && offset < fast_end
+            {
+                let k = offset >> self.cb;
+                if active > 0 {
+                    allocated += active;
+                    if next_contiguous != 0 && offset != next_contiguous {
+                        fragmented += active;
+                    }
+                    next_contiguous = offset + cs;
+                }
+                self.inc_cluster(k, times);
+                if self.meta_bits[(k / 64) as usize] & (1 << (k % 64)) != 0 {
+                    let guest = guest_base.saturating_add((i as u64) << self.cb);
+                    self.data_on_meta(Owner::Data(first.source, guest), offset, k);
+                }
+                if copied_pass {
+                    let rc = match self.disk.small[k as usize] {
+                        u8::MAX => self.disk.get(k),
+                        v => u64::from(v),
+                    };
+                    if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
+                        f.index = first.l1_index;
+                        f.l2_table = first.l2_offset;
+                        f.l2_index = i as u64;
+                        f.entry = e;
+                        f.reference = rc;
+                        f.offset = offset;
+                        f.times = active;
+                        self.report.add(f);
+                    }
+                }
+                continue;
+            }
+            let compressed = e & OFLAG_COMPRESSED != 0;
+            let guest = guest_base.saturating_add((i as u64) << self.cb);
+            let data_owner = Owner::Data(first.source, guest);
+            if !compressed && e & L2_RESERVED_MASK != 0 {
+                self.l2_finding(FindingKind::L2Reserved, e, 0, i, times);
+            }
+            if compressed {
+                if e & OFLAG_COPIED != 0 {
+                    let d = CompressedDescriptor::from_entry(e & !OFLAG_COPIED, self.cb);
+                    let mut f = Finding::new(FindingKind::CopiedCompressed, Severity::Corruption);
+                    f.offset = d.map_or(0, |d| d.host_offset.0);
+                    f.entry = e;
+                    f.times = times;
+                    self.report.add(f);
+                }
+                if self.data_file {
+                    self.l2_finding(FindingKind::CompressedDataFile, e, 0, i, times);
+                    continue;
+                }
+                if bitmap != 0 {
+                    self.l2_finding(FindingKind::CompressedBitmap, e, bitmap, i, times);
+                    continue;
+                }
+                let Some((start, end)) =
+                    CompressedDescriptor::from_entry(e & !OFLAG_COPIED, self.cb)
+                        .and_then(|d| d.data_range())
+                else {
+                    continue;
+                };
+                self.inc(start, end - start, times);
+                for k in (start >> self.cb)..=((end - 1) >> self.cb) {
+                    if self.is_meta(k) {
+                        self.data_on_meta(data_owner, start, k);
+                    }
+                }
+                if active > 0 {
+                    self.report.allocated_clusters += active;
+                    self.report.compressed_clusters += active;
+                    self.report.fragmented_clusters += active;
+                }
+                continue;
+            }
+            let zero = !ext && e & OFLAG_ZERO != 0;
+            let unallocated = offset == 0 && (zero || !(self.data_file && e & OFLAG_COPIED != 0));
+            if unallocated {
+                if ext && bitmap & 0xffff_ffff != 0 {
+                    self.l2_finding(FindingKind::UnallocatedSubclusters, e, bitmap, i, times);
+                }
+                continue;
+            }
+            // A normal or preallocated-zero cluster.
+            if ext && (bitmap >> 32) & bitmap != 0 {
+                self.l2_finding(FindingKind::SubclusterBitmap, e, bitmap, i, times);
+            }
+            if offset % cs != 0 {
+                let has_data = if ext {
+                    bitmap & 0xffff_ffff != 0
+                } else {
+                    e & OFLAG_ZERO == 0
+                };
+                let kind = if has_data {
+                    FindingKind::DataUnaligned
+                } else {
+                    FindingKind::PreallocatedUnaligned
+                };
+                let mut f = Finding::new(kind, Severity::Corruption);
+                f.offset = offset;
+                f.entry = e;
+                f.times = times;
+                f.reference = bitmap;
+                if active > 0 {
+                    f.index = first.l1_index;
+                    f.l2_table = first.l2_offset;
+                    f.l2_index = i as u64;
+                }
+                self.report.add(f);
+            }
+            if active > 0 {
+                self.report.allocated_clusters += active;
+                if next_contiguous != 0 && offset != next_contiguous {
+                    self.report.fragmented_clusters += active;
+                }
+                next_contiguous = offset.wrapping_add(cs);
+            }
+            if self.data_file {
+                continue;
+            }
+            self.inc(offset, cs, times);
+            let k = offset >> self.cb;
+            if self.is_meta(k) {
+                self.data_on_meta(data_owner, offset, k);
+            }
+            // qemu-img's COPIED pass skips an L1 entry whose L2 offset is 0 altogether.
+            if active > 0 && first.l2_offset != 0 {
+                if let Some(rc) = self.disk_refcount(k) {
+                    if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
+                        f.index = first.l1_index;
+                        f.l2_table = first.l2_offset;
+                        f.l2_index = i as u64;
+                        f.entry = e;
+                        f.reference = rc;
+                        f.offset = offset;
+                        f.times = active;
+                        self.report.add(f);
+                    }
+                }
+            }
+        }
+        self.report.allocated_clusters += allocated;
+        self.report.fragmented_clusters += fragmented;
+    }
+
+    pub(super) fn l2_finding(
+        &mut self,
+        kind: FindingKind,
+        e: u64,
+        bitmap: u64,
+        i: usize,
+        times: u64,
+    ) {
+        let mut f = Finding::new(kind, Severity::Corruption);
+        f.entry = e;
+        f.reference = bitmap;
+        f.index = i as u64;
+        f.offset = e & L1_L2_OFFSET_MASK;
+        f.times = times;
+        self.report.add(f);
+    }
+}
