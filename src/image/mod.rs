@@ -7,12 +7,7 @@
 //! |---|---|
 //! | `mod.rs` | open (locks first, see [`crate::lock`]), close, accessors, the overlap check |
 //! | `error.rs` | [`ImageError`] and the [`ErrorKind`] the bindings map to exceptions |
-//! | `cache.rs` | the bounded L2 table cache |
-//! | `mapping.rs` | guest offset → decoded [`L2Mapping`](crate::format::L2Mapping) extents |
-//! | `backing.rs` | the backing chain and the external data file (at open when writable, else on first use) |
-//! | `read.rs` | guest reads: data, zeros, subclusters, compressed clusters, backing files |
-//! | `reader.rs` | a long-lived second reader thread for long runs of data |
-//! | `guest_map.rs` | `qemu-img map`'s view of the guest disk |
+//! | `read/` | guest reads: mapping, the L2 table cache, the backing chain and data file (at open when writable, else on first use), the reader thread, the guest map |
 //! | `alloc.rs` | refcounts and cluster allocation (in memory; queued decrements) |
 //! | `write.rs` | guest writes, zero writes, discard, resize |
 //! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
@@ -22,17 +17,12 @@
 //! | `check/` | `check` and `check -r`: report, recomputed counts, the walk, repair, rebuild |
 
 mod alloc;
-mod backing;
-mod cache;
 mod check;
 mod compress;
 mod error;
 mod flush;
 mod guard;
-mod guest_map;
-mod mapping;
 mod read;
-mod reader;
 mod snapshot;
 mod write;
 
@@ -43,14 +33,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
-pub use backing::Backing;
-pub use cache::{Table, TableCache};
 pub use check::{
     CheckReport, Finding, FindingKind, Overlap, Owner, Repair, Severity, NEED_REBUILD,
 };
 pub use error::{ErrorKind, ImageError};
-pub use guest_map::GuestExtent;
-pub use mapping::Extent;
+pub use read::{Backing, Extent, GuestExtent, Table, TableCache};
 pub use write::WriteKind;
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};
@@ -146,8 +133,8 @@ pub struct Image {
     snaps: RwLock<snapshot::SnapshotList>,
     /// Writer state; `None` for a read-only image, which can never write.
     writer: Option<Mutex<write::Writer>>,
-    /// The backing chain and data file, opened on first use (see `backing.rs`).
-    chain: Mutex<Option<Arc<backing::Chain>>>,
+    /// The backing chain and data file, opened on first use (see `read/backing.rs`).
+    chain: Mutex<Option<Arc<read::backing::Chain>>>,
     /// The most recently decompressed cluster: `(L2 entry, bytes)`.
     compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Whether QEMU would call this image metadata-preallocated (`guest_map` only).

@@ -18,9 +18,9 @@
 //! Offsets are not reported for encrypted images (QEMU does not either).
 
 use super::backing::{Backing, Chain};
-use super::{Image, ImageError};
 use crate::format::refcount::{refcount_get, REFTABLE_OFFSET_MASK};
 use crate::format::{GuestOffset, L2Mapping};
+use crate::image::{Image, ImageError};
 use crate::storage::Storage;
 
 /// One range of the guest disk, with `qemu-img map --output=json`'s fields.

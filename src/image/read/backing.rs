@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Image, ImageError, OpenOptions};
 use crate::format::header::QCOW2_MAGIC;
+use crate::image::{Image, ImageError, OpenOptions};
 use crate::lock::{FileLock, LockSet};
 use crate::overlap::MetadataType;
 use crate::storage::{FileStorage, Storage};

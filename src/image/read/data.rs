@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use super::{Image, ImageError};
 use crate::format::header::{COMPRESSION_DEFLATE, COMPRESSION_ZSTD, CRYPT_AES, CRYPT_LUKS};
 use crate::format::{CompressedDescriptor, GuestOffset, L2Mapping};
+use crate::image::{Image, ImageError};
 
 impl Image {
     /// Reads `buf.len()` guest bytes at `guest`. The whole range must lie inside the virtual
@@ -135,10 +135,10 @@ fn zstd_decompress(input: &[u8], out: &mut [u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
-    use super::super::OpenOptions;
     use super::*;
     use crate::format::entry::{OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+    use crate::image::testutil::*;
+    use crate::image::OpenOptions;
     use crate::storage::MemStorage;
     use std::io::Write;
 
@@ -167,7 +167,7 @@ mod tests {
         let err = img
             .read_at(GuestOffset((1 << 30) - 1), &mut [0u8; 2])
             .unwrap_err();
-        assert_eq!(err.kind(), super::super::ErrorKind::InvalidArgument);
+        assert_eq!(err.kind(), crate::image::ErrorKind::InvalidArgument);
         img.read_at(GuestOffset(1 << 30), &mut []).unwrap();
     }
 
@@ -216,7 +216,7 @@ mod tests {
         bytes[35] = 1; // crypt_method = AES
         let img = open(bytes);
         let err = img.read_at(GuestOffset(0), &mut [0u8; 1]).unwrap_err();
-        assert_eq!(err.kind(), super::super::ErrorKind::Unsupported);
+        assert_eq!(err.kind(), crate::image::ErrorKind::Unsupported);
         assert!(err.to_string().contains("AES"), "{err}");
     }
 }

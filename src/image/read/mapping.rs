@@ -2,9 +2,9 @@
 //! kind of mapping (with contiguous host offsets) runs from there.
 
 use super::cache::Table;
-use super::{Image, ImageError};
 use crate::format::entry::L1_L2_OFFSET_MASK;
 use crate::format::{GuestOffset, HostOffset, L2Mapping};
+use crate::image::{Image, ImageError};
 
 /// A run of guest bytes with one kind of mapping.
 ///
@@ -164,10 +164,10 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
-    use super::super::OpenOptions;
     use super::*;
     use crate::format::entry::{OFLAG_COPIED, OFLAG_ZERO};
+    use crate::image::testutil::*;
+    use crate::image::OpenOptions;
     use crate::storage::MemStorage;
     use std::sync::Arc;
 
@@ -217,6 +217,6 @@ mod tests {
     fn unaligned_entries_are_corruption() {
         let img = open(image(1 << 30, &[OFLAG_COPIED | (5 * CS + 512)], &[(0, 1)]));
         let err = img.mapping(GuestOffset(0), 1).unwrap_err();
-        assert_eq!(err.kind(), super::super::ErrorKind::Corruption);
+        assert_eq!(err.kind(), crate::image::ErrorKind::Corruption);
     }
 }
