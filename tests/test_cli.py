@@ -299,3 +299,45 @@ def test_fast_parse_leaves_the_rest_to_argparse(argv: list[str]) -> None:
     from qcow2ovl.cli import fast_parse
 
     assert fast_parse(argv) is None
+
+
+# ---- subcommand usage and help ------------------------------------------------------------------
+
+SUBCOMMANDS = ("info", "map", "check", "demo", "create", "convert", "io", "snapshot")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "--no-such-option", "in.qcow2", "out.raw"],
+        ["convert", "--no-such-option", "x", "in.qcow2", "out.raw"],
+        ["io", "-c", "read 0 1", "--no-such-option", "in.qcow2"],
+        ["snapshot", "-l", "--no-such-option", "in.qcow2"],
+        ["create", "--no-such-option", "new.qcow2", "1M"],
+        ["info", "--no-such-option", "in.qcow2"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_unknown_option_names_the_subcommand(tmp_path: Path, argv: list[str]) -> None:
+    """An unknown option gets the subcommand's usage and touches no file, as a subparser's own
+    error would (not the top-level usage with the next word taken as a file)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qcow2ovl", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"usage: qcow2ovl {argv[0]} ")
+    assert f"qcow2ovl {argv[0]}: error: unrecognized arguments: --no-such-option" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_is_plain_text(command: str) -> None:
+    """No reStructuredText markup (``literal``, :func:`x`) in any --help."""
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(f"usage: qcow2ovl {command}")
+    assert not re.search(r"``|:(func|class|meth|mod|attr):`", proc.stdout), proc.stdout

@@ -364,6 +364,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+#: ``io --help``'s description (plain text).
+IO_HELP = """\
+Run qemu-io's commands, in qemu-io's syntax, on one qcow2 image through qcow2ovl's guarded
+engine (numbers with qemu-io's suffixes b k M G T P E, 0x hex):
+
+  read [-qv] [-P pattern] off len
+  write [-q] [-P pattern | -z [-u]] off len
+  discard [-q] off len
+  flush
+
+Each command prints what qemu-io prints. A failed command does not stop the next one; the exit
+status is 1 if any failed. The image is opened writable only when a command writes to it. A
+write that would land on metadata is refused with QEMU's message on stderr, the image is marked
+corrupt and every later write fails.
+"""
+
+
 def add_parser(subparsers: Any) -> None:
     """Add the ``io`` subcommand to an ``argparse`` subparsers object."""
     import argparse
@@ -371,7 +388,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "io",
         help="run qemu-io's read/write/discard/flush commands on a qcow2 image",
-        description=__doc__,
+        description=IO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -100,12 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     from qcow2ovl import __version__
 
+    class SubcommandParser(argparse.ArgumentParser):
+        """A subcommand's parser: an option it does not know is an error with the subcommand's
+        usage (argparse would otherwise hand it up to the top-level parser, which reports it
+        with the top-level usage after the subcommand took the following words as operands)."""
+
+        def parse_known_args(  # type: ignore[override]
+            self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+        ) -> tuple[argparse.Namespace, list[str]]:
+            parsed, extras = super().parse_known_args(args, namespace)
+            if extras:
+                self.error("unrecognized arguments: " + " ".join(extras))
+            return parsed, extras
+
     parser = argparse.ArgumentParser(
         prog="qcow2ovl",
         description="qcow2 metadata maps and constant-time metadata overlap checks",
     )
     parser.add_argument("--version", action="version", version=f"qcow2ovl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser
+    )
     demo = sub.add_parser(
         "demo",
         help="a guarded write next to QEMU's unguarded one; maps and checks",
