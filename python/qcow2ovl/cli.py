@@ -16,20 +16,9 @@ if TYPE_CHECKING:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from qcow2ovl import _format
-    from qcow2ovl.image import open as open_image
+    from qcow2ovl import _cli_info
 
-    with open_image(
-        args.image, overlap_check=args.overlap_check, snapshot=getattr(args, "snapshot", None)
-    ) as image:
-        d = _format.info_dict(image)
-        if args.output == "json":
-            import json
-
-            print(json.dumps(d, indent=4))
-        else:
-            print(_format.info_text(image, d))
-    return 0
+    return _cli_info.run(args)
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -139,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
             default="all",
             help="which metadata types to map (QEMU's overlap-check syntax; default: all)",
         )
+        if name == "info":
+            p.add_argument(
+                "--backing-chain",
+                action="store_true",
+                help="also every image of the backing chain (JSON: a list), as qemu-img does",
+            )
         if name == "map":
             p.add_argument(
                 "--guest",
@@ -169,6 +164,7 @@ _OPTIONS = {"--output": "output", "--overlap-check": "overlap_check"}
 
 def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     """The plain forms of ``info``/``map`` (``COMMAND IMAGE [--output X] [--overlap-check Y]``,
+    ``info``'s ``--backing-chain``;
     options also as ``--opt=value``), parsed without building the argparse parser, which costs a
     few milliseconds of a command that should start in about the time Python does.
 
@@ -183,7 +179,9 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     while rest:
         token = rest.pop(0)
         name, eq, value = token.partition("=")
-        if name in _OPTIONS:
+        if token == "--backing-chain" and argv[0] == "info":
+            values["backing_chain"] = True
+        elif name in _OPTIONS:
             if not eq:
                 if not rest or rest[0].startswith("-"):
                     return None
@@ -198,6 +196,8 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     from types import SimpleNamespace
 
     values["snapshot"] = None
+    if argv[0] == "info":
+        values.setdefault("backing_chain", False)
     if argv[0] == "map":
         values["guest"] = False
         values["picture"] = None
