@@ -76,7 +76,7 @@ commands:
   demo         a guarded write next to QEMU's unguarded one; maps and checks
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
-  io IMAGE     read, write, discard, flush (qemu-io -c syntax)
+  io IMAGE     qemu-io's commands: read, write, alloc, map, ... (qemu-io -c syntax)
   snapshot     list, create, apply or delete internal snapshots (qemu-img snapshot syntax)
 
 Run 'qcow2ovl COMMAND --help' for a command's options.
