@@ -139,7 +139,8 @@ def test_cli_info(snap_image: Path, capsys: pytest.CaptureFixture) -> None:
     q = qi.qemu_info(snap_image)
     assert info["virtual-size"] == q["virtual-size"]
     assert [s["name"] for s in info["snapshots"]] == [s["name"] for s in q["snapshots"]]
-    assert [b["name"] for b in info["bitmaps"]] == ["b0"]
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    assert [b["name"] for b in bitmaps] == ["b0"]
     assert cli_main(["info", str(snap_image)]) == 0
     human = capsys.readouterr().out
     assert "virtual size: 2 GiB (2147483648 bytes)" in human
