@@ -57,8 +57,21 @@ def our_rounds(img: Path, per_round: int, rounds: int, seed: int) -> list[float]
 def qemu_rate(img: Path, count: int) -> float:
     t0 = time.perf_counter()
     subprocess.run(
-        ["qemu-img", "bench", "-f", "qcow2", "-c", str(count), "-s", "512", "-S", "262144",
-         "-t", "writeback", str(img)],
+        [
+            "qemu-img",
+            "bench",
+            "-f",
+            "qcow2",
+            "-c",
+            str(count),
+            "-s",
+            "512",
+            "-S",
+            "262144",
+            "-t",
+            "writeback",
+            str(img),
+        ],
         check=True,
         capture_output=True,
     )

@@ -456,9 +456,44 @@ def test_cli_errors(
         err = capsys.readouterr().err
         assert err.startswith(message), (argv, err)
         assert not Path("x.qcow2").exists()
-    Path("x.qcow2").write_bytes(b"")
-    assert cli("x.qcow2", "1M") == 1
-    assert capsys.readouterr() == ("", "qcow2ovl: x.qcow2: File exists\n")
+    # What qemu-img cannot create, with its words.
+    Path("dir.qcow2").mkdir()
+    os.symlink("missing/x", "dangling.qcow2")
+    for name in ("dir.qcow2", "dangling.qcow2"):
+        theirs = qemu_img("create", "-q", "-f", "qcow2", name, "1M", ok=(1,))
+        assert cli("-q", name, "1M") == 1
+        assert capsys.readouterr().err == theirs.stderr.replace("qemu-img: ", "qcow2ovl: ")
+
+
+@pytest.mark.parametrize(
+    "options", [[], ["-o", "data_file=d.raw"], ["-o", "compat=0.10,cluster_size=4k"]]
+)
+def test_cli_replaces_an_existing_file_as_qemu_img_does(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+) -> None:
+    """qemu-img create over an existing image (and data file) replaces them; so does ours.
+    The Python function keeps refusing without overwrite=True."""
+    monkeypatch.chdir(tmp_path)
+    for who in ("theirs", "ours"):
+        qemu_img("create", "-q", "-f", "qcow2", f"{who}.qcow2", "8M")
+        qemu_io(f"{who}.qcow2", "write -P 0x5a 0 1M")
+    Path("d.raw").write_bytes(b"\x77" * MiB)
+    theirs = qemu_img("create", "-f", "qcow2", *options, "theirs.qcow2", "2M")
+    theirs_data = Path("d.raw").read_bytes()
+    Path("d.raw").write_bytes(b"\x77" * MiB)
+    assert cli(*options, "ours.qcow2", "2M") == 0
+    assert capsys.readouterr() == (theirs.stdout.replace("theirs.qcow2", "ours.qcow2"), "")
+    ours_info, theirs_info = qemu_info("ours.qcow2"), qemu_info("theirs.qcow2")
+    for key in ("virtual-size", "cluster-size", "format-specific"):
+        assert ours_info[key] == theirs_info[key]
+    assert "identical" in qemu_img("compare", "ours.qcow2", "theirs.qcow2").stdout
+    assert Path("d.raw").read_bytes() == theirs_data
+    assert check_is_clean(qemu_check("ours.qcow2"))
+    with pytest.raises(FileExistsError):
+        qcow2ovl.create("ours.qcow2", MiB)
 
 
 def test_size_parser() -> None:

@@ -139,7 +139,8 @@ def test_cli_info(snap_image: Path, capsys: pytest.CaptureFixture) -> None:
     q = qi.qemu_info(snap_image)
     assert info["virtual-size"] == q["virtual-size"]
     assert [s["name"] for s in info["snapshots"]] == [s["name"] for s in q["snapshots"]]
-    assert [b["name"] for b in info["bitmaps"]] == ["b0"]
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
+    assert [b["name"] for b in bitmaps] == ["b0"]
     assert cli_main(["info", str(snap_image)]) == 0
     human = capsys.readouterr().out
     assert "virtual size: 2 GiB (2147483648 bytes)" in human
@@ -169,3 +170,22 @@ def test_invalid_bitmap_table_entry_is_refused_like_qemu(snap_image: Path, tmp_p
     with pytest.raises(qcow2ovl.FormatError, match=r"\.qcow2: Could not read bitmap_table table"):
         qcow2ovl.open(bad)
     assert "Could not read bitmap_table table" in (qi.qemu_open_error(bad) or "")
+
+
+def test_info_is_live_after_resize_and_snapshot_apply(tmp_path: Path) -> None:
+    """Image.info is made at each access: after resize() and apply_snapshot() its virtual size
+    is the disk's (as qemu-img info then reports it), its file size the file's."""
+    path = tmp_path / "live.qcow2"
+    qcow2ovl.create(path, 4 * qi.MiB)
+    with qcow2ovl.open(path, writable=True) as img:
+        assert img.info.virtual_size == 4 * qi.MiB
+        img.create_snapshot("small")
+        img.resize(64 * qi.MiB)
+        assert img.info.virtual_size == img.virtual_size == 64 * qi.MiB
+        img.write(32 * qi.MiB, b"\x01" * 65536)
+        assert img.info.file_size == path.stat().st_size
+        img.apply_snapshot("small")
+        assert img.info.virtual_size == 4 * qi.MiB
+        assert isinstance(img.info, qcow2ovl.ImageInfo)
+        assert img.info.cluster_size == 65536
+    assert qi.qemu_info(path)["virtual-size"] == 4 * qi.MiB

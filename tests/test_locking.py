@@ -523,3 +523,18 @@ def test_no_notice_where_ofd_locks_exist():
     assert _core.locking_notice("off") is None
     with pytest.raises(ValueError, match="invalid parameter value: x"):
         _core.locking_notice("x")
+
+
+def test_cli_create_over_a_held_file_as_qemu_img(image: Path):
+    before = qi.sha256_file(image)
+    p = str(image)
+    with qemu_holds(image, "-r"):
+        same_refusal(
+            ["create", "-f", "qcow2", p, "1M"], ["qemu-img", "create", "-f", "qcow2", p, "1M"]
+        )
+        mine = cli("create", "-f", "qcow2", p, "1M")
+        theirs = subprocess.run(
+            ["qemu-img", "create", "-f", "qcow2", p, "1M"], capture_output=True, text=True
+        )
+        assert mine.stdout == theirs.stdout  # the "Formatting ..." line, printed first by both
+    assert qi.sha256_file(image) == before

@@ -7,6 +7,7 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
     from qcow2ovl.check import CheckResult
 
@@ -18,7 +19,7 @@ EXIT_FAILED = 1
 _HELP = "check an image's refcounts and metadata, as `qemu-img check` does, naming overlaps"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``check`` command to the ``qcow2ovl`` parser."""
     p = sub.add_parser("check", help=_HELP, description=_HELP)
     p.add_argument("image", help="path of the qcow2 image (opened read-only unless -r)")

@@ -1,8 +1,9 @@
 """``qcow2ovl create``: qemu-img's ``create`` command line for qcow2 images.
 
 ``qcow2ovl create [-f qcow2] [-o key=value,...] [-b BACKING [-F FMT]] [-q] IMAGE [SIZE]``
-takes qemu-img's option names and size syntax and prints its ``Formatting ...`` line. Unlike
-qemu-img it does not replace an existing image.
+takes qemu-img's option names and size syntax and prints its ``Formatting ...`` line. As
+qemu-img does, it replaces an existing file (and an existing external data file); the Python
+function :func:`qcow2ovl.create` refuses one unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "create",
         help="create a qcow2 image (qemu-img create syntax)",
-        description="Create a qcow2 image with qemu-img's options; refuses to replace a file.",
+        description="Create a qcow2 image with qemu-img's options; an existing file is replaced, "
+        "as qemu-img replaces it.",
     )
     p.add_argument("-f", dest="fmt", default="qcow2", help="image format (only qcow2)")
     p.add_argument(
@@ -218,12 +220,18 @@ def _create(args: argparse.Namespace) -> None:
         "data_file_raw": _bool("data_file_raw", opts.get("data_file_raw", "off")),
         "preallocation": opts.get("preallocation", "off"),
     }
-    if os.path.lexists(args.image):
-        # Refused before the summary line (create() refuses it too, without a race).
-        raise CreateUsageError("File exists")
     if not args.quiet:
         print(_formatting_line(args.image, opts, size), flush=True)
-    create(args.image, size, **kwargs)
+    # An existing image (and data file) is replaced, as qemu-img create replaces it.
+    create(args.image, size, overwrite=True, **kwargs)
+
+
+def _data_files(args: argparse.Namespace) -> list[str]:
+    """The ``data_file`` names of the ``-o`` options (for error messages)."""
+    try:
+        return [v for spec in args.options for k, v in _split_options(spec) if k == "data_file"]
+    except CreateUsageError:
+        return []
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,7 +244,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"qcow2ovl: {where}{exc}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
+        from qcow2ovl.errors import LockError
+
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if isinstance(exc, LockError):
+            pass  # QEMU's two lines, naming the locked file, as qemu-img prints them
+        elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+            name = os.fsdecode(exc.filename)
+            if name == args.image or name in _data_files(args):
+                text = f"Could not create '{name}': {exc.strerror}"  # qemu-img's words
         print(f"qcow2ovl: {args.image}: {text}", file=sys.stderr)
         return 1
     return 0

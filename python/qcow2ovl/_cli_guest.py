@@ -287,12 +287,25 @@ def _snapshot_arg(value: str) -> str:
     return value
 
 
+#: ``convert --help``'s description (plain text: argparse prints it as it is).
+CONVERT_HELP = (
+    "Copy the guest disk of a qcow2 image (with its backing chain) or a raw file to a new qcow2 "
+    "image, written by qcow2ovl's guarded engine, or to a sparse raw file, as 'qemu-img "
+    "convert' does; the default output format is raw, as there. Ranges that read as zeros are "
+    "not written: they stay unallocated in a qcow2 output and holes in a raw one. -o takes "
+    "qemu-img create's qcow2 options (cluster_size, compat, refcount_bits, extended_l2, "
+    "lazy_refcounts, compression_type, preallocation). An existing output file is replaced. "
+    "With -c every non-zero cluster of a qcow2 output is stored compressed with the image's "
+    "compression type (-o compression_type=zstd for zstd), except clusters that do not shrink."
+)
+
+
 def add_parsers(sub: Any) -> None:
     """Adds ``convert`` to the command's subparsers."""
     p = sub.add_parser(
         "convert",
         help="copy the guest disk of a qcow2 image or raw file to qcow2 or raw",
-        description=convert.__doc__,
+        description=CONVERT_HELP,
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("-f", dest="source_format", help="source format (qcow2 or raw; default: probe)")

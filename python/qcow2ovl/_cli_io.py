@@ -1,13 +1,10 @@
-"""``qcow2ovl io IMAGE -c CMD [-c CMD ...]``: qemu-io's guest I/O commands on our own engine.
+"""``qcow2ovl io IMAGE -c CMD [-c CMD ...]``: qemu-io's commands on our own engine.
 
-Commands (qemu-io's syntax, numbers with qemu-io's size suffixes ``b k M G T P E``, ``0x`` hex):
-
-- ``read [-qv] [-P pattern] OFF LEN``: read, optionally check every byte against *pattern*
-  and dump the bytes (``-v``);
-- ``write [-q] [-P pattern | -z [-u]] OFF LEN``: write *pattern* (default ``0xcd``), or zeros
-  (``-z``; with ``-u`` the clusters may be freed);
-- ``discard [-q] OFF LEN``;
-- ``flush``.
+``read``, ``write`` (``-c`` compressed, ``-z [-u] [-n]`` zeros, ``-P`` pattern, ``-s`` file,
+``-f`` FUA, ``-C`` statistics), ``discard``, ``flush`` and ``aio_flush`` are here; ``readv``,
+``writev``, ``aio_read``, ``aio_write``, ``alloc``, ``map``, ``length``, ``info`` and
+``truncate`` in ``_cli_io_more``. Numbers take qemu-io's size suffixes ``b k M G T P E`` and
+``0x`` hex.
 
 Each command prints the lines qemu-io prints (``wrote 65536/65536 bytes at offset 0`` and a
 timing line). A command that fails prints why and the next command still runs; the exit status
@@ -19,6 +16,7 @@ on the image at that point).
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import sys
@@ -42,13 +40,29 @@ _NUMBER = re.compile(
     r"(?P<hex>0[xX][0-9a-fA-F]+)|(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?P<unit>[bkmgtpeBKMGTPE]?)",
     re.ASCII,
 )
-_WRITING = ("write", "discard")
+_WRITING = ("write", "discard", "writev", "aio_write", "truncate")
+#: qemu-io's usage line of each command (printed after a bad option, as qemu-io prints it).
 _USAGE = {
-    "read": "read [-qv] [-P pattern] off len -- reads a number of bytes at a specified offset",
-    "write": "write [-q] [-P pattern | -z [-u]] off len -- writes a number of bytes at a "
+    "read": "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes "
+    "at a specified offset",
+    "write": "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of "
+    "bytes at a specified offset",
+    "readv": "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a "
     "specified offset",
-    "discard": "discard [-q] off len -- discards a number of bytes at a specified offset",
+    "writev": "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a "
+    "specified offset",
+    "aio_read": "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number "
+    "of bytes",
+    "aio_write": "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a "
+    "number of bytes",
+    "discard": "discard [-Cq] off len -- discards a number of bytes at a specified offset",
+    "truncate": "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
     "flush": "flush -- flush all in-core file state to disk",
+    "aio_flush": "aio_flush -- completes all outstanding aio requests",
+    "alloc": "alloc offset [count] -- checks if offset is allocated in the file",
+    "map": "map  -- prints the allocated areas of a file",
+    "length": "length -- gets the length of the current file",
+    "info": "info -- prints information about the current file",
 }
 
 
@@ -138,12 +152,24 @@ def report_line(total: int, seconds: float, ops: int = 1) -> str:
     )
 
 
+def report_line_c(total: int, seconds: float, ops: int = 1) -> str:
+    """qemu-io's ``-C`` line: bytes, ops, time, bytes/sec and ops/sec
+    (``512,1,0:00:00.00,2942562.558,5747.192``)."""
+    t = max(seconds, 1e-9)
+    centis = int(seconds * 100)
+    secs, cs = divmod(centis, 100)
+    mins, secs = divmod(secs, 60)
+    hours, mins = divmod(mins, 60)
+    return f"{total},{ops},{hours}:{mins:02d}:{secs:02d}.{cs:02d},{total / t:.3f},{ops / t:.3f}"
+
+
 def dump(data: bytes, offset: int) -> str:
     """``read -v``'s hex dump: 16 bytes a line, the guest offset, hex, then printable ASCII."""
     lines = []
     for i in range(0, len(data), 16):
         chunk = data[i : i + 16]
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        # Letters and digits as they are, every other byte as '.' (qemu-io's isalnum test).
+        text = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else "." for b in chunk)
         lines.append(f"{offset + i:08x}:  {' '.join(f'{b:02x}' for b in chunk)}  {text}")
     return "\n".join(lines)
 
@@ -230,12 +256,17 @@ class Session:
             return False
         if not words:
             return True
+        from qcow2ovl import _cli_io_more as more
+
         handlers: dict[str, Callable[[list[str]], bool]] = {
             "read": self._read,
             "write": self._write,
             "discard": self._discard,
             "flush": self._flush,
+            "aio_flush": self._flush,  # every request here completes before the next command
         }
+        for name, func in more.COMMANDS.items():
+            handlers[name] = functools.partial(func, self)
         handler = handlers.get(words[0])
         if handler is None:
             print(f'command "{words[0]}" not found', file=self.err)
@@ -248,63 +279,127 @@ class Session:
                 print(exc.usage, file=self.out)
             return False
 
-    def _done(self, verb: str, length: int, offset: int, seconds: float, quiet: bool) -> None:
-        if not quiet:
-            print(f"{verb} {length}/{length} bytes at offset {offset}", file=self.out)
-            print(report_line(length, seconds), file=self.out)
+    def done(
+        self, verb: str, total: int, offset: int, seconds: float, opts: dict[str, str], ops: int = 1
+    ) -> None:
+        """The lines qemu-io prints after a request: none with ``-q``, the ``-C`` line, or
+        ``wrote N/N bytes at offset X`` and the timing line."""
+        if "q" in opts:
+            return
+        if "C" in opts:
+            print(report_line_c(total, seconds, ops), file=self.out)
+            return
+        print(f"{verb} {total}/{total} bytes at offset {offset}", file=self.out)
+        print(report_line(total, seconds, ops), file=self.out)
+
+    def check_pattern(self, data: bytes, pattern: int | None, offset: int) -> bool:
+        """``-P``: every byte of *data* is *pattern*, else qemu-io's line."""
+        if pattern is not None and data != bytes([pattern]) * len(data):
+            print(
+                f"Pattern verification failed at offset {offset}, {len(data)} bytes",
+                file=self.out,
+            )
+            return False
+        return True
+
+    def end_check(self, offset: int, length: int) -> None:
+        """A request past the end of the disk fails with EIO, as in qemu-io."""
+        if offset + length > self.image.virtual_size:
+            raise OSError(5, "beyond the end of the disk")
 
     def _read(self, words: list[str]) -> bool:
-        opts, rest = _options("read", words, "qvP:")
+        opts, rest = _options("read", words, "bCpqrvP:s:l:")
+        if "b" in opts:
+            raise CommandError("read failed: Operation not supported")  # no VM state here
         pattern = parse_pattern(opts["P"]) if "P" in opts else None
+        if ("s" in opts or "l" in opts) and pattern is None:
+            raise CommandError(_USAGE["read"])
         offset, length = _operands("read", rest)
+        start = parse_number(opts["s"]) if "s" in opts else 0
+        count = parse_number(opts["l"]) if "l" in opts else length - start
+        if start + count > length:
+            raise CommandError("pattern verification range exceeds end of read data")
         t0 = time.perf_counter()
         try:
             data = self.image.read(offset, length)
         except (OSError, ValueError) as exc:
             raise _failure("read", exc) from None
         seconds = time.perf_counter() - t0
-        ok = True
-        if pattern is not None and data != bytes([pattern]) * length:
-            print(f"Pattern verification failed at offset {offset}, {length} bytes", file=self.out)
-            ok = False
+        ok = self.check_pattern(data[start : start + count], pattern, offset + start)
         if "v" in opts and "q" not in opts and data:
             print(dump(data, offset), file=self.out)
-        self._done("read", length, offset, seconds, "q" in opts)
+        self.done("read", length, offset, seconds, opts)
         return ok
 
     def _write(self, words: list[str]) -> bool:
-        opts, rest = _options("write", words, "qzuP:")
-        if "z" in opts and "P" in opts:
+        opts, rest = _options("write", words, "bcCfnpqruzP:s:")
+        if sum(k in opts for k in "zPs") > 1:
             raise CommandError("Only one of -z, -P, and -s can be specified at the same time")
         if "u" in opts and "z" not in opts:
             raise CommandError("-u requires -z to be specified")
+        if "n" in opts and "z" not in opts:
+            raise CommandError("-n requires -z to be specified")
+        if "b" in opts:
+            raise CommandError("write failed: Operation not supported")  # no VM state here
         pattern = parse_pattern(opts["P"]) if "P" in opts else DEFAULT_PATTERN
         offset, length = _operands("write", rest)
-        data = None if "z" in opts else bytes([pattern]) * length
+        data: bytes | None
+        if "s" in opts:
+            # The file's bytes, repeated to fill the buffer, as qemu-io fills it.
+            try:
+                with open(opts["s"], "rb") as f:
+                    source = f.read(length)
+            except OSError as exc:
+                raise CommandError(f"{opts['s']}: {exc.strerror}", to_stderr=True) from None
+            if not source:
+                raise CommandError(f"{opts['s']}: file is empty", to_stderr=True)
+            data = (source * -(-length // len(source)))[:length]
+        else:
+            data = None if "z" in opts else bytes([pattern]) * length
         t0 = time.perf_counter()
         try:
-            if offset + length > self.image.virtual_size:
-                raise OSError(5, "beyond the end of the disk")
+            self.end_check(offset, length)
             if data is None:
+                cs = self.image.info.cluster_size
+                if "n" in opts and (offset % cs or (offset + length) % cs):
+                    raise OSError(95, "no fast zeroing of partial clusters")
                 self.image.write_zeroes(offset, length, unmap="u" in opts)
+            elif "c" in opts:
+                self._write_compressed(offset, data)
             else:
                 self.image.write(offset, data)
+            if "f" in opts:
+                self.image.flush()  # Force Unit Access: on disk before the command ends
         except (OSError, ValueError) as exc:
             raise _failure("write", exc) from None
-        self._done("wrote", length, offset, time.perf_counter() - t0, "q" in opts)
+        self.done("wrote", length, offset, time.perf_counter() - t0, opts)
         return True
 
+    def _write_compressed(self, offset: int, data: bytes) -> None:
+        """``write -c``: whole clusters (the last one may end at the end of the disk), each
+        compressed as QEMU's compressed writes store it; anything else is EINVAL there."""
+        cs = self.image.info.cluster_size
+        end = offset + len(data)
+        if offset % cs or (end % cs and end != self.image.virtual_size):
+            raise OSError(22, "compressed writes need whole clusters")
+        for e in self.image.guest_map():
+            if e.start < end and offset < e.start + e.length and e.depth == 0 and e.present:
+                if e.data or e.offset is not None:
+                    # QEMU writes compressed clusters only where nothing is allocated.
+                    raise OSError(5, "the cluster is allocated")
+        for at in range(0, len(data), cs):
+            self.image.write_compressed(offset + at, data[at : at + cs])
+
     def _discard(self, words: list[str]) -> bool:
-        opts, rest = _options("discard", words, "q")
+        opts, rest = _options("discard", words, "Cq")
         offset, length = _operands("discard", rest)
         t0 = time.perf_counter()
         try:
-            if offset + length > self.image.virtual_size:
-                raise OSError(5, "beyond the end of the disk")
+            self.end_check(offset, length)
             self.image.discard(offset, length)
         except (OSError, ValueError) as exc:
             raise _failure("discard", exc) from None
-        self._done("discard", length, offset, time.perf_counter() - t0, "q" in opts)
+        self.done("discard", length, offset, time.perf_counter() - t0, opts)
         return True
 
     def _flush(self, words: list[str]) -> bool:
@@ -321,7 +416,8 @@ class Session:
 
 
 def needs_writable(commands: Sequence[str]) -> bool:
-    """Whether any of the command lines writes (``write``, ``discard``)."""
+    """Whether any of the command lines writes (``write``, ``writev``, ``aio_write``,
+    ``discard``, ``truncate``)."""
     return any(line.split()[:1] and line.split()[0] in _WRITING for line in commands)
 
 
@@ -377,14 +473,39 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+#: ``io --help``'s description (plain text).
+IO_HELP = """\
+Run qemu-io's commands, in qemu-io's syntax and with its output, on one qcow2 image through
+qcow2ovl's guarded engine (numbers with qemu-io's suffixes b k M G T P E, 0x hex):
+
+  read [-bCqrv] [-P pattern [-s off] [-l len]] off len
+  write [-bcCfnqruz] [-P pattern | -s source_file] off len
+  readv [-Cqrv] [-P pattern] off len [len..]
+  writev [-Cfqr] [-P pattern] off len [len..]
+  aio_read [-Ciqrv] [-P pattern] off len [len..]
+  aio_write [-Cfiqruz] [-P pattern] off len [len..]
+  aio_flush, flush
+  discard [-Cq] off len
+  alloc offset [count]; map; length; info
+  truncate off
+
+Each command prints what qemu-io prints (-C: the machine-parsable line). aio requests complete
+before the next command. A failed command does not stop the next one; the exit status is 1 if
+any failed. The image is opened writable only when a command writes to it. A write that would
+land on metadata is refused with QEMU's message on stderr, the image is marked corrupt and every
+later write fails.
+"""
+
+
 def add_parser(subparsers: Any) -> None:
     """Add the ``io`` subcommand to an ``argparse`` subparsers object."""
     import argparse
 
     p = subparsers.add_parser(
         "io",
-        help="run qemu-io's read/write/discard/flush commands on a qcow2 image",
-        description=__doc__,
+        help="run qemu-io's commands (read, write, readv, aio_write, alloc, map, ...) on a qcow2 "
+        "image",
+        description=IO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

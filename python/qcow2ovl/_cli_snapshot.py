@@ -13,13 +13,14 @@ import sys
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
 _HELP = "list, create, apply or delete internal snapshots (qemu-img snapshot syntax)"
 #: The action flags, with qemu-img's words for a failure of each.
 _ACTIONS = {"create": "create", "apply": "apply", "delete": "delete"}
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``snapshot`` command to the ``qcow2ovl`` parser."""
     p = sub.add_parser("snapshot", help=_HELP, description=_HELP)
     p.add_argument("image", help="path of the qcow2 image")

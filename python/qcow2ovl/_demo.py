@@ -21,7 +21,7 @@ import textwrap
 import time
 
 import qcow2ovl
-from qcow2ovl import MetadataMap, MetadataType, NaiveChecker, _format
+from qcow2ovl import MetadataMap, MetadataType, NaiveChecker, _cli_info, _format
 
 MiB = 1 << 20
 #: Where the demo image keeps guest data: (guest offset, length, pattern byte).
@@ -358,7 +358,7 @@ def _demo_real_image() -> None:
         sh(qemu_img, "bitmap", "--add", path, "backup-0")
         with qcow2ovl.open(path) as image:
             print(f"$ qcow2ovl info {path}")
-            print(_format.info_text(image, _format.info_dict(image)))
+            print(_cli_info.info_text(_cli_info.image_info(image), image))
             extents = image.metadata_extents()
             print(f"\n$ qcow2ovl map {path}")
             print(_format.map_text(extents))

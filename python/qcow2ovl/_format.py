@@ -1,9 +1,6 @@
-"""What ``qcow2ovl info`` and ``qcow2ovl map`` print: sizes as qemu-img writes them, the JSON
-objects (keys documented in ``docs/cli.md``), and the human-readable text.
-
-Where ``qemu-img info --output=json`` has a key for the same fact, the JSON uses QEMU's key and
-QEMU's meaning (``tests/test_cli.py`` compares them key by key); keys of our own have names QEMU
-does not use.
+"""What ``qcow2ovl map`` prints and what the commands share: sizes as qemu-img writes them,
+compression type names, the snapshot listing. ``qcow2ovl info``'s objects and text are in
+``_cli_info``.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-    from qcow2ovl.image import Image, Snapshot
+    from qcow2ovl.image import Snapshot
     from qcow2ovl.types import MetadataType
 
 _UNITS = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -58,68 +55,6 @@ def types_text(types: MetadataType) -> str:
     return "|".join(types.keys())
 
 
-def info_dict(image: Image) -> dict[str, Any]:
-    """The JSON form of ``qcow2ovl info`` (see ``docs/cli.md``)."""
-    i = image.info
-    d: dict[str, Any] = {
-        "filename": image.path,
-        "format": "qcow2",
-        "virtual-size": i.virtual_size,
-        "cluster-size": i.cluster_size,
-        "dirty-flag": i.dirty,
-        "encrypted": i.encrypted,
-        "backing-filename": i.backing_file,
-        "backing-filename-format": i.backing_format,
-        # QEMU's format-specific keys, flat.
-        "compat": "1.1" if i.version == 3 else "0.10",
-        "compression-type": i.compression_type,
-        "lazy-refcounts": i.lazy_refcounts,
-        "refcount-bits": i.refcount_bits,
-        "corrupt": i.corrupt,
-        "extended-l2": i.extended_l2,
-        "data-file": i.data_file,
-        "data-file-raw": "raw external data" in i.features,
-        # Our own keys.
-        "version": i.version,
-        "file-size": i.file_size,
-        "crypt-method": i.crypt_method,
-        "features": list(i.features),
-        "snapshots": [
-            {
-                "id": s.id,
-                "name": s.name,
-                "vm-state-size": s.vm_state_size,
-                "date-sec": s.date_sec,
-                "date-nsec": s.date_nsec,
-                "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
-                "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                **({} if s.icount is None else {"icount": s.icount}),
-                "disk-size": s.disk_size,
-                "l1-table-offset": s.l1_table_offset,
-                "l1-size": s.l1_size,
-            }
-            for s in image.snapshots
-        ],
-        "bitmaps": [
-            {
-                "name": b.name,
-                "granularity": b.granularity,
-                "flags": [f for f, on in (("in-use", b.in_use), ("auto", b.auto)) if on],
-                "table-offset": b.table_offset,
-                "table-size": b.table_size,
-            }
-            for b in image.bitmaps
-        ],
-        "overlap-check": str(image.overlap_check),
-        "metadata-map-bytes": image.map_memory_usage(),
-        "problems": [
-            {"kind": p.kind, "offset": p.offset, "size": p.size, "message": p.message}
-            for p in image.problems
-        ],
-    }
-    return d
-
-
 def _clock_text(nsec: int) -> str:
     """A snapshot's VM clock as qemu-img's list shows it (``0000:00:00.000``)."""
     secs, ms = divmod(nsec // 1_000_000, 1000)
@@ -135,15 +70,18 @@ def snapshot_list_lines(snapshots: Sequence[Snapshot]) -> list[str]:
 
     if not snapshots:
         return []
-    row = "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}"
-    lines = ["Snapshot list:", row.format("ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")]
+    row = "{} {} {:>8} {:>19} {:>15} {:>10}"  # ID and TAG padded by _padded
+    lines = [
+        "Snapshot list:",
+        row.format(_padded("ID", 7), _padded("TAG", 16), "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"),
+    ]
     for s in snapshots:
         date = _dt.datetime.fromtimestamp(s.date_sec).strftime("%Y-%m-%d %H:%M:%S")
         icount = "" if s.icount is None or s.icount == _ICOUNT_OFF else str(s.icount)
         lines.append(
             row.format(
-                s.id,
-                s.name,
+                _padded(s.id, 7),
+                _padded(s.name, 16),
                 size_text(s.vm_state_size),
                 date,
                 _clock_text(s.vm_clock_nsec),
@@ -153,49 +91,14 @@ def snapshot_list_lines(snapshots: Sequence[Snapshot]) -> list[str]:
     return lines
 
 
+def _padded(text: str, width: int) -> str:
+    """*text* padded to *width* bytes of UTF-8, as C's ``%-16s`` pads (by bytes, not
+    characters)."""
+    return text + " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
+
+
 #: The icount QEMU records when record/replay was off (shown blank).
 _ICOUNT_OFF = (1 << 64) - 1
-
-
-def info_text(image: Image, d: dict[str, Any]) -> str:
-    """The human form of ``qcow2ovl info``, following ``qemu-img info``."""
-    lines = [
-        f"image: {d['filename']}",
-        "file format: qcow2",
-        f"virtual size: {size_with_bytes(d['virtual-size'])}",
-        f"file size: {size_text(d['file-size'])}",
-        f"cluster_size: {d['cluster-size']}",
-    ]
-    if d["backing-filename"]:
-        lines.append(f"backing file: {d['backing-filename']}")
-        if d["backing-filename-format"]:
-            lines.append(f"backing file format: {d['backing-filename-format']}")
-    if d["snapshots"]:
-        lines.extend(snapshot_list_lines(image.snapshots))
-    lines.append("Format specific information:")
-    lines.append(f"    compat: {d['compat']}")
-    lines.append(f"    compression type: {d['compression-type']}")
-    lines.append(f"    lazy refcounts: {str(d['lazy-refcounts']).lower()}")
-    lines.append(f"    refcount bits: {d['refcount-bits']}")
-    lines.append(f"    corrupt: {str(d['corrupt']).lower()}")
-    lines.append(f"    extended l2: {str(d['extended-l2']).lower()}")
-    if d["encrypted"]:
-        lines.append(f"    encrypt method: {'luks' if d['crypt-method'] == 2 else 'aes'}")
-    if d["data-file"]:
-        lines.append(f"    data file: {d['data-file']}")
-        lines.append(f"    data file raw: {str(d['data-file-raw']).lower()}")
-    if d["features"]:
-        lines.append(f"    features: {', '.join(d['features'])}")
-    for b in d["bitmaps"]:
-        lines.append(
-            f"    bitmap: {b['name']} (granularity {b['granularity']}, "
-            f"flags [{', '.join(b['flags'])}])"
-        )
-    lines.append(f"overlap checks: {d['overlap-check']}")
-    lines.append(f"metadata map: {d['metadata-map-bytes']} bytes")
-    for p in d["problems"]:
-        lines.append(f"problem: {p['message']}")
-    return "\n".join(lines)
 
 
 def map_records(extents: Sequence[tuple[int, int, MetadataType]]) -> list[dict[str, Any]]:

@@ -16,26 +16,9 @@ if TYPE_CHECKING:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from qcow2ovl import _format
-    from qcow2ovl.image import _open
+    from qcow2ovl import _cli_info
 
-    # qemu-img info's locks: the header and tables only (no permission held), refused beside a
-    # writer unless -U.
-    with _open(
-        args.image,
-        overlap_check=args.overlap_check,
-        snapshot=getattr(args, "snapshot", None),
-        force_share=args.force_share,
-        metadata_only=True,
-    ) as image:
-        d = _format.info_dict(image)
-        if args.output == "json":
-            import json
-
-            print(json.dumps(d, indent=4))
-        else:
-            print(_format.info_text(image, d))
-    return 0
+    return _cli_info.run(args)
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -98,7 +81,7 @@ commands:
   demo         a guarded write next to QEMU's unguarded one; maps and checks
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
-  io IMAGE     read, write, discard, flush (qemu-io -c syntax)
+  io IMAGE     qemu-io's commands: read, write, alloc, map, ... (qemu-io -c syntax)
   snapshot     list, create, apply or delete internal snapshots (qemu-img snapshot syntax)
 
 Run 'qcow2ovl COMMAND --help' for a command's options.
@@ -111,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from qcow2ovl import __version__
 
+    class SubcommandParser(argparse.ArgumentParser):
+        """A subcommand's parser: an option it does not know is an error with the subcommand's
+        usage (argparse would otherwise hand it up to the top-level parser, which reports it
+        with the top-level usage after the subcommand took the following words as operands)."""
+
+        def parse_known_args(  # type: ignore[override]
+            self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+        ) -> tuple[argparse.Namespace, list[str]]:
+            parsed, extras = super().parse_known_args(args, namespace)
+            if extras:
+                self.error("unrecognized arguments: " + " ".join(extras))
+            return parsed, extras
+
     parser = argparse.ArgumentParser(
         prog="qcow2ovl",
         description="qcow2 metadata maps and constant-time metadata overlap checks",
@@ -118,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qcow2ovl {__version__}")
     from qcow2ovl import _cli_options
 
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser
+    )
     demo = sub.add_parser(
         "demo",
         help="a guarded write next to QEMU's unguarded one; maps and checks",
@@ -137,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
             default="all",
             help="which metadata types to map (QEMU's overlap-check syntax; default: all)",
         )
+        if name == "info":
+            p.add_argument(
+                "--backing-chain",
+                action="store_true",
+                help="also every image of the backing chain (JSON: a list), as qemu-img does",
+            )
         if name == "map":
             p.add_argument(
                 "--guest",
@@ -168,6 +172,7 @@ _OPTIONS = {"--output": "output", "--overlap-check": "overlap_check"}
 
 def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     """The plain forms of ``info``/``map`` (``COMMAND IMAGE [--output X] [--overlap-check Y]``,
+    ``info``'s ``--backing-chain``;
     options also as ``--opt=value``), parsed without building the argparse parser, which costs a
     few milliseconds of a command that should start in about the time Python does.
 
@@ -182,7 +187,9 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     while rest:
         token = rest.pop(0)
         name, eq, value = token.partition("=")
-        if name in _OPTIONS:
+        if token == "--backing-chain" and argv[0] == "info":
+            values["backing_chain"] = True
+        elif name in _OPTIONS:
             if not eq:
                 if not rest or rest[0].startswith("-"):
                     return None
@@ -198,6 +205,8 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
 
     values["snapshot"] = None
     values["force_share"] = False
+    if argv[0] == "info":
+        values.setdefault("backing_chain", False)
     if argv[0] == "map":
         values["guest"] = False
         values["picture"] = None

@@ -34,9 +34,13 @@ else:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """Facts from an image's header as it was when the image was opened (a frozen record: after
-    :meth:`Image.resize` or a snapshot operation, :attr:`Image.virtual_size` and
-    :attr:`Image.snapshots` give the current values; a new :func:`open` gives new facts).
+    """Facts from an image's header: a frozen record that :attr:`Image.info` makes anew at each
+    access. ``virtual_size`` and ``file_size`` are the values at that moment (after
+    :meth:`Image.resize`, a snapshot apply or writes that grew the file), ``corrupt`` is set once
+    a write of this handle was refused; the table locations (``l1_table_offset``, ``l1_size``,
+    ``refcount_table_offset``, ``refcount_table_clusters``, ``snapshots_offset``) and the feature
+    bits are those of the header as the image was opened. :attr:`Image.snapshots` is the
+    current snapshot list.
 
     ``crypt_method`` is 0 (none), 1 (legacy AES) or 2 (LUKS). ``features`` names every set feature
     bit in QEMU's words (``"dirty bit"``, ``"corrupt bit"``, ``"external data file"``,
@@ -271,8 +275,25 @@ class Image:
         info["features"] = tuple(features)
         if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
             info["compression_type"] = "zlib"
-        self.info: ImageInfo = _build(ImageInfo, info)
+        #: The header facts as opened; :attr:`info` updates the ones that change.
+        self._opened_info: dict[str, Any] = info
         self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]
+
+    @property
+    def info(self) -> ImageInfo:
+        """The image's header facts (:class:`ImageInfo`), made at each access: the virtual size
+        and file size as they are now (after :meth:`resize` or :meth:`apply_snapshot` too)."""
+        info = dict(self._opened_info)
+        if not self._core.closed:
+            info["virtual_size"] = self._core.virtual_size
+        try:
+            info["file_size"] = os.stat(self.path).st_size
+        except OSError:
+            pass  # the file went away: its size at open
+        if self._corruption_reported:
+            info["corrupt"] = True
+        result: ImageInfo = _build(ImageInfo, info)
+        return result
 
     @property
     def writable(self) -> bool:
