@@ -1,12 +1,13 @@
-//! qcow2ovl: scan qcow2 images into a compact metadata map and answer metadata overlap
-//! queries in constant time.
+//! qcow2ovl: a qcow2 engine whose every write is guarded by a compact metadata map that answers
+//! "would this write touch metadata, and which?" in constant time.
 //!
-//! Layers (see `docs/design/architecture.md`): [`format`](mod@format) parses on-disk
-//! structures from bytes, [`storage`] does positioned I/O, [`overlap`] holds the metadata map
-//! and QEMU's naive reference checker, [`scan`] fills a map from an image, and `python` (behind
-//! the `python` feature) exposes all of it to Python; [`image`] is the engine that reads guest
-//! data, [`lock`] takes QEMU's image locks on every file it opens, and [`problem`] holds what a
-//! scan reports.
+//! Layers (see `docs/design/architecture.md`): [`format`](mod@format) parses and builds on-disk
+//! structures from bytes, [`storage`] does positioned I/O, [`lock`] takes QEMU's image locks on
+//! every file the engine opens, [`overlap`] holds the metadata map and QEMU's naive reference
+//! checker, [`scan`] reads an image's metadata into a map (and [`problem`] holds what it
+//! reports), [`image`] is the open image (reads, guarded writes, snapshots, check and repair),
+//! [`create`] makes new images, and `python` (behind the `python` feature) exposes all of it to
+//! Python.
 
 #![deny(missing_docs)]
 

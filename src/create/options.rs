@@ -9,8 +9,7 @@ use crate::lock::LockError;
 
 /// Largest virtual size a command line accepts (sizes are signed 64-bit in QEMU).
 pub const MAX_SIZE_ARGUMENT: u64 = i64::MAX as u64;
-/// Largest length QEMU's block layer allows for an image: 2^63 - 1 rounded down to 1 GiB.
-pub const MAX_IMAGE_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+pub use crate::format::limits::MAX_IMAGE_LENGTH;
 /// Virtual sizes are rounded up to whole 512-byte sectors, silently, as QEMU does.
 pub const SECTOR_SIZE: u64 = 512;
 /// Extended L2 entries need 512-byte subclusters at least: 32 of them per cluster.

@@ -83,12 +83,6 @@ impl L2Entry {
             self.0 & L2_RESERVED_MASK
         }
     }
-
-    /// Whether a standard entry references a host cluster (a zero-flagged entry may still carry
-    /// a preallocated offset). False for compressed entries.
-    pub fn has_host_cluster(self) -> bool {
-        !self.is_compressed() && self.host_offset().0 != 0
-    }
 }
 
 /// An extended L2 entry (incompatible feature bit 4): a standard entry plus a subcluster bitmap.
@@ -280,7 +274,6 @@ mod tests {
         let e = L2Entry(OFLAG_COPIED | 0x7_0000 | OFLAG_ZERO);
         assert!(e.copied() && e.is_zero() && !e.is_compressed());
         assert_eq!(e.host_offset(), HostOffset(0x70000));
-        assert!(e.has_host_cluster());
         assert_eq!(e.reserved_bits(), 0);
         assert_eq!(L2Entry(0x4000_0000_0000_0002).reserved_bits(), 0);
         assert_eq!(

@@ -22,6 +22,9 @@ pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
 pub const MAX_BACKING_FILE_NAME: u64 = 1023;
 /// Table ends must stay at or below this (QEMU passes offsets around as `int64_t`).
 pub const MAX_TABLE_END: u64 = i64::MAX as u64;
+/// Largest length QEMU's block layer allows for an image or a request's end: 2^63 - 1 rounded
+/// down to 1 GiB. A new image may not be larger; a refcount block ending past it cannot be read.
+pub const MAX_IMAGE_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
 /// QEMU's `qcow2_validate_table`: a table of `entries` entries of `entry_size` bytes at
 /// `offset` must be at most `max_bytes` long (`<table> too large`), cluster-aligned and end at

@@ -119,15 +119,6 @@ impl Geometry {
         (guest.0 >> self.cluster_bits) & (self.l2_entries() - 1)
     }
 
-    /// The L1 index, L2 index and offset within the cluster of a guest offset.
-    pub fn split(&self, guest: GuestOffset) -> (u64, u64, u64) {
-        (
-            self.l1_index(guest),
-            self.l2_index(guest),
-            self.in_cluster_offset(guest.0),
-        )
-    }
-
     /// Offset within its cluster of any byte position.
     pub fn in_cluster_offset(&self, offset: u64) -> u64 {
         offset & (self.cluster_size() - 1)
@@ -138,25 +129,9 @@ impl Geometry {
         self.in_cluster_offset(host.0) == 0
     }
 
-    /// The host cluster containing `host`.
-    pub fn cluster_of(&self, host: HostOffset) -> ClusterIndex {
-        ClusterIndex(host.0 >> self.cluster_bits)
-    }
-
     /// The first byte of a host cluster, or `None` if it is not representable.
     pub fn cluster_start(&self, cluster: ClusterIndex) -> Option<HostOffset> {
         cluster.0.checked_mul(self.cluster_size()).map(HostOffset)
-    }
-
-    /// Clusters touched by `[offset, offset + len)`; zero for `len == 0`, `None` on overflow.
-    pub fn clusters_spanned(&self, offset: u64, len: u64) -> Option<ClusterCount> {
-        if len == 0 {
-            return Some(ClusterCount(0));
-        }
-        let last = offset.checked_add(len - 1)?;
-        Some(ClusterCount(
-            (last >> self.cluster_bits) - (offset >> self.cluster_bits) + 1,
-        ))
     }
 
     /// Clusters needed to hold `bytes` bytes starting on a cluster boundary.
@@ -203,15 +178,10 @@ mod tests {
     #[test]
     fn cluster_conversions() {
         let g = Geometry::new(12, false).unwrap();
-        assert_eq!(g.cluster_of(HostOffset(8191)), ClusterIndex(1));
         assert_eq!(g.cluster_start(ClusterIndex(2)), Some(HostOffset(8192)));
         assert_eq!(g.cluster_start(ClusterIndex(u64::MAX)), None);
         assert!(g.is_aligned(HostOffset(4096)));
         assert!(!g.is_aligned(HostOffset(4097)));
-        assert_eq!(g.clusters_spanned(4095, 2), Some(ClusterCount(2)));
-        assert_eq!(g.clusters_spanned(4096, 4096), Some(ClusterCount(1)));
-        assert_eq!(g.clusters_spanned(5, 0), Some(ClusterCount(0)));
-        assert_eq!(g.clusters_spanned(u64::MAX, 2), None);
         assert_eq!(g.bytes_to_clusters(4097), ClusterCount(2));
     }
 }

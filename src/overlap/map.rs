@@ -8,10 +8,9 @@
 
 use super::table::{ClusterTable, Insert, MIN_SLOTS};
 use super::types::MetadataType;
+pub use crate::format::offsets::MAX_HOST_OFFSET;
 use crate::format::{ClusterCount, HostOffset};
 
-/// Host offsets must stay below 2^56 (the qcow2 offset fields have 56 bits).
-pub const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// No qcow2 metadata structure spans more clusters than this in one piece (the largest, a 64 MiB
 /// snapshot table or bitmap directory at 512-byte clusters, has 2^17); entering a larger range is
 /// refused rather than allocating without bound.

@@ -25,14 +25,12 @@
 
 use super::counts::{decode_block, oom, Counts};
 use super::report::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
+use crate::format::limits::MAX_IMAGE_LENGTH;
 use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use crate::format::{max_refcount, refcount_get, Geometry};
 use crate::image::{Image, ImageError};
 use crate::storage::Storage;
 
-/// Reads ending past this offset fail in QEMU's block layer (the largest length it accepts:
-/// 2^63 - 1 rounded down to 1 GiB), so a refcount block there cannot be read.
-const MAX_IO_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 /// Largest snapshot L1 table QEMU accepts, in entries (32 MiB of entries).
 const MAX_SNAPSHOT_L1_ENTRIES: u64 = (32 << 20) / 8;
 
@@ -188,7 +186,7 @@ impl Checker<'_> {
             if off == 0 {
                 continue;
             }
-            if off % self.cs != 0 || off.saturating_add(self.cs) > MAX_IO_END {
+            if off % self.cs != 0 || off.saturating_add(self.cs) > MAX_IMAGE_LENGTH {
                 self.unreadable_blocks.push(i as u64);
                 continue;
             }
@@ -234,7 +232,7 @@ impl Checker<'_> {
         if off == 0 {
             return Some(0);
         }
-        if off % self.cs != 0 || off.saturating_add(self.cs) > MAX_IO_END {
+        if off % self.cs != 0 || off.saturating_add(self.cs) > MAX_IMAGE_LENGTH {
             return None;
         }
         let mut buf = vec![0u8; self.cs as usize];
