@@ -64,7 +64,7 @@ impl Image {
             Some(bytes) => self.place_compressed(&mut w, guest, &bytes).map(|()| true),
         };
         let r = r.and_then(|stored| self.after_change(&mut w).map(|()| stored));
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     fn place_compressed(

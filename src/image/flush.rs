@@ -38,7 +38,8 @@ impl Image {
 
     /// The flush, with the writer lock held; inconsistencies met on the way are fatal.
     pub(crate) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
-        self.write_back(w).map_err(|e| self.fatal(w, e))
+        self.write_back(w)
+            .map_err(|e| self.poison_if_inconsistent(w, e))
     }
 
     /// The phases of the flush.

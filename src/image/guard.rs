@@ -46,24 +46,18 @@ impl Image {
                 let name = hit.message_name().unwrap_or("metadata");
                 let message =
                     format!("Preventing invalid write on metadata (overlaps with {name})");
-                return Err(self.mark_corrupt(w, message, offset, bytes.len() as u64, hit));
+                return Err(self.refuse_overlap(w, message, offset, bytes.len() as u64, hit));
             }
         }
         storage.write_at(offset, bytes)?;
         Ok(())
     }
 
-    /// Marks the image corrupt on disk, poisons the handle, and returns the error to raise.
-    pub(crate) fn mark_corrupt(
-        &self,
-        w: &mut Writer,
-        message: String,
-        offset: u64,
-        size: u64,
-        types: MetadataType,
-    ) -> ImageError {
+    /// Marks the image corrupt on disk (once) and poisons the handle: every later write is
+    /// refused with `message`.
+    fn mark_corrupt(&self, w: &mut Writer, message: &str) {
         if w.poisoned.is_none() {
-            w.poisoned = Some(message.clone());
+            w.poisoned = Some(message.to_string());
             if w.header.version >= 3 {
                 w.header.incompatible_features |= IncompatibleFeatures::CORRUPT;
                 // Best effort: the write was refused either way.
@@ -71,12 +65,67 @@ impl Image {
                 let _ = self.storage.flush();
             }
         }
+    }
+
+    /// A write refused because it would have overwritten metadata of `types` (never empty):
+    /// the image is marked corrupt, and the error carries what would have been hit.
+    pub(crate) fn refuse_overlap(
+        &self,
+        w: &mut Writer,
+        message: String,
+        offset: u64,
+        size: u64,
+        types: MetadataType,
+    ) -> ImageError {
+        debug_assert!(!types.is_empty(), "an overlap names what it would hit");
+        self.mark_corrupt(w, &message);
         ImageError::MetadataOverlap {
             message,
             offset,
             size,
             types,
         }
+    }
+
+    /// Makes an inconsistency met while writing fatal for the handle: a
+    /// [`Corruption`](ImageError::Corruption) (an unaligned table or cluster offset, a refcount
+    /// of 0 on a cluster in use, a cluster no refcount block can describe) marks the image
+    /// corrupt, as QEMU does, and is returned as it is; it is not an overlap, and no metadata
+    /// type is claimed. Other errors pass through unchanged.
+    pub(crate) fn poison_if_inconsistent(&self, w: &mut Writer, e: ImageError) -> ImageError {
+        if e.kind() == super::ErrorKind::Corruption {
+            self.mark_corrupt(w, &e.message());
+        }
+        e
+    }
+
+    /// The one rule for clusters about to be freed as guest data (an L2 entry's last reference
+    /// gone): none may hold metadata. An L2 entry pointing into a table would otherwise free the
+    /// table, and the next allocation would overwrite it. Refused as an overlap, before anything
+    /// changes; `entry` is the L2 entry concerned when one is known.
+    pub(crate) fn refuse_freeing_metadata(
+        &self,
+        w: &mut Writer,
+        entry: Option<u64>,
+        clusters: &[u64],
+    ) -> Result<(), ImageError> {
+        let cs = self.geometry.cluster_size();
+        for &c in clusters {
+            let at = c * cs;
+            let hit = self.check_overlap(HostOffset(at), cs, MetadataType::empty())?;
+            if hit.is_empty() {
+                continue;
+            }
+            let name = hit.message_name().unwrap_or("metadata");
+            let which =
+                entry.map_or_else(|| "an L2 entry".to_string(), |e| format!("L2 entry {e:#x}"));
+            let message = format!(
+                "Preventing invalid free of metadata: {which} points into the {name} at {at:#x} \
+                 as if it were guest data (overlaps with {name})"
+            );
+            return Err(self.refuse_overlap(w, message, at, cs, hit));
+        }
+        Ok(())
     }
 
     /// Writes the header's fixed fields (not checked: cluster 0 is the header's own).

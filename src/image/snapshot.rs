@@ -134,14 +134,14 @@ impl Image {
     ) -> Result<SnapshotEntry, ImageError> {
         let mut w = self.writer()?;
         let r = self.create_locked(&mut w, name, id, vm_state_size);
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Deletes the snapshot with id (else name) `wanted`, freeing what only it used.
     pub fn delete_snapshot(&self, wanted: &str) -> Result<SnapshotEntry, ImageError> {
         let mut w = self.writer()?;
         let r = self.delete_locked(&mut w, wanted);
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Reverts the active disk to the snapshot with id (else name) `wanted`; the snapshot
@@ -149,7 +149,7 @@ impl Image {
     pub fn apply_snapshot(&self, wanted: &str) -> Result<SnapshotEntry, ImageError> {
         let mut w = self.writer()?;
         let r = self.apply_locked(&mut w, wanted);
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Snapshots need refcounted clusters: guest data in an external data file has none
@@ -451,27 +451,8 @@ impl Image {
             }
             Ok(())
         })?;
-        self.refuse_freeing_metadata(&freed_data)?;
+        self.refuse_freeing_metadata(w, None, &freed_data)?;
         Ok(freed)
-    }
-
-    /// Data clusters whose last reference is gone must not be metadata: an L2 entry pointing
-    /// into a table would otherwise free that table. Corruption (fatal) before anything of it
-    /// reaches the disk.
-    fn refuse_freeing_metadata(&self, data_clusters: &[u64]) -> Result<(), ImageError> {
-        let cs = self.geometry.cluster_size();
-        for &c in data_clusters {
-            let hit = self.check_overlap(HostOffset(c * cs), cs, MetadataType::empty())?;
-            if !hit.is_empty() {
-                return Err(ImageError::Corruption(format!(
-                    "An L2 entry points into the {} at {:#x} as if it were guest data; \
-                     refusing to free it",
-                    hit.message_name().unwrap_or("metadata"),
-                    c * cs
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// Adds one reference (in memory) to everything `l1` reaches. All or nothing: when a

@@ -215,7 +215,7 @@ impl Image {
         let r = self
             .write_runs(&mut w, guest.0, data)
             .and_then(|()| self.after_change(&mut w));
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Writes `data` at `offset`: runs of whole clusters that map the same way in one host
@@ -328,16 +328,6 @@ impl Image {
             done += n;
         }
         Ok(())
-    }
-
-    /// Fatal inconsistencies met while writing (an unaligned table or cluster offset, a
-    /// refcount of 0 on a cluster in use, a cluster no refcount block can describe) are handled
-    /// like a refused overlapping write: the image is marked corrupt and the handle poisoned.
-    pub(crate) fn fatal(&self, w: &mut Writer, e: ImageError) -> ImageError {
-        if e.kind() == super::ErrorKind::Corruption && w.poisoned.is_none() {
-            return self.mark_corrupt(w, e.to_string(), 0, 0, MetadataType::empty());
-        }
-        e
     }
 
     /// Keeps memory bounded: too many tables waiting for write-back start a flush.
@@ -471,7 +461,7 @@ impl Image {
     pub(crate) fn allocate_cluster(&self, w: &mut Writer) -> Result<u64, ImageError> {
         let (cluster, created) = w.refcounts.allocate(self.storage.as_ref())?;
         if cluster == 0 {
-            return Err(self.mark_corrupt(
+            return Err(self.refuse_overlap(
                 w,
                 "Preventing allocation of cluster 0 (the header)".into(),
                 0,
@@ -554,12 +544,11 @@ impl Image {
         let data_storage = self.chain()?.data.clone();
         if owned && !zero {
             if !self.geometry.is_aligned(HostOffset(host)) {
-                return Err(self.mark_corrupt(
+                return Err(self.poison_if_inconsistent(
                     w,
-                    format!("Cluster allocation offset {host:#x} unaligned"),
-                    host,
-                    cs as u64,
-                    MetadataType::empty(),
+                    ImageError::Corruption(format!(
+                        "Cluster allocation offset {host:#x} unaligned"
+                    )),
                 ));
             }
             // Owned data cluster: overwrite in place.
@@ -616,7 +605,7 @@ impl Image {
             if let Some(d) = CompressedDescriptor::from_entry(entry, bits) {
                 if let Some((start, end)) = d.sector_range() {
                     for c in (start >> bits)..=((end - 1) >> bits) {
-                        self.refuse_metadata_as_data(w, entry, c)?;
+                        self.refuse_freeing_metadata(w, Some(entry), &[c])?;
                         w.refcounts.free_later(c);
                     }
                 }
@@ -625,34 +614,10 @@ impl Image {
         }
         let host = entry & L1_L2_OFFSET_MASK;
         if host != 0 {
-            self.refuse_metadata_as_data(w, entry, host >> bits)?;
+            self.refuse_freeing_metadata(w, Some(entry), &[host >> bits])?;
             w.refcounts.free_later(host >> bits);
         }
         Ok(())
-    }
-
-    /// A guest cluster being dropped (copied away, zeroed, discarded) must hold data, never
-    /// metadata: a broken L2 entry pointing at, say, the snapshot table would otherwise drop
-    /// that table's refcount and let the next allocation overwrite it. Refused like an
-    /// overlapping write, before anything changes.
-    pub(crate) fn refuse_metadata_as_data(
-        &self,
-        w: &mut Writer,
-        entry: u64,
-        cluster: u64,
-    ) -> Result<(), ImageError> {
-        let cs = self.geometry.cluster_size();
-        let at = cluster * cs;
-        let hit = self.check_overlap(HostOffset(at), cs, MetadataType::empty())?;
-        if hit.is_empty() {
-            return Ok(());
-        }
-        let name = hit.message_name().unwrap_or("metadata");
-        let message = format!(
-            "Preventing invalid free of metadata: L2 entry {entry:#x} points into the {name} at \
-             {at:#x} as if it were guest data (overlaps with {name})"
-        );
-        Err(self.mark_corrupt(w, message, at, cs, hit))
     }
 
     fn write_piece_extended(
@@ -763,7 +728,7 @@ impl Image {
                 &mut w,
             )
             .and_then(|()| self.after_change(&mut w));
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Discards whole clusters in `[offset, offset + len)` (partial clusters are left alone, as
@@ -790,7 +755,7 @@ impl Image {
                 &mut w,
             )
             .and_then(|()| self.after_change(&mut w));
-        r.map_err(|e| self.fatal(&mut w, e))
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated).
