@@ -3,7 +3,8 @@
 //! host cluster, as QEMU packs them. Each host cluster touched by a compressed cluster counts
 //! it once in its refcount.
 
-use super::write::{Piece, WriteKind};
+use super::guard::WriteKind;
+use super::write::Piece;
 use super::{Image, ImageError};
 use crate::format::entry::COMPRESSED_SECTOR_SIZE;
 use crate::format::header::COMPRESSION_ZSTD;

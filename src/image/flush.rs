@@ -18,11 +18,12 @@
 //! A crash between phases leaves, at worst, clusters with a refcount that nothing references
 //! (leaks), which `qemu-img check -r leaks` reclaims.
 
-use super::write::{WriteKind, Writer};
-use super::{Image, ImageError, NaiveLayout};
+use super::guard::WriteKind;
+use super::write::Writer;
+use super::{Image, ImageError};
 use crate::format::header::IncompatibleFeatures;
-use crate::format::{write_u64_table, ClusterCount, HostOffset};
-use crate::overlap::{MetadataType, NaiveChecker};
+use crate::format::{write_u64_table, HostOffset};
+use crate::overlap::MetadataType;
 
 impl Image {
     /// Makes every completed write durable, in the order above (a no-op for read-only images).
@@ -82,11 +83,7 @@ impl Image {
             storage.flush()?;
             w.header_dirty = false;
             w.l1_dirty.clear();
-            self.map.write().unwrap_or_else(|e| e.into_inner()).remove(
-                HostOffset(old.offset),
-                ClusterCount(old.clusters),
-                MetadataType::ACTIVE_L1,
-            )?;
+            self.map_remove(old.offset, old.clusters, MetadataType::ACTIVE_L1)?;
         }
         if !w.l1_dirty.is_empty() {
             let dirty: Vec<usize> = std::mem::take(&mut w.l1_dirty).into_iter().collect();
@@ -172,46 +169,10 @@ impl Image {
     /// Freed clusters hold no metadata any more: out of the map and the table cache.
     pub(crate) fn forget_freed(&self, freed: &[u64]) -> Result<(), ImageError> {
         let cs = self.geometry.cluster_size();
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         for c in freed {
-            map.remove(HostOffset(c * cs), ClusterCount(1), MetadataType::all())?;
+            self.map_remove(c * cs, 1, MetadataType::all())?;
             self.l2_cache.forget(HostOffset(c * cs));
         }
-        Ok(())
-    }
-
-    /// Rebuilds the naive checker (used only where the map's memory limit left ranges
-    /// unchecked) from the live tables, so that it never checks against stale ones.
-    pub(crate) fn refresh_fallback(&self, w: &Writer, l1: &[u64]) -> Result<(), ImageError> {
-        let mut slot = self.fallback.write().unwrap_or_else(|e| e.into_inner());
-        let Some(old) = slot.as_ref() else {
-            return Ok(());
-        };
-        let prev = old.layout().clone();
-        let snaps = self.snaps.read().unwrap_or_else(|e| e.into_inner());
-        let layout = NaiveLayout {
-            l1_table_offset: w.header.l1_table_offset,
-            l1_table: l1.to_vec(),
-            refcount_table_offset: w.refcounts.table_offset,
-            refcount_table: w.refcounts.table.clone(),
-            snapshots_offset: w.header.snapshots_offset,
-            snapshots_size: snaps.table_bytes,
-            snapshots: snaps
-                .entries
-                .iter()
-                .map(|e| (e.l1_table_offset, e.l1_size))
-                .collect(),
-            ..prev
-        };
-        drop(snaps);
-        *slot = Some(
-            NaiveChecker::new(
-                layout,
-                self.options.enabled,
-                std::sync::Arc::clone(&self.storage),
-            )
-            .map_err(|e| ImageError::Unsupported(e.to_string()))?,
-        );
         Ok(())
     }
 }

@@ -1,19 +1,63 @@
-//! The one place where the engine writes to storage. Every host write names its kind; the kind
-//! decides which metadata types the write may legitimately cover (an L2 table's write-back
-//! covers its own L2 table, nothing else). The write is checked against the metadata map first
-//! (constant time; QEMU's naive algorithm where the map's memory limit left the range
-//! unchecked) and refused if it would land on any other metadata.
+//! The one owner of the overlap policy, and the only place where the engine writes to storage.
 //!
-//! On a refused write nothing of it reaches the disk; the image is marked corrupt on disk
-//! (incompatible bit 1, in the header, which is the one write not checked), and the handle
-//! refuses every later write. The header write is the only other `write_at` here.
+//! - [`WriteKind`]: every host write names its kind, and the kind decides which metadata types
+//!   the write may legitimately cover (an L2 table's write-back covers its own L2 table,
+//!   nothing else).
+//! - The check ([`Image::check_overlap`]): constant time from the metadata map; QEMU's naive
+//!   algorithm where the map's memory limit left the range unchecked (that checker is rebuilt
+//!   here whenever a table moves, so it never checks against stale tables).
+//! - The map's upkeep: metadata is entered and removed only here, with one collision rule (a
+//!   table entered where other metadata already is, which only a broken refcount can cause, is
+//!   refused as an overlapping write).
+//! - One rule for freeing: a cluster freed as guest data must not hold metadata.
+//! - Corruption marking: a refused write writes nothing, sets the corrupt bit in the header (the
+//!   one write not checked: cluster 0 is the header's own) and poisons the handle. An
+//!   inconsistency met while writing (an unaligned offset, say) is marked the same way but is
+//!   not an overlap: it keeps its own error, and `MetadataOverlapError` always names the types
+//!   it would have hit.
 
-use super::write::{WriteKind, Writer};
+use super::write::Writer;
 use super::{Image, ImageError};
 use crate::format::header::{CompatibleFeatures, IncompatibleFeatures};
-use crate::format::HostOffset;
+use crate::format::{ClusterCount, HostOffset};
 use crate::overlap::MetadataType;
+use crate::overlap::{NaiveChecker, NaiveLayout};
 use crate::storage::Storage;
+
+/// What a host write is, which decides the metadata it may cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Guest data, copy-on-write copies, zero fill: may cover no metadata.
+    GuestData,
+    /// Write-back of an active L2 table: its own cluster is ACTIVE_L2.
+    L2Table,
+    /// Write-back of a refcount block over itself.
+    RefcountBlock,
+    /// Entries of the active L1 table rewritten in place.
+    L1Entries,
+    /// Entries of the refcount table rewritten in place.
+    RefcountTableEntries,
+    /// A new table in fresh clusters (L1, refcount table, refcount block, L2, snapshot table,
+    /// a snapshot's L1 copy): covers nothing.
+    NewTable,
+    /// Rewrite of an L2 table that a snapshot uses (COPIED flags, by snapshot operations): its
+    /// own cluster is INACTIVE_L2, and ACTIVE_L2 too while the active L1 table shares it.
+    SharedL2Table,
+}
+
+impl WriteKind {
+    /// The types this kind of write may cover.
+    pub fn ignore(self) -> MetadataType {
+        match self {
+            WriteKind::GuestData | WriteKind::NewTable => MetadataType::empty(),
+            WriteKind::L2Table => MetadataType::ACTIVE_L2,
+            WriteKind::SharedL2Table => MetadataType::ACTIVE_L2.union(MetadataType::INACTIVE_L2),
+            WriteKind::RefcountBlock => MetadataType::REFCOUNT_BLOCK,
+            WriteKind::L1Entries => MetadataType::ACTIVE_L1,
+            WriteKind::RefcountTableEntries => MetadataType::REFCOUNT_TABLE,
+        }
+    }
+}
 
 /// Byte length of the fixed header fields that writes update (size, L1 and refcount table
 /// pointers, feature bits): 72 bytes for version 2, 96 for version 3.
@@ -26,6 +70,27 @@ fn fixed_header_len(version: u32) -> usize {
 }
 
 impl Image {
+    /// The pre-write check: the metadata types a write of `size` bytes at `offset` would touch,
+    /// minus `ignore`. Constant time from the map; where the map's memory limit left the range
+    /// unchecked, QEMU's naive algorithm answers instead (exact, slower).
+    pub fn check_overlap(
+        &self,
+        offset: HostOffset,
+        size: u64,
+        ignore: MetadataType,
+    ) -> Result<MetadataType, ImageError> {
+        let map = self.map();
+        let found = map.check(offset, size, ignore)?;
+        if map.is_exact(offset, size)? {
+            return Ok(found);
+        }
+        drop(map);
+        match &*self.fallback.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(naive) => Ok(naive.check(offset.0, size, ignore)?),
+            None => Ok(found),
+        }
+    }
+
     /// Writes `bytes` at `offset` of `storage` after the overlap check for `kind`.
     pub(crate) fn guarded_write(
         &self,
@@ -142,5 +207,95 @@ impl Image {
             && w.header
                 .compatible_features
                 .contains(CompatibleFeatures::LAZY_REFCOUNTS)
+    }
+
+    /// Records metadata of `types` in `clusters` clusters at `offset` (a table just allocated
+    /// or moved there). The one collision rule: metadata already there that may not share a
+    /// cluster with it (an allocation handed out a cluster that is in use, which only a broken
+    /// refcount can do) refuses the table as an overlapping write, before it is written.
+    pub(crate) fn map_enter(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        clusters: u64,
+        types: MetadataType,
+    ) -> Result<(), ImageError> {
+        let hit = self.map.write().unwrap_or_else(|e| e.into_inner()).enter(
+            HostOffset(offset),
+            ClusterCount(clusters),
+            types,
+        )?;
+        if let Some((at, there)) = hit {
+            let name = there.message_name().unwrap_or("metadata");
+            let message = format!("Preventing invalid write on metadata (overlaps with {name})");
+            return Err(self.refuse_overlap(w, message, at.0, self.geometry.cluster_size(), there));
+        }
+        Ok(())
+    }
+
+    /// Forgets that `clusters` clusters at `offset` hold metadata of `types` (freed, or no
+    /// longer of that kind); other types in the same clusters stay.
+    pub(crate) fn map_remove(
+        &self,
+        offset: u64,
+        clusters: u64,
+        types: MetadataType,
+    ) -> Result<(), ImageError> {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(
+            HostOffset(offset),
+            ClusterCount(clusters),
+            types,
+        )?;
+        Ok(())
+    }
+
+    /// Where the map's memory limit left ranges to QEMU's naive checker, that checker must see
+    /// every table the moment it exists, not at the next flush.
+    pub(crate) fn refresh_fallback_now(&self, w: &Writer) -> Result<(), ImageError> {
+        if self
+            .fallback
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Ok(());
+        }
+        let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner()).clone();
+        self.refresh_fallback(w, &l1)
+    }
+
+    /// Rebuilds the naive checker (used only where the map's memory limit left ranges
+    /// unchecked) from the live tables, so that it never checks against stale ones.
+    pub(crate) fn refresh_fallback(&self, w: &Writer, l1: &[u64]) -> Result<(), ImageError> {
+        let mut slot = self.fallback.write().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = slot.as_ref() else {
+            return Ok(());
+        };
+        let prev = old.layout().clone();
+        let snaps = self.snaps.read().unwrap_or_else(|e| e.into_inner());
+        let layout = NaiveLayout {
+            l1_table_offset: w.header.l1_table_offset,
+            l1_table: l1.to_vec(),
+            refcount_table_offset: w.refcounts.table_offset,
+            refcount_table: w.refcounts.table.clone(),
+            snapshots_offset: w.header.snapshots_offset,
+            snapshots_size: snaps.table_bytes,
+            snapshots: snaps
+                .entries
+                .iter()
+                .map(|e| (e.l1_table_offset, e.l1_size))
+                .collect(),
+            ..prev
+        };
+        drop(snaps);
+        *slot = Some(
+            NaiveChecker::new(
+                layout,
+                self.options.enabled,
+                std::sync::Arc::clone(&self.storage),
+            )
+            .map_err(|e| ImageError::Unsupported(e.to_string()))?,
+        );
+        Ok(())
     }
 }

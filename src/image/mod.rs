@@ -37,10 +37,10 @@ pub use check::{
     CheckReport, Finding, FindingKind, Overlap, Owner, Repair, Severity, NEED_REBUILD,
 };
 pub use error::{ErrorKind, ImageError};
+pub use guard::WriteKind;
 pub use read::{Backing, Extent, GuestExtent, Table, TableCache};
-pub use write::WriteKind;
 
-use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};
+use crate::format::{BitmapDirectoryEntry, Geometry, Header};
 use crate::lock::{FileLock, LockSet, Locking};
 pub(crate) use crate::overlap::NaiveLayout;
 use crate::overlap::{MetadataMap, MetadataType, NaiveChecker};
@@ -341,27 +341,6 @@ impl Image {
     /// L2 tables the cache may hold.
     pub fn cache_tables(&self) -> usize {
         self.l2_cache.capacity()
-    }
-
-    /// The pre-write check: the metadata types a write of `size` bytes at `offset` would touch,
-    /// minus `ignore`. Constant time from the map; where the map's memory limit left the range
-    /// unchecked, QEMU's naive algorithm answers instead (exact, slower).
-    pub fn check_overlap(
-        &self,
-        offset: HostOffset,
-        size: u64,
-        ignore: MetadataType,
-    ) -> Result<MetadataType, ImageError> {
-        let map = self.map();
-        let found = map.check(offset, size, ignore)?;
-        if map.is_exact(offset, size)? {
-            return Ok(found);
-        }
-        drop(map);
-        match &*self.fallback.read().unwrap_or_else(|e| e.into_inner()) {
-            Some(naive) => Ok(naive.check(offset.0, size, ignore)?),
-            None => Ok(found),
-        }
     }
 }
 

@@ -31,13 +31,14 @@
 
 use std::collections::HashSet;
 
-use super::write::{WriteKind, Writer};
+use super::guard::WriteKind;
+use super::write::Writer;
 use super::{Image, ImageError};
 use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::format::limits::MAX_SNAPSHOTS;
 use crate::format::{
-    read_u64_table, serialize_snapshot_table, write_u64_table, ClusterCount, CompressedDescriptor,
-    HostOffset, SnapshotEntry,
+    read_u64_table, serialize_snapshot_table, write_u64_table, CompressedDescriptor, HostOffset,
+    SnapshotEntry,
 };
 use crate::overlap::MetadataType;
 
@@ -240,7 +241,7 @@ impl Image {
         bytes.resize((clusters * cs) as usize, 0);
         // A new table is checked against every type, so it enters the map once written.
         self.guarded_write(w, WriteKind::NewTable, storage.as_ref(), l1_offset, &bytes)?;
-        self.enter_map(l1_offset, clusters, MetadataType::INACTIVE_L1)?;
+        self.map_enter(w, l1_offset, clusters, MetadataType::INACTIVE_L1)?;
         storage.flush()?;
 
         // 3. The new references on disk before any table says the clusters are shared.
@@ -257,7 +258,7 @@ impl Image {
             .ok_or_else(|| ImageError::Corruption("empty list".into()))? = entry.clone();
         self.write_snapshot_table(w, list)?;
         for t in l2_tables(&l1) {
-            self.enter_map(t, 1, MetadataType::INACTIVE_L2)?;
+            self.map_enter(w, t, 1, MetadataType::INACTIVE_L2)?;
         }
         self.l2_cache.clear();
         self.flush_locked(w)?;
@@ -349,7 +350,7 @@ impl Image {
             .store(new_size, std::sync::atomic::Ordering::Release);
         let old_tables: HashSet<u64> = l2_tables(&old_l1).collect();
         for t in l2_tables(&taken) {
-            self.enter_map(t, 1, MetadataType::ACTIVE_L2)?;
+            self.map_enter(w, t, 1, MetadataType::ACTIVE_L2)?;
         }
         self.flush_locked(w)?;
         let new_tables: HashSet<u64> = l2_tables(&taken).collect();
@@ -586,7 +587,7 @@ impl Image {
             let at = self.allocate_run(w, clusters)? << g.cluster_bits();
             self.write_refcounts(w)?;
             self.guarded_write(w, WriteKind::NewTable, storage.as_ref(), at, &bytes)?;
-            self.enter_map(at, clusters, MetadataType::SNAPSHOT_TABLE)?;
+            self.map_enter(w, at, clusters, MetadataType::SNAPSHOT_TABLE)?;
             storage.flush()?;
             at
         };
@@ -610,35 +611,6 @@ impl Image {
         // Where the map's memory limit left ranges to the naive checker, it must know the new
         // table (and the snapshot L1 tables it lists) before the next write.
         self.refresh_fallback(w, &self.l1_table())
-    }
-
-    /// Enters `clusters` clusters at `offset` as `types`; metadata already there that may not
-    /// share a cluster with them is corruption.
-    fn enter_map(&self, offset: u64, clusters: u64, types: MetadataType) -> Result<(), ImageError> {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, there)) = map.enter(HostOffset(offset), ClusterCount(clusters), types)? {
-            let name = there.message_name().unwrap_or("metadata");
-            let new = types.message_name().unwrap_or("metadata");
-            return Err(ImageError::Corruption(format!(
-                "{new} at {offset:#x} overlaps with {name} at {:#x}",
-                at.0
-            )));
-        }
-        Ok(())
-    }
-
-    fn map_remove(
-        &self,
-        offset: u64,
-        clusters: u64,
-        types: MetadataType,
-    ) -> Result<(), ImageError> {
-        self.map.write().unwrap_or_else(|e| e.into_inner()).remove(
-            HostOffset(offset),
-            ClusterCount(clusters),
-            types,
-        )?;
-        Ok(())
     }
 }
 

@@ -14,49 +14,13 @@
 use std::sync::Arc;
 
 use super::alloc::{NewTable, Refcounts};
+use super::guard::WriteKind;
 use super::{Image, ImageError};
 use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::format::header::{AutoclearFeatures, IncompatibleFeatures};
-use crate::format::{
-    ClusterCount, CompressedDescriptor, Geometry, GuestOffset, Header, HostOffset,
-};
+use crate::format::{CompressedDescriptor, Geometry, GuestOffset, Header, HostOffset};
 use crate::overlap::MetadataType;
 use crate::scan::ScannedImage;
-
-/// What a host write is, which decides the metadata it may cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteKind {
-    /// Guest data, copy-on-write copies, zero fill: may cover no metadata.
-    GuestData,
-    /// Write-back of an active L2 table: its own cluster is ACTIVE_L2.
-    L2Table,
-    /// Write-back of a refcount block over itself.
-    RefcountBlock,
-    /// Entries of the active L1 table rewritten in place.
-    L1Entries,
-    /// Entries of the refcount table rewritten in place.
-    RefcountTableEntries,
-    /// A new table in fresh clusters (L1, refcount table, refcount block, L2, snapshot table,
-    /// a snapshot's L1 copy): covers nothing.
-    NewTable,
-    /// Rewrite of an L2 table that a snapshot uses (COPIED flags, by snapshot operations): its
-    /// own cluster is INACTIVE_L2, and ACTIVE_L2 too while the active L1 table shares it.
-    SharedL2Table,
-}
-
-impl WriteKind {
-    /// The types this kind of write may cover.
-    pub fn ignore(self) -> MetadataType {
-        match self {
-            WriteKind::GuestData | WriteKind::NewTable => MetadataType::empty(),
-            WriteKind::L2Table => MetadataType::ACTIVE_L2,
-            WriteKind::SharedL2Table => MetadataType::ACTIVE_L2.union(MetadataType::INACTIVE_L2),
-            WriteKind::RefcountBlock => MetadataType::REFCOUNT_BLOCK,
-            WriteKind::L1Entries => MetadataType::ACTIVE_L1,
-            WriteKind::RefcountTableEntries => MetadataType::REFCOUNT_TABLE,
-        }
-    }
-}
 
 /// The writer's state (behind the image's writer lock).
 #[derive(Debug)]
@@ -179,12 +143,11 @@ impl Image {
             if !autoclear.contains(AutoclearFeatures::BITMAPS) {
                 return Ok(());
             }
-            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
             if let Some(ext) = w.header.bitmaps_ext() {
                 let cs = self.geometry.cluster_size();
-                map.remove(
-                    HostOffset(ext.dir_offset),
-                    ClusterCount(ext.dir_size.div_ceil(cs)),
+                self.map_remove(
+                    ext.dir_offset,
+                    ext.dir_size.div_ceil(cs),
                     MetadataType::BITMAP_DIRECTORY,
                 )?;
             }
@@ -369,11 +332,7 @@ impl Image {
                 .ok_or_else(|| ImageError::Corruption("L2 table vanished".into()))?;
             w.refcounts
                 .free_later(offset >> self.geometry.cluster_bits());
-            self.map.write().unwrap_or_else(|e| e.into_inner()).remove(
-                HostOffset(offset),
-                ClusterCount(1),
-                MetadataType::ACTIVE_L2,
-            )?;
+            self.map_remove(offset, 1, MetadataType::ACTIVE_L2)?;
             // Every cluster the copy references is shared with the old table now: no entry
             // of the copy may claim sole ownership (COPIED), whatever the old one said.
             let step = if self.geometry.is_extended_l2() { 2 } else { 1 };
@@ -449,11 +408,7 @@ impl Image {
     fn allocate_metadata(&self, w: &mut Writer, types: MetadataType) -> Result<u64, ImageError> {
         let cluster = self.allocate_cluster(w)?;
         let offset = cluster << self.geometry.cluster_bits();
-        self.map.write().unwrap_or_else(|e| e.into_inner()).enter(
-            HostOffset(offset),
-            ClusterCount(1),
-            types,
-        )?;
+        self.map_enter(w, offset, 1, types)?;
         Ok(offset)
     }
 
@@ -478,16 +433,14 @@ impl Image {
         if created.is_empty() {
             return Ok(());
         }
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         for t in created {
             let types = if t.offset == w.refcounts.table_offset {
                 MetadataType::REFCOUNT_TABLE
             } else {
                 MetadataType::REFCOUNT_BLOCK
             };
-            map.enter(HostOffset(t.offset), ClusterCount(t.clusters), types)?;
+            self.map_enter(w, t.offset, t.clusters, types)?;
         }
-        drop(map);
         if created.iter().any(|t| t.offset == w.refcounts.table_offset) {
             w.header.refcount_table_offset = w.refcounts.table_offset;
             w.header.refcount_table_clusters =
@@ -495,21 +448,6 @@ impl Image {
             w.header_dirty = true;
         }
         self.refresh_fallback_now(w)
-    }
-
-    /// Where the map's memory limit left ranges to QEMU's naive checker, that checker must see
-    /// every table the moment it exists, not at the next flush.
-    fn refresh_fallback_now(&self, w: &Writer) -> Result<(), ImageError> {
-        if self
-            .fallback
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
-            return Ok(());
-        }
-        let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner()).clone();
-        self.refresh_fallback(w, &l1)
     }
 
     /// Writes one piece of guest data (inside one cluster).
@@ -923,13 +861,7 @@ impl Image {
         let clusters = (needed * 8).div_ceil(g.cluster_size());
         let first = self.allocate_run(w, clusters)?;
         let offset = first << g.cluster_bits();
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.enter(
-            HostOffset(offset),
-            ClusterCount(clusters),
-            MetadataType::ACTIVE_L1,
-        )?;
-        drop(map);
+        self.map_enter(w, offset, clusters, MetadataType::ACTIVE_L1)?;
         let old = NewTable {
             offset: w.header.l1_table_offset,
             clusters: (current * 8).div_ceil(g.cluster_size()),

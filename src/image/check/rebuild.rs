@@ -19,8 +19,9 @@ use super::{CheckReport, FindingKind};
 use crate::format::limits::MAX_REFTABLE_BYTES;
 use crate::format::offsets::MAX_HOST_OFFSET;
 use crate::format::refcount::{max_refcount, refcount_set, REFTABLE_OFFSET_MASK};
-use crate::format::{write_u64_table, ClusterCount, HostOffset};
-use crate::image::write::{WriteKind, Writer};
+use crate::format::write_u64_table;
+use crate::image::write::Writer;
+use crate::image::WriteKind;
 use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 
@@ -114,36 +115,23 @@ impl Image {
         w.refcounts = crate::image::alloc::Refcounts::new(cb, order, table_offset, table);
 
         // The map follows: the old structure is no longer metadata, the new one is.
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         // Removing what was never entered (absurd offsets) fails harmlessly.
-        let _ = map.remove(
-            HostOffset(old_table.0),
-            ClusterCount(old_table.1),
-            MetadataType::REFCOUNT_TABLE,
-        );
+        let _ = self.map_remove(old_table.0, old_table.1, MetadataType::REFCOUNT_TABLE);
         for e in old_blocks {
             let off = e & REFTABLE_OFFSET_MASK;
             if off != 0 && off % cs == 0 {
-                let _ = map.remove(
-                    HostOffset(off),
-                    ClusterCount(1),
-                    MetadataType::REFCOUNT_BLOCK,
-                );
+                let _ = self.map_remove(off, 1, MetadataType::REFCOUNT_BLOCK);
             }
         }
         for j in 0..layout.blocks.len() as u64 {
-            map.enter(
-                HostOffset((layout.start + j) << cb),
-                ClusterCount(1),
-                MetadataType::REFCOUNT_BLOCK,
-            )?;
+            self.map_enter(w, (layout.start + j) << cb, 1, MetadataType::REFCOUNT_BLOCK)?;
         }
-        map.enter(
-            HostOffset(table_offset),
-            ClusterCount(layout.table_clusters),
+        self.map_enter(
+            w,
+            table_offset,
+            layout.table_clusters,
             MetadataType::REFCOUNT_TABLE,
         )?;
-        drop(map);
         let l1 = self.l1_table();
         self.refresh_fallback(w, &l1)
     }

@@ -38,7 +38,8 @@ use super::{CheckReport, FindingKind, Owner};
 use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use crate::format::header::IncompatibleFeatures;
 use crate::format::HostOffset;
-use crate::image::write::{WriteKind, Writer};
+use crate::image::write::Writer;
+use crate::image::WriteKind;
 use crate::image::{ErrorKind, Image, ImageError, OpenOptions};
 use crate::overlap::MetadataType;
 
