@@ -83,6 +83,28 @@ impl L2Entry {
             self.0 & L2_RESERVED_MASK
         }
     }
+
+    /// Whether this is the common case: a standard entry with no flag but COPIED and no
+    /// reserved bit (data at [`host_offset`](Self::host_offset), or unallocated when that is 0).
+    pub fn is_plain(self) -> bool {
+        self.0 & (OFLAG_COMPRESSED | L2_RESERVED_MASK | OFLAG_ZERO) == 0
+    }
+
+    /// The compressed cluster this entry describes (its COPIED flag, which a compressed entry
+    /// must not have, ignored); `None` when it is not representable.
+    pub fn compressed(self, cluster_bits: u32) -> Option<CompressedDescriptor> {
+        CompressedDescriptor::from_entry(self.0 & !OFLAG_COPIED, cluster_bits)
+    }
+
+    /// The same entry with COPIED set or cleared.
+    #[must_use]
+    pub fn with_copied(self, copied: bool) -> L2Entry {
+        if copied {
+            L2Entry(self.0 | OFLAG_COPIED)
+        } else {
+            L2Entry(self.0 & !OFLAG_COPIED)
+        }
+    }
 }
 
 /// An extended L2 entry (incompatible feature bit 4): a standard entry plus a subcluster bitmap.

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use super::report::{Finding, FindingKind, Overlap, Owner, Severity, MAX_RUNS};
 use super::walk::Checker;
-use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
 use crate::format::refcount_get;
+use crate::format::ReftableEntry;
 
 impl Checker<'_> {
     /// The end of the range of clusters qemu-img compares: the file, grown to the last cluster
@@ -19,11 +19,11 @@ impl Checker<'_> {
     pub(super) fn refblocks(&mut self, reftable: &[u64]) {
         let cs = self.cs;
         for (i, &e) in reftable.iter().enumerate() {
-            let off = e & REFTABLE_OFFSET_MASK;
+            let off = ReftableEntry(e).block_offset().0;
             let mut f = Finding::new(FindingKind::ReftableReserved, Severity::Corruption);
             f.index = i as u64;
             f.offset = off;
-            if e & REFTABLE_RESERVED_MASK != 0 {
+            if ReftableEntry(e).reserved_bits() != 0 {
                 self.report.add(f);
                 continue;
             }
@@ -66,7 +66,9 @@ impl Checker<'_> {
             if first < last {
                 let mut f = Finding::new(FindingKind::RefcountUnreadable, Severity::CheckError);
                 f.index = first;
-                f.offset = self.img.scanned.refcount_table[b as usize] & REFTABLE_OFFSET_MASK;
+                f.offset = ReftableEntry(self.img.scanned.refcount_table[b as usize])
+                    .block_offset()
+                    .0;
                 f.times = last - first;
                 self.report.add(f);
             }
@@ -108,7 +110,7 @@ impl Checker<'_> {
             let last_block = (end - 1) / per_block;
             let mut buf = vec![0u8; self.cs as usize];
             for b in first_block..=last_block.min(reftable.len() as u64 - 1) {
-                let off = reftable[b as usize] & REFTABLE_OFFSET_MASK;
+                let off = ReftableEntry(reftable[b as usize]).block_offset().0;
                 if off == 0 || off % self.cs != 0 {
                     continue;
                 }

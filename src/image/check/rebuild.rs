@@ -18,8 +18,9 @@ use super::Counts;
 use super::{CheckReport, FindingKind};
 use crate::format::limits::MAX_REFTABLE_BYTES;
 use crate::format::offsets::MAX_HOST_OFFSET;
-use crate::format::refcount::{max_refcount, refcount_set, REFTABLE_OFFSET_MASK};
+use crate::format::refcount::{max_refcount, refcount_set};
 use crate::format::write_u64_table;
+use crate::format::ReftableEntry;
 use crate::image::write::Writer;
 use crate::image::WriteKind;
 use crate::image::{Image, ImageError};
@@ -118,7 +119,7 @@ impl Image {
         // Removing what was never entered (absurd offsets) fails harmlessly.
         let _ = self.map_remove(old_table.0, old_table.1, MetadataType::REFCOUNT_TABLE);
         for e in old_blocks {
-            let off = e & REFTABLE_OFFSET_MASK;
+            let off = ReftableEntry(e).block_offset().0;
             if off != 0 && off % cs == 0 {
                 let _ = self.map_remove(off, 1, MetadataType::REFCOUNT_BLOCK);
             }

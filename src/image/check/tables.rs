@@ -3,26 +3,24 @@
 
 use super::report::{Finding, FindingKind, Owner, Severity};
 use super::walk::{Checker, L1Ref};
-use crate::format::entry::{
-    L1_L2_OFFSET_MASK, L1_RESERVED_MASK, L2_RESERVED_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO,
-};
-use crate::format::CompressedDescriptor;
+use crate::format::{L1Entry, L2Entry};
 
 impl Checker<'_> {
     pub(super) fn gather_l1(&mut self, bytes: &[u8], source: Option<u32>, refs: &mut Vec<L1Ref>) {
         for (i, c) in bytes.chunks_exact(8).enumerate() {
-            let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            if e == 0 {
+            let e = L1Entry(u64::from_be_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]));
+            if e.0 == 0 {
                 continue;
             }
-            if e & L1_RESERVED_MASK != 0 {
+            if e.reserved_bits() != 0 {
                 let mut f = Finding::new(FindingKind::L1Reserved, Severity::Corruption);
                 f.index = i as u64;
-                f.entry = e;
+                f.entry = e.0;
                 self.report.add(f);
             }
-            let l2 = e & L1_L2_OFFSET_MASK;
+            let l2 = e.l2_offset().0;
             // Counted even when 0 (QEMU counts cluster 0 for an entry with only flag bits).
             self.inc(l2, self.cs, 1);
             if l2 % self.cs != 0 {
@@ -35,10 +33,10 @@ impl Checker<'_> {
                 // COPIED flag of the L1 entry against the L2 table's on-disk refcount.
                 if l2 != 0 {
                     if let Some(rc) = self.disk_refcount(l2 >> self.cb) {
-                        if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                        if (rc == 1) != e.copied() {
                             let mut f = Finding::new(FindingKind::CopiedL1, Severity::Corruption);
                             f.index = i as u64;
-                            f.entry = e;
+                            f.entry = e.0;
                             f.reference = rc;
                             f.offset = l2;
                             self.report.add(f);
@@ -149,23 +147,20 @@ impl Checker<'_> {
         };
         let copied_pass = active > 0 && first.l2_offset != 0;
         for (i, c) in table.chunks_exact(esz).enumerate() {
-            let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let e = L2Entry(u64::from_be_bytes([
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+            ]));
             let bitmap = if ext {
                 u64::from_be_bytes([c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]])
             } else {
                 0
             };
-            if e == 0 && bitmap == 0 {
+            if e.0 == 0 && bitmap == 0 {
                 continue;
             }
             // Fast path: a standard, aligned data cluster inside the file, nothing odd about it.
-            let offset = e & L1_L2_OFFSET_MASK;
-            if !ext
-                && e & (OFLAG_COMPRESSED | L2_RESERVED_MASK | OFLAG_ZERO) == 0
-                && offset != 0
-                && offset & (cs - 1) == 0
-                && offset < fast_end
-            {
+            let offset = e.host_offset().0;
+            if !ext && e.is_plain() && offset != 0 && offset & (cs - 1) == 0 && offset < fast_end {
                 let k = offset >> self.cb;
                 if active > 0 {
                     allocated += active;
@@ -184,12 +179,12 @@ impl Checker<'_> {
                         u8::MAX => self.disk.get(k),
                         v => u64::from(v),
                     };
-                    if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                    if (rc == 1) != e.copied() {
                         let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
                         f.index = first.l1_index;
                         f.l2_table = first.l2_offset;
                         f.l2_index = i as u64;
-                        f.entry = e;
+                        f.entry = e.0;
                         f.reference = rc;
                         f.offset = offset;
                         f.times = active;
@@ -198,18 +193,18 @@ impl Checker<'_> {
                 }
                 continue;
             }
-            let compressed = e & OFLAG_COMPRESSED != 0;
+            let compressed = e.is_compressed();
             let guest = guest_base.saturating_add((i as u64) << self.cb);
             let data_owner = Owner::Data(first.source, guest);
-            if !compressed && e & L2_RESERVED_MASK != 0 {
+            if e.reserved_bits() != 0 {
                 self.l2_finding(FindingKind::L2Reserved, e, 0, i, times);
             }
             if compressed {
-                if e & OFLAG_COPIED != 0 {
-                    let d = CompressedDescriptor::from_entry(e & !OFLAG_COPIED, self.cb);
+                if e.copied() {
+                    let d = e.compressed(self.cb);
                     let mut f = Finding::new(FindingKind::CopiedCompressed, Severity::Corruption);
                     f.offset = d.map_or(0, |d| d.host_offset.0);
-                    f.entry = e;
+                    f.entry = e.0;
                     f.times = times;
                     self.report.add(f);
                 }
@@ -221,10 +216,7 @@ impl Checker<'_> {
                     self.l2_finding(FindingKind::CompressedBitmap, e, bitmap, i, times);
                     continue;
                 }
-                let Some((start, end)) =
-                    CompressedDescriptor::from_entry(e & !OFLAG_COPIED, self.cb)
-                        .and_then(|d| d.data_range())
-                else {
+                let Some((start, end)) = e.compressed(self.cb).and_then(|d| d.data_range()) else {
                     continue;
                 };
                 self.inc(start, end - start, times);
@@ -240,8 +232,8 @@ impl Checker<'_> {
                 }
                 continue;
             }
-            let zero = !ext && e & OFLAG_ZERO != 0;
-            let unallocated = offset == 0 && (zero || !(self.data_file && e & OFLAG_COPIED != 0));
+            let zero = !ext && e.is_zero();
+            let unallocated = offset == 0 && (zero || !(self.data_file && e.copied()));
             if unallocated {
                 if ext && bitmap & 0xffff_ffff != 0 {
                     self.l2_finding(FindingKind::UnallocatedSubclusters, e, bitmap, i, times);
@@ -256,7 +248,7 @@ impl Checker<'_> {
                 let has_data = if ext {
                     bitmap & 0xffff_ffff != 0
                 } else {
-                    e & OFLAG_ZERO == 0
+                    !e.is_zero()
                 };
                 let kind = if has_data {
                     FindingKind::DataUnaligned
@@ -265,7 +257,7 @@ impl Checker<'_> {
                 };
                 let mut f = Finding::new(kind, Severity::Corruption);
                 f.offset = offset;
-                f.entry = e;
+                f.entry = e.0;
                 f.times = times;
                 f.reference = bitmap;
                 if active > 0 {
@@ -293,12 +285,12 @@ impl Checker<'_> {
             // qemu-img's COPIED pass skips an L1 entry whose L2 offset is 0 altogether.
             if active > 0 && first.l2_offset != 0 {
                 if let Some(rc) = self.disk_refcount(k) {
-                    if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                    if (rc == 1) != e.copied() {
                         let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
                         f.index = first.l1_index;
                         f.l2_table = first.l2_offset;
                         f.l2_index = i as u64;
-                        f.entry = e;
+                        f.entry = e.0;
                         f.reference = rc;
                         f.offset = offset;
                         f.times = active;
@@ -314,16 +306,16 @@ impl Checker<'_> {
     pub(super) fn l2_finding(
         &mut self,
         kind: FindingKind,
-        e: u64,
+        e: L2Entry,
         bitmap: u64,
         i: usize,
         times: u64,
     ) {
         let mut f = Finding::new(kind, Severity::Corruption);
-        f.entry = e;
+        f.entry = e.0;
         f.reference = bitmap;
         f.index = i as u64;
-        f.offset = e & L1_L2_OFFSET_MASK;
+        f.offset = e.host_offset().0;
         f.times = times;
         self.report.add(f);
     }

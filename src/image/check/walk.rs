@@ -26,7 +26,7 @@
 use super::counts::{decode_block, oom, Counts};
 use super::report::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
 use crate::format::limits::MAX_IMAGE_LENGTH;
-use crate::format::refcount::{REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK};
+use crate::format::ReftableEntry;
 use crate::format::{max_refcount, refcount_get, Geometry};
 use crate::image::{Image, ImageError};
 use crate::storage::Storage;
@@ -182,7 +182,7 @@ impl Checker<'_> {
         let n = (blocks as usize).min(reftable.len());
         let mut buf = vec![0u8; self.cs as usize];
         for (i, &e) in reftable.iter().enumerate().take(n) {
-            let off = e & REFTABLE_OFFSET_MASK;
+            let off = ReftableEntry(e).block_offset().0;
             if off == 0 {
                 continue;
             }
@@ -228,7 +228,7 @@ impl Checker<'_> {
             Some(&e) => e,
             None => return Some(0),
         };
-        let off = e & REFTABLE_OFFSET_MASK;
+        let off = ReftableEntry(e).block_offset().0;
         if off == 0 {
             return Some(0);
         }
@@ -438,8 +438,8 @@ impl Checker<'_> {
         self.bitmaps();
         let reftable = img.scanned.refcount_table.clone();
         for (i, &e) in reftable.iter().enumerate() {
-            let off = e & REFTABLE_OFFSET_MASK;
-            if off != 0 && e & REFTABLE_RESERVED_MASK == 0 {
+            let off = ReftableEntry(e).block_offset().0;
+            if off != 0 && ReftableEntry(e).reserved_bits() == 0 {
                 self.own(Owner::RefcountBlock(i as u64), off, cs);
             }
         }
