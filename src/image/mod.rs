@@ -43,6 +43,8 @@ mod write;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod retry_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +57,7 @@ pub use error::{ErrorKind, ImageError};
 pub use guest_map::GuestExtent;
 pub use mapping::Extent;
 pub use repair::{Repair, NEED_REBUILD};
-pub use write::WriteKind;
+pub use write::{Note, NoteLevel, WriteKind};
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header, HostOffset};
 pub(crate) use crate::overlap::NaiveLayout;
