@@ -235,9 +235,9 @@ def test_bad_names_ids_and_images_are_refused_before_any_change(tmp_path: Path) 
                 img.create_snapshot(**kwargs)
         with pytest.raises(ValueError, match="vm_state_size"):
             img.create_snapshot("neg", vm_state_size=-1)
-        with pytest.raises(FileNotFoundError, match="Can't find snapshot 'nope'"):
+        with pytest.raises(qcow2ovl.SnapshotNotFoundError, match="Can't find snapshot 'nope'"):
             img.apply_snapshot("nope")
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(qcow2ovl.SnapshotNotFoundError):
             img.delete_snapshot("nope")
     assert path.read_bytes() == before
     with qcow2ovl.open(path) as ro, pytest.raises(OSError):

@@ -409,7 +409,7 @@ def test_snapshot_views_read_like_qemu_img_convert_l(tmp_path: Path) -> None:
         with qcow2ovl.open(path, snapshot=snap) as img:
             assert img.virtual_size == expected.stat().st_size
             assert img.read(0, img.virtual_size) == expected.read_bytes(), snap
-    with pytest.raises(FileNotFoundError, match="Can't find snapshot"):
+    with pytest.raises(qcow2ovl.SnapshotNotFoundError, match="Can't find snapshot"):
         qcow2ovl.open(path, snapshot="three")
     with pytest.raises(qcow2ovl.UnsupportedError, match="read-only"):
         qcow2ovl.open(path, snapshot="one", writable=True)

@@ -14,6 +14,8 @@ from qcow2ovl.errors import (
     FormatError,
     MetadataOverlapError,
     Qcow2Error,
+    ReadOnlyImageError,
+    SnapshotNotFoundError,
     UnsupportedError,
 )
 from qcow2ovl.image import (
@@ -46,7 +48,9 @@ __all__ = [
     "OverlapCheck",
     "Problem",
     "Qcow2Error",
+    "ReadOnlyImageError",
     "Snapshot",
+    "SnapshotNotFoundError",
     "UnsupportedError",
     "__version__",
     "check",

@@ -18,6 +18,8 @@ __all__ = [
     "check_image",
     "create_image",
     "open_image",
+    "open_image_fd",
+    "open_image_fileobj",
     "repair_image",
 ]
 
@@ -142,9 +144,30 @@ class Image:
     ) -> list[tuple[int, int, int, bool, bool, bool, bool, int | None]]: ...
     def host_offset(self, offset: int) -> int | None: ...
     def close(self) -> None: ...
+    def abandon(self) -> bool: ...
 
 def open_image(
     path: str | PathLike[str],
+    *,
+    writable: bool = False,
+    enabled: int | None = None,
+    map_memory_limit: int | None = None,
+    cache_size: int | None = None,
+    snapshot: str | None = None,
+) -> Image: ...
+def open_image_fd(
+    fd: int,
+    name: str,
+    *,
+    writable: bool = False,
+    enabled: int | None = None,
+    map_memory_limit: int | None = None,
+    cache_size: int | None = None,
+    snapshot: str | None = None,
+) -> Image: ...
+def open_image_fileobj(
+    file: object,
+    name: str,
     *,
     writable: bool = False,
     enabled: int | None = None,

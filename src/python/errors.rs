@@ -9,9 +9,24 @@ pyo3::import_exception!(qcow2ovl.errors, FormatError);
 pyo3::import_exception!(qcow2ovl.errors, UnsupportedError);
 pyo3::import_exception!(qcow2ovl.errors, CorruptImageError);
 pyo3::import_exception!(qcow2ovl.errors, MetadataOverlapError);
+pyo3::import_exception!(qcow2ovl.errors, ReadOnlyImageError);
+pyo3::import_exception!(qcow2ovl.errors, SnapshotNotFoundError);
+
+/// [`image_err`] for an error met while using an open image named `name`: errors from the disk
+/// and refused writes name the image's file (`OSError.filename`) unless they name one already
+/// (a backing file's).
+pub(crate) fn image_err_in(e: ImageError, name: Option<&str>) -> PyErr {
+    match (name, e.kind()) {
+        (Some(name), ErrorKind::Os(_) | ErrorKind::Corruption | ErrorKind::ReadOnly) => {
+            image_err(e.in_file(name))
+        }
+        _ => image_err(e),
+    }
+}
 
 /// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
-/// `CorruptImageError`, `ValueError`, `MemoryError`, or `OSError` with the errno (Python picks
+/// `CorruptImageError`, `ReadOnlyImageError`, `SnapshotNotFoundError`, `ValueError`,
+/// `MemoryError`, or `OSError` with the errno (Python picks
 /// the subclass: `FileNotFoundError`, `IsADirectoryError`, ...) and the file name.
 pub(crate) fn image_err(e: ImageError) -> PyErr {
     let kind = e.kind();
@@ -29,6 +44,11 @@ pub(crate) fn image_err(e: ImageError) -> PyErr {
             other => MetadataOverlapError::new_err((other.to_string(), 0u16, 0u64, 0u64)),
         },
         ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
+        ErrorKind::SnapshotNotFound => SnapshotNotFoundError::new_err(e.message()),
+        ErrorKind::ReadOnly => match e.path() {
+            Some(path) => ReadOnlyImageError::new_err((libc::EBADF, e.message(), path.to_string())),
+            None => ReadOnlyImageError::new_err((libc::EBADF, e.message())),
+        },
         ErrorKind::OutOfMemory => PyMemoryError::new_err(e.to_string()),
         ErrorKind::Corruption | ErrorKind::Os(_) => {
             let errno = match kind {
