@@ -52,6 +52,10 @@ def open_file_object(file: Any, *, writable: bool, **options: Any) -> tuple[_cor
             raise TypeError(
                 f"open() takes a path or a seekable binary file object, not {type(file).__name__!r}"
             )
+    import io
+
+    if isinstance(file, io.TextIOBase):
+        raise TypeError("open() needs a binary file object (mode 'rb'), not a text one")
     if getattr(file, "closed", False):
         raise ValueError("I/O operation on closed file")
     seekable = getattr(file, "seekable", None)

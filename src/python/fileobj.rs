@@ -266,5 +266,12 @@ fn duplicate(fd: i32, writable: bool) -> Result<FileStorage, ImageError> {
     // SAFETY: the descriptor belongs to a file object the caller holds for this whole call;
     // it is only duplicated here (the duplicate is ours), never closed or used after.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    Ok(FileStorage::duplicate_fd(borrowed, writable)?)
+    FileStorage::duplicate_fd(borrowed, writable).map_err(|e| {
+        // The descriptor's mode does not allow what was asked (a `ValueError`).
+        if e.kind() == io::ErrorKind::InvalidInput && e.raw_os_error().is_none() {
+            ImageError::InvalidArgument(e.to_string())
+        } else {
+            ImageError::Io(e)
+        }
+    })
 }
