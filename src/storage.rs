@@ -272,6 +272,47 @@ impl Storage for FileStorage {
     }
 }
 
+impl FileStorage {
+    /// Storage over a close-on-exec duplicate of `fd` (a descriptor someone else owns, such as
+    /// a Python file object's `fileno()`): it shares the descriptor's open file description
+    /// (access mode, flags) but not its use of the cursor, since reads and writes are
+    /// positioned. Only regular files and block devices are accepted; `writable` needs a
+    /// descriptor open for writing and not in append mode (where every `pwrite` lands at the
+    /// end of the file).
+    pub fn duplicate_fd(fd: std::os::fd::BorrowedFd<'_>, writable: bool) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let file = File::from(fd.try_clone_to_owned()?);
+        let kind = file.metadata()?.file_type();
+        if kind.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(not_a_file_error("the descriptor"));
+        }
+        if writable {
+            // SAFETY: F_GETFL on a descriptor we own has no memory effects.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "writing needs a descriptor open for writing (a file object in mode 'r+b')",
+                ));
+            }
+            if flags & libc::O_APPEND != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "writing cannot use a descriptor in append mode: every write would land at \
+                     the end",
+                ));
+            }
+        }
+        Ok(FileStorage { file, writable })
+    }
+}
+
 /// An in-memory [`Storage`] for tests: a growable byte vector behind a lock.
 #[derive(Debug, Default)]
 pub struct MemStorage {
@@ -610,6 +651,37 @@ mod tests {
         m.read_padded(7, &mut buf).unwrap();
         assert_eq!(buf, [5, 5, 5, 0, 0, 0]);
         assert_eq!(m.next_data(3).unwrap(), Some((3, 10)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn duplicated_descriptors_check_type_and_mode() {
+        use std::os::fd::AsFd;
+        let path = std::env::temp_dir().join(format!("qcow2ovl-dup-{}", std::process::id()));
+        std::fs::write(&path, b"hello").unwrap();
+        let ro = File::open(&path).unwrap();
+        let s = FileStorage::duplicate_fd(ro.as_fd(), false).unwrap();
+        drop(ro);
+        let mut b = [0u8; 5];
+        s.read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        let ro = File::open(&path).unwrap();
+        let err = FileStorage::duplicate_fd(ro.as_fd(), true).unwrap_err();
+        assert!(err.to_string().contains("open for writing"), "{err}");
+        let append = OpenOptions::new().append(true).open(&path).unwrap();
+        let err = FileStorage::duplicate_fd(append.as_fd(), true).unwrap_err();
+        assert!(err.to_string().contains("append mode"), "{err}");
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let s = FileStorage::duplicate_fd(rw.as_fd(), true).unwrap();
+        s.write_at(0, b"J").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"Jello");
+        let dir = File::open(std::env::temp_dir()).unwrap();
+        let err = FileStorage::duplicate_fd(dir.as_fd(), false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR));
         std::fs::remove_file(&path).unwrap();
     }
 

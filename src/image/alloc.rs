@@ -130,7 +130,9 @@ impl Refcounts {
         }
         if offset & (self.cluster_size() - 1) != 0 {
             return Err(ImageError::Corruption(format!(
-                "Refblock offset {offset:#x} unaligned (reftable index: {index:#x})"
+                "Refblock offset {} unaligned (reftable index: {})",
+                crate::format::c_hex(offset),
+                crate::format::c_hex(index)
             )));
         }
         match self.blocks.entry(index) {
@@ -258,20 +260,38 @@ impl Refcounts {
     /// Applies every queued decrement; returns the clusters whose refcount reached 0.
     pub fn apply_pending(&mut self, storage: &dyn Storage) -> Result<Vec<u64>, ImageError> {
         let mut freed = Vec::new();
-        for cluster in std::mem::take(&mut self.pending) {
-            let v = self.get(storage, cluster)?;
-            if v == 0 {
-                return Err(ImageError::Corruption(format!(
-                    "refcount of cluster {cluster:#x} is already 0; cannot free it"
-                )));
-            }
-            self.set(storage, cluster, v - 1)?;
-            if v == 1 {
-                freed.push(cluster);
-                self.hint = self.hint.min(cluster);
+        let pending = std::mem::take(&mut self.pending);
+        for (i, &cluster) in pending.iter().enumerate() {
+            if let Err(e) = self.decrement(storage, cluster, &mut freed) {
+                // An I/O error (a refcount block that cannot be read) keeps this decrement and
+                // the ones after it queued for the next flush; the ones applied stay applied
+                // (their blocks are dirty and will be written).
+                self.pending.extend_from_slice(&pending[i..]);
+                return Err(e);
             }
         }
         Ok(freed)
+    }
+
+    /// Applies one queued decrement; a cluster whose refcount drops to 0 joins `freed`.
+    fn decrement(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        freed: &mut Vec<u64>,
+    ) -> Result<(), ImageError> {
+        let v = self.get(storage, cluster)?;
+        if v == 0 {
+            return Err(ImageError::Corruption(format!(
+                "refcount of cluster {cluster:#x} is already 0; cannot free it"
+            )));
+        }
+        self.set(storage, cluster, v - 1)?;
+        if v == 1 {
+            freed.push(cluster);
+            self.hint = self.hint.min(cluster);
+        }
+        Ok(())
     }
 
     /// Makes sure a block describes `cluster`, creating it (and growing the table) if needed.
@@ -480,18 +500,23 @@ impl Refcounts {
     }
 
     /// Dirty blocks as `(host offset, bytes)`, by offset; marks them clean.
-    pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u8>)> {
+    pub fn dirty_blocks(&self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
             .blocks
-            .values_mut()
+            .values()
             .filter(|b| b.dirty)
-            .map(|b| {
-                b.dirty = false;
-                (b.offset, b.data.clone())
-            })
+            .map(|b| (b.offset, b.data.clone()))
             .collect();
         out.sort_by_key(|(o, _)| *o);
         out
+    }
+
+    /// Marks every block clean: what [`Refcounts::dirty_blocks`] returned is on disk (written
+    /// and past a barrier). Until then a failed flush leaves them dirty, to be written again.
+    pub fn mark_blocks_written(&mut self) {
+        for b in self.blocks.values_mut() {
+            b.dirty = false;
+        }
     }
 
     /// Drops clean blocks from memory when more than `keep` are loaded.

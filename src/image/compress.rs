@@ -39,7 +39,7 @@ impl Image {
                 size: self.virtual_size(),
             });
         }
-        let mut w = self.writer()?;
+        let mut w = self.writer("write_compressed")?;
         if w.external_data {
             return Err(ImageError::Unsupported(
                 "Compression is not supported with an external data file".into(),

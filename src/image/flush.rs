@@ -75,18 +75,22 @@ impl Image {
         // 5. The L1 table and the header.
         let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner()).clone();
         let l1_offset = w.header.l1_table_offset;
-        if let Some(old) = w.l1_moved.take() {
+        if let Some(old) = w.l1_moved.clone() {
+            // `l1_moved` is cleared only once the new table and the header are on disk, so a
+            // retried flush writes the whole table again (not just the dirty entries).
             let bytes = write_u64_table(&l1);
             self.guarded_write(w, WriteKind::L1Entries, storage, l1_offset, &bytes)?;
             storage.flush()?;
             self.write_header(w)?;
             storage.flush()?;
+            w.l1_moved = None;
             w.header_dirty = false;
             w.l1_dirty.clear();
             self.map_remove(old.offset, old.clusters, MetadataType::ACTIVE_L1)?;
         }
         if !w.l1_dirty.is_empty() {
-            let dirty: Vec<usize> = std::mem::take(&mut w.l1_dirty).into_iter().collect();
+            // Cleared only after the barrier, so a retried flush writes them all again.
+            let dirty: Vec<usize> = w.l1_dirty.iter().copied().collect();
             for i in dirty {
                 let bytes = l1[i].to_be_bytes();
                 self.guarded_write(
@@ -98,6 +102,7 @@ impl Image {
                 )?;
             }
             storage.flush()?;
+            w.l1_dirty.clear();
         }
         if w.header_dirty {
             self.write_header(w)?;
@@ -156,12 +161,15 @@ impl Image {
     /// Writes the changed refcount blocks, then a barrier.
     fn write_dirty_blocks(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
-        let blocks = w.refcounts.take_dirty();
+        // The blocks stay dirty until they are past the barrier: a flush that fails here (a
+        // full disk) writes them all again when it is retried.
+        let blocks = w.refcounts.dirty_blocks();
         for (offset, bytes) in &blocks {
             self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
         }
         if !blocks.is_empty() {
             storage.flush()?;
+            w.refcounts.mark_blocks_written();
         }
         Ok(())
     }

@@ -28,6 +28,8 @@ mod write;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod retry_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,7 @@ pub use check::{
 pub use error::{ErrorKind, ImageError};
 pub use guard::WriteKind;
 pub use read::{Backing, Extent, GuestExtent, Table, TableCache};
+pub use write::{Note, NoteLevel};
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header};
 use crate::lock::{FileLock, LockSet, Locking};
@@ -171,16 +174,32 @@ impl Image {
     /// their locks are held from the start (a writer of a backing file would change what this
     /// image's unallocated clusters read).
     fn open_file(path: &Path, options: OpenOptions) -> Result<Self, ImageError> {
-        let set = options.lock_set()?;
+        options.lock_set()?;
         let storage = FileStorage::open(path, options.writable)?;
-        let lock = FileLock::for_mode(
-            storage.file(),
-            &path.display().to_string(),
-            set,
-            options.locking,
-        )?;
+        Self::open_locked(storage, &path.display().to_string(), Some(path), options)
+    }
+
+    /// Opens the image in an already open file (a descriptor handed over by a caller, say),
+    /// locked exactly as [`Image::open`] locks a path; `name` names it in lock errors. Without
+    /// a path, relative backing and data file names resolve against the current directory.
+    pub fn from_file_storage(
+        storage: FileStorage,
+        name: &str,
+        options: OpenOptions,
+    ) -> Result<Self, ImageError> {
+        Self::open_locked(storage, name, None, options)
+    }
+
+    fn open_locked(
+        storage: FileStorage,
+        name: &str,
+        path: Option<&Path>,
+        options: OpenOptions,
+    ) -> Result<Self, ImageError> {
+        let set = options.lock_set()?;
+        let lock = FileLock::for_mode(storage.file(), name, set, options.locking)?;
         let mut image = Self::from_storage(Arc::new(storage), options)?;
-        image.path = Some(path.to_path_buf());
+        image.path = path.map(Path::to_path_buf);
         image.lock = lock;
         if image.writable() {
             image.chain()?;

@@ -71,12 +71,7 @@ pub(crate) fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageE
     list.iter()
         .position(|s| s.id == wanted)
         .or_else(|| list.iter().position(|s| s.name == wanted))
-        .ok_or_else(|| {
-            ImageError::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("Can't find snapshot '{wanted}'"),
-            ))
-        })
+        .ok_or_else(|| ImageError::SnapshotNotFound(wanted.to_string()))
 }
 
 /// The next free numeric id: one more than the largest id that starts with digits (QEMU's
@@ -133,14 +128,14 @@ impl Image {
         id: Option<&str>,
         vm_state_size: u64,
     ) -> Result<SnapshotEntry, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("create_snapshot")?;
         let r = self.create_locked(&mut w, name, id, vm_state_size);
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Deletes the snapshot with id (else name) `wanted`, freeing what only it used.
     pub fn delete_snapshot(&self, wanted: &str) -> Result<SnapshotEntry, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("delete_snapshot")?;
         let r = self.delete_locked(&mut w, wanted);
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
@@ -148,7 +143,7 @@ impl Image {
     /// Reverts the active disk to the snapshot with id (else name) `wanted`; the snapshot
     /// stays. The disk size becomes the snapshot's.
     pub fn apply_snapshot(&self, wanted: &str) -> Result<SnapshotEntry, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("apply_snapshot")?;
         let r = self.apply_locked(&mut w, wanted);
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }

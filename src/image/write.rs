@@ -22,6 +22,27 @@ use crate::format::{CompressedDescriptor, Geometry, GuestOffset, Header, HostOff
 use crate::overlap::MetadataType;
 use crate::scan::ScannedImage;
 
+/// How much a [`Note`] matters; the bindings log it at this level on the `qcow2ovl` logger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoteLevel {
+    /// Routine detail.
+    Debug,
+    /// Something the engine did on its own that changed the file.
+    Info,
+    /// The image needed attention (a repair at open).
+    Warning,
+}
+
+/// Something the engine did on its own initiative (a repair at open, dropped autoclear bits)
+/// that a caller may want in a log. Collected by the writer, taken by [`Image::take_notes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// How much it matters.
+    pub level: NoteLevel,
+    /// What happened, in a sentence.
+    pub message: String,
+}
+
 /// The writer's state (behind the image's writer lock).
 #[derive(Debug)]
 pub(crate) struct Writer {
@@ -50,6 +71,8 @@ pub(crate) struct Writer {
     /// Where the next compressed cluster may go: `(next byte, end of its host cluster)` in the
     /// host cluster that holds the last one (reset at every flush, when clusters may be freed).
     pub compressed_cursor: Option<(u64, u64)>,
+    /// Notes not yet taken by [`Image::take_notes`].
+    pub notes: Vec<Note>,
 }
 
 impl Writer {
@@ -80,6 +103,7 @@ impl Writer {
             poisoned: None,
             prepared: false,
             compressed_cursor: None,
+            notes: Vec::new(),
         })
     }
 
@@ -115,13 +139,22 @@ pub(crate) struct Piece<'a> {
 }
 
 impl Image {
-    /// The writer lock, or an error for a read-only image.
-    pub(crate) fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, ImageError> {
-        let w = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| ImageError::Io(std::io::Error::from_raw_os_error(libc::EBADF)))?;
+    /// The writer lock, or, for a read-only image, an error naming the operation `what`.
+    pub(crate) fn writer(
+        &self,
+        what: &'static str,
+    ) -> Result<std::sync::MutexGuard<'_, Writer>, ImageError> {
+        let w = self.writer.as_ref().ok_or(ImageError::ReadOnly(what))?;
         Ok(w.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// What the engine did on its own since the last call (a repair at open, autoclear bits
+    /// cleared before the first write), oldest first; empty for read-only images.
+    pub fn take_notes(&self) -> Vec<Note> {
+        match &self.writer {
+            Some(w) => std::mem::take(&mut w.lock().unwrap_or_else(|e| e.into_inner()).notes),
+            None => Vec::new(),
+        }
     }
 
     /// Before the first change: autoclear bits of extensions this library does not keep
@@ -135,10 +168,26 @@ impl Image {
             AutoclearFeatures::empty()
         };
         let autoclear = w.header.autoclear_features;
-        if w.header.version >= 3 && autoclear & !keep != AutoclearFeatures::empty() {
+        // Bit arithmetic on the raw words: `!keep` on the flags type would keep only the known
+        // bits, and unknown autoclear bits must be cleared too.
+        let dropped = AutoclearFeatures::from_bits_retain(autoclear.bits() & !keep.bits());
+        if w.header.version >= 3 && !dropped.is_empty() {
             w.header.autoclear_features = autoclear & keep;
             self.write_header(w)?;
             self.storage.flush()?;
+            let what = if dropped.contains(AutoclearFeatures::BITMAPS) {
+                "the persistent bitmaps are no longer valid"
+            } else {
+                "unknown autoclear features are no longer valid"
+            };
+            w.notes.push(Note {
+                level: NoteLevel::Info,
+                message: format!(
+                    "cleared autoclear feature bits {:#x} before the first write ({what}: \
+                     this library does not keep them up to date)",
+                    dropped.bits()
+                ),
+            });
             // The bitmap directory is no longer metadata the map must protect.
             if !autoclear.contains(AutoclearFeatures::BITMAPS) {
                 return Ok(());
@@ -173,7 +222,7 @@ impl Image {
     /// Writes `data` at guest offset `guest`.
     pub fn write_at(&self, guest: GuestOffset, data: &[u8]) -> Result<(), ImageError> {
         self.check_range("write", guest.0, data.len() as u64)?;
-        let mut w = self.writer()?;
+        let mut w = self.writer("write")?;
         self.before_change(&mut w)?;
         let r = self
             .write_runs(&mut w, guest.0, data)
@@ -484,8 +533,11 @@ impl Image {
             if !self.geometry.is_aligned(HostOffset(host)) {
                 return Err(self.poison_if_inconsistent(
                     w,
+                    // QEMU's words, naming the guest offset of the write.
                     ImageError::Corruption(format!(
-                        "Cluster allocation offset {host:#x} unaligned"
+                        "Data cluster offset {} unaligned (guest offset: {})",
+                        crate::format::c_hex(host),
+                        crate::format::c_hex(p.cluster + p.at as u64)
                     )),
                 ));
             }
@@ -640,7 +692,7 @@ impl Image {
         unmap: bool,
     ) -> Result<(), ImageError> {
         self.check_range("write_zeroes", guest.0, len)?;
-        let mut w = self.writer()?;
+        let mut w = self.writer("write_zeroes")?;
         self.before_change(&mut w)?;
         let cs = self.geometry.cluster_size() as usize;
         let zeros = vec![0u8; cs];
@@ -674,7 +726,7 @@ impl Image {
     /// backing file (or zeros). Their host clusters are freed.
     pub fn discard(&self, guest: GuestOffset, len: u64) -> Result<(), ImageError> {
         self.check_range("discard", guest.0, len)?;
-        let mut w = self.writer()?;
+        let mut w = self.writer("discard")?;
         self.before_change(&mut w)?;
         let cs = self.geometry.cluster_size() as usize;
         let v3 = w.header.version >= 3;
@@ -800,7 +852,7 @@ impl Image {
     /// Changes the virtual size. Growing may move the L1 table to a larger one; shrinking is
     /// refused while anything is allocated past the new end.
     pub fn resize(&self, new_size: u64) -> Result<(), ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("resize")?;
         self.before_change(&mut w)?;
         let g = self.geometry;
         let old_size = self.virtual_size();

@@ -33,7 +33,9 @@ impl Image {
         }
         if !self.geometry.is_aligned(HostOffset(offset)) {
             return Err(ImageError::Corruption(format!(
-                "L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
+                "L2 table offset {} unaligned (L1 index: {})",
+                crate::format::c_hex(offset),
+                crate::format::c_hex(l1_index)
             )));
         }
         Ok(Some(offset))
