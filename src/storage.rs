@@ -2,17 +2,21 @@
 //!
 //! Everything above this layer reads and writes through [`Storage`], which has no cursor:
 //! every call names its offset, so one handle can be shared between threads (`&self` methods,
-//! `Send + Sync`). Three implementations: [`FileStorage`] for real images, [`MemStorage`] for
-//! tests, and [`FaultyStorage`], which wraps another storage and fails chosen operations so
-//! that tests can check what an I/O error in the middle of an update leaves on disk.
+//! `Send + Sync`). Implementations: [`FileStorage`] for real images, [`MemStorage`] for
+//! tests and in-memory images, and (in test builds only) `FaultyStorage`, which wraps another
+//! storage and fails chosen operations so that tests can check what an I/O error in the
+//! middle of an update leaves on disk.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+#[cfg(test)]
+use std::sync::Mutex;
+use std::sync::RwLock;
 
 /// Positioned, cursor-less byte storage.
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -99,6 +103,7 @@ impl FileStorage {
         Self::open(path, false)
     }
 
+    #[cfg(test)]
     /// Opens an existing `path` for reading and writing.
     pub fn open_read_write(path: impl AsRef<Path>) -> io::Result<Self> {
         Self::open(path, true)
@@ -404,6 +409,7 @@ impl Storage for MemStorage {
     }
 }
 
+#[cfg(test)]
 /// The kinds of [`Storage`] operation a [`FaultyStorage`] counts and can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StorageOp {
@@ -417,6 +423,7 @@ pub enum StorageOp {
     SetLen,
 }
 
+#[cfg(test)]
 impl StorageOp {
     /// Index into the per-operation counters.
     fn index(self) -> usize {
@@ -429,6 +436,7 @@ impl StorageOp {
     }
 }
 
+#[cfg(test)]
 /// One planned failure: the `nth` call (1-based) of `op`, and every later one if `persistent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fault {
@@ -437,6 +445,7 @@ struct Fault {
     persistent: bool,
 }
 
+#[cfg(test)]
 /// A [`Storage`] wrapper that fails chosen operations with an I/O error, for tests.
 ///
 /// Calls are counted per [`StorageOp`] from 1. A failed call does nothing to the inner
@@ -449,6 +458,7 @@ pub struct FaultyStorage<S> {
     faults: Mutex<Vec<Fault>>,
 }
 
+#[cfg(test)]
 impl<S: Storage> FaultyStorage<S> {
     /// Wraps `inner` with no faults planned.
     pub fn new(inner: S) -> Self {
@@ -526,6 +536,7 @@ impl<S: Storage> FaultyStorage<S> {
     }
 }
 
+#[cfg(test)]
 impl<S: Storage> Storage for FaultyStorage<S> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.tick(StorageOp::Read)?;

@@ -135,8 +135,6 @@ class Image:
         info = dict(core.info())
         features: Any = info["features"]
         info["features"] = tuple(features)
-        if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
-            info["compression_type"] = "zlib"
         #: The header facts as opened; :attr:`info` updates the ones that change.
         self._opened_info: dict[str, Any] = info
         self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]

@@ -31,7 +31,7 @@
 
 use std::collections::HashSet;
 
-use super::guard::WriteKind;
+use super::write::guard::WriteKind;
 use super::write::Writer;
 use super::{Image, ImageError};
 use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -67,7 +67,7 @@ enum Ref {
 }
 
 /// The position of `wanted` in `list`: by id first, then by name, as QEMU looks snapshots up.
-pub(crate) fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageError> {
+pub(in crate::image) fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageError> {
     list.iter()
         .position(|s| s.id == wanted)
         .or_else(|| list.iter().position(|s| s.name == wanted))
@@ -214,7 +214,7 @@ impl Image {
         // Refused here, before anything changes, if the table could not be written.
         serialize_snapshot_table(&list)?;
 
-        self.before_change(w)?;
+        self.open_for_change(w)?;
         self.flush_locked(w)?;
         let storage = std::sync::Arc::clone(&self.storage);
         let g = self.geometry;
@@ -265,7 +265,7 @@ impl Image {
         let mut list = self.snapshots();
         let gone = list.remove(find(&list, wanted)?);
         let sn_l1 = self.read_snapshot_l1(&gone)?;
-        self.before_change(w)?;
+        self.open_for_change(w)?;
         self.flush_locked(w)?;
         let storage = std::sync::Arc::clone(&self.storage);
         let cs = self.geometry.cluster_size();
@@ -315,7 +315,7 @@ impl Image {
                 sn_l1.len()
             )));
         }
-        self.before_change(w)?;
+        self.open_for_change(w)?;
         self.flush_locked(w)?;
         let old_l1 = self.l1_table();
 

@@ -123,7 +123,7 @@ impl Image {
 
     /// A writable open of an image whose lazy refcounts were left dirty: repair it as QEMU
     /// does at open (all errors), or refuse the open if that leaves anything wrong.
-    pub(crate) fn repair_if_dirty(&mut self) -> Result<(), ImageError> {
+    pub(in crate::image) fn repair_if_dirty(&mut self) -> Result<(), ImageError> {
         if !self.writable() || self.options.repair || !self.header().is_dirty() {
             return Ok(());
         }

@@ -22,7 +22,7 @@ pub struct Extent {
 impl Image {
     /// The L2 table an L1 entry (at `l1_index` of any L1 table) points to; `None` for no
     /// table. An unaligned offset is corruption (QEMU's words).
-    pub(crate) fn l2_table_offset(
+    pub(in crate::image) fn l2_table_offset(
         &self,
         l1_index: u64,
         entry: u64,
@@ -43,7 +43,7 @@ impl Image {
 
     /// The L2 table of L1 index `l1_index` in the active L1 table, or `None` where the L1
     /// entry is empty (or past the end of the table).
-    pub(crate) fn l2_table(&self, l1_index: u64) -> Result<Option<Table>, ImageError> {
+    pub(in crate::image) fn l2_table(&self, l1_index: u64) -> Result<Option<Table>, ImageError> {
         let entry = {
             let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner());
             match usize::try_from(l1_index).ok().and_then(|i| l1.get(i)) {

@@ -20,8 +20,10 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use super::ImageError;
+use super::Writer;
 use crate::format::refcount::{refcount_get, refcount_set, REFTABLE_OFFSET_MASK};
+use crate::image::{Image, ImageError};
+use crate::overlap::MetadataType;
 use crate::storage::Storage;
 
 /// Hashes refcount block indices (small consecutive integers) by one multiplication: the
@@ -529,6 +531,72 @@ impl Refcounts {
     /// The refcount table's bytes.
     pub fn table_bytes(&self) -> Vec<u8> {
         crate::format::write_u64_table(&self.table)
+    }
+}
+
+/// The image-level side of allocation: clusters handed out by [`Refcounts`], entered into the
+/// metadata map when they hold metadata, the header following a moved refcount table.
+impl Image {
+    /// Allocates a cluster for metadata of `types`, entering it (and any refcount structures
+    /// created on the way) into the map.
+    pub(in crate::image) fn allocate_metadata(
+        &self,
+        w: &mut Writer,
+        types: MetadataType,
+    ) -> Result<u64, ImageError> {
+        let cluster = self.allocate_cluster(w)?;
+        let offset = cluster << self.geometry.cluster_bits();
+        self.map_enter(w, offset, 1, types)?;
+        Ok(offset)
+    }
+
+    /// Allocates one cluster (refcount 1), entering new refcount structures into the map.
+    pub(in crate::image) fn allocate_cluster(&self, w: &mut Writer) -> Result<u64, ImageError> {
+        let (cluster, created) = w.refcounts.allocate(self.storage.as_ref())?;
+        if cluster == 0 {
+            return Err(self.refuse_overlap(
+                w,
+                "Preventing allocation of cluster 0 (the header)".into(),
+                0,
+                self.geometry.cluster_size(),
+                MetadataType::MAIN_HEADER,
+            ));
+        }
+        self.enter_created(w, &created)?;
+        Ok(cluster)
+    }
+
+    /// Enters refcount blocks and tables created by the allocator into the map.
+    pub(in crate::image) fn enter_created(
+        &self,
+        w: &mut Writer,
+        created: &[NewTable],
+    ) -> Result<(), ImageError> {
+        if created.is_empty() {
+            return Ok(());
+        }
+        for t in created {
+            let types = if t.offset == w.refcounts.table_offset {
+                MetadataType::REFCOUNT_TABLE
+            } else {
+                MetadataType::REFCOUNT_BLOCK
+            };
+            self.map_enter(w, t.offset, t.clusters, types)?;
+        }
+        if created.iter().any(|t| t.offset == w.refcounts.table_offset) {
+            w.header.refcount_table_offset = w.refcounts.table_offset;
+            w.header.refcount_table_clusters =
+                u32::try_from(w.refcounts.table_clusters()).unwrap_or(u32::MAX);
+            w.header_dirty = true;
+        }
+        self.refresh_fallback_now(w)
+    }
+
+    /// Allocates `n` contiguous clusters; returns the first.
+    pub(in crate::image) fn allocate_run(&self, w: &mut Writer, n: u64) -> Result<u64, ImageError> {
+        let (first, created) = w.refcounts.allocate_run(self.storage.as_ref(), n)?;
+        self.enter_created(w, &created)?;
+        Ok(first)
     }
 }
 

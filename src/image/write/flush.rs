@@ -19,10 +19,10 @@
 //! (leaks), which `qemu-img check -r leaks` reclaims.
 
 use super::guard::WriteKind;
-use super::write::Writer;
-use super::{Image, ImageError};
+use super::Writer;
 use crate::format::header::IncompatibleFeatures;
 use crate::format::{write_u64_table, HostOffset};
+use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 
 impl Image {
@@ -38,7 +38,7 @@ impl Image {
     }
 
     /// The flush, with the writer lock held; inconsistencies met on the way are fatal.
-    pub(crate) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
         self.write_back(w)
             .map_err(|e| self.poison_if_inconsistent(w, e))
     }
@@ -113,7 +113,10 @@ impl Image {
         // 6. Decrements. Freed clusters may be reused from here on: no compressed cluster goes
         // into the last one that held some, and no decompressed copy of one is trusted.
         w.compressed_cursor = None;
-        *self.compressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.apply_decrements(w)?;
 
         // 7. Lazy refcounts: the refcounts on disk are exact again.
@@ -129,7 +132,7 @@ impl Image {
 
     /// Phases 2 and 3: dirty refcount blocks, then the refcount table (and, when the table
     /// moved, the header that points at it), each followed by a barrier.
-    pub(crate) fn write_refcounts(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn write_refcounts(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
         self.write_dirty_blocks(w)?;
         if w.refcounts.table_dirty {
@@ -148,7 +151,7 @@ impl Image {
 
     /// Phase 6: applies the queued decrements, forgets freed clusters (map and cache) and
     /// writes the changed refcount blocks. Only once no table on disk references what is freed.
-    pub(crate) fn apply_decrements(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn apply_decrements(&self, w: &mut Writer) -> Result<(), ImageError> {
         if !w.refcounts.has_pending() {
             return Ok(());
         }
@@ -175,7 +178,7 @@ impl Image {
     }
 
     /// Freed clusters hold no metadata any more: out of the map and the table cache.
-    pub(crate) fn forget_freed(&self, freed: &[u64]) -> Result<(), ImageError> {
+    pub(in crate::image) fn forget_freed(&self, freed: &[u64]) -> Result<(), ImageError> {
         let cs = self.geometry.cluster_size();
         for c in freed {
             self.map_remove(c * cs, 1, MetadataType::all())?;
