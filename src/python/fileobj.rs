@@ -22,10 +22,9 @@ use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 use pyo3::types::PyBytes;
 
-use super::convert::{limit_obj, types_obj};
 use super::errors::image_err;
 use super::image::PyImage;
-use crate::image::{Image, ImageError, OpenOptions};
+use crate::image::{Image, ImageError};
 use crate::storage::{FileStorage, Storage};
 
 /// A [`Storage`] over a Python binary file object, called with the GIL held.
@@ -189,35 +188,6 @@ impl Storage for PyFileStorage {
     }
 }
 
-/// Open options from the arguments every open function takes.
-#[allow(clippy::too_many_arguments)]
-fn open_options(
-    writable: bool,
-    enabled: Option<&Bound<'_, PyAny>>,
-    map_memory_limit: Option<&Bound<'_, PyAny>>,
-    cache_size: Option<&Bound<'_, PyAny>>,
-    snapshot: Option<String>,
-    locking: &str,
-    force_share: bool,
-) -> PyResult<OpenOptions> {
-    let options = OpenOptions {
-        writable,
-        locking: super::image::locking_arg(locking)?,
-        force_share,
-        enabled: match enabled {
-            Some(e) => types_obj("enabled", e)?,
-            None => crate::overlap::MetadataType::all(),
-        },
-        map_limit: limit_obj("map_memory_limit", map_memory_limit)?,
-        cache_size: limit_obj("cache_size", cache_size)?.map(|v| v as u64),
-        snapshot,
-        ..OpenOptions::default()
-    };
-    // Refused before the file is touched, in QEMU's words.
-    options.lock_set().map_err(image_err)?;
-    Ok(options)
-}
-
 /// Opens the image in a Python binary file object without a usable `fileno()` (see the
 /// module documentation); `name` names it in errors.
 #[pyfunction]
@@ -235,7 +205,7 @@ pub(crate) fn open_image_fileobj(
     locking: &str,
     force_share: bool,
 ) -> PyResult<PyImage> {
-    let options = open_options(
+    let options = super::image::open_options(
         writable,
         enabled,
         map_memory_limit,
@@ -270,7 +240,7 @@ pub(crate) fn open_image_fd(
     locking: &str,
     force_share: bool,
 ) -> PyResult<PyImage> {
-    let options = open_options(
+    let options = super::image::open_options(
         writable,
         enabled,
         map_memory_limit,

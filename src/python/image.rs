@@ -134,11 +134,38 @@ pub(crate) fn open_image(
     metadata_only: bool,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
+        metadata_only,
+        ..open_options(
+            writable,
+            enabled,
+            map_memory_limit,
+            cache_size,
+            snapshot,
+            locking,
+            force_share,
+        )?
+    };
+    let image = py
+        .detach(|| Image::open(&path, options))
+        .map_err(image_err)?;
+    Ok(PyImage::new(py, image, None))
+}
+
+/// Open options from the arguments every open function takes.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn open_options(
+    writable: bool,
+    enabled: Option<&Bound<'_, PyAny>>,
+    map_memory_limit: Option<&Bound<'_, PyAny>>,
+    cache_size: Option<&Bound<'_, PyAny>>,
+    snapshot: Option<String>,
+    locking: &str,
+    force_share: bool,
+) -> PyResult<OpenOptions> {
+    let options = OpenOptions {
         writable,
-        repair: false,
         locking: locking_arg(locking)?,
         force_share,
-        metadata_only,
         enabled: match enabled {
             Some(e) => types_obj("enabled", e)?,
             None => crate::overlap::MetadataType::all(),
@@ -146,13 +173,11 @@ pub(crate) fn open_image(
         map_limit: limit_obj("map_memory_limit", map_memory_limit)?,
         cache_size: limit_obj("cache_size", cache_size)?.map(|v| v as u64),
         snapshot,
+        ..OpenOptions::default()
     };
     // Refused before the file is touched, in QEMU's words.
     options.lock_set().map_err(image_err)?;
-    let image = py
-        .detach(|| Image::open(&path, options))
-        .map_err(image_err)?;
-    Ok(PyImage::new(py, image, None))
+    Ok(options)
 }
 
 /// The `locking` mode for `"auto"`, `"on"` or `"off"`; anything else is QEMU's error.
