@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 
@@ -20,7 +19,7 @@ from qcow2ovl.types import MetadataType
 # weakref and atexit are imported when first needed.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
     from typing import IO, Any, Literal, Union
 
@@ -106,6 +105,28 @@ class GuestStream(io.RawIOBase):
 
 def _build(cls: type[Any], fields: Mapping[str, Any]) -> Any:
     return cls(**fields)
+
+
+class _Reporting:
+    """The context manager of :meth:`Image._reporting` (a class: ``contextlib`` would cost
+    ``import qcow2ovl`` a few milliseconds)."""
+
+    __slots__ = ("_image",)
+
+    def __init__(self, image: Image) -> None:
+        self._image = image
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, InconsistentImageError):
+            self._image._tell_corruption(exc)
 
 
 class Image:
@@ -239,29 +260,27 @@ class Image:
 
     # ---- writing (images opened with writable=True) ------------------------------------------
 
-    @contextlib.contextmanager
-    def _reporting(self) -> Iterator[None]:
-        """Runs a write-side call; an error that marked the image corrupt (a refused overlapping
-        write, or an inconsistency met while writing) is told to the ``qcow2ovl`` logger and the
-        ``on_corruption`` callback, once per handle (as QEMU suppresses further corruption
-        events), and raised."""
-        try:
-            yield
-        except InconsistentImageError as e:
-            if not self._corruption_reported and self.writable:
-                self._corruption_reported = True
-                import logging
+    def _reporting(self) -> _Reporting:
+        """A ``with`` block for a write-side call: an error that marked the image corrupt (a
+        refused overlapping write, or an inconsistency met while writing) is told to the
+        ``qcow2ovl`` logger and the ``on_corruption`` callback, once per handle (as QEMU
+        suppresses further corruption events), and raised."""
+        return _Reporting(self)
 
-                logging.getLogger("qcow2ovl").error(
-                    "qcow2: Marking image as corrupt: %s; further corruption events will be "
-                    "suppressed",
-                    e.strerror,
-                )
-                if self._on_corruption is not None:
-                    offset = getattr(e, "offset", 0)
-                    size = getattr(e, "size", 0)
-                    self._on_corruption(str(e.strerror), offset, size, True)
-            raise
+    def _tell_corruption(self, e: InconsistentImageError) -> None:
+        if self._corruption_reported or not self.writable:
+            return
+        self._corruption_reported = True
+        import logging
+
+        logging.getLogger("qcow2ovl").error(
+            "qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
+            e.strerror,
+        )
+        if self._on_corruption is not None:
+            offset = getattr(e, "offset", 0)
+            size = getattr(e, "size", 0)
+            self._on_corruption(str(e.strerror), offset, size, True)
 
     def write(self, offset: int, data: Buffer) -> int:
         """Write *data* (any bytes-like object) at guest *offset*; returns its length.
