@@ -22,6 +22,8 @@ if TYPE_CHECKING:
         def result(self, timeout: float | None = None) -> Any: ...
 
     class DaskClient(Protocol):
+        loop: Any
+
         def submit(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> DaskFuture: ...
 
         def map(self, func: Callable[..., Any], *iterables: Any, **kwargs: Any) -> list[Any]: ...
@@ -112,7 +114,7 @@ def run(
             futures.update(zip(batch, images))
         on_total(len(futures) + len(unplaced))
         yield from unplaced
-        for future in distributed.as_completed(list(futures)):
+        for future in distributed.as_completed(list(futures), loop=dask.loop):
             path = futures[future]
             try:
                 record = future.result()
