@@ -304,6 +304,10 @@ def iter_check(
 
     *repair* (``"leaks"`` or ``"all"``) and *force_share* are those of ``qcow2ovl check``
     (``-r``, ``-U``). *progress* is called with ``(done, total)`` after each result.
+
+    The local pool starts its workers as fresh interpreters (multiprocessing's ``spawn``), which
+    import the calling script's main module: call this from a script under ``if __name__ ==
+    "__main__":``.
     """
     if repair not in (None, "leaks", "all"):
         raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
@@ -358,8 +362,9 @@ def check(
 def _run_pool(
     images: list[str], repair: str | None, force_share: bool, jobs: int
 ) -> Iterator[dict[str, Any]]:
-    """Check *images* on a process pool, at most *jobs* at a time; a pool whose worker died is
-    replaced and the images it had in hand are charged one death each and tried again."""
+    """Check *images* on a process pool of *jobs* workers, with two images in hand per worker
+    (one running, one queued); a pool whose worker died is replaced, and the images it had in
+    hand are charged one death each and tried again."""
     import multiprocessing
     from collections import deque
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -383,13 +388,20 @@ def _run_pool(
 
     while pending:
         workers = min(jobs, len(pending))
+        window = 2 * workers  # one image queued per worker hides the round trip
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             in_flight: dict[Future[dict[str, Any]], str] = {}
             broken = False
             while (pending or in_flight) and not broken:
-                while pending and len(in_flight) < workers:
+                while pending and len(in_flight) < window:
                     path = pending.popleft()
-                    in_flight[pool.submit(check_one, path, repair, force_share)] = path
+                    try:
+                        in_flight[pool.submit(check_one, path, repair, force_share)] = path
+                    except BrokenProcessPool:  # broke since the last wait: not this image's
+                        pending.appendleft(path)
+                        break
+                if not in_flight:
+                    break  # a new pool
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     path = in_flight.pop(future)
