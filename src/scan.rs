@@ -99,6 +99,35 @@ pub struct ScannedImage {
     pub blocks_writes: bool,
 }
 
+/// Refuses a qcow2 file that ends inside the fixed fields of its header version: past the end
+/// they would read as zeros and be judged as values (`header_length is 0`), which hides that the
+/// file was cut short.
+fn check_not_cut_short(probe: &[u8], file_len: u64) -> Result<(), FormatError> {
+    let word = |at: usize| {
+        probe
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_be_bytes)
+    };
+    if word(0) != crate::format::header::QCOW2_MAGIC {
+        return Ok(());
+    }
+    let version = word(4);
+    let needed = match version {
+        2 => 72,
+        3 => 104,
+        _ => return Ok(()),
+    };
+    if file_len < needed {
+        return Err(FormatError::FileTruncated {
+            file_len,
+            version,
+            needed,
+        });
+    }
+    Ok(())
+}
+
 /// Scans the image in `storage`, tracking the `enabled` types, with an optional memory limit for
 /// the map.
 pub fn scan(
@@ -122,6 +151,7 @@ pub fn scan(
     // a whole 512-byte cluster). Past the end of the file the header cluster reads as zeros, as
     // in QEMU: a file cut inside cluster 0 is judged by what those zeros mean.
     let probe = read_table(storage, 0, HEADER_PROBE, "the header")?;
+    check_not_cut_short(&probe, file_len)?;
     let cluster_bits = probe
         .get(20..24)
         .and_then(|b| b.try_into().ok())
@@ -548,6 +578,29 @@ mod tests {
         put64(&mut img, CS as usize, 2 * CS);
         put64(&mut img, 3 * CS as usize, (1 << 63) | (4 * CS));
         img
+    }
+
+    #[test]
+    fn a_file_cut_inside_the_fixed_header_says_so() {
+        let full = tiny_image();
+        for (len, version, needed) in [(100usize, 3u32, 104u64), (72, 3, 104), (60, 2, 72)] {
+            let mut bytes = full[..len].to_vec();
+            bytes[4..8].copy_from_slice(&version.to_be_bytes());
+            let err = scan(&MemStorage::new(bytes), MetadataType::all(), None).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with("qcow2 header too short: the file is truncated"),
+                "{text}"
+            );
+            assert!(text.contains(&format!("({len} bytes;")), "{text}");
+            assert!(text.contains(&format!("needs at least {needed}")), "{text}");
+        }
+        // The whole fixed header present: judged by its fields (header_length 112 > 104 bytes
+        // in the file is a header extension area cut off, read as zeros, as QEMU does).
+        let whole = full[..104].to_vec();
+        if let Err(err) = scan(&MemStorage::new(whole), MetadataType::all(), None) {
+            assert!(!err.to_string().contains("truncated ("), "{err}");
+        }
     }
 
     #[test]

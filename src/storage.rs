@@ -2,17 +2,21 @@
 //!
 //! Everything above this layer reads and writes through [`Storage`], which has no cursor:
 //! every call names its offset, so one handle can be shared between threads (`&self` methods,
-//! `Send + Sync`). Three implementations: [`FileStorage`] for real images, [`MemStorage`] for
-//! tests, and [`FaultyStorage`], which wraps another storage and fails chosen operations so
-//! that tests can check what an I/O error in the middle of an update leaves on disk.
+//! `Send + Sync`). Implementations: [`FileStorage`] for real images, [`MemStorage`] for
+//! tests and in-memory images, and (in test builds only) `FaultyStorage`, which wraps another
+//! storage and fails chosen operations so that tests can check what an I/O error in the
+//! middle of an update leaves on disk.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+#[cfg(test)]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+#[cfg(test)]
+use std::sync::Mutex;
+use std::sync::RwLock;
 
 /// Positioned, cursor-less byte storage.
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -99,6 +103,7 @@ impl FileStorage {
         Self::open(path, false)
     }
 
+    #[cfg(test)]
     /// Opens an existing `path` for reading and writing.
     pub fn open_read_write(path: impl AsRef<Path>) -> io::Result<Self> {
         Self::open(path, true)
@@ -272,6 +277,47 @@ impl Storage for FileStorage {
     }
 }
 
+impl FileStorage {
+    /// Storage over a close-on-exec duplicate of `fd` (a descriptor someone else owns, such as
+    /// a Python file object's `fileno()`): it shares the descriptor's open file description
+    /// (access mode, flags) but not its use of the cursor, since reads and writes are
+    /// positioned. Only regular files and block devices are accepted; `writable` needs a
+    /// descriptor open for writing and not in append mode (where every `pwrite` lands at the
+    /// end of the file).
+    pub fn duplicate_fd(fd: std::os::fd::BorrowedFd<'_>, writable: bool) -> io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let file = File::from(fd.try_clone_to_owned()?);
+        let kind = file.metadata()?.file_type();
+        if kind.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::EISDIR));
+        }
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(not_a_file_error("the descriptor"));
+        }
+        if writable {
+            // SAFETY: F_GETFL on a descriptor we own has no memory effects.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if flags & libc::O_ACCMODE == libc::O_RDONLY {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "writing needs a descriptor open for writing (a file object in mode 'r+b')",
+                ));
+            }
+            if flags & libc::O_APPEND != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "writing cannot use a descriptor in append mode: every write would land at \
+                     the end",
+                ));
+            }
+        }
+        Ok(FileStorage { file, writable })
+    }
+}
+
 /// An in-memory [`Storage`] for tests: a growable byte vector behind a lock.
 #[derive(Debug, Default)]
 pub struct MemStorage {
@@ -363,6 +409,7 @@ impl Storage for MemStorage {
     }
 }
 
+#[cfg(test)]
 /// The kinds of [`Storage`] operation a [`FaultyStorage`] counts and can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StorageOp {
@@ -376,6 +423,7 @@ pub enum StorageOp {
     SetLen,
 }
 
+#[cfg(test)]
 impl StorageOp {
     /// Index into the per-operation counters.
     fn index(self) -> usize {
@@ -388,6 +436,7 @@ impl StorageOp {
     }
 }
 
+#[cfg(test)]
 /// One planned failure: the `nth` call (1-based) of `op`, and every later one if `persistent`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fault {
@@ -396,6 +445,7 @@ struct Fault {
     persistent: bool,
 }
 
+#[cfg(test)]
 /// A [`Storage`] wrapper that fails chosen operations with an I/O error, for tests.
 ///
 /// Calls are counted per [`StorageOp`] from 1. A failed call does nothing to the inner
@@ -408,6 +458,7 @@ pub struct FaultyStorage<S> {
     faults: Mutex<Vec<Fault>>,
 }
 
+#[cfg(test)]
 impl<S: Storage> FaultyStorage<S> {
     /// Wraps `inner` with no faults planned.
     pub fn new(inner: S) -> Self {
@@ -485,6 +536,7 @@ impl<S: Storage> FaultyStorage<S> {
     }
 }
 
+#[cfg(test)]
 impl<S: Storage> Storage for FaultyStorage<S> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.tick(StorageOp::Read)?;
@@ -610,6 +662,37 @@ mod tests {
         m.read_padded(7, &mut buf).unwrap();
         assert_eq!(buf, [5, 5, 5, 0, 0, 0]);
         assert_eq!(m.next_data(3).unwrap(), Some((3, 10)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn duplicated_descriptors_check_type_and_mode() {
+        use std::os::fd::AsFd;
+        let path = std::env::temp_dir().join(format!("qcow2ovl-dup-{}", std::process::id()));
+        std::fs::write(&path, b"hello").unwrap();
+        let ro = File::open(&path).unwrap();
+        let s = FileStorage::duplicate_fd(ro.as_fd(), false).unwrap();
+        drop(ro);
+        let mut b = [0u8; 5];
+        s.read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        let ro = File::open(&path).unwrap();
+        let err = FileStorage::duplicate_fd(ro.as_fd(), true).unwrap_err();
+        assert!(err.to_string().contains("open for writing"), "{err}");
+        let append = OpenOptions::new().append(true).open(&path).unwrap();
+        let err = FileStorage::duplicate_fd(append.as_fd(), true).unwrap_err();
+        assert!(err.to_string().contains("append mode"), "{err}");
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let s = FileStorage::duplicate_fd(rw.as_fd(), true).unwrap();
+        s.write_at(0, b"J").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"Jello");
+        let dir = File::open(std::env::temp_dir()).unwrap();
+        let err = FileStorage::duplicate_fd(dir.as_fd(), false).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR));
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -159,3 +159,18 @@ def test_readme_examples_run_and_print_names(tmp_path: Path) -> None:
 def test_pages_mention_no_removed_names(page: str) -> None:
     text = (ROOT / page).read_text(encoding="utf-8")
     assert "`deflate`" not in text
+
+
+def test_every_source_file_is_in_the_architecture_table() -> None:
+    """`docs/design/architecture.md` names every source file of the package (its table of
+    concerns); a file added or moved without a line there fails here."""
+    text = (ROOT / "docs/design/architecture.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`([\w/.]+\.(?:rs|py|pyi))`", text))
+    missing = [
+        rel
+        for path in repo_files()
+        if (rel := path.relative_to(ROOT).as_posix()).startswith(("src/", "python/qcow2ovl/"))
+        and rel.endswith((".rs", ".py", ".pyi"))
+        and rel not in named
+    ]
+    assert missing == [], missing

@@ -538,3 +538,18 @@ def test_cli_create_over_a_held_file_as_qemu_img(image: Path):
         )
         assert mine.stdout == theirs.stdout  # the "Formatting ..." line, printed first by both
     assert qi.sha256_file(image) == before
+
+
+def test_a_real_file_object_is_locked_as_its_path(image: Path):
+    # A file object with a real descriptor is read through a duplicate of it: same open file
+    # description, same locks as opening the path.
+    with open(image, "r+b") as f:
+        with qemu_holds(image):
+            with pytest.raises(qcow2ovl.LockError):
+                qcow2ovl.open(f, writable=True)
+        with qcow2ovl.open(f, writable=True) as img:
+            img.write(0, b"\x12" * 512)
+            assert locked_bytes(image) == WRITER
+            assert NOT_SHARED in refused_by_qemu("qemu-io", "-c", "write 0 4k", str(image))
+    assert locked_bytes(image) == []
+    qi.qemu_io(image, "read -P 0x12 0 512")

@@ -73,7 +73,7 @@ class SnapshotMachine(WriterMachine):
     def apply_snapshot(self, name: str) -> None:
         assert self.img is not None
         if name not in self.snaps and name not in self.ids.values():
-            with pytest.raises(FileNotFoundError):
+            with pytest.raises(qcow2ovl.SnapshotNotFoundError):
                 self.img.apply_snapshot(name)
             return
         try:
@@ -93,7 +93,7 @@ class SnapshotMachine(WriterMachine):
     def delete_snapshot(self, name: str) -> None:
         assert self.img is not None
         if name not in self.snaps and name not in self.ids.values():
-            with pytest.raises(FileNotFoundError):
+            with pytest.raises(qcow2ovl.SnapshotNotFoundError):
                 self.img.delete_snapshot(name)
             return
         entry = self.img.delete_snapshot(name)

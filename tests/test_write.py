@@ -3,9 +3,13 @@ clean and `qemu-img compare` finds it identical to a raw mirror of the same writ
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import qcow2ovl
@@ -301,6 +305,8 @@ def test_write_onto_metadata_is_refused(
     ):
         img.write(0, b"\xff" * 512)
     assert info.value.errno == 5 and info.value.offset == where
+    # An overlap always names what it would have hit, and is an inconsistency too.
+    assert info.value.types and isinstance(info.value, qcow2ovl.InconsistentImageError)
     assert events == [(info.value.strerror, where, 512, True)]
     assert sum("Marking image as corrupt" in r.message for r in caplog.records) == 1
     # The handle refuses everything from now on.
@@ -366,11 +372,34 @@ def test_unaligned_entries_are_fatal(what: str, tmp_path: Path) -> None:
         (l2e,) = qi.peek(path, entry_at, ">Q")
         qi.poke(path, entry_at, ">Q", l2e + 512)
         phrase = "unaligned"
-    img = qcow2ovl.open(path, writable=True)
-    with pytest.raises(qcow2ovl.MetadataOverlapError, match=phrase):
-        img.write(100, b"z" * 100)
+    twin = tmp_path / "twin.qcow2"
+    shutil.copyfile(path, twin)
+    assert_inconsistency_is_fatal(path, twin, phrase, lambda img: img.write(100, b"z" * 100))
+
+
+def assert_inconsistency_is_fatal(path: Path, twin: Path, phrase: str, write: Any) -> None:
+    """An inconsistency met by a write is its own error (not an overlap, which would name the
+    types it hit), in QEMU's words; the image is marked corrupt, the callback and the logger
+    told, and the handle refuses later writes. QEMU, on a copy, says the same."""
+    told: list[tuple[str, int, int, bool]] = []
+    img = qcow2ovl.open(path, writable=True, on_corruption=lambda *a: told.append(a))
+    with pytest.raises(qcow2ovl.InconsistentImageError, match=phrase) as exc:
+        write(img)
+    assert not isinstance(exc.value, qcow2ovl.MetadataOverlapError)
+    assert isinstance(exc.value, OSError) and exc.value.errno == errno.EIO
+    assert exc.value.filename == str(path)
+    assert [t[0] for t in told] == [exc.value.strerror] and told[0][3] is True
+    with pytest.raises(qcow2ovl.InconsistentImageError):
+        img.write(0, b"again")
     img.close()
     assert qi.peek(path, 72, ">Q")[0] & 2
+    qemu = subprocess.run(
+        ["qemu-io", "-c", "write 100 100", "-c", "write 8M 512", str(twin)],
+        capture_output=True,
+        text=True,
+    )
+    expected = f"qcow2: Marking image as corrupt: {exc.value.strerror}; further corruption"
+    assert expected in qemu.stderr, (qemu.stderr, exc.value.strerror)
 
 
 def test_writes_under_a_map_memory_limit_use_the_naive_check(tmp_path: Path) -> None:
@@ -409,7 +438,7 @@ def test_snapshot_views_read_like_qemu_img_convert_l(tmp_path: Path) -> None:
         with qcow2ovl.open(path, snapshot=snap) as img:
             assert img.virtual_size == expected.stat().st_size
             assert img.read(0, img.virtual_size) == expected.read_bytes(), snap
-    with pytest.raises(FileNotFoundError, match="Can't find snapshot"):
+    with pytest.raises(qcow2ovl.SnapshotNotFoundError, match="Can't find snapshot"):
         qcow2ovl.open(path, snapshot="three")
     with pytest.raises(qcow2ovl.UnsupportedError, match="read-only"):
         qcow2ovl.open(path, snapshot="one", writable=True)
@@ -448,8 +477,9 @@ def test_emptied_refcount_table_is_refused(tmp_path: Path) -> None:
     (reftable,) = qi.peek(path, 48, ">Q")
     qi.poke(path, reftable, ">Q", 0)
     with qcow2ovl.open(path, writable=True) as img:
-        with pytest.raises(qcow2ovl.MetadataOverlapError, match="Refcount block .* missing"):
+        with pytest.raises(qcow2ovl.InconsistentImageError, match="Refcount block .* missing") as e:
             img.write(8 << 20, b"e" * 512)
+        assert not isinstance(e.value, qcow2ovl.MetadataOverlapError)
     assert qi.peek(path, 72, ">Q")[0] & 2
 
 
@@ -459,10 +489,11 @@ def test_unaligned_refcount_table_entry_is_fatal(tmp_path: Path) -> None:
     qi.qemu_io(path, "write 0 64k")
     (reftable,) = qi.peek(path, 48, ">Q")
     qi.poke(path, reftable, ">Q", _refblock0(path) + 512)
-    with qcow2ovl.open(path, writable=True) as img:
-        with pytest.raises(qcow2ovl.MetadataOverlapError, match="unaligned"):
-            img.write(8 << 20, b"u" * 512)
-    assert qi.peek(path, 72, ">Q")[0] & 2
+    twin = tmp_path / "twin.qcow2"
+    shutil.copyfile(path, twin)
+    assert_inconsistency_is_fatal(
+        path, twin, "Refblock offset .* unaligned", lambda img: img.write(8 << 20, b"u" * 512)
+    )
 
 
 def test_l1_growth_onto_the_refcount_table_is_refused(tmp_path: Path) -> None:

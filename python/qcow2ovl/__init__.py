@@ -12,9 +12,12 @@ from qcow2ovl.create import create
 from qcow2ovl.errors import (
     CorruptImageError,
     FormatError,
+    InconsistentImageError,
     LockError,
     MetadataOverlapError,
     Qcow2Error,
+    ReadOnlyImageError,
+    SnapshotNotFoundError,
     UnsupportedError,
 )
 from qcow2ovl.image import (
@@ -40,6 +43,7 @@ __all__ = [
     "GuestStream",
     "Image",
     "ImageInfo",
+    "InconsistentImageError",
     "LockError",
     "MetadataMap",
     "MetadataOverlapError",
@@ -48,7 +52,9 @@ __all__ = [
     "OverlapCheck",
     "Problem",
     "Qcow2Error",
+    "ReadOnlyImageError",
     "Snapshot",
+    "SnapshotNotFoundError",
     "UnsupportedError",
     "__version__",
     "check",

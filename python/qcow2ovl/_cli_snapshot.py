@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``qcow2ovl snapshot``; 0 on success, 1 on failure (as qemu-img)."""
-    from qcow2ovl.errors import Qcow2Error
+    from qcow2ovl.errors import Qcow2Error, SnapshotNotFoundError
     from qcow2ovl.image import open as open_image
 
     chosen = [a for a in ("create", "apply", "delete") if getattr(args, a) is not None]
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 # qemu-img deletes by name only; the id then names that very snapshot.
                 found = [s.id for s in image.snapshots if s.name == name]
                 if not found:
-                    raise FileNotFoundError(2, f"Can't find snapshot '{name}'")
+                    raise SnapshotNotFoundError(f"Can't find snapshot '{name}'")
                 name_or_id = found[0]
             else:
                 name_or_id = name
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                 image.delete_snapshot(name_or_id)
         except (Qcow2Error, OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            if isinstance(exc, FileNotFoundError):
+            if isinstance(exc, SnapshotNotFoundError):
                 reason = "snapshot not found"
             print(
                 f"qcow2ovl: Could not {_ACTIONS[action]} snapshot '{name}': {reason}",

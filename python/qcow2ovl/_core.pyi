@@ -19,6 +19,8 @@ __all__ = [
     "create_image",
     "locking_notice",
     "open_image",
+    "open_image_fd",
+    "open_image_fileobj",
     "repair_image",
 ]
 
@@ -143,6 +145,7 @@ class Image:
     ) -> list[tuple[int, int, int, bool, bool, bool, bool, int | None]]: ...
     def host_offset(self, offset: int) -> int | None: ...
     def close(self) -> None: ...
+    def abandon(self) -> bool: ...
 
 def open_image(
     path: str | PathLike[str],
@@ -157,6 +160,30 @@ def open_image(
     metadata_only: bool = False,
 ) -> Image: ...
 def locking_notice(mode: str) -> str | None: ...
+def open_image_fd(
+    fd: int,
+    name: str,
+    *,
+    writable: bool = False,
+    enabled: int | None = None,
+    map_memory_limit: int | None = None,
+    cache_size: int | None = None,
+    snapshot: str | None = None,
+    locking: str = "auto",
+    force_share: bool = False,
+) -> Image: ...
+def open_image_fileobj(
+    file: object,
+    name: str,
+    *,
+    writable: bool = False,
+    enabled: int | None = None,
+    map_memory_limit: int | None = None,
+    cache_size: int | None = None,
+    snapshot: str | None = None,
+    locking: str = "auto",
+    force_share: bool = False,
+) -> Image: ...
 def create_image(
     path: str | PathLike[str],
     size: int,

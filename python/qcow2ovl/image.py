@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
-from qcow2ovl import _core, options
-from qcow2ovl.errors import MetadataOverlapError
+from qcow2ovl import _core, _lifecycle, options
+from qcow2ovl._image_records import Bitmap as Bitmap
+from qcow2ovl._image_records import GuestExtent as GuestExtent
+from qcow2ovl._image_records import ImageInfo as ImageInfo
+from qcow2ovl._image_records import Problem as Problem
+from qcow2ovl._image_records import Snapshot as Snapshot
+from qcow2ovl.errors import InconsistentImageError
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.types import MetadataType
 
-# Startup time: datetime, dataclasses, typing and collections.abc are for type checkers only
-# (the records come from _records at run time; Snapshot.date imports datetime when called).
+# Startup time: typing and collections.abc are for type checkers only; logging, warnings,
+# weakref and atexit are imported when first needed.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import datetime as _dt
-    from collections.abc import Callable, Mapping, Sequence
-    from dataclasses import dataclass
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import TracebackType
-    from typing import Any, Literal, Union
+    from typing import IO, Any, Literal, Union
 
     from typing_extensions import Buffer
 
@@ -28,154 +32,6 @@ if TYPE_CHECKING:
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     Locking = Literal["auto", "on", "off"]
     CorruptionCallback = Callable[[str, int, int, bool], object]
-else:
-    from qcow2ovl._records import dataclass
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """Facts from an image's header: a frozen record that :attr:`Image.info` makes anew at each
-    access. ``virtual_size`` and ``file_size`` are the values at that moment (after
-    :meth:`Image.resize`, a snapshot apply or writes that grew the file), ``corrupt`` is set once
-    a write of this handle was refused; the table locations (``l1_table_offset``, ``l1_size``,
-    ``refcount_table_offset``, ``refcount_table_clusters``, ``snapshots_offset``) and the feature
-    bits are those of the header as the image was opened. :attr:`Image.snapshots` is the
-    current snapshot list.
-
-    ``crypt_method`` is 0 (none), 1 (legacy AES) or 2 (LUKS). ``features`` names every set feature
-    bit in QEMU's words (``"dirty bit"``, ``"corrupt bit"``, ``"external data file"``,
-    ``"compression type"``, ``"extended L2 entries"``, ``"lazy refcounts"``, ``"bitmaps"``,
-    ``"raw external data"``), unknown bits from the feature name table or by number.
-    """
-
-    version: int
-    virtual_size: int
-    cluster_size: int
-    refcount_bits: int
-    compression_type: str
-    extended_l2: bool
-    crypt_method: int
-    lazy_refcounts: bool
-    dirty: bool
-    corrupt: bool
-    backing_file: str | None
-    backing_format: str | None
-    data_file: str | None
-    features: tuple[str, ...]
-    l1_table_offset: int
-    l1_size: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    snapshots_offset: int
-    crypto_header: tuple[int, int] | None
-    file_size: int
-
-    @property
-    def encrypted(self) -> bool:
-        """Whether guest data is encrypted (AES or LUKS)."""
-        return self.crypt_method != 0
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """An internal snapshot. ``vm_state_size`` is in bytes; ``disk_size`` is None for v2 entries
-    without the extra data; ``date`` is the creation time in UTC."""
-
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    vm_state_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    disk_size: int | None
-    icount: int | None
-
-    @property
-    def date(self) -> _dt.datetime:
-        """Creation time (UTC)."""
-        import datetime as _dt
-
-        return _dt.datetime.fromtimestamp(self.date_sec + self.date_nsec / 1e9, tz=_dt.timezone.utc)
-
-
-@dataclass(frozen=True)
-class Bitmap:
-    """A persistent dirty bitmap. ``flags``: bit 0 in use, bit 1 auto."""
-
-    name: str
-    granularity: int
-    flags: int
-    table_offset: int
-    table_size: int
-
-    @property
-    def in_use(self) -> bool:
-        """Whether the bitmap was in use (possibly inconsistent)."""
-        return bool(self.flags & 1)
-
-    @property
-    def auto(self) -> bool:
-        """Whether the bitmap tracks every write automatically."""
-        return bool(self.flags & 2)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A problem the scan found in the image's metadata.
-
-    ``kind`` is one of ``"unaligned"`` (a table or pointer off a cluster boundary),
-    ``"beyond-end"`` (a pointer past the end of the file), ``"unmappable"`` (past 2^56),
-    ``"metadata-overlap"`` (two metadata structures share a cluster) and ``"unusable-snapshot"``
-    (a snapshot L1 table QEMU would refuse to use). ``offset`` and ``size`` give the host range
-    concerned; ``message`` says which structures. ``str(problem)`` is the message.
-    """
-
-    kind: str
-    offset: int
-    size: int
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
-
-
-@dataclass(frozen=True)
-class GuestExtent:
-    """A range of the guest disk, with the fields of ``qemu-img map --output=json``.
-
-    ``depth`` is the layer of the backing chain that provides the range (0: this image);
-    ``present`` whether that layer allocates it; ``zero`` whether it reads as zeros; ``data``
-    whether the layer holds data for it; ``compressed`` whether that data is compressed;
-    ``offset`` where the range starts in the layer's file (its external data file, if any), or
-    ``None`` when there is no such place (unallocated, compressed, encrypted).
-    """
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    compressed: bool
-    offset: int | None
-
-    def as_qemu_dict(self) -> dict[str, Any]:
-        """The entry as ``qemu-img map --output=json`` prints it (no ``offset`` key when
-        ``None``)."""
-        d: dict[str, Any] = {
-            "start": self.start,
-            "length": self.length,
-            "depth": self.depth,
-            "present": self.present,
-            "zero": self.zero,
-            "data": self.data,
-            "compressed": self.compressed,
-        }
-        if self.offset is not None:
-            d["offset"] = self.offset
-        return d
 
 
 class GuestStream(io.RawIOBase):
@@ -256,6 +112,12 @@ class Image:
     """An open qcow2 image: its header facts, snapshots, bitmaps and metadata map.
 
     Use :func:`open`; close with :meth:`close` or a ``with`` block.
+
+    Durability: guest data is written at once, but the tables that make it reachable (L2
+    tables, refcounts, the header) reach the disk in order only at :meth:`flush` and
+    :meth:`close`; after either returns, every write before it is on disk (``fdatasync``). A
+    writable image that is collected, or still open at interpreter exit, is flushed and closed
+    then, with a :class:`ResourceWarning`, as Python's files are.
     """
 
     def __init__(
@@ -273,11 +135,11 @@ class Image:
         info = dict(core.info())
         features: Any = info["features"]
         info["features"] = tuple(features)
-        if info["compression_type"] == "deflate":  # QEMU's name for compression type 0
-            info["compression_type"] = "zlib"
         #: The header facts as opened; :attr:`info` updates the ones that change.
         self._opened_info: dict[str, Any] = info
         self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]
+        if core.writable:
+            _lifecycle.track(self)
 
     @property
     def info(self) -> ImageInfo:
@@ -377,20 +239,29 @@ class Image:
 
     # ---- writing (images opened with writable=True) ------------------------------------------
 
-    def _report(self, e: MetadataOverlapError) -> None:
-        """Tells the logger and the callback about a refused write, once per handle (as QEMU
-        suppresses further corruption events)."""
-        if self._corruption_reported:
-            return
-        self._corruption_reported = True
-        import logging
+    @contextlib.contextmanager
+    def _reporting(self) -> Iterator[None]:
+        """Runs a write-side call; an error that marked the image corrupt (a refused overlapping
+        write, or an inconsistency met while writing) is told to the ``qcow2ovl`` logger and the
+        ``on_corruption`` callback, once per handle (as QEMU suppresses further corruption
+        events), and raised."""
+        try:
+            yield
+        except InconsistentImageError as e:
+            if not self._corruption_reported and self.writable:
+                self._corruption_reported = True
+                import logging
 
-        logging.getLogger("qcow2ovl").error(
-            "qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
-            e.strerror,
-        )
-        if self._on_corruption is not None:
-            self._on_corruption(str(e.strerror), e.offset, e.size, True)
+                logging.getLogger("qcow2ovl").error(
+                    "qcow2: Marking image as corrupt: %s; further corruption events will be "
+                    "suppressed",
+                    e.strerror,
+                )
+                if self._on_corruption is not None:
+                    offset = getattr(e, "offset", 0)
+                    size = getattr(e, "size", 0)
+                    self._on_corruption(str(e.strerror), offset, size, True)
+            raise
 
     def write(self, offset: int, data: Buffer) -> int:
         """Write *data* (any bytes-like object) at guest *offset*; returns its length.
@@ -400,50 +271,35 @@ class Image:
         :class:`~qcow2ovl.MetadataOverlapError` is raised, the ``on_corruption`` callback and the
         ``qcow2ovl`` logger hear of it, and the handle refuses every later write.
         """
-        try:
+        with self._reporting():
             return self._core.write(offset, data)
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
 
     def write_compressed(self, offset: int, data: Buffer) -> bool:
         """Write one whole guest cluster (aligned; the rest of the disk for a last, partial
         cluster) compressed with the image's compression type, packed after the previous
         compressed cluster as QEMU packs them. Data that does not shrink is written plainly.
         Returns whether it was stored compressed."""
-        try:
+        with self._reporting():
             return self._core.write_compressed(offset, data)
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make ``[offset, offset + length)`` read as zeros: whole clusters by the zero flag
         (version 3; with *unmap* their clusters are freed), the rest by writing zeros."""
-        try:
+        with self._reporting():
             self._core.write_zeroes(offset, length, unmap)
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
 
     def discard(self, offset: int, length: int) -> None:
         """Discard the whole clusters of ``[offset, offset + length)`` and free them: they then
         read as zeros (version 3) or from the backing file (version 2). Partial clusters are
         left alone, as QEMU does."""
-        try:
+        with self._reporting():
             self._core.discard(offset, length)
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
 
     def resize(self, size: int) -> None:
         """Change the virtual size (a multiple of 512). Growing may move the L1 table;
         shrinking is refused while anything is allocated past the new end."""
-        try:
+        with self._reporting():
             self._core.resize(size)
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
 
     @property
     def snapshots(self) -> list[Snapshot]:
@@ -467,35 +323,44 @@ class Image:
         external data file, or a refcount that would overflow, such as any allocated cluster
         with ``refcount_bits=1``); either way nothing changed.
         """
-        return self._snapshot_op(lambda: self._core.create_snapshot(name, id, vm_state_size))
+        return self._snapshot_op(
+            "created", lambda: self._core.create_snapshot(name, id, vm_state_size)
+        )
 
     def delete_snapshot(self, name_or_id: str) -> Snapshot:
         """Delete the snapshot with this id (else this name), as ``qemu-img snapshot -d``
         does, freeing the clusters only it used; returns the deleted entry. A missing one
-        raises :class:`FileNotFoundError`."""
-        return self._snapshot_op(lambda: self._core.delete_snapshot(name_or_id))
+        raises :class:`~qcow2ovl.SnapshotNotFoundError`."""
+        return self._snapshot_op("deleted", lambda: self._core.delete_snapshot(name_or_id))
 
     def apply_snapshot(self, name_or_id: str) -> Snapshot:
         """Revert the active disk to the snapshot with this id (else this name), as
         ``qemu-img snapshot -a`` does: its data and its disk size. The snapshot stays; what only
-        the old active disk used is freed. Returns the entry."""
-        return self._snapshot_op(lambda: self._core.apply_snapshot(name_or_id))
+        the old active disk used is freed. Returns the entry. A missing one raises
+        :class:`~qcow2ovl.SnapshotNotFoundError`."""
+        return self._snapshot_op("applied", lambda: self._core.apply_snapshot(name_or_id))
 
-    def _snapshot_op(self, op: Callable[[], Mapping[str, Any]]) -> Snapshot:
-        try:
+    def _snapshot_op(self, done: str, op: Callable[[], Mapping[str, Any]]) -> Snapshot:
+        with self._reporting():
             entry: Snapshot = _build(Snapshot, op())
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
+        import logging
+
+        logging.getLogger("qcow2ovl").info(
+            "%s: %s snapshot %r (id %s)", self.path, done, entry.name, entry.id
+        )
         return entry
 
     def flush(self) -> None:
-        """Write back tables and refcounts in a crash-safe order and make them durable."""
-        try:
+        """Write back tables and refcounts in a crash-safe order and make them durable: once
+        it returns, every write before it survives a crash (a no-op for read-only images).
+
+        When it fails (``OSError``: a full disk, ``EFBIG`` past a file size limit), nothing
+        is lost from the handle: what did not reach the disk stays in memory, and calling
+        :meth:`flush` again once the cause is gone writes it, in the same safe order. The
+        disk meanwhile holds a consistent image (at worst with leaked clusters).
+        """
+        with self._reporting():
             self._core.flush()
-        except MetadataOverlapError as e:
-            self._report(e)
-            raise
 
     def check(self, progress: Callable[[int, int], object] | None = None) -> CheckResult:
         """Check the image as ``qemu-img check`` does, naming every metadata overlap (see
@@ -512,10 +377,29 @@ class Image:
         return render_layout(self, **options)
 
     def close(self) -> None:
-        """Flush (writable images) and release the image. Safe to call twice."""
-        self._core.close()
+        """Flush (writable images) and release the image. Safe to call twice.
+
+        If the flush fails, the error is raised and the image stays open with every change
+        not yet on disk: call :meth:`close` (or :meth:`flush`) again once the cause is gone. A
+        handle dropped after that loses those changes, and the ``qcow2ovl`` logger says so.
+        """
+        try:
+            self._core.close()
+        except OSError as e:
+            if not self._core.closed and e.strerror:
+                e.strerror = (
+                    f"{e.strerror} (the image is still open, with the changes not yet on "
+                    "disk: fix the cause, e.g. free space, and call close() or flush() again)"
+                )
+            raise
+
+    def __del__(self) -> None:
+        if _lifecycle is not None:  # None late in interpreter shutdown
+            _lifecycle.finalize(self, "collected while open")
 
     def __enter__(self) -> Image:
+        if self.closed:
+            raise ValueError("I/O operation on closed image")
         return self
 
     def __exit__(
@@ -532,7 +416,7 @@ class Image:
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
-    path: PathArg,
+    path: PathArg | IO[bytes],
     *,
     writable: bool = False,
     overlap_check: OverlapCheckSpec = "all",
@@ -544,6 +428,14 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     locking: Locking = "auto",
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
+
+    *path* may also be a seekable binary file object (an image inside an archive, an
+    ``io.BytesIO``, a stream of a forensic container): one whose ``fileno()`` is a regular file
+    or block device is read through a duplicate of that descriptor, as fast as a path; any other
+    through its ``seek``/``read`` methods. It is read-only unless *writable* is given and the
+    object is writable (not in append mode). Leave the object alone while the image is open.
+    Backing files and data files named in such an image resolve against the current directory,
+    and ``Image.path`` is the object's ``name`` (else its ``repr``).
 
     With *writable*, the image can be written (:meth:`Image.write` and friends); every host
     write is checked against the metadata map first, with every check on by default.
@@ -584,9 +476,11 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     Raises :class:`~qcow2ovl.FormatError` for a malformed image, :class:`~qcow2ovl.UnsupportedError`
     for a valid one using unsupported features, :class:`~qcow2ovl.CorruptImageError` for a
     read-write open of an image marked corrupt, with overlapping metadata, or left dirty by lazy
-    refcounts beyond what the repair at open can fix, :class:`~qcow2ovl.LockError` when another
-    user's locks conflict, :class:`ValueError` for *force_share* with *writable* or an unknown
-    *locking*, and :class:`OSError` when the file cannot be read.
+    refcounts beyond what the repair at open can fix, :class:`~qcow2ovl.SnapshotNotFoundError`
+    for a *snapshot* that does not exist, :class:`~qcow2ovl.LockError` when another user's
+    locks conflict, :class:`ValueError` for *force_share* with *writable* or an unknown
+    *locking*, and :class:`OSError` when the file cannot be read. See :mod:`qcow2ovl.errors`
+    for the whole list.
     """
     return _open(
         path,
@@ -606,7 +500,7 @@ _LOCK_NOTICES: set[str] = set()
 
 
 def _open(
-    path: PathArg,
+    path: PathArg | IO[bytes],
     *,
     writable: bool = False,
     overlap_check: OverlapCheckSpec = "all",
@@ -622,10 +516,6 @@ def _open(
     and tables only (``qemu-img info``'s locks: it holds no permission but still refuses to
     open beside a writer)."""
     check = OverlapCheck.parse(overlap_check)
-    fspath = os.fspath(path)
-    name = os.fsdecode(fspath)
-    if "\0" in name:
-        raise ValueError("embedded null byte in path")
     limit = options.map_memory_limit(map_memory_limit)
     notice = _core.locking_notice(locking)
     if notice is not None and notice not in _LOCK_NOTICES:
@@ -633,15 +523,56 @@ def _open(
         import logging
 
         logging.getLogger("qcow2ovl").warning("%s", notice)
-    core = _core.open_image(
-        name,
-        writable=writable,
-        enabled=int(check.mask),
-        map_memory_limit=limit,
-        cache_size=cache_size,
-        snapshot=snapshot,
-        locking=locking,
-        force_share=force_share,
-        metadata_only=metadata_only,
-    )
-    return Image(core, name, check, on_corruption)
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        from qcow2ovl._fileobj import open_file_object
+
+        core, name = open_file_object(
+            path,
+            writable=writable,
+            enabled=int(check.mask),
+            map_memory_limit=limit,
+            cache_size=cache_size,
+            snapshot=snapshot,
+            locking=locking,
+            force_share=force_share,
+        )
+    else:
+        fspath = os.fspath(path)
+        name = os.fsdecode(fspath)
+        if "\0" in name:
+            raise ValueError("embedded null byte in path")
+        core = _core.open_image(
+            name,
+            writable=writable,
+            enabled=int(check.mask),
+            map_memory_limit=limit,
+            cache_size=cache_size,
+            snapshot=snapshot,
+            locking=locking,
+            force_share=force_share,
+            metadata_only=metadata_only,
+        )
+    image = Image(core, name, check, on_corruption)
+    _log_open(image, limit, snapshot)
+    return image
+
+
+def _log_open(image: Image, limit: int | None, snapshot: str | None) -> None:
+    """Records what the open chose on its own: the naive checker under the memory limit, a
+    snapshot's view."""
+    unchecked = image.unchecked_ranges() if limit is not None else []
+    if not unchecked and snapshot is None:
+        return
+    import logging
+
+    log = logging.getLogger("qcow2ovl")
+    if unchecked:
+        log.info(
+            "%s: the metadata map's memory limit (%d bytes) left %d host ranges out; writes "
+            "there are checked with QEMU's naive algorithm",
+            image.path,
+            limit,
+            len(unchecked),
+        )
+    if snapshot is not None:
+        log.debug("%s: opened the disk of snapshot %r, read-only", image.path, snapshot)

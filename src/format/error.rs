@@ -88,6 +88,21 @@ pub enum FormatError {
         subcluster_size: u64,
     },
 
+    /// The file ends inside the fixed header fields of its version (72 bytes for version 2,
+    /// 104 for version 3): it was cut short.
+    #[error(
+        "qcow2 header too short: the file is truncated ({file_len} bytes; a version {version} \
+         header needs at least {needed})"
+    )]
+    FileTruncated {
+        /// The file's length.
+        file_len: u64,
+        /// The header's version field.
+        version: u32,
+        /// Bytes of fixed header fields that version has.
+        needed: u64,
+    },
+
     /// Version 3 `header_length` is below 104.
     #[error("qcow2 header too short: header_length is {0}, version 3 needs at least 104")]
     HeaderTooShort(u32),

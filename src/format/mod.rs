@@ -45,3 +45,21 @@ pub use mapping::{L2Mapping, MappingError};
 pub use offsets::{ClusterCount, ClusterIndex, Geometry, GuestOffset, HostOffset};
 pub use refcount::{max_refcount, refcount_get, refcount_set, ReftableEntry};
 pub use snapshot::{parse_snapshot_table, serialize_snapshot_table, SnapshotEntry};
+
+/// A number as C's `%#x` prints it in QEMU's messages: `0x1f`, but `0` for zero (no prefix).
+pub fn c_hex(value: u64) -> String {
+    if value == 0 {
+        "0".to_string()
+    } else {
+        format!("{value:#x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn c_hex_prints_as_printf_does() {
+        assert_eq!(super::c_hex(0), "0");
+        assert_eq!(super::c_hex(0x40200), "0x40200");
+    }
+}

@@ -30,6 +30,12 @@ pub enum ErrorKind {
     /// Another process (or another handle in this one) holds a lock that conflicts with this
     /// open (`LockError`, errno `EAGAIN`).
     Lock,
+    /// A write-side operation on an image opened read-only (`ReadOnlyImageError`, an
+    /// `OSError` with errno `EBADF`, as a write to a descriptor opened for reading).
+    ReadOnly,
+    /// No internal snapshot has the id or name asked for (`SnapshotNotFoundError`, a
+    /// `LookupError`).
+    SnapshotNotFound,
     /// An operating system error with this errno (`OSError` and its subclasses).
     Os(i32),
 }
@@ -51,6 +57,12 @@ pub enum ImageError {
     /// The corrupt bit is set and a read-write open was asked for.
     #[error("Image is corrupt; cannot be opened read/write")]
     CorruptReadWrite,
+    /// A write-side operation on an image opened read-only; names what was asked.
+    #[error("Block node is read-only: {0}() needs an image opened with writable=True")]
+    ReadOnly(&'static str),
+    /// No snapshot has this id or name.
+    #[error("Can't find snapshot '{0}'")]
+    SnapshotNotFound(String),
     /// The image was left dirty by lazy refcounts and the repair at a writable open could not
     /// make it consistent (`CorruptImageError`).
     #[error("{0}; cannot be opened read/write")]
@@ -134,6 +146,8 @@ impl ImageError {
             ImageError::Scan(ScanError::OutOfMemory(_)) | ImageError::OutOfMemory(_) => {
                 ErrorKind::OutOfMemory
             }
+            ImageError::ReadOnly(_) => ErrorKind::ReadOnly,
+            ImageError::SnapshotNotFound(_) => ErrorKind::SnapshotNotFound,
             ImageError::CorruptReadWrite
             | ImageError::OverlappingMetadata(_)
             | ImageError::CannotOpenDirty(_) => ErrorKind::CorruptImage,
@@ -226,6 +240,14 @@ mod tests {
         assert_eq!(
             ImageError::Unsupported("x".into()).kind(),
             ErrorKind::Unsupported
+        );
+        assert_eq!(ImageError::ReadOnly("write").kind(), ErrorKind::ReadOnly);
+        assert!(ImageError::ReadOnly("write")
+            .to_string()
+            .starts_with("Block node is read-only"));
+        assert_eq!(
+            ImageError::SnapshotNotFound("x".into()).kind(),
+            ErrorKind::SnapshotNotFound
         );
         let custom = ImageError::Io(io::Error::new(io::ErrorKind::NotFound, "gone"));
         assert_eq!(custom.kind(), ErrorKind::Os(libc::ENOENT));

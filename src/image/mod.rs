@@ -1,33 +1,28 @@
-//! The open image: metadata from the scan, the metadata map, guest reads, and the pre-write
-//! overlap check that every write of the engine goes through.
+//! The open image: metadata from the scan, the metadata map, guest reads, guarded writes,
+//! snapshots, check and repair.
 //!
-//! One concern per file, each adding an `impl` block on [`Image`]:
+//! Folders by lifecycle, one concern per file, each adding an `impl` block on [`Image`]:
 //!
-//! | file | concern |
+//! | place | concern |
 //! |---|---|
-//! | `mod.rs` | open (locks first, see [`crate::lock`]), close, accessors, the overlap check |
+//! | `mod.rs` | open (locks first, see [`crate::lock`]), accessors; writer state is `Option<Mutex<Writer>>` |
 //! | `error.rs` | [`ImageError`] and the [`ErrorKind`] the bindings map to exceptions |
 //! | `read/` | guest reads: mapping, the L2 table cache, the backing chain and data file (at open when writable, else on first use), the reader thread, the guest map |
-//! | `alloc.rs` | refcounts and cluster allocation (in memory; queued decrements) |
-//! | `write.rs` | guest writes, zero writes, discard, resize |
-//! | `compress.rs` | compressed cluster writes (packed, refcounted per host cluster) |
+//! | `write/` | the `Writer` and guest writes, copy-on-write, zero/discard, resize, compressed writes, allocation, ordered flush, and the guard (the one owner of the overlap policy) |
 //! | `snapshot.rs` | internal snapshots: create, apply, delete, COPIED flags, map upkeep |
-//! | `guard.rs` | the only place that writes to storage: the overlap check, corruption marking |
-//! | `flush.rs` | ordered write-back of refcounts, tables and header |
 //! | `check/` | `check` and `check -r`: report, recomputed counts, the walk, repair, rebuild |
+//! | `crash_tests.rs`, `retry_tests.rs` | the writer crashed or failing at every storage write |
 
-mod alloc;
 mod check;
-mod compress;
 mod error;
-mod flush;
-mod guard;
 mod read;
 mod snapshot;
 mod write;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod retry_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +32,9 @@ pub use check::{
     CheckReport, Finding, FindingKind, Overlap, Owner, Repair, Severity, NEED_REBUILD,
 };
 pub use error::{ErrorKind, ImageError};
-pub use guard::WriteKind;
 pub use read::{Backing, Extent, GuestExtent, Table, TableCache};
+pub use write::guard::WriteKind;
+pub use write::{Note, NoteLevel};
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header};
 use crate::lock::{FileLock, LockSet, Locking};
@@ -136,7 +132,7 @@ pub struct Image {
     /// The backing chain and data file, opened on first use (see `read/backing.rs`).
     chain: Mutex<Option<Arc<read::backing::Chain>>>,
     /// The most recently decompressed cluster: `(L2 entry, bytes)`.
-    compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+    last_decompressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Whether QEMU would call this image metadata-preallocated (`guest_map` only).
     preallocated: OnceLock<bool>,
     /// QEMU's naive checker, built only when the map's memory limit left ranges unchecked:
@@ -171,16 +167,32 @@ impl Image {
     /// their locks are held from the start (a writer of a backing file would change what this
     /// image's unallocated clusters read).
     fn open_file(path: &Path, options: OpenOptions) -> Result<Self, ImageError> {
-        let set = options.lock_set()?;
+        options.lock_set()?;
         let storage = FileStorage::open(path, options.writable)?;
-        let lock = FileLock::for_mode(
-            storage.file(),
-            &path.display().to_string(),
-            set,
-            options.locking,
-        )?;
+        Self::open_locked(storage, &path.display().to_string(), Some(path), options)
+    }
+
+    /// Opens the image in an already open file (a descriptor handed over by a caller, say),
+    /// locked exactly as [`Image::open`] locks a path; `name` names it in lock errors. Without
+    /// a path, relative backing and data file names resolve against the current directory.
+    pub fn from_file_storage(
+        storage: FileStorage,
+        name: &str,
+        options: OpenOptions,
+    ) -> Result<Self, ImageError> {
+        Self::open_locked(storage, name, None, options)
+    }
+
+    fn open_locked(
+        storage: FileStorage,
+        name: &str,
+        path: Option<&Path>,
+        options: OpenOptions,
+    ) -> Result<Self, ImageError> {
+        let set = options.lock_set()?;
+        let lock = FileLock::for_mode(storage.file(), name, set, options.locking)?;
         let mut image = Self::from_storage(Arc::new(storage), options)?;
-        image.path = Some(path.to_path_buf());
+        image.path = path.map(Path::to_path_buf);
         image.lock = lock;
         if image.writable() {
             image.chain()?;
@@ -261,7 +273,7 @@ impl Image {
             map: RwLock::new(map),
             writer,
             chain: Mutex::new(None),
-            compressed: Mutex::new(None),
+            last_decompressed: Mutex::new(None),
             preallocated: OnceLock::new(),
             fallback: RwLock::new(fallback),
             lock: None,
@@ -311,7 +323,7 @@ impl Image {
     }
 
     /// The refcount table as it is now: the writer's (it grows and moves) or the scanned one.
-    pub(crate) fn refcount_table(&self) -> Vec<u64> {
+    pub(in crate::image) fn refcount_table(&self) -> Vec<u64> {
         match &self.writer {
             Some(w) => w
                 .lock()

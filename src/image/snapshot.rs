@@ -31,7 +31,7 @@
 
 use std::collections::HashSet;
 
-use super::guard::WriteKind;
+use super::write::guard::WriteKind;
 use super::write::Writer;
 use super::{Image, ImageError};
 use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -67,16 +67,11 @@ enum Ref {
 }
 
 /// The position of `wanted` in `list`: by id first, then by name, as QEMU looks snapshots up.
-pub(crate) fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageError> {
+pub(in crate::image) fn find(list: &[SnapshotEntry], wanted: &str) -> Result<usize, ImageError> {
     list.iter()
         .position(|s| s.id == wanted)
         .or_else(|| list.iter().position(|s| s.name == wanted))
-        .ok_or_else(|| {
-            ImageError::Io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("Can't find snapshot '{wanted}'"),
-            ))
-        })
+        .ok_or_else(|| ImageError::SnapshotNotFound(wanted.to_string()))
 }
 
 /// The next free numeric id: one more than the largest id that starts with digits (QEMU's
@@ -133,14 +128,14 @@ impl Image {
         id: Option<&str>,
         vm_state_size: u64,
     ) -> Result<SnapshotEntry, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("create_snapshot")?;
         let r = self.create_locked(&mut w, name, id, vm_state_size);
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     /// Deletes the snapshot with id (else name) `wanted`, freeing what only it used.
     pub fn delete_snapshot(&self, wanted: &str) -> Result<SnapshotEntry, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("delete_snapshot")?;
         let r = self.delete_locked(&mut w, wanted);
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
@@ -148,7 +143,7 @@ impl Image {
     /// Reverts the active disk to the snapshot with id (else name) `wanted`; the snapshot
     /// stays. The disk size becomes the snapshot's.
     pub fn apply_snapshot(&self, wanted: &str) -> Result<SnapshotEntry, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("apply_snapshot")?;
         let r = self.apply_locked(&mut w, wanted);
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
@@ -219,7 +214,7 @@ impl Image {
         // Refused here, before anything changes, if the table could not be written.
         serialize_snapshot_table(&list)?;
 
-        self.before_change(w)?;
+        self.open_for_change(w)?;
         self.flush_locked(w)?;
         let storage = std::sync::Arc::clone(&self.storage);
         let g = self.geometry;
@@ -270,7 +265,7 @@ impl Image {
         let mut list = self.snapshots();
         let gone = list.remove(find(&list, wanted)?);
         let sn_l1 = self.read_snapshot_l1(&gone)?;
-        self.before_change(w)?;
+        self.open_for_change(w)?;
         self.flush_locked(w)?;
         let storage = std::sync::Arc::clone(&self.storage);
         let cs = self.geometry.cluster_size();
@@ -320,7 +315,7 @@ impl Image {
                 sn_l1.len()
             )));
         }
-        self.before_change(w)?;
+        self.open_for_change(w)?;
         self.flush_locked(w)?;
         let old_l1 = self.l1_table();
 

@@ -10,9 +10,24 @@ pyo3::import_exception!(qcow2ovl.errors, UnsupportedError);
 pyo3::import_exception!(qcow2ovl.errors, CorruptImageError);
 pyo3::import_exception!(qcow2ovl.errors, MetadataOverlapError);
 pyo3::import_exception!(qcow2ovl.errors, LockError);
+pyo3::import_exception!(qcow2ovl.errors, InconsistentImageError);
+pyo3::import_exception!(qcow2ovl.errors, ReadOnlyImageError);
+pyo3::import_exception!(qcow2ovl.errors, SnapshotNotFoundError);
+/// [`image_err`] for an error met while using an open image named `name`: errors from the disk
+/// and refused writes name the image's file (`OSError.filename`) unless they name one already
+/// (a backing file's).
+pub(crate) fn image_err_in(e: ImageError, name: Option<&str>) -> PyErr {
+    match (name, e.kind()) {
+        (Some(name), ErrorKind::Os(_) | ErrorKind::Corruption | ErrorKind::ReadOnly) => {
+            image_err(e.in_file(name))
+        }
+        _ => image_err(e),
+    }
+}
 
 /// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
-/// `CorruptImageError`, `LockError`, `ValueError`, `MemoryError`, or `OSError` with the errno (Python picks
+/// `CorruptImageError`, `LockError`, `ReadOnlyImageError`, `SnapshotNotFoundError`, `ValueError`,
+/// `MemoryError`, or `OSError` with the errno (Python picks
 /// the subclass: `FileNotFoundError`, `IsADirectoryError`, ...) and the file name.
 pub(crate) fn image_err(e: ImageError) -> PyErr {
     let kind = e.kind();
@@ -20,22 +35,40 @@ pub(crate) fn image_err(e: ImageError) -> PyErr {
         ErrorKind::Format => FormatError::new_err(e.to_string()),
         ErrorKind::Unsupported => UnsupportedError::new_err(e.to_string()),
         ErrorKind::CorruptImage => CorruptImageError::new_err(e.to_string()),
-        ErrorKind::MetadataOverlap => match &e {
-            ImageError::MetadataOverlap {
-                message,
-                offset,
-                size,
-                types,
-            } => MetadataOverlapError::new_err((message.clone(), types.bits(), *offset, *size)),
-            other => MetadataOverlapError::new_err((other.to_string(), 0u16, 0u64, 0u64)),
-        },
+        ErrorKind::MetadataOverlap => {
+            let mut inner = &e;
+            while let ImageError::File { source, .. } = inner {
+                inner = source;
+            }
+            match inner {
+                ImageError::MetadataOverlap {
+                    message,
+                    offset,
+                    size,
+                    types,
+                } => MetadataOverlapError::new_err((message.clone(), types.bits(), *offset, *size)),
+                // `kind()` says MetadataOverlap only for that variant.
+                other => InconsistentImageError::new_err((libc::EIO, other.to_string())),
+            }
+        }
         ErrorKind::Lock => {
             let path = e.lock_error().and_then(|l| l.path()).unwrap_or_default();
             LockError::new_err((e.message(), path.to_string()))
         }
         ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
+        ErrorKind::SnapshotNotFound => SnapshotNotFoundError::new_err(e.message()),
+        ErrorKind::ReadOnly => match e.path() {
+            Some(path) => ReadOnlyImageError::new_err((libc::EBADF, e.message(), path.to_string())),
+            None => ReadOnlyImageError::new_err((libc::EBADF, e.message())),
+        },
         ErrorKind::OutOfMemory => PyMemoryError::new_err(e.to_string()),
-        ErrorKind::Corruption | ErrorKind::Os(_) => {
+        ErrorKind::Corruption => match e.path() {
+            Some(path) => {
+                InconsistentImageError::new_err((libc::EIO, e.message(), path.to_string()))
+            }
+            None => InconsistentImageError::new_err((libc::EIO, e.message())),
+        },
+        ErrorKind::Os(_) => {
             let errno = match kind {
                 ErrorKind::Os(n) => n,
                 _ => libc::EIO,

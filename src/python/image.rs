@@ -6,6 +6,13 @@
 //! parallel, `close()` from any thread (any number of times) is safe, and a method called after
 //! `close()` raises `ValueError`. A read already in flight when another thread closes the image
 //! finishes on its own reference.
+//!
+//! `close()` flushes before it lets go: when the flush fails (a full disk), the handle stays
+//! open with every change not yet on disk, so the caller can free space and call `close()` (or
+//! `flush()`) again.
+//!
+//! Notes the engine leaves (a repair at open, autoclear bits dropped) are logged on the
+//! `qcow2ovl` logger after each call, with the GIL held.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -15,20 +22,66 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::convert::{limit_obj, range_obj, types_obj, types_to_py, u64_obj};
-use super::errors::image_err;
+use super::errors::{image_err, image_err_in};
 use super::extents::PyExtentList;
 use crate::format::features::{compression_name, feature_names};
 use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
-use crate::image::{Image, ImageError, OpenOptions};
+use crate::image::{Image, ImageError, NoteLevel, OpenOptions};
 use crate::lock::Locking;
 
 /// An open qcow2 image (the Rust side of `qcow2ovl.Image`).
 #[pyclass(name = "Image", module = "qcow2ovl._core")]
 pub(crate) struct PyImage {
     inner: RwLock<Option<Arc<Image>>>,
+    /// The name errors give as the file (the path, or a file object's name).
+    name: Option<String>,
 }
 
 impl PyImage {
+    /// Wraps an opened image; `name` (else the image's path) names the file in errors.
+    /// Logs what the open did on its own (a repair).
+    pub(super) fn new(py: Python<'_>, image: Image, name: Option<String>) -> Self {
+        let name = name.or_else(|| image.path().map(|p| p.display().to_string()));
+        let this = PyImage {
+            inner: RwLock::new(Some(Arc::new(image))),
+            name,
+        };
+        if let Ok(img) = this.image() {
+            this.log_notes(py, &img);
+        }
+        this
+    }
+
+    /// The Python exception for an error of this image (naming its file).
+    fn err(&self, e: ImageError) -> PyErr {
+        image_err_in(e, self.name.as_deref())
+    }
+
+    /// Logs the engine's notes on the `qcow2ovl` logger, as `"<file>: <message>"`. Best
+    /// effort: a logging failure never hides the result of the call.
+    fn log_notes(&self, py: Python<'_>, img: &Image) {
+        let notes = img.take_notes();
+        if notes.is_empty() {
+            return;
+        }
+        let logged = (|| -> PyResult<()> {
+            let logger = py
+                .import("logging")?
+                .call_method1("getLogger", ("qcow2ovl",))?;
+            let name = self.name.as_deref().unwrap_or("<image>");
+            for n in notes {
+                let level = match n.level {
+                    NoteLevel::Debug => 10,
+                    NoteLevel::Info => 20,
+                    NoteLevel::Warning => 30,
+                };
+                logger.call_method1("log", (level, "%s: %s", name, n.message))?;
+            }
+            Ok(())
+        })();
+        drop(logged);
+    }
+
     pub(super) fn image(&self) -> PyResult<Arc<Image>> {
         self.inner
             .read()
@@ -45,7 +98,9 @@ impl PyImage {
         op: impl FnOnce(&Image) -> Result<R, ImageError> + Send,
     ) -> PyResult<R> {
         let img = self.image()?;
-        py.detach(|| op(&img)).map_err(image_err)
+        let result = py.detach(|| op(&img));
+        self.log_notes(py, &img);
+        result.map_err(|e| self.err(e))
     }
 
     /// Runs a snapshot operation without the GIL; returns the entry it names as a dict.
@@ -79,11 +134,38 @@ pub(crate) fn open_image(
     metadata_only: bool,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
+        metadata_only,
+        ..open_options(
+            writable,
+            enabled,
+            map_memory_limit,
+            cache_size,
+            snapshot,
+            locking,
+            force_share,
+        )?
+    };
+    let image = py
+        .detach(|| Image::open(&path, options))
+        .map_err(image_err)?;
+    Ok(PyImage::new(py, image, None))
+}
+
+/// Open options from the arguments every open function takes.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn open_options(
+    writable: bool,
+    enabled: Option<&Bound<'_, PyAny>>,
+    map_memory_limit: Option<&Bound<'_, PyAny>>,
+    cache_size: Option<&Bound<'_, PyAny>>,
+    snapshot: Option<String>,
+    locking: &str,
+    force_share: bool,
+) -> PyResult<OpenOptions> {
+    let options = OpenOptions {
         writable,
-        repair: false,
         locking: locking_arg(locking)?,
         force_share,
-        metadata_only,
         enabled: match enabled {
             Some(e) => types_obj("enabled", e)?,
             None => crate::overlap::MetadataType::all(),
@@ -91,15 +173,11 @@ pub(crate) fn open_image(
         map_limit: limit_obj("map_memory_limit", map_memory_limit)?,
         cache_size: limit_obj("cache_size", cache_size)?.map(|v| v as u64),
         snapshot,
+        ..OpenOptions::default()
     };
     // Refused before the file is touched, in QEMU's words.
     options.lock_set().map_err(image_err)?;
-    let image = py
-        .detach(|| Image::open(&path, options))
-        .map_err(image_err)?;
-    Ok(PyImage {
-        inner: RwLock::new(Some(Arc::new(image))),
-    })
+    Ok(options)
 }
 
 /// The `locking` mode for `"auto"`, `"on"` or `"off"`; anything else is QEMU's error.
@@ -273,7 +351,7 @@ impl PyImage {
             // The bytes object is not visible to any other thread yet, so filling it without
             // the GIL is safe.
             py.detach(|| img.read_at(GuestOffset(offset), buf))
-                .map_err(image_err)
+                .map_err(|e| self.err(e))
         })
     }
 
@@ -287,7 +365,7 @@ impl PyImage {
     ) -> PyResult<usize> {
         let offset = u64_obj("offset", offset)?;
         let img = self.image()?;
-        readinto_buffer(py, &img, offset, buffer)
+        readinto_buffer(py, &img, offset, buffer, self.name.as_deref())
     }
 
     /// The guest disk's ranges as `(start, length, depth, present, zero, data, compressed,
@@ -298,7 +376,7 @@ impl PyImage {
         py: Python<'_>,
     ) -> PyResult<Vec<(u64, u64, u32, bool, bool, bool, bool, Option<u64>)>> {
         let img = self.image()?;
-        let map = py.detach(|| img.guest_map()).map_err(image_err)?;
+        let map = py.detach(|| img.guest_map()).map_err(|e| self.err(e))?;
         Ok(map
             .into_iter()
             .map(|e| {
@@ -409,13 +487,33 @@ impl PyImage {
     }
 
     /// Flushes and releases the image; further calls raise `ValueError`. Safe to call again,
-    /// from any thread.
+    /// from any thread. When the flush fails the image stays open, with every change not yet
+    /// on disk, and the error is raised: call `close()` (or `flush()`) again once the cause
+    /// (a full disk) is gone.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let taken = self.inner.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(img) = taken {
-            py.detach(|| img.flush()).map_err(image_err)?;
+            let flushed = py.detach(|| img.flush());
+            self.log_notes(py, &img);
+            if let Err(e) = flushed {
+                let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(img);
+                }
+                return Err(self.err(e));
+            }
         }
         Ok(())
+    }
+
+    /// Releases the image without flushing: changes not yet on disk are lost. For the
+    /// finalizer of an image whose `close()` keeps failing; returns whether it was open.
+    fn abandon(&self) -> bool {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some()
     }
 }
 
@@ -443,6 +541,7 @@ fn readinto_buffer(
     img: &Image,
     offset: u64,
     buffer: &Bound<'_, PyAny>,
+    name: Option<&str>,
 ) -> PyResult<usize> {
     use pyo3::buffer::PyBuffer;
     let view: PyBuffer<u8> = PyBuffer::get(buffer)?;
@@ -466,7 +565,7 @@ fn readinto_buffer(
         let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
         img.read_at(GuestOffset(offset), out)
     })
-    .map_err(image_err)?;
+    .map_err(|e| image_err_in(e, name))?;
     Ok(len)
 }
 
@@ -523,6 +622,7 @@ fn readinto_buffer(
     img: &Image,
     offset: u64,
     buffer: &Bound<'_, PyAny>,
+    name: Option<&str>,
 ) -> PyResult<usize> {
     let mut raw = std::mem::MaybeUninit::<RawBuffer>::zeroed();
     // SAFETY: `buffer` is a live object (we hold the GIL and a reference); `raw` is a writable
@@ -549,7 +649,7 @@ fn readinto_buffer(
         let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
         img.read_at(GuestOffset(offset), out)
     })
-    .map_err(image_err)?;
+    .map_err(|e| image_err_in(e, name))?;
     drop(view);
     Ok(len)
 }

@@ -7,6 +7,7 @@ mod convert;
 mod create;
 mod errors;
 mod extents;
+mod fileobj;
 mod image;
 mod map;
 
@@ -23,6 +24,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<extents::PyExtentIter>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;
     m.add_function(wrap_pyfunction!(image::locking_notice, m)?)?;
+    m.add_function(wrap_pyfunction!(fileobj::open_image_fd, m)?)?;
+    m.add_function(wrap_pyfunction!(fileobj::open_image_fileobj, m)?)?;
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;

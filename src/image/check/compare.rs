@@ -83,10 +83,10 @@ impl Checker<'_> {
             } else if let Some(s) = run_start.take() {
                 self.push_run(s, k);
             }
-            let r2 = u64::from(raw);
-            let r1 = u64::from(self.disk.small[k as usize]);
-            if r1 == r2 && r1 != u64::from(u8::MAX) {
-                if r1 != 0 {
+            let referenced = u64::from(raw);
+            let on_disk = u64::from(self.disk.small[k as usize]);
+            if on_disk == referenced && on_disk != u64::from(u8::MAX) {
+                if on_disk != 0 {
                     highest = Some(k);
                 }
                 continue;
@@ -94,8 +94,8 @@ impl Checker<'_> {
             if !unreadable.is_empty() && is_unreadable(k) {
                 continue;
             }
-            let (r1, r2) = (self.disk.get(k), self.refs.get(k));
-            self.compare_one(k, r1, r2, &mut highest);
+            let (on_disk, referenced) = (self.disk.get(k), self.refs.get(k));
+            self.compare_one(k, on_disk, referenced, &mut highest);
         }
         if let Some(s) = run_start {
             self.push_run(s, n);
@@ -136,9 +136,9 @@ impl Checker<'_> {
                 if is_unreadable(k) {
                     continue;
                 }
-                let r1 = disk_past.get(&k).copied().unwrap_or(0);
-                let r2 = self.refs.get(k);
-                self.compare_one(k, r1, r2, &mut highest);
+                let on_disk = disk_past.get(&k).copied().unwrap_or(0);
+                let referenced = self.refs.get(k);
+                self.compare_one(k, on_disk, referenced, &mut highest);
             }
         }
         self.unreadable_blocks = unreadable;
@@ -154,14 +154,20 @@ impl Checker<'_> {
         }
     }
 
-    pub(super) fn compare_one(&mut self, k: u64, r1: u64, r2: u64, highest: &mut Option<u64>) {
-        if r1 > 0 || r2 > 0 {
+    pub(super) fn compare_one(
+        &mut self,
+        k: u64,
+        on_disk: u64,
+        referenced: u64,
+        highest: &mut Option<u64>,
+    ) {
+        if on_disk > 0 || referenced > 0 {
             *highest = Some(k);
         }
-        if r1 == r2 {
+        if on_disk == referenced {
             return;
         }
-        let (kind, sev) = if r1 < r2 {
+        let (kind, sev) = if on_disk < referenced {
             (FindingKind::RefcountTooLow, Severity::Corruption)
         } else {
             (FindingKind::RefcountTooHigh, Severity::Leak)
@@ -169,8 +175,8 @@ impl Checker<'_> {
         let mut f = Finding::new(kind, sev);
         f.index = k;
         f.offset = k << self.cb;
-        f.entry = r1;
-        f.reference = r2;
+        f.entry = on_disk;
+        f.reference = referenced;
         self.report.add(f);
     }
 

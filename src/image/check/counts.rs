@@ -34,17 +34,17 @@ impl Counts {
     }
 
     /// Clusters held in the dense part (the file's clusters).
-    pub(crate) fn dense_len(&self) -> u64 {
+    pub(in crate::image) fn dense_len(&self) -> u64 {
         self.small.len() as u64
     }
 
     /// The clusters past the end of the file that have a count, with it.
-    pub(crate) fn past_end(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub(in crate::image) fn past_end(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.past.iter().map(|(&k, &v)| (k, v))
     }
 
     /// Removes one from a cluster's count (not below 0).
-    pub(crate) fn decrement(&mut self, c: u64) {
+    pub(in crate::image) fn decrement(&mut self, c: u64) {
         let v = self.get(c);
         if v > 0 {
             self.set(c, v - 1);
@@ -52,7 +52,7 @@ impl Counts {
     }
 
     /// The count of cluster `c`.
-    pub(crate) fn get(&self, c: u64) -> u64 {
+    pub(in crate::image) fn get(&self, c: u64) -> u64 {
         match self.small.get(c as usize) {
             Some(&u8::MAX) => self.big.get(&c).copied().unwrap_or(u64::from(u8::MAX)),
             Some(&v) => u64::from(v),

@@ -32,7 +32,7 @@ impl Image {
     /// structure, which is left intact until the header no longer points at it). They are
     /// written and flushed, then the header is switched to them in one write. The old
     /// structure is not counted by the new one: its clusters are simply free afterwards.
-    pub(crate) fn rebuild_refcounts(
+    pub(in crate::image) fn rebuild_refcounts(
         &self,
         w: &mut Writer,
         before: &CheckReport,
@@ -113,7 +113,7 @@ impl Image {
             .map_err(|_| ImageError::Unsupported("rebuilt refcount table too large".into()))?;
         self.write_header(w)?;
         storage.flush()?;
-        w.refcounts = crate::image::alloc::Refcounts::new(cb, order, table_offset, table);
+        w.refcounts = crate::image::write::alloc::Refcounts::new(cb, order, table_offset, table);
 
         // The map follows: the old structure is no longer metadata, the new one is.
         // Removing what was never entered (absurd offsets) fails harmlessly.

@@ -117,13 +117,13 @@ impl Image {
     /// writable; open it with [`OpenOptions::repair`] to reach images marked corrupt or with
     /// overlapping metadata.
     pub fn repair(&self, mode: Repair) -> Result<CheckReport, ImageError> {
-        let mut w = self.writer()?;
+        let mut w = self.writer("repair")?;
         self.repair_locked(&mut w, mode)
     }
 
     /// A writable open of an image whose lazy refcounts were left dirty: repair it as QEMU
     /// does at open (all errors), or refuse the open if that leaves anything wrong.
-    pub(crate) fn repair_if_dirty(&mut self) -> Result<(), ImageError> {
+    pub(in crate::image) fn repair_if_dirty(&mut self) -> Result<(), ImageError> {
         if !self.writable() || self.options.repair || !self.header().is_dirty() {
             return Ok(());
         }
@@ -134,7 +134,7 @@ impl Image {
             _ => e,
         })?;
         // The header as opened now shows the bits as the repair left them.
-        let bits = self.writer()?.header.incompatible_features;
+        let bits = self.writer("repair")?.header.incompatible_features;
         self.scanned.header.incompatible_features = bits;
         if r.corruptions > 0 || r.check_errors > 0 || r.overlap_count > 0 {
             return Err(ImageError::CannotOpenDirty(format!(
@@ -143,6 +143,14 @@ impl Image {
                 r.corruptions, r.check_errors
             )));
         }
+        self.writer("repair")?.notes.push(crate::image::Note {
+            level: crate::image::NoteLevel::Warning,
+            message: format!(
+                "the image was left dirty (lazy refcounts, not closed cleanly); repaired at \
+                 open: {} corruptions and {} leaks fixed",
+                r.corruptions_fixed, r.leaks_fixed
+            ),
+        });
         Ok(())
     }
 
@@ -666,8 +674,30 @@ mod tests {
             writable: true,
             ..OpenOptions::default()
         };
-        let img = Image::from_storage(st.clone(), rw).unwrap();
+        let img = Image::from_storage(st.clone(), rw.clone()).unwrap();
         assert!(!img.header().is_dirty());
         assert_eq!(on_disk(&st), (false, 0));
+        // ... and says so, once.
+        let notes = img.take_notes();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].level, crate::image::NoteLevel::Warning);
+        assert!(notes[0].message.contains("repaired at open"), "{notes:?}");
+        assert!(notes[0].message.contains("1 corruptions"), "{notes:?}");
+        assert!(img.take_notes().is_empty());
+        // Autoclear bits (here an unknown one) are dropped at the first write, with a note.
+        let mut b = image(1 << 30, &l2, &[(0, 7)]);
+        b[95] |= 0x80;
+        let st_clear = Arc::new(MemStorage::new(b));
+        let img = Image::from_storage(st_clear.clone(), rw).unwrap();
+        assert!(img.take_notes().is_empty());
+        img.write_at(crate::format::GuestOffset(0), &[1; 512])
+            .unwrap();
+        let notes = img.take_notes();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert_eq!(notes[0].level, crate::image::NoteLevel::Info);
+        assert!(notes[0].message.contains("0x80 "), "{notes:?}");
+        assert!(notes[0].message.contains("unknown"), "{notes:?}");
+        let on_disk = Image::from_storage(st_clear.clone(), OpenOptions::default()).unwrap();
+        assert!(on_disk.header().autoclear_features.is_empty());
     }
 }

@@ -92,7 +92,7 @@ impl Image {
     /// refcount table and refcount blocks themselves: what a rebuilt refcount structure must
     /// hold (before counting its own clusters). Read-only handles only (a writable one checks
     /// through a fresh view).
-    pub(crate) fn check_counts(
+    pub(in crate::image) fn check_counts(
         &self,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(CheckReport, Counts), ImageError> {

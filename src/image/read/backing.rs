@@ -96,7 +96,7 @@ fn is_protocol(name: &str) -> bool {
 
 impl Image {
     /// The opened chain, opening it on first use.
-    pub(crate) fn chain(&self) -> Result<Arc<Chain>, ImageError> {
+    pub(in crate::image) fn chain(&self) -> Result<Arc<Chain>, ImageError> {
         let mut slot = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(chain) = slot.as_ref() {
             return Ok(Arc::clone(chain));

@@ -61,7 +61,7 @@ impl Image {
     fn decompressed(&self, d: CompressedDescriptor) -> Result<Arc<[u8]>, ImageError> {
         let key = d.host_offset.0 ^ (d.nb_sectors << 56);
         if let Some((k, bytes)) = self
-            .compressed
+            .last_decompressed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -92,8 +92,10 @@ impl Image {
             )));
         }
         let bytes: Arc<[u8]> = output.into();
-        *self.compressed.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((key, Arc::clone(&bytes)));
+        *self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((key, Arc::clone(&bytes)));
         Ok(bytes)
     }
 }

@@ -22,7 +22,7 @@ pub struct Extent {
 impl Image {
     /// The L2 table an L1 entry (at `l1_index` of any L1 table) points to; `None` for no
     /// table. An unaligned offset is corruption (QEMU's words).
-    pub(crate) fn l2_table_offset(
+    pub(in crate::image) fn l2_table_offset(
         &self,
         l1_index: u64,
         entry: u64,
@@ -33,7 +33,9 @@ impl Image {
         }
         if !self.geometry.is_aligned(HostOffset(offset)) {
             return Err(ImageError::Corruption(format!(
-                "L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})"
+                "L2 table offset {} unaligned (L1 index: {})",
+                crate::format::c_hex(offset),
+                crate::format::c_hex(l1_index)
             )));
         }
         Ok(Some(offset))
@@ -41,7 +43,7 @@ impl Image {
 
     /// The L2 table of L1 index `l1_index` in the active L1 table, or `None` where the L1
     /// entry is empty (or past the end of the table).
-    pub(crate) fn l2_table(&self, l1_index: u64) -> Result<Option<Table>, ImageError> {
+    pub(in crate::image) fn l2_table(&self, l1_index: u64) -> Result<Option<Table>, ImageError> {
         let entry = {
             let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner());
             match usize::try_from(l1_index).ok().and_then(|i| l1.get(i)) {

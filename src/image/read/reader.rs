@@ -111,7 +111,7 @@ impl Drop for Wait {
 
 /// Reads `out.len()` bytes at `host`: a long run split with the helper when it is idle, else
 /// in one read.
-pub(crate) fn read_run(
+pub(in crate::image) fn read_run(
     storage: &Arc<dyn Storage>,
     host: u64,
     out: &mut [u8],

@@ -20,8 +20,10 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use super::ImageError;
+use super::Writer;
 use crate::format::refcount::{refcount_get, refcount_set, REFTABLE_OFFSET_MASK};
+use crate::image::{Image, ImageError};
+use crate::overlap::MetadataType;
 use crate::storage::Storage;
 
 /// Hashes refcount block indices (small consecutive integers) by one multiplication: the
@@ -130,7 +132,9 @@ impl Refcounts {
         }
         if offset & (self.cluster_size() - 1) != 0 {
             return Err(ImageError::Corruption(format!(
-                "Refblock offset {offset:#x} unaligned (reftable index: {index:#x})"
+                "Refblock offset {} unaligned (reftable index: {})",
+                crate::format::c_hex(offset),
+                crate::format::c_hex(index)
             )));
         }
         match self.blocks.entry(index) {
@@ -258,20 +262,38 @@ impl Refcounts {
     /// Applies every queued decrement; returns the clusters whose refcount reached 0.
     pub fn apply_pending(&mut self, storage: &dyn Storage) -> Result<Vec<u64>, ImageError> {
         let mut freed = Vec::new();
-        for cluster in std::mem::take(&mut self.pending) {
-            let v = self.get(storage, cluster)?;
-            if v == 0 {
-                return Err(ImageError::Corruption(format!(
-                    "refcount of cluster {cluster:#x} is already 0; cannot free it"
-                )));
-            }
-            self.set(storage, cluster, v - 1)?;
-            if v == 1 {
-                freed.push(cluster);
-                self.hint = self.hint.min(cluster);
+        let pending = std::mem::take(&mut self.pending);
+        for (i, &cluster) in pending.iter().enumerate() {
+            if let Err(e) = self.decrement(storage, cluster, &mut freed) {
+                // An I/O error (a refcount block that cannot be read) keeps this decrement and
+                // the ones after it queued for the next flush; the ones applied stay applied
+                // (their blocks are dirty and will be written).
+                self.pending.extend_from_slice(&pending[i..]);
+                return Err(e);
             }
         }
         Ok(freed)
+    }
+
+    /// Applies one queued decrement; a cluster whose refcount drops to 0 joins `freed`.
+    fn decrement(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        freed: &mut Vec<u64>,
+    ) -> Result<(), ImageError> {
+        let v = self.get(storage, cluster)?;
+        if v == 0 {
+            return Err(ImageError::Corruption(format!(
+                "refcount of cluster {cluster:#x} is already 0; cannot free it"
+            )));
+        }
+        self.set(storage, cluster, v - 1)?;
+        if v == 1 {
+            freed.push(cluster);
+            self.hint = self.hint.min(cluster);
+        }
+        Ok(())
     }
 
     /// Makes sure a block describes `cluster`, creating it (and growing the table) if needed.
@@ -480,18 +502,23 @@ impl Refcounts {
     }
 
     /// Dirty blocks as `(host offset, bytes)`, by offset; marks them clean.
-    pub fn take_dirty(&mut self) -> Vec<(u64, Vec<u8>)> {
+    pub fn dirty_blocks(&self) -> Vec<(u64, Vec<u8>)> {
         let mut out: Vec<(u64, Vec<u8>)> = self
             .blocks
-            .values_mut()
+            .values()
             .filter(|b| b.dirty)
-            .map(|b| {
-                b.dirty = false;
-                (b.offset, b.data.clone())
-            })
+            .map(|b| (b.offset, b.data.clone()))
             .collect();
         out.sort_by_key(|(o, _)| *o);
         out
+    }
+
+    /// Marks every block clean: what [`Refcounts::dirty_blocks`] returned is on disk (written
+    /// and past a barrier). Until then a failed flush leaves them dirty, to be written again.
+    pub fn mark_blocks_written(&mut self) {
+        for b in self.blocks.values_mut() {
+            b.dirty = false;
+        }
     }
 
     /// Drops clean blocks from memory when more than `keep` are loaded.
@@ -504,6 +531,72 @@ impl Refcounts {
     /// The refcount table's bytes.
     pub fn table_bytes(&self) -> Vec<u8> {
         crate::format::write_u64_table(&self.table)
+    }
+}
+
+/// The image-level side of allocation: clusters handed out by [`Refcounts`], entered into the
+/// metadata map when they hold metadata, the header following a moved refcount table.
+impl Image {
+    /// Allocates a cluster for metadata of `types`, entering it (and any refcount structures
+    /// created on the way) into the map.
+    pub(in crate::image) fn allocate_metadata(
+        &self,
+        w: &mut Writer,
+        types: MetadataType,
+    ) -> Result<u64, ImageError> {
+        let cluster = self.allocate_cluster(w)?;
+        let offset = cluster << self.geometry.cluster_bits();
+        self.map_enter(w, offset, 1, types)?;
+        Ok(offset)
+    }
+
+    /// Allocates one cluster (refcount 1), entering new refcount structures into the map.
+    pub(in crate::image) fn allocate_cluster(&self, w: &mut Writer) -> Result<u64, ImageError> {
+        let (cluster, created) = w.refcounts.allocate(self.storage.as_ref())?;
+        if cluster == 0 {
+            return Err(self.refuse_overlap(
+                w,
+                "Preventing allocation of cluster 0 (the header)".into(),
+                0,
+                self.geometry.cluster_size(),
+                MetadataType::MAIN_HEADER,
+            ));
+        }
+        self.enter_created(w, &created)?;
+        Ok(cluster)
+    }
+
+    /// Enters refcount blocks and tables created by the allocator into the map.
+    pub(in crate::image) fn enter_created(
+        &self,
+        w: &mut Writer,
+        created: &[NewTable],
+    ) -> Result<(), ImageError> {
+        if created.is_empty() {
+            return Ok(());
+        }
+        for t in created {
+            let types = if t.offset == w.refcounts.table_offset {
+                MetadataType::REFCOUNT_TABLE
+            } else {
+                MetadataType::REFCOUNT_BLOCK
+            };
+            self.map_enter(w, t.offset, t.clusters, types)?;
+        }
+        if created.iter().any(|t| t.offset == w.refcounts.table_offset) {
+            w.header.refcount_table_offset = w.refcounts.table_offset;
+            w.header.refcount_table_clusters =
+                u32::try_from(w.refcounts.table_clusters()).unwrap_or(u32::MAX);
+            w.header_dirty = true;
+        }
+        self.refresh_fallback_now(w)
+    }
+
+    /// Allocates `n` contiguous clusters; returns the first.
+    pub(in crate::image) fn allocate_run(&self, w: &mut Writer, n: u64) -> Result<u64, ImageError> {
+        let (first, created) = w.refcounts.allocate_run(self.storage.as_ref(), n)?;
+        self.enter_created(w, &created)?;
+        Ok(first)
     }
 }
 

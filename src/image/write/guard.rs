@@ -16,10 +16,10 @@
 //!   not an overlap: it keeps its own error, and `MetadataOverlapError` always names the types
 //!   it would have hit.
 
-use super::write::Writer;
-use super::{Image, ImageError};
+use super::Writer;
 use crate::format::header::{CompatibleFeatures, IncompatibleFeatures};
 use crate::format::{ClusterCount, HostOffset};
+use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 use crate::overlap::{NaiveChecker, NaiveLayout};
 use crate::storage::Storage;
@@ -92,7 +92,7 @@ impl Image {
     }
 
     /// Writes `bytes` at `offset` of `storage` after the overlap check for `kind`.
-    pub(crate) fn guarded_write(
+    pub(in crate::image) fn guarded_write(
         &self,
         w: &mut Writer,
         kind: WriteKind,
@@ -134,7 +134,7 @@ impl Image {
 
     /// A write refused because it would have overwritten metadata of `types` (never empty):
     /// the image is marked corrupt, and the error carries what would have been hit.
-    pub(crate) fn refuse_overlap(
+    pub(in crate::image) fn refuse_overlap(
         &self,
         w: &mut Writer,
         message: String,
@@ -157,8 +157,12 @@ impl Image {
     /// of 0 on a cluster in use, a cluster no refcount block can describe) marks the image
     /// corrupt, as QEMU does, and is returned as it is; it is not an overlap, and no metadata
     /// type is claimed. Other errors pass through unchanged.
-    pub(crate) fn poison_if_inconsistent(&self, w: &mut Writer, e: ImageError) -> ImageError {
-        if e.kind() == super::ErrorKind::Corruption {
+    pub(in crate::image) fn poison_if_inconsistent(
+        &self,
+        w: &mut Writer,
+        e: ImageError,
+    ) -> ImageError {
+        if e.kind() == crate::image::ErrorKind::Corruption {
             self.mark_corrupt(w, &e.message());
         }
         e
@@ -168,7 +172,7 @@ impl Image {
     /// gone): none may hold metadata. An L2 entry pointing into a table would otherwise free the
     /// table, and the next allocation would overwrite it. Refused as an overlap, before anything
     /// changes; `entry` is the L2 entry concerned when one is known.
-    pub(crate) fn refuse_freeing_metadata(
+    pub(in crate::image) fn refuse_freeing_metadata(
         &self,
         w: &mut Writer,
         entry: Option<u64>,
@@ -194,7 +198,7 @@ impl Image {
     }
 
     /// Writes the header's fixed fields (not checked: cluster 0 is the header's own).
-    pub(crate) fn write_header(&self, w: &Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn write_header(&self, w: &Writer) -> Result<(), ImageError> {
         let bytes = w.header.serialize_unchecked();
         let n = fixed_header_len(w.header.version).min(bytes.len());
         self.storage.write_at(0, &bytes[..n])?;
@@ -202,7 +206,7 @@ impl Image {
     }
 
     /// Whether writes must keep the dirty bit set while refcounts on disk are behind.
-    pub(crate) fn lazy_refcounts(w: &Writer) -> bool {
+    pub(in crate::image) fn lazy_refcounts(w: &Writer) -> bool {
         w.header.version >= 3
             && w.header
                 .compatible_features
@@ -213,7 +217,7 @@ impl Image {
     /// or moved there). The one collision rule: metadata already there that may not share a
     /// cluster with it (an allocation handed out a cluster that is in use, which only a broken
     /// refcount can do) refuses the table as an overlapping write, before it is written.
-    pub(crate) fn map_enter(
+    pub(in crate::image) fn map_enter(
         &self,
         w: &mut Writer,
         offset: u64,
@@ -235,7 +239,7 @@ impl Image {
 
     /// Forgets that `clusters` clusters at `offset` hold metadata of `types` (freed, or no
     /// longer of that kind); other types in the same clusters stay.
-    pub(crate) fn map_remove(
+    pub(in crate::image) fn map_remove(
         &self,
         offset: u64,
         clusters: u64,
@@ -251,7 +255,7 @@ impl Image {
 
     /// Where the map's memory limit left ranges to QEMU's naive checker, that checker must see
     /// every table the moment it exists, not at the next flush.
-    pub(crate) fn refresh_fallback_now(&self, w: &Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn refresh_fallback_now(&self, w: &Writer) -> Result<(), ImageError> {
         if self
             .fallback
             .read()
@@ -266,7 +270,11 @@ impl Image {
 
     /// Rebuilds the naive checker (used only where the map's memory limit left ranges
     /// unchecked) from the live tables, so that it never checks against stale ones.
-    pub(crate) fn refresh_fallback(&self, w: &Writer, l1: &[u64]) -> Result<(), ImageError> {
+    pub(in crate::image) fn refresh_fallback(
+        &self,
+        w: &Writer,
+        l1: &[u64],
+    ) -> Result<(), ImageError> {
         let mut slot = self.fallback.write().unwrap_or_else(|e| e.into_inner());
         let Some(old) = slot.as_ref() else {
             return Ok(());

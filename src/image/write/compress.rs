@@ -4,11 +4,11 @@
 //! it once in its refcount.
 
 use super::guard::WriteKind;
-use super::write::Piece;
-use super::{Image, ImageError};
+use super::Piece;
 use crate::format::entry::COMPRESSED_SECTOR_SIZE;
 use crate::format::header::COMPRESSION_ZSTD;
 use crate::format::{CompressedDescriptor, GuestOffset, HostOffset};
+use crate::image::{Image, ImageError};
 
 /// Raw deflate with the 4 KiB window QEMU's decompressor is limited to.
 fn deflate(data: &[u8]) -> Option<Vec<u8>> {
@@ -39,13 +39,13 @@ impl Image {
                 size: self.virtual_size(),
             });
         }
-        let mut w = self.writer()?;
+        let mut w = self.writer("write_compressed")?;
         if w.external_data {
             return Err(ImageError::Unsupported(
                 "Compression is not supported with an external data file".into(),
             ));
         }
-        self.before_change(&mut w)?;
+        self.open_for_change(&mut w)?;
         let mut cluster = data.to_vec();
         cluster.resize(cs as usize, 0);
         let packed = if self.scanned.header.compression_type == COMPRESSION_ZSTD {
@@ -64,13 +64,13 @@ impl Image {
             }
             Some(bytes) => self.place_compressed(&mut w, guest, &bytes).map(|()| true),
         };
-        let r = r.and_then(|stored| self.after_change(&mut w).map(|()| stored));
+        let r = r.and_then(|stored| self.bound_pending_writes(&mut w).map(|()| stored));
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
     fn place_compressed(
         &self,
-        w: &mut super::write::Writer,
+        w: &mut super::Writer,
         guest: GuestOffset,
         bytes: &[u8],
     ) -> Result<(), ImageError> {

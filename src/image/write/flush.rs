@@ -19,10 +19,10 @@
 //! (leaks), which `qemu-img check -r leaks` reclaims.
 
 use super::guard::WriteKind;
-use super::write::Writer;
-use super::{Image, ImageError};
+use super::Writer;
 use crate::format::header::IncompatibleFeatures;
 use crate::format::{write_u64_table, HostOffset};
+use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 
 impl Image {
@@ -38,7 +38,7 @@ impl Image {
     }
 
     /// The flush, with the writer lock held; inconsistencies met on the way are fatal.
-    pub(crate) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
         self.write_back(w)
             .map_err(|e| self.poison_if_inconsistent(w, e))
     }
@@ -75,18 +75,22 @@ impl Image {
         // 5. The L1 table and the header.
         let l1 = self.l1.read().unwrap_or_else(|e| e.into_inner()).clone();
         let l1_offset = w.header.l1_table_offset;
-        if let Some(old) = w.l1_moved.take() {
+        if let Some(old) = w.l1_moved.clone() {
+            // `l1_moved` is cleared only once the new table and the header are on disk, so a
+            // retried flush writes the whole table again (not just the dirty entries).
             let bytes = write_u64_table(&l1);
             self.guarded_write(w, WriteKind::L1Entries, storage, l1_offset, &bytes)?;
             storage.flush()?;
             self.write_header(w)?;
             storage.flush()?;
+            w.l1_moved = None;
             w.header_dirty = false;
             w.l1_dirty.clear();
             self.map_remove(old.offset, old.clusters, MetadataType::ACTIVE_L1)?;
         }
         if !w.l1_dirty.is_empty() {
-            let dirty: Vec<usize> = std::mem::take(&mut w.l1_dirty).into_iter().collect();
+            // Cleared only after the barrier, so a retried flush writes them all again.
+            let dirty: Vec<usize> = w.l1_dirty.iter().copied().collect();
             for i in dirty {
                 let bytes = l1[i].to_be_bytes();
                 self.guarded_write(
@@ -98,6 +102,7 @@ impl Image {
                 )?;
             }
             storage.flush()?;
+            w.l1_dirty.clear();
         }
         if w.header_dirty {
             self.write_header(w)?;
@@ -108,7 +113,10 @@ impl Image {
         // 6. Decrements. Freed clusters may be reused from here on: no compressed cluster goes
         // into the last one that held some, and no decompressed copy of one is trusted.
         w.compressed_cursor = None;
-        *self.compressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self
+            .last_decompressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
         self.apply_decrements(w)?;
 
         // 7. Lazy refcounts: the refcounts on disk are exact again.
@@ -124,7 +132,7 @@ impl Image {
 
     /// Phases 2 and 3: dirty refcount blocks, then the refcount table (and, when the table
     /// moved, the header that points at it), each followed by a barrier.
-    pub(crate) fn write_refcounts(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn write_refcounts(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
         self.write_dirty_blocks(w)?;
         if w.refcounts.table_dirty {
@@ -143,7 +151,7 @@ impl Image {
 
     /// Phase 6: applies the queued decrements, forgets freed clusters (map and cache) and
     /// writes the changed refcount blocks. Only once no table on disk references what is freed.
-    pub(crate) fn apply_decrements(&self, w: &mut Writer) -> Result<(), ImageError> {
+    pub(in crate::image) fn apply_decrements(&self, w: &mut Writer) -> Result<(), ImageError> {
         if !w.refcounts.has_pending() {
             return Ok(());
         }
@@ -156,18 +164,21 @@ impl Image {
     /// Writes the changed refcount blocks, then a barrier.
     fn write_dirty_blocks(&self, w: &mut Writer) -> Result<(), ImageError> {
         let storage = self.storage.as_ref();
-        let blocks = w.refcounts.take_dirty();
+        // The blocks stay dirty until they are past the barrier: a flush that fails here (a
+        // full disk) writes them all again when it is retried.
+        let blocks = w.refcounts.dirty_blocks();
         for (offset, bytes) in &blocks {
             self.guarded_write(w, WriteKind::RefcountBlock, storage, *offset, bytes)?;
         }
         if !blocks.is_empty() {
             storage.flush()?;
+            w.refcounts.mark_blocks_written();
         }
         Ok(())
     }
 
     /// Freed clusters hold no metadata any more: out of the map and the table cache.
-    pub(crate) fn forget_freed(&self, freed: &[u64]) -> Result<(), ImageError> {
+    pub(in crate::image) fn forget_freed(&self, freed: &[u64]) -> Result<(), ImageError> {
         let cs = self.geometry.cluster_size();
         for c in freed {
             self.map_remove(c * cs, 1, MetadataType::all())?;

@@ -1,0 +1,177 @@
+//! Zero writes and discards: whole clusters by the zero flag (or unallocated), the rest by
+//! writing zeros; extended L2 per subcluster.
+
+use super::guard::WriteKind;
+use super::{owned_host, Piece, Writer};
+use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::format::GuestOffset;
+use crate::image::{Image, ImageError};
+
+impl Image {
+    /// Makes `[offset, offset + len)` read as zeros: whole clusters by the zero flag (version 3;
+    /// with `unmap`, their clusters are freed), partial ones by writing zeros. Version 2 images
+    /// have no zero flag and get zeros written.
+    pub fn write_zeroes(
+        &self,
+        guest: GuestOffset,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), ImageError> {
+        self.check_range("write_zeroes", guest.0, len)?;
+        let mut w = self.writer("write_zeroes")?;
+        self.open_for_change(&mut w)?;
+        let cs = self.geometry.cluster_size() as usize;
+        let zeros = vec![0u8; cs];
+        let v3 = w.header.version >= 3;
+        let r = self
+            .for_each_piece(
+                guest.0,
+                len,
+                |img, w, cluster, at, n| {
+                    if v3 && n == cs {
+                        img.zero_cluster(w, cluster, unmap, false)
+                    } else if v3 && img.geometry.is_extended_l2() {
+                        img.zero_subclusters(w, cluster, at, n)
+                    } else {
+                        let piece = Piece {
+                            cluster,
+                            at,
+                            bytes: &zeros[..n],
+                        };
+                        img.write_piece(w, &piece)
+                    }
+                },
+                &mut w,
+            )
+            .and_then(|()| self.bound_pending_writes(&mut w));
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
+    }
+
+    /// Discards whole clusters in `[offset, offset + len)` (partial clusters are left alone, as
+    /// QEMU does): version 3 clusters then read as zeros, version 2 clusters fall back to the
+    /// backing file (or zeros). Their host clusters are freed.
+    pub fn discard(&self, guest: GuestOffset, len: u64) -> Result<(), ImageError> {
+        self.check_range("discard", guest.0, len)?;
+        let mut w = self.writer("discard")?;
+        self.open_for_change(&mut w)?;
+        let cs = self.geometry.cluster_size() as usize;
+        let v3 = w.header.version >= 3;
+        let at_end = guest.0 + len == self.virtual_size();
+        let r = self
+            .for_each_piece(
+                guest.0,
+                len,
+                |img, w, cluster, _at, n| {
+                    if n == cs || (at_end && cluster + n as u64 == img.virtual_size()) {
+                        img.zero_cluster(w, cluster, true, !v3)
+                    } else {
+                        Ok(())
+                    }
+                },
+                &mut w,
+            )
+            .and_then(|()| self.bound_pending_writes(&mut w));
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
+    }
+
+    /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated).
+    pub(in crate::image) fn zero_cluster(
+        &self,
+        w: &mut Writer,
+        cluster: u64,
+        unmap: bool,
+        unallocate: bool,
+    ) -> Result<(), ImageError> {
+        let g = self.geometry;
+        let guest = GuestOffset(cluster);
+        // Nothing to do for an unallocated cluster that already reads zeros.
+        let l1_index = g.l1_index(guest);
+        let has_backing = self.scanned.header.backing_file.is_some();
+        if self.l2_table(l1_index)?.is_none() && (!has_backing || unallocate) {
+            return Ok(());
+        }
+        let l2_offset = self.l2_for_write(w, l1_index)?;
+        let i = g.l2_index(guest) as usize;
+        let ext = g.is_extended_l2();
+        let entry = self.l2_get(l2_offset, if ext { 2 * i } else { i })?;
+        let host = entry & L1_L2_OFFSET_MASK;
+        let keep = !unmap && !unallocate && !w.external_data && owned_host(entry, false).is_some();
+        self.release_old(w, entry, keep)?;
+        if w.raw_data {
+            // The raw data file must read as the disk does.
+            let zeros = vec![0u8; g.cluster_size() as usize];
+            let data = self.chain()?.data.clone();
+            self.guarded_write(w, WriteKind::GuestData, data.as_ref(), cluster, &zeros)?;
+        }
+        if ext {
+            self.l2_set(l2_offset, 2 * i, if keep { host | OFLAG_COPIED } else { 0 })?;
+            let bitmap = if unallocate { 0 } else { 0xffff_ffffu64 << 32 };
+            self.l2_set(l2_offset, 2 * i + 1, bitmap)
+        } else {
+            let value = match (unallocate, keep) {
+                (true, _) => 0,
+                (false, true) => host | OFLAG_COPIED | OFLAG_ZERO,
+                (false, false) => OFLAG_ZERO,
+            };
+            self.l2_set(l2_offset, i, value)
+        }
+    }
+
+    /// Zeroes whole subclusters of one cluster by their zero bits; partial subclusters get
+    /// zeros written.
+    pub(in crate::image) fn zero_subclusters(
+        &self,
+        w: &mut Writer,
+        cluster: u64,
+        at: usize,
+        n: usize,
+    ) -> Result<(), ImageError> {
+        let scs = self.geometry.subcluster_size() as usize;
+        let first_full = at.div_ceil(scs);
+        let end_full = (at + n) / scs;
+        let zeros = vec![0u8; scs];
+        // Partial subclusters at either end.
+        let head_end = (first_full * scs).min(at + n);
+        if at < head_end {
+            let piece = Piece {
+                cluster,
+                at,
+                bytes: &zeros[..head_end - at],
+            };
+            self.write_piece(w, &piece)?;
+        }
+        if end_full > first_full {
+            let guest = GuestOffset(cluster);
+            let l2_offset = self.l2_for_write(w, self.geometry.l1_index(guest))?;
+            let i = self.geometry.l2_index(guest) as usize;
+            let entry = self.l2_get(l2_offset, 2 * i)?;
+            let shared = entry & L1_L2_OFFSET_MASK != 0 && owned_host(entry, false).is_none();
+            if w.raw_data || entry & OFLAG_COMPRESSED != 0 || shared {
+                // Shared or compressed: write zeros (which copies the cluster first).
+                let piece = Piece {
+                    cluster,
+                    at: first_full * scs,
+                    bytes: &vec![0u8; (end_full - first_full) * scs],
+                };
+                self.write_piece(w, &piece)?;
+            } else {
+                let mut bitmap = self.l2_get(l2_offset, 2 * i + 1)?;
+                for s in first_full..end_full {
+                    bitmap &= !(1u64 << s);
+                    bitmap |= 1u64 << (32 + s);
+                }
+                self.l2_set(l2_offset, 2 * i + 1, bitmap)?;
+            }
+        }
+        let tail_start = (end_full * scs).max(head_end);
+        if tail_start < at + n && end_full >= first_full {
+            let piece = Piece {
+                cluster,
+                at: tail_start,
+                bytes: &zeros[..at + n - tail_start],
+            };
+            self.write_piece(w, &piece)?;
+        }
+        Ok(())
+    }
+}
