@@ -27,7 +27,6 @@ from fleet_images import (
     descendants,
     fleet_images,
     kill_mid_check,
-    wait_until,
 )
 from qcow2ovl import fleet
 from test_check import CORPUS, base, damaged, qemu_check_any
@@ -161,10 +160,17 @@ def test_an_image_a_writer_holds_is_a_lock_error_result(fleet_dir: Path, tmp_pat
     shutil.copyfile(held, free)
     assert qi.QEMU_IO is not None
     writer = subprocess.Popen(
-        [qi.QEMU_IO, "-f", "qcow2", str(held)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+        [qi.QEMU_IO, "-f", "qcow2", str(held)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
-        wait_until(lambda: qemu_check_any(held)["_exit"] == 1, "qemu-io to lock the image")
+        # qemu-io prompts once it has the image open (and locked).
+        assert writer.stdout is not None
+        shown = b""
+        while b"qemu-io>" not in shown:
+            chunk = os.read(writer.stdout.fileno(), 4096)
+            assert chunk, "qemu-io exited before it prompted"
+            shown += chunk
+        assert qemu_check_any(held)["_exit"] == 1
         results = {r.filename: r for r in fleet.check([str(tmp_path)], jobs=2)}
         assert results[str(free)].exit_code == 0 and results[str(free)].error is None
         locked = results[str(held)]
