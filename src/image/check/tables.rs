@@ -180,15 +180,7 @@ impl Checker<'_> {
                         v => u64::from(v),
                     };
                     if (rc == 1) != e.copied() {
-                        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
-                        f.index = first.l1_index;
-                        f.l2_table = first.l2_offset;
-                        f.l2_index = i as u64;
-                        f.entry = e.0;
-                        f.reference = rc;
-                        f.offset = offset;
-                        f.times = active;
-                        self.report.add(f);
+                        self.copied_l2_finding(first, i, e, rc, active);
                     }
                 }
                 continue;
@@ -286,21 +278,27 @@ impl Checker<'_> {
             if active > 0 && first.l2_offset != 0 {
                 if let Some(rc) = self.disk_refcount(k) {
                     if (rc == 1) != e.copied() {
-                        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
-                        f.index = first.l1_index;
-                        f.l2_table = first.l2_offset;
-                        f.l2_index = i as u64;
-                        f.entry = e.0;
-                        f.reference = rc;
-                        f.offset = offset;
-                        f.times = active;
-                        self.report.add(f);
+                        self.copied_l2_finding(first, i, e, rc, active);
                     }
                 }
             }
         }
         self.report.allocated_clusters += allocated;
         self.report.fragmented_clusters += fragmented;
+    }
+
+    /// An active L2 entry whose COPIED flag disagrees with its cluster's on-disk refcount `rc`
+    /// (counted `active` times: once per active reference to the table).
+    fn copied_l2_finding(&mut self, first: L1Ref, i: usize, e: L2Entry, rc: u64, active: u64) {
+        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
+        f.index = first.l1_index;
+        f.l2_table = first.l2_offset;
+        f.l2_index = i as u64;
+        f.entry = e.0;
+        f.reference = rc;
+        f.offset = e.host_offset().0;
+        f.times = active;
+        self.report.add(f);
     }
 
     pub(super) fn l2_finding(
