@@ -19,10 +19,10 @@
 use std::collections::HashSet;
 use std::io;
 
-use crate::format::entry::L1_L2_OFFSET_MASK;
+use crate::format::entry::L1Entry;
 use crate::format::limits::MAX_SNAPSHOT_TABLE_BYTES;
 use crate::format::offsets::MAX_CLUSTER_BITS;
-use crate::format::refcount::REFTABLE_OFFSET_MASK;
+use crate::format::refcount::ReftableEntry;
 use crate::format::{
     parse_bitmap_directory, parse_snapshot_table, read_u64_table, BitmapDirectoryEntry,
     BitmapTableEntry, ClusterCount, FormatError, Header, HostOffset, SnapshotEntry,
@@ -187,7 +187,7 @@ pub fn scan(
     let l1_table =
         read_u64_table(&s.read(header.l1_table_offset, l1_bytes, "the active L1 table")?);
     for (i, &e) in l1_table.iter().enumerate() {
-        let ofs = e & L1_L2_OFFSET_MASK;
+        let ofs = L1Entry(e).l2_offset().0;
         if ofs != 0 {
             s.put_cluster(ofs, MetadataType::ACTIVE_L2, || {
                 format!("L2 table (L1 index {i})")
@@ -205,7 +205,7 @@ pub fn scan(
     let refcount_table =
         read_u64_table(&s.read(header.refcount_table_offset, rt_bytes, "the refcount table")?);
     for (i, &e) in refcount_table.iter().enumerate() {
-        let ofs = e & REFTABLE_OFFSET_MASK;
+        let ofs = ReftableEntry(e).block_offset().0;
         if ofs != 0 {
             s.put_cluster(ofs, MetadataType::REFCOUNT_BLOCK, || {
                 format!("refcount block (refcount table index {i})")
@@ -495,7 +495,7 @@ impl Scanner<'_> {
                         source,
                     })?;
                 for (k, e) in read_u64_table(&buf).into_iter().enumerate() {
-                    let ofs = e & L1_L2_OFFSET_MASK;
+                    let ofs = L1Entry(e).l2_offset().0;
                     if ofs != 0 {
                         let j = (pos - offset) / 8 + k as u64;
                         self.put_cluster(ofs, MetadataType::INACTIVE_L2, || {

@@ -26,6 +26,30 @@ pub const COMPRESSED_SECTOR_SIZE: u64 = 512;
 pub struct L1Entry(pub u64);
 
 impl L1Entry {
+    /// No L2 table: the clusters it would map read from the backing file (or as zeros).
+    pub const UNALLOCATED: L1Entry = L1Entry(0);
+
+    /// An entry for an L2 table at `table` that this L1 table alone references (COPIED set).
+    pub fn owned_table(table: HostOffset) -> L1Entry {
+        L1Entry(table.0 & L1_L2_OFFSET_MASK | OFLAG_COPIED)
+    }
+
+    /// The same entry with COPIED set or cleared.
+    #[must_use]
+    pub fn with_copied(self, copied: bool) -> L1Entry {
+        if copied {
+            L1Entry(self.0 | OFLAG_COPIED)
+        } else {
+            L1Entry(self.0 & !OFLAG_COPIED)
+        }
+    }
+
+    /// Whether this L1 table alone references an allocated L2 table, which may then be changed
+    /// in place.
+    pub fn owns_table(self) -> bool {
+        self.copied() && self.is_allocated()
+    }
+
     /// Host offset of the L2 table; 0 means the L2 table is not allocated.
     pub fn l2_offset(self) -> HostOffset {
         HostOffset(self.0 & L1_L2_OFFSET_MASK)
@@ -52,6 +76,38 @@ impl L1Entry {
 pub struct L2Entry(pub u64);
 
 impl L2Entry {
+    /// Unallocated: the cluster reads from the backing file (or as zeros).
+    pub const UNALLOCATED: L2Entry = L2Entry(0);
+
+    /// Reads as zeros with no host cluster (the zero flag alone; version 3, standard entries).
+    pub const ZERO: L2Entry = L2Entry(OFLAG_ZERO);
+
+    /// Data at the cluster `host`, which this image alone references (COPIED set).
+    pub fn owned(host: HostOffset) -> L2Entry {
+        L2Entry(host.0 & L1_L2_OFFSET_MASK | OFLAG_COPIED)
+    }
+
+    /// Reads as zeros, keeping the cluster `host` that this image alone references (a
+    /// preallocated zero cluster; standard entries).
+    pub fn owned_zero(host: HostOffset) -> L2Entry {
+        L2Entry(host.0 & L1_L2_OFFSET_MASK | OFLAG_COPIED | OFLAG_ZERO)
+    }
+
+    /// The cluster this image alone owns and may write in place: not compressed, COPIED set
+    /// (refcount 1), and an offset. Offset 0 counts only with an external data file
+    /// (`external_data`), where it is a valid position; in the image file it is unallocated.
+    pub fn owned_host(self, external_data: bool) -> Option<HostOffset> {
+        let host = self.host_offset();
+        let owned = !self.is_compressed() && self.copied() && (host.0 != 0 || external_data);
+        owned.then_some(host)
+    }
+
+    /// Whether the cluster has no data of its own in the image: unallocated, or the zero flag
+    /// without a host cluster.
+    pub fn has_no_data(self) -> bool {
+        self == L2Entry::UNALLOCATED || self == L2Entry::ZERO
+    }
+
     /// Whether this entry describes a compressed cluster (see [`CompressedDescriptor`]).
     pub fn is_compressed(self) -> bool {
         self.0 & OFLAG_COMPRESSED != 0
@@ -289,6 +345,28 @@ mod tests {
         assert_eq!(bad.reserved_bits(), 0x0100_0000_0000_0001);
         assert_eq!(bad.l2_offset(), HostOffset(0x50000));
         assert!(!L1Entry(0).is_allocated());
+        let owned = L1Entry::owned_table(HostOffset(0x50000));
+        assert!(owned.owns_table() && owned.with_copied(false) == L1Entry(0x50000));
+        assert!(!L1Entry::UNALLOCATED.with_copied(true).owns_table());
+    }
+
+    #[test]
+    fn l2_entry_constructors_and_ownership() {
+        let host = HostOffset(0x7_0000);
+        assert_eq!(L2Entry::owned(host).owned_host(false), Some(host));
+        assert!(L2Entry::owned_zero(host).is_zero());
+        assert_eq!(L2Entry::owned_zero(host).host_offset(), host);
+        // Shared (COPIED clear), compressed and unallocated clusters are not owned.
+        assert_eq!(L2Entry(host.0).owned_host(false), None);
+        assert_eq!(
+            L2Entry(OFLAG_COMPRESSED | OFLAG_COPIED | 0x200).owned_host(false),
+            None
+        );
+        assert_eq!(L2Entry(OFLAG_COPIED).owned_host(false), None);
+        // Offset 0 is a valid position in an external data file.
+        assert_eq!(L2Entry(OFLAG_COPIED).owned_host(true), Some(HostOffset(0)));
+        assert!(L2Entry::UNALLOCATED.has_no_data() && L2Entry::ZERO.has_no_data());
+        assert!(!L2Entry::owned_zero(host).has_no_data());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | `error.rs` | [`ImageError`] and the [`ErrorKind`] the bindings map to exceptions |
 //! | `read/` | guest reads: mapping, the L2 table cache, the backing chain and data file (at open when writable, else on first use), the reader thread, the guest map |
 //! | `write/` | the `Writer` and guest writes, copy-on-write, zero/discard, resize, compressed writes, allocation, ordered flush, and the guard (the one owner of the overlap policy) |
-//! | `snapshot.rs` | internal snapshots: create, apply, delete, COPIED flags, map upkeep |
+//! | `snapshot/` | internal snapshots: create, apply, delete; the references counted and dropped, COPIED flags, the tables switched |
 //! | `check/` | `check` and `check -r`: report, recomputed counts, the walk, repair, rebuild |
 //! | `crash_tests.rs`, `retry_tests.rs` | the writer crashed or failing at every storage write |
 

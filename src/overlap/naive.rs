@@ -14,9 +14,9 @@ use std::io;
 use std::sync::Arc;
 
 use super::types::MetadataType;
-use crate::format::entry::L1_L2_OFFSET_MASK;
+use crate::format::entry::L1Entry;
 use crate::format::limits::MAX_L1_BYTES;
-use crate::format::refcount::REFTABLE_OFFSET_MASK;
+use crate::format::refcount::ReftableEntry;
 use crate::storage::Storage;
 
 /// Bytes of a snapshot L1 table read at a time: the check never holds a whole table.
@@ -107,7 +107,7 @@ impl NaiveChecker {
         let refcount_table_used = layout
             .refcount_table
             .iter()
-            .rposition(|&e| e & REFTABLE_OFFSET_MASK != 0)
+            .rposition(|&e| ReftableEntry(e).is_allocated())
             .map_or(0, |i| i + 1);
         Ok(NaiveChecker {
             layout,
@@ -164,7 +164,7 @@ impl NaiveChecker {
         });
         test(MetadataType::ACTIVE_L2, &|| {
             l.l1_table.iter().any(|&e| {
-                let ofs = e & L1_L2_OFFSET_MASK;
+                let ofs = L1Entry(e).l2_offset().0;
                 ofs != 0 && hits(ofs, cs)
             })
         });
@@ -172,7 +172,7 @@ impl NaiveChecker {
             l.refcount_table[..self.refcount_table_used]
                 .iter()
                 .any(|&e| {
-                    let ofs = e & REFTABLE_OFFSET_MASK;
+                    let ofs = ReftableEntry(e).block_offset().0;
                     ofs != 0 && hits(ofs, cs)
                 })
         });
@@ -203,7 +203,7 @@ impl NaiveChecker {
                     for raw in buf[..n].chunks_exact(8) {
                         let mut be = [0u8; 8];
                         be.copy_from_slice(raw);
-                        let ofs = u64::from_be_bytes(be) & L1_L2_OFFSET_MASK;
+                        let ofs = L1Entry(u64::from_be_bytes(be)).l2_offset().0;
                         if ofs != 0 && hits(ofs, cs) {
                             ret |= MetadataType::INACTIVE_L2;
                             break 'snapshots;

@@ -113,7 +113,8 @@ impl Image {
             .map_err(|_| ImageError::Unsupported("rebuilt refcount table too large".into()))?;
         self.write_header(w)?;
         storage.flush()?;
-        w.refcounts = crate::image::write::alloc::Refcounts::new(cb, order, table_offset, table);
+        w.refcounts =
+            crate::image::write::refcounts::Refcounts::new(cb, order, table_offset, table);
 
         // The map follows: the old structure is no longer metadata, the new one is.
         // Removing what was never entered (absurd offsets) fails harmlessly.

@@ -35,9 +35,10 @@ use std::sync::Arc;
 
 use super::Counts;
 use super::{CheckReport, FindingKind, Owner};
-use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use crate::format::entry::{L1Entry, L2Entry};
 use crate::format::header::IncompatibleFeatures;
 use crate::format::HostOffset;
+use crate::image::write::l2::Slot;
 use crate::image::write::Writer;
 use crate::image::WriteKind;
 use crate::image::{ErrorKind, Image, ImageError, OpenOptions};
@@ -275,20 +276,25 @@ impl Image {
             .iter()
             .filter(|f| f.kind == FindingKind::PreallocatedUnaligned)
         {
-            let Some(word) = self.pin_entry(f.index, f.l2_table, f.l2_index, shared)? else {
+            let table = HostOffset(f.l2_table);
+            let Some(i) = self.pin_entry(f.index, f.l2_table, f.l2_index, shared)? else {
                 continue;
             };
-            if self.l2_get(f.l2_table, word)? != f.entry {
+            let old = self.l2_slot(table, i)?;
+            if old.entry != L2Entry(f.entry) {
                 continue;
             }
-            if ext {
+            let zero = if ext {
                 // Allocated subclusters (there are none: it holds no data) become zero.
-                let bitmap = self.l2_get(f.l2_table, word + 1)?;
-                self.l2_set(f.l2_table, word, 0)?;
-                self.l2_set(f.l2_table, word + 1, (bitmap | bitmap << 32) & !0xffff_ffff)?;
+                let bits = old.bitmap | old.bitmap << 32;
+                Slot {
+                    entry: L2Entry::UNALLOCATED,
+                    bitmap: bits & !0xffff_ffff,
+                }
             } else {
-                self.l2_set(f.l2_table, word, OFLAG_ZERO)?;
-            }
+                Slot::plain(L2Entry::ZERO)
+            };
+            self.l2_rewrite_broken(table, i, zero)?;
             fixed += 1;
             log.push(format!(
                 "Repairing offset={:x}: Preallocated cluster is not properly aligned; L2 entry \
@@ -303,7 +309,7 @@ impl Image {
     }
 
     /// Pins the active L2 table at `table` (referenced by L1 index `l1_index`) for an edit of
-    /// its entry `index`, and returns the entry's first word; `None` when the entry may not be
+    /// its entry `index`, and returns that index; `None` when the entry may not be
     /// changed: the table is a shared cluster, is no longer referenced there, or its
     /// write-back would cover other metadata (an L2 table a snapshot also uses).
     fn pin_entry(
@@ -322,19 +328,16 @@ impl Image {
         {
             return Ok(None);
         }
-        let l1_entry = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.l1_table().get(i).copied())
-            .unwrap_or(0);
-        if l1_entry & L1_L2_OFFSET_MASK != table {
+        if self.l1_entry(l1_index).l2_offset() != HostOffset(table) {
             return Ok(None);
         }
         let Ok(Some(t)) = self.l2_table(l1_index) else {
             return Ok(None);
         };
         self.l2_cache.pin(HostOffset(table), t);
-        let words = self.geometry.l2_entry_size() / 8;
-        Ok(usize::try_from(index.saturating_mul(words)).ok())
+        Ok(usize::try_from(index)
+            .ok()
+            .filter(|&i| (i as u64) < self.geometry.l2_entries()))
     }
 
     /// Clears a COPIED flag that an entry of an L2 table shared with a snapshot carries
@@ -352,13 +355,9 @@ impl Image {
     ) -> Result<bool, ImageError> {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let l1_entry = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.l1_table().get(i).copied())
-            .unwrap_or(0);
         let both = MetadataType::ACTIVE_L2 | MetadataType::INACTIVE_L2;
         if table == 0
-            || l1_entry & L1_L2_OFFSET_MASK != table
+            || self.l1_entry(l1_index).l2_offset() != HostOffset(table)
             || !g.is_aligned(HostOffset(table))
             || !self
                 .check_overlap(HostOffset(table), cs, MetadataType::ACTIVE_L2)?
@@ -375,11 +374,13 @@ impl Image {
         else {
             return Ok(false);
         };
-        let word = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
-        if word != entry || word & OFLAG_COPIED == 0 {
+        let word = L2Entry(u64::from_be_bytes(
+            bytes[at..at + 8].try_into().unwrap_or([0; 8]),
+        ));
+        if word != L2Entry(entry) || !word.copied() {
             return Ok(false);
         }
-        bytes[at..at + 8].copy_from_slice(&(word & !OFLAG_COPIED).to_be_bytes());
+        bytes[at..at + 8].copy_from_slice(&word.with_copied(false).0.to_be_bytes());
         let storage = Arc::clone(&self.storage);
         self.guarded_write(w, WriteKind::SharedL2Table, storage.as_ref(), table, &bytes)?;
         self.l2_cache.forget(HostOffset(table));
@@ -434,13 +435,6 @@ impl Image {
         log: &mut Vec<String>,
     ) -> Result<u64, ImageError> {
         let cb = self.geometry.cluster_bits();
-        let flag = |e: u64, rc: u64| {
-            if rc == 1 {
-                e | OFLAG_COPIED
-            } else {
-                e & !OFLAG_COPIED
-            }
-        };
         let mut fixed = 0;
         for f in mid
             .findings
@@ -460,7 +454,7 @@ impl Image {
             }
             let mut l1 = self.l1.write().unwrap_or_else(|e| e.into_inner());
             if let Some(slot) = l1.get_mut(i).filter(|s| **s == f.entry) {
-                *slot = flag(f.entry, f.reference);
+                *slot = L1Entry(f.entry).with_copied(f.reference == 1).0;
                 w.l1_dirty.insert(i);
                 fixed += f.times;
                 log.push(format!(
@@ -478,7 +472,7 @@ impl Image {
             if shared.contains(&(f.offset >> cb)) {
                 continue;
             }
-            let Some(word) = self.pin_entry(f.index, table, f.l2_index, shared)? else {
+            let Some(i) = self.pin_entry(f.index, table, f.l2_index, shared)? else {
                 if f.reference != 1
                     && self.clear_copied_in_shared_table(w, f.index, table, f.l2_index, f.entry)?
                 {
@@ -490,8 +484,8 @@ impl Image {
                 }
                 continue;
             };
-            if self.l2_get(table, word)? == f.entry {
-                self.l2_set(table, word, flag(f.entry, f.reference))?;
+            if self.l2_slot(HostOffset(table), i)?.entry == L2Entry(f.entry) {
+                self.l2_set_copied(HostOffset(table), i, f.reference == 1)?;
                 fixed += f.times;
                 log.push(format!(
                     "Repairing OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
@@ -506,6 +500,7 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::entry::OFLAG_COPIED;
     use crate::image::testutil::*;
     use crate::storage::MemStorage;
 

@@ -18,7 +18,7 @@
 //! Offsets are not reported for encrypted images (QEMU does not either).
 
 use super::backing::{Backing, Chain};
-use crate::format::refcount::{refcount_get, REFTABLE_OFFSET_MASK};
+use crate::format::refcount::{refcount_get, ReftableEntry};
 use crate::format::{GuestOffset, L2Mapping};
 use crate::image::{Image, ImageError};
 use crate::storage::Storage;
@@ -205,7 +205,7 @@ impl Image {
             if first >= clusters {
                 break;
             }
-            let ofs = e & REFTABLE_OFFSET_MASK;
+            let ofs = ReftableEntry(e).block_offset().0;
             if ofs == 0 {
                 continue;
             }

@@ -2,7 +2,7 @@
 //! kind of mapping (with contiguous host offsets) runs from there.
 
 use super::cache::Table;
-use crate::format::entry::L1_L2_OFFSET_MASK;
+use crate::format::entry::L1Entry;
 use crate::format::{GuestOffset, HostOffset, L2Mapping};
 use crate::image::{Image, ImageError};
 
@@ -27,7 +27,7 @@ impl Image {
         l1_index: u64,
         entry: u64,
     ) -> Result<Option<u64>, ImageError> {
-        let offset = entry & L1_L2_OFFSET_MASK;
+        let offset = L1Entry(entry).l2_offset().0;
         if offset == 0 {
             return Ok(None);
         }

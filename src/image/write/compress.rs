@@ -4,8 +4,9 @@
 //! it once in its refcount.
 
 use super::guard::WriteKind;
+use super::l2::Slot;
 use super::Piece;
-use crate::format::entry::COMPRESSED_SECTOR_SIZE;
+use crate::format::entry::{L2Entry, COMPRESSED_SECTOR_SIZE};
 use crate::format::header::COMPRESSION_ZSTD;
 use crate::format::{CompressedDescriptor, GuestOffset, HostOffset};
 use crate::image::{Image, ImageError};
@@ -92,7 +93,7 @@ impl Image {
                 w.refcounts.increment(self.storage.as_ref(), c)?;
                 next
             }
-            None => self.allocate_cluster(w)? << g.cluster_bits(),
+            None => self.allocate_cluster(w)?.0,
         };
         w.compressed_cursor = Some((at + len, (at | (g.cluster_size() - 1)) + 1));
         let storage = self.storage.clone();
@@ -106,14 +107,9 @@ impl Image {
         .ok_or_else(|| ImageError::Corruption("compressed cluster descriptor overflow".into()))?;
         let l2 = self.l2_for_write(w, g.l1_index(guest))?;
         let i = g.l2_index(guest) as usize;
-        let ext = g.is_extended_l2();
-        let old = self.l2_get(l2, if ext { 2 * i } else { i })?;
-        self.release_old(w, old, false)?;
-        if ext {
-            self.l2_set(l2, 2 * i, entry)?;
-            self.l2_set(l2, 2 * i + 1, 0)
-        } else {
-            self.l2_set(l2, i, entry)
-        }
+        // A compressed cluster has no subcluster bits (they are reserved and must be 0).
+        let new = Slot::plain(L2Entry(entry));
+        self.l2_replace(w, l2, i, new)?.release(w);
+        Ok(())
     }
 }

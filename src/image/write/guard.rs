@@ -17,8 +17,9 @@
 //!   it would have hit.
 
 use super::Writer;
+use crate::format::entry::L2Entry;
 use crate::format::header::{CompatibleFeatures, IncompatibleFeatures};
-use crate::format::{ClusterCount, HostOffset};
+use crate::format::{ClusterCount, ClusterIndex, HostOffset};
 use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 use crate::overlap::{NaiveChecker, NaiveLayout};
@@ -175,19 +176,21 @@ impl Image {
     pub(in crate::image) fn refuse_freeing_metadata(
         &self,
         w: &mut Writer,
-        entry: Option<u64>,
-        clusters: &[u64],
+        entry: Option<L2Entry>,
+        clusters: &[ClusterIndex],
     ) -> Result<(), ImageError> {
         let cs = self.geometry.cluster_size();
         for &c in clusters {
-            let at = c * cs;
+            let at = c.0 * cs;
             let hit = self.check_overlap(HostOffset(at), cs, MetadataType::empty())?;
             if hit.is_empty() {
                 continue;
             }
             let name = hit.message_name().unwrap_or("metadata");
-            let which =
-                entry.map_or_else(|| "an L2 entry".to_string(), |e| format!("L2 entry {e:#x}"));
+            let which = entry.map_or_else(
+                || "an L2 entry".to_string(),
+                |e| format!("L2 entry {:#x}", e.0),
+            );
             let message = format!(
                 "Preventing invalid free of metadata: {which} points into the {name} at {at:#x} \
                  as if it were guest data (overlaps with {name})"

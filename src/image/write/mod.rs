@@ -1,7 +1,7 @@
 //! Guest writes: data, zeros, discard, resize.
 //!
 //! Every change is made in memory first (L2 tables pinned in the cache, refcounts in
-//! `alloc.rs`, the L1 table) and written back in order by `flush.rs`; guest data is written at
+//! `refcounts.rs`, the L1 table) and written back in order by `flush.rs`; guest data is written at
 //! once, to clusters that no table on disk references yet or that this image alone owns
 //! (COPIED). So at any moment the disk holds a consistent image plus, at worst, clusters that
 //! nothing references (leaks).
@@ -11,22 +11,24 @@
 //! (COPIED clear) is never written in place: it is copied, and the old one's refcount is
 //! dropped only after the table that pointed to it is on disk.
 
-pub(in crate::image) mod alloc;
+mod alloc;
 mod compress;
 mod cow;
 pub(in crate::image) mod flush;
 pub(in crate::image) mod guard;
+pub(in crate::image) mod l2;
+pub(in crate::image) mod refcounts;
 mod resize;
 mod zero;
 
 use super::{Image, ImageError};
-use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::format::entry::L2Entry;
 use crate::format::header::{AutoclearFeatures, IncompatibleFeatures};
 use crate::format::{Geometry, GuestOffset, Header, HostOffset};
 use crate::overlap::MetadataType;
 use crate::scan::ScannedImage;
-use alloc::{NewTable, Refcounts};
 use guard::WriteKind;
+use refcounts::{NewTable, Refcounts};
 
 /// How much a [`Note`] matters; the bindings log it at this level on the `qcow2ovl` logger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,16 +124,6 @@ impl Writer {
             None => Ok(()),
         }
     }
-}
-
-/// The host offset of the cluster an L2 entry points to when this image alone owns it: not
-/// compressed, COPIED set (refcount 1), and an offset (0 counts only in an external data file,
-/// where it is a valid offset). Such a cluster may be written in place.
-pub(in crate::image) fn owned_host(entry: u64, external_data: bool) -> Option<u64> {
-    let host = entry & L1_L2_OFFSET_MASK;
-    let owned =
-        entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0 && (host != 0 || external_data);
-    owned.then_some(host)
 }
 
 /// Guest bytes of one cluster to write, at an offset inside it.
@@ -288,26 +280,23 @@ impl Image {
             return Ok(0);
         }
         let l2 = self.l2_for_write(w, l1_index)?;
-        let entries: Vec<u64> = self
-            .l2_cache
-            .edit(HostOffset(l2), |t| t[first..first + max].to_vec())
-            .ok_or_else(|| ImageError::Corruption(format!("L2 table at {l2:#x} is not pinned")))?;
-        let owned = |e: u64| {
-            e & OFLAG_ZERO == 0
-                && owned_host(e, false).is_some_and(|h| h != 0 && g.is_aligned(HostOffset(h)))
+        let entries = self.l2_entries(l2, first, max)?;
+        let owned = |e: L2Entry| {
+            !e.is_zero()
+                && e.owned_host(false)
+                    .is_some_and(|h| h.0 != 0 && g.is_aligned(h))
         };
         // Whole clusters are written, so nothing of the old view (backing file, zeros) is
         // needed: unallocated and plain zero clusters just get new ones.
-        let fresh = |e: u64| e == 0 || e == OFLAG_ZERO;
-        let base = entries[0] & L1_L2_OFFSET_MASK;
+        let base = entries[0].host_offset().0;
         let k = if owned(entries[0]) {
             entries
                 .iter()
                 .enumerate()
-                .take_while(|&(j, &e)| owned(e) && e & L1_L2_OFFSET_MASK == base + j as u64 * cs)
+                .take_while(|&(j, &e)| owned(e) && e.host_offset().0 == base + j as u64 * cs)
                 .count()
-        } else if fresh(entries[0]) {
-            entries.iter().take_while(|&&e| fresh(e)).count()
+        } else if entries[0].has_no_data() {
+            entries.iter().take_while(|e| e.has_no_data()).count()
         } else {
             0
         };
@@ -320,11 +309,13 @@ impl Image {
             self.guarded_write(w, WriteKind::GuestData, storage.as_ref(), base, bytes)?;
             return Ok(bytes.len());
         }
-        let run = self.allocate_run(w, k as u64)? << g.cluster_bits();
+        let run = self.allocate_run(w, k as u64)?.0;
         let storage = self.storage.clone();
         self.guarded_write(w, WriteKind::GuestData, storage.as_ref(), run, bytes)?;
         for j in 0..k {
-            self.l2_set(l2, first + j, (run + j as u64 * cs) | OFLAG_COPIED)?;
+            let new = l2::Slot::plain(L2Entry::owned(HostOffset(run + j as u64 * cs)));
+            // The old entries hold no data: nothing is released.
+            self.l2_replace(w, l2, first + j, new)?.release(w);
         }
         Ok(bytes.len())
     }

@@ -1,7 +1,7 @@
 //! Resizing the virtual disk: shrinking only past what is allocated, growing with a larger L1
 //! table when needed (written whole in fresh clusters before the header points at it).
 
-use super::alloc::NewTable;
+use super::refcounts::NewTable;
 use super::Writer;
 use crate::format::GuestOffset;
 use crate::image::{Image, ImageError};
@@ -70,8 +70,7 @@ impl Image {
             ));
         }
         let clusters = (needed * 8).div_ceil(g.cluster_size());
-        let first = self.allocate_run(w, clusters)?;
-        let offset = first << g.cluster_bits();
+        let offset = self.allocate_run(w, clusters)?.0;
         self.map_enter(w, offset, clusters, MetadataType::ACTIVE_L1)?;
         let old = NewTable {
             offset: w.header.l1_table_offset,

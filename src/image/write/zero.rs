@@ -2,8 +2,9 @@
 //! writing zeros; extended L2 per subcluster.
 
 use super::guard::WriteKind;
-use super::{owned_host, Piece, Writer};
-use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use super::l2::Slot;
+use super::{Piece, Writer};
+use crate::format::entry::L2Entry;
 use crate::format::GuestOffset;
 use crate::image::{Image, ImageError};
 
@@ -93,28 +94,29 @@ impl Image {
         let l2_offset = self.l2_for_write(w, l1_index)?;
         let i = g.l2_index(guest) as usize;
         let ext = g.is_extended_l2();
-        let entry = self.l2_get(l2_offset, if ext { 2 * i } else { i })?;
-        let host = entry & L1_L2_OFFSET_MASK;
-        let keep = !unmap && !unallocate && !w.external_data && owned_host(entry, false).is_some();
-        self.release_old(w, entry, keep)?;
+        let entry = self.l2_slot(l2_offset, i)?.entry;
+        // A preallocated cluster this image owns stays allocated, reading as zeros.
+        let kept = match entry.owned_host(false) {
+            Some(host) if !unmap && !unallocate && !w.external_data => Some(host),
+            _ => None,
+        };
         if w.raw_data {
             // The raw data file must read as the disk does.
             let zeros = vec![0u8; g.cluster_size() as usize];
             let data = self.chain()?.data.clone();
             self.guarded_write(w, WriteKind::GuestData, data.as_ref(), cluster, &zeros)?;
         }
-        if ext {
-            self.l2_set(l2_offset, 2 * i, if keep { host | OFLAG_COPIED } else { 0 })?;
-            let bitmap = if unallocate { 0 } else { 0xffff_ffffu64 << 32 };
-            self.l2_set(l2_offset, 2 * i + 1, bitmap)
-        } else {
-            let value = match (unallocate, keep) {
-                (true, _) => 0,
-                (false, true) => host | OFLAG_COPIED | OFLAG_ZERO,
-                (false, false) => OFLAG_ZERO,
-            };
-            self.l2_set(l2_offset, i, value)
-        }
+        let new = match (ext, unallocate, kept) {
+            (_, true, _) => Slot::plain(L2Entry::UNALLOCATED),
+            (true, false, kept) => Slot {
+                entry: kept.map_or(L2Entry::UNALLOCATED, L2Entry::owned),
+                bitmap: 0xffff_ffffu64 << 32, // every subcluster reads as zeros
+            },
+            (false, false, Some(host)) => Slot::plain(L2Entry::owned_zero(host)),
+            (false, false, None) => Slot::plain(L2Entry::ZERO),
+        };
+        self.l2_replace(w, l2_offset, i, new)?.release(w);
+        Ok(())
     }
 
     /// Zeroes whole subclusters of one cluster by their zero bits; partial subclusters get
@@ -144,9 +146,9 @@ impl Image {
             let guest = GuestOffset(cluster);
             let l2_offset = self.l2_for_write(w, self.geometry.l1_index(guest))?;
             let i = self.geometry.l2_index(guest) as usize;
-            let entry = self.l2_get(l2_offset, 2 * i)?;
-            let shared = entry & L1_L2_OFFSET_MASK != 0 && owned_host(entry, false).is_none();
-            if w.raw_data || entry & OFLAG_COMPRESSED != 0 || shared {
+            let Slot { entry, mut bitmap } = self.l2_slot(l2_offset, i)?;
+            let shared = entry.host_offset().0 != 0 && entry.owned_host(false).is_none();
+            if w.raw_data || entry.is_compressed() || shared {
                 // Shared or compressed: write zeros (which copies the cluster first).
                 let piece = Piece {
                     cluster,
@@ -155,12 +157,11 @@ impl Image {
                 };
                 self.write_piece(w, &piece)?;
             } else {
-                let mut bitmap = self.l2_get(l2_offset, 2 * i + 1)?;
                 for s in first_full..end_full {
                     bitmap &= !(1u64 << s);
                     bitmap |= 1u64 << (32 + s);
                 }
-                self.l2_set(l2_offset, 2 * i + 1, bitmap)?;
+                self.l2_set_bitmap(l2_offset, i, bitmap)?;
             }
         }
         let tail_start = (end_full * scs).max(head_end);

@@ -29,18 +29,19 @@
 //! tables lose INACTIVE_L2 only when no other snapshot uses them; after an apply the active
 //! L2 tables are exactly those of the new active L1.
 
+mod references;
+mod tables;
+
 use std::collections::HashSet;
 
 use super::write::guard::WriteKind;
 use super::write::Writer;
 use super::{Image, ImageError};
-use crate::format::entry::{L1_L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::format::entry::L1Entry;
 use crate::format::limits::MAX_SNAPSHOTS;
-use crate::format::{
-    read_u64_table, serialize_snapshot_table, write_u64_table, CompressedDescriptor, HostOffset,
-    SnapshotEntry,
-};
+use crate::format::{serialize_snapshot_table, write_u64_table, SnapshotEntry};
 use crate::overlap::MetadataType;
+use references::l2_tables;
 
 /// Longest snapshot name, in bytes: QEMU keeps names in 256-byte buffers, so a longer one would
 /// be cut short in `qemu-img snapshot -l` and could not be found by its full name.
@@ -55,15 +56,6 @@ pub(crate) struct SnapshotList {
     pub entries: Vec<SnapshotEntry>,
     /// Byte length of the table on disk (end of the last entry).
     pub table_bytes: u64,
-}
-
-/// What a reference walk met.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ref {
-    /// An L2 table (the cluster of a non-zero L1 entry).
-    L2Table,
-    /// A cluster an L2 entry references (data, or part of a compressed cluster).
-    Data,
 }
 
 /// The position of `wanted` in `list`: by id first, then by name, as QEMU looks snapshots up.
@@ -229,9 +221,12 @@ impl Image {
         let l1_offset = if clusters == 0 {
             0
         } else {
-            self.allocate_run(w, clusters)? << g.cluster_bits()
+            self.allocate_run(w, clusters)?.0
         };
-        let copy: Vec<u64> = l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+        let copy: Vec<u64> = l1
+            .iter()
+            .map(|&e| L1Entry(e).with_copied(false).0)
+            .collect();
         let mut bytes = write_u64_table(&copy);
         bytes.resize((clusters * cs) as usize, 0);
         // A new table is checked against every type, so it enters the map once written.
@@ -359,259 +354,6 @@ impl Image {
         self.finish_dropping(w, &freed)?;
         Ok(sn)
     }
-
-    /// After references were dropped in memory (`freed`: the clusters that reached 0): COPIED
-    /// is set in the active tables where a refcount fell to 1 while the disk still counts the
-    /// old references (so a crash leaves leaks, never a COPIED flag on a shared cluster); then
-    /// the lower refcounts are written, and the map and the cache forget the freed clusters.
-    fn finish_dropping(&self, w: &mut Writer, freed: &[u64]) -> Result<(), ImageError> {
-        let l1 = self.l1_table();
-        let active = self.sync_copied(w, &l1)?;
-        self.write_active_l1(w, &l1, &active)?;
-        self.forget_freed(freed)?;
-        self.write_refcounts(w)?;
-        self.l2_cache.clear();
-        self.flush_locked(w)
-    }
-
-    /// The L1 table of snapshot `sn`, from disk.
-    fn read_snapshot_l1(&self, sn: &SnapshotEntry) -> Result<Vec<u64>, ImageError> {
-        sn.check_l1_table(self.geometry.cluster_size())
-            .map_err(|e| ImageError::Corruption(format!("Snapshot '{}': {e}", sn.id)))?;
-        let mut bytes = Vec::new();
-        let n = sn.l1_table_bytes() as usize;
-        bytes
-            .try_reserve_exact(n)
-            .map_err(|_| ImageError::OutOfMemory(n))?;
-        bytes.resize(n, 0);
-        self.storage.read_padded(sn.l1_table_offset, &mut bytes)?;
-        Ok(read_u64_table(&bytes))
-    }
-
-    /// Calls `f` for every reference an L1 table holds: each L2 table, then each cluster its
-    /// entries reference (a compressed cluster: every host cluster its bytes touch), one call
-    /// per reference. L2 tables are read from disk (callers flush first).
-    fn walk_references(
-        &self,
-        l1: &[u64],
-        f: &mut dyn FnMut(u64, Ref) -> Result<(), ImageError>,
-    ) -> Result<(), ImageError> {
-        let g = self.geometry;
-        let (cs, cb) = (g.cluster_size(), g.cluster_bits());
-        let step = if g.is_extended_l2() { 2 } else { 1 };
-        let mut bytes = vec![0u8; cs as usize];
-        for (i, &e) in l1.iter().enumerate() {
-            let Some(t) = self.l2_table_offset(i as u64, e)? else {
-                continue;
-            };
-            f(t >> cb, Ref::L2Table)?;
-            self.storage.read_padded(t, &mut bytes)?;
-            for e in read_u64_table(&bytes).into_iter().step_by(step) {
-                if e & OFLAG_COMPRESSED != 0 {
-                    let range =
-                        CompressedDescriptor::from_entry(e, cb).and_then(|d| d.sector_range());
-                    if let Some((start, end)) = range {
-                        for c in (start >> cb)..=((end - 1) >> cb) {
-                            f(c, Ref::Data)?;
-                        }
-                    }
-                    continue;
-                }
-                let host = e & L1_L2_OFFSET_MASK;
-                if host == 0 {
-                    continue;
-                }
-                if !g.is_aligned(HostOffset(host)) {
-                    return Err(ImageError::Corruption(format!(
-                        "Cluster allocation offset {host:#x} unaligned (L2 table at {t:#x})"
-                    )));
-                }
-                f(host >> cb, Ref::Data)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Drops (in memory) one reference to everything `l1` reaches; returns the clusters
-    /// freed. The caller writes the refcount blocks once nothing on disk references them.
-    fn drop_references(&self, w: &mut Writer, l1: &[u64]) -> Result<Vec<u64>, ImageError> {
-        let storage = std::sync::Arc::clone(&self.storage);
-        let mut freed = Vec::new();
-        let mut freed_data = Vec::new();
-        self.walk_references(l1, &mut |c, kind| {
-            if w.refcounts.adjust(storage.as_ref(), c, -1)? == 0 {
-                freed.push(c);
-                if kind == Ref::Data {
-                    freed_data.push(c);
-                }
-            }
-            Ok(())
-        })?;
-        self.refuse_freeing_metadata(w, None, &freed_data)?;
-        Ok(freed)
-    }
-
-    /// Adds one reference (in memory) to everything `l1` reaches. All or nothing: when a
-    /// refcount cannot grow, the references added so far are taken back.
-    fn count_references(&self, w: &mut Writer, l1: &[u64]) -> Result<(), ImageError> {
-        let storage = std::sync::Arc::clone(&self.storage);
-        let mut done = 0u64;
-        let r = self.walk_references(l1, &mut |c, _| {
-            w.refcounts.adjust(storage.as_ref(), c, 1)?;
-            done += 1;
-            Ok(())
-        });
-        if let Err(e) = r {
-            let mut undone = 0u64;
-            let _ = self.walk_references(l1, &mut |c, _| {
-                if undone == done {
-                    return Err(ImageError::Corruption(String::new()));
-                }
-                undone += 1;
-                w.refcounts.adjust(storage.as_ref(), c, -1).map(|_| ())
-            });
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Makes the COPIED flags of the tables `l1` reaches follow the refcounts in memory: set
-    /// iff the refcount is 1 (never set in a table that is itself shared). Changed L2 tables
-    /// are written, then a barrier. Returns `l1` with its own COPIED flags made exact (the
-    /// caller writes it, see [`Image::write_active_l1`]).
-    fn sync_copied(&self, w: &mut Writer, l1: &[u64]) -> Result<Vec<u64>, ImageError> {
-        let g = self.geometry;
-        let (cs, cb) = (g.cluster_size(), g.cluster_bits());
-        let step = if g.is_extended_l2() { 2 } else { 1 };
-        let storage = std::sync::Arc::clone(&self.storage);
-        let st = storage.as_ref();
-        let mut out = l1.to_vec();
-        let mut bytes = vec![0u8; cs as usize];
-        let mut wrote = false;
-        for (i, slot) in out.iter_mut().enumerate() {
-            let Some(t) = self.l2_table_offset(i as u64, *slot)? else {
-                *slot &= !OFLAG_COPIED;
-                continue;
-            };
-            let owned = w.refcounts.get(st, t >> cb)? == 1;
-            *slot = if owned {
-                *slot | OFLAG_COPIED
-            } else {
-                *slot & !OFLAG_COPIED
-            };
-            st.read_padded(t, &mut bytes)?;
-            let mut table = read_u64_table(&bytes);
-            let mut changed = false;
-            for e in table.iter_mut().step_by(step) {
-                let host = *e & L1_L2_OFFSET_MASK;
-                let want = if *e & OFLAG_COMPRESSED != 0 || host == 0 {
-                    // Compressed clusters never carry COPIED; plain zero and unallocated
-                    // entries keep whatever they have (nothing to own).
-                    *e & OFLAG_COPIED != 0 && host != 0 && *e & OFLAG_COMPRESSED == 0
-                } else {
-                    owned && w.refcounts.get(st, host >> cb)? == 1
-                };
-                if want != (*e & OFLAG_COPIED != 0) {
-                    *e ^= OFLAG_COPIED;
-                    changed = true;
-                }
-            }
-            if changed {
-                let kind = if owned {
-                    WriteKind::L2Table
-                } else {
-                    WriteKind::SharedL2Table
-                };
-                self.guarded_write(w, kind, st, t, &write_u64_table(&table))?;
-                wrote = true;
-            }
-        }
-        if wrote {
-            st.flush()?;
-        }
-        Ok(out)
-    }
-
-    /// Writes the entries of the active L1 table that differ between `old` and `new` in place,
-    /// then a barrier, and keeps `new` as the live table.
-    fn write_active_l1(&self, w: &mut Writer, old: &[u64], new: &[u64]) -> Result<(), ImageError> {
-        let offset = w.header.l1_table_offset;
-        let storage = std::sync::Arc::clone(&self.storage);
-        let mut wrote = false;
-        for (i, (a, b)) in old.iter().zip(new).enumerate() {
-            if a != b {
-                let at = offset + 8 * i as u64;
-                self.guarded_write(
-                    w,
-                    WriteKind::L1Entries,
-                    storage.as_ref(),
-                    at,
-                    &b.to_be_bytes(),
-                )?;
-                wrote = true;
-            }
-        }
-        if wrote {
-            storage.flush()?;
-        }
-        *self.l1.write().unwrap_or_else(|e| e.into_inner()) = new.to_vec();
-        Ok(())
-    }
-
-    /// Writes `list` as the snapshot table in new clusters, switches the header to it, and
-    /// frees the old table; each step after a barrier.
-    fn write_snapshot_table(
-        &self,
-        w: &mut Writer,
-        list: Vec<SnapshotEntry>,
-    ) -> Result<(), ImageError> {
-        let bytes = serialize_snapshot_table(&list)?;
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let storage = std::sync::Arc::clone(&self.storage);
-        let old_offset = w.header.snapshots_offset;
-        let old_bytes = self
-            .snaps
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .table_bytes;
-        let new_offset = if list.is_empty() {
-            0
-        } else {
-            let clusters = (bytes.len() as u64).div_ceil(cs);
-            let at = self.allocate_run(w, clusters)? << g.cluster_bits();
-            self.write_refcounts(w)?;
-            self.guarded_write(w, WriteKind::NewTable, storage.as_ref(), at, &bytes)?;
-            self.map_enter(w, at, clusters, MetadataType::SNAPSHOT_TABLE)?;
-            storage.flush()?;
-            at
-        };
-        w.header.nb_snapshots = list.len() as u32;
-        w.header.snapshots_offset = new_offset;
-        self.write_header(w)?;
-        storage.flush()?;
-        if old_offset != 0 && old_bytes > 0 {
-            let first = old_offset / cs;
-            let last = (old_offset + old_bytes - 1) / cs;
-            self.map_remove(first * cs, last - first + 1, MetadataType::SNAPSHOT_TABLE)?;
-            for c in first..=last {
-                w.refcounts.free_later(c);
-            }
-            self.apply_decrements(w)?;
-        }
-        *self.snaps.write().unwrap_or_else(|e| e.into_inner()) = SnapshotList {
-            entries: list,
-            table_bytes: bytes.len() as u64,
-        };
-        // Where the map's memory limit left ranges to the naive checker, it must know the new
-        // table (and the snapshot L1 tables it lists) before the next write.
-        self.refresh_fallback(w, &self.l1_table())
-    }
-}
-
-/// The L2 table offsets an L1 table references.
-fn l2_tables(l1: &[u64]) -> impl Iterator<Item = u64> + '_ {
-    l1.iter().map(|e| e & L1_L2_OFFSET_MASK).filter(|&t| t != 0)
 }
 
 #[cfg(test)]
