@@ -28,9 +28,9 @@ else:
 class CheckFinding:
     """One problem found by the check.
 
-    ``severity`` says how it counts: ``"corruption"``, ``"leak"``, ``"check-error"`` or ``"info"``
-    (context only, not counted). ``times`` is how many times it counts (an L2 table referenced by
-    several L1 tables repeats its findings, as qemu-img counts them once per reference).
+    ``severity`` says how it counts: ``"corruption"``, ``"leak"`` or ``"check-error"``. ``times``
+    is how many times it counts (an L2 table referenced by several L1 tables repeats its
+    findings, as qemu-img counts them once per reference).
     ``kind`` is a short name (``"refcount-too-low"``, ``"leaked-cluster"``, ``"copied-flag-l2"``,
     ...); ``message`` is one line in qemu-img's style.
     """

@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 pub use check::{
-    CheckReport, Finding, FindingKind, Overlap, Owner, Repair, Severity, NEED_REBUILD,
+    CheckReport, Finding, FindingKind, L2EntryAt, L2Position, Overlap, Owner, Repair, Severity,
+    NEED_REBUILD,
 };
 pub use error::{ErrorKind, ImageError};
 pub use read::{Backing, Extent, GuestExtent, Table, TableCache};

@@ -62,7 +62,7 @@ fn report_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyD
                 f.kind_name(),
                 f.severity_name(),
                 f.times,
-                f.offset,
+                f.offset(),
                 f.to_string(),
             )
         })

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::report::{Finding, FindingKind, Overlap, Owner, Severity, MAX_RUNS};
+use super::finding::{Finding, FindingKind};
+use super::report::{Overlap, Owner, MAX_RUNS};
 use super::walk::Checker;
 use crate::format::refcount_get;
 use crate::format::ReftableEntry;
@@ -20,22 +21,21 @@ impl Checker<'_> {
         let cs = self.cs;
         for (i, &e) in reftable.iter().enumerate() {
             let off = ReftableEntry(e).block_offset().0;
-            let mut f = Finding::new(FindingKind::ReftableReserved, Severity::Corruption);
-            f.index = i as u64;
-            f.offset = off;
+            let index = i as u64;
             if ReftableEntry(e).reserved_bits() != 0 {
-                self.report.add(f);
+                let kind = FindingKind::ReftableReserved { index, offset: off };
+                self.report.add(Finding::once(kind));
                 continue;
             }
             if off % cs != 0 {
-                f.kind = FindingKind::RefblockUnaligned;
-                self.report.add(f);
+                let kind = FindingKind::RefblockUnaligned { index, offset: off };
+                self.report.add(Finding::once(kind));
                 continue;
             }
             let k = off >> self.cb;
             if k >= self.compared_clusters() {
-                f.kind = FindingKind::RefblockOutside;
-                self.report.add(f);
+                let kind = FindingKind::RefblockOutside { index, offset: off };
+                self.report.add(Finding::once(kind));
                 continue;
             }
             if off != 0 {
@@ -45,9 +45,12 @@ impl Checker<'_> {
                 }
                 let rc = self.refs.get(k);
                 if rc != 1 {
-                    f.kind = FindingKind::RefblockRefcount;
-                    f.reference = rc;
-                    self.report.add(f);
+                    self.report
+                        .add(Finding::once(FindingKind::RefblockRefcount {
+                            index,
+                            offset: off,
+                            reference: rc,
+                        }));
                 }
             }
         }
@@ -64,13 +67,14 @@ impl Checker<'_> {
             let first = b * per_block;
             let last = (first + per_block).min(end);
             if first < last {
-                let mut f = Finding::new(FindingKind::RefcountUnreadable, Severity::CheckError);
-                f.index = first;
-                f.offset = ReftableEntry(self.img.scanned.refcount_table[b as usize])
+                let block = ReftableEntry(self.img.scanned.refcount_table[b as usize])
                     .block_offset()
                     .0;
-                f.times = last - first;
-                self.report.add(f);
+                let kind = FindingKind::RefcountUnreadable {
+                    first_cluster: first,
+                    block,
+                };
+                self.report.add(Finding::counted(kind, last - first));
             }
         }
         let is_unreadable = |k: u64| unreadable.binary_search(&(k / per_block)).is_ok();
@@ -167,17 +171,23 @@ impl Checker<'_> {
         if on_disk == referenced {
             return;
         }
-        let (kind, sev) = if on_disk < referenced {
-            (FindingKind::RefcountTooLow, Severity::Corruption)
+        let (cluster, offset) = (k, k << self.cb);
+        let kind = if on_disk < referenced {
+            FindingKind::RefcountTooLow {
+                cluster,
+                offset,
+                refcount: on_disk,
+                reference: referenced,
+            }
         } else {
-            (FindingKind::RefcountTooHigh, Severity::Leak)
+            FindingKind::RefcountTooHigh {
+                cluster,
+                offset,
+                refcount: on_disk,
+                reference: referenced,
+            }
         };
-        let mut f = Finding::new(kind, sev);
-        f.index = k;
-        f.offset = k << self.cb;
-        f.entry = on_disk;
-        f.reference = referenced;
-        self.report.add(f);
+        self.report.add(Finding::once(kind));
     }
 
     /// Step 6: metadata clusters with two owners that may not share them.

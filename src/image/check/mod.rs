@@ -4,7 +4,8 @@
 //!
 //! | file | concern |
 //! |---|---|
-//! | `report.rs` | what a check reports: findings, severities, overlaps, counters, exit code |
+//! | `finding.rs` | one finding: its problem with the facts of its kind, severity, qemu-img's line |
+//! | `report.rs` | what a check reports: findings, overlaps, counters, exit code |
 //! | `counts.rs` | the recomputed per-cluster refcounts and the decoding of refcount blocks |
 //! | `walk.rs` | the walk over every table, in qemu-img's order: its state and its steps |
 //! | `tables.rs` | the walk's L1 and L2 tables (each L2 table read once) and bitmaps |
@@ -14,6 +15,7 @@
 
 mod compare;
 mod counts;
+mod finding;
 mod rebuild;
 mod repair;
 mod report;
@@ -21,5 +23,6 @@ mod tables;
 mod walk;
 
 pub(crate) use counts::Counts;
+pub use finding::{Finding, FindingKind, L2EntryAt, L2Position, Severity};
 pub use repair::{Repair, NEED_REBUILD};
-pub use report::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
+pub use report::{CheckReport, Overlap, Owner};

@@ -50,14 +50,9 @@ impl Image {
         let kept: HashMap<u64, u64> = before
             .findings
             .iter()
-            .filter(|f| {
-                matches!(
-                    f.kind,
-                    FindingKind::RefcountTooLow | FindingKind::RefcountTooHigh
-                ) && f.entry > 0
-                    && shared.contains(&f.index)
-            })
-            .map(|f| (f.index, f.entry))
+            .filter_map(|f| f.refcount_mismatch())
+            .filter(|&(cluster, refcount, _)| refcount > 0 && shared.contains(&cluster))
+            .map(|(cluster, refcount, _)| (cluster, refcount))
             .collect();
         let value = |k: u64| {
             kept.get(&k)
@@ -164,13 +159,10 @@ impl Image {
             )
             .collect();
         drop(map);
-        avoid.extend(
-            before
-                .findings
-                .iter()
-                .filter(|f| f.kind == FindingKind::PastEnd)
-                .map(|f| clusters(f.offset, f.entry)),
-        );
+        avoid.extend(before.findings.iter().filter_map(|f| match f.kind {
+            FindingKind::PastEnd { offset, len } => Some(clusters(offset, len)),
+            _ => None,
+        }));
         avoid.retain(|&(_, end)| end > start);
         avoid.sort_unstable();
         loop {
@@ -332,8 +324,12 @@ mod tests {
         let low: Vec<(u64, u64)> = after
             .findings
             .iter()
-            .filter(|f| f.kind == FindingKind::RefcountTooLow)
-            .map(|f| (f.index, f.entry))
+            .filter_map(|f| match f.kind {
+                FindingKind::RefcountTooLow {
+                    cluster, refcount, ..
+                } => Some((cluster, refcount)),
+                _ => None,
+            })
             .collect();
         assert_eq!(low, vec![(3, 1)], "{:?}", after.findings);
         assert_eq!(after.overlap_count, 1);
@@ -352,10 +348,14 @@ mod tests {
         assert!(view.refcount_table().iter().all(|&e| e == 0 || e >= 8 * CS));
         // The file grew over cluster 7: the reference now counts, and nothing else uses it.
         assert!(after.overlaps.is_empty());
-        assert!(after
-            .findings
-            .iter()
-            .any(|f| f.kind == FindingKind::RefcountTooLow && f.index == 7 && f.entry == 0));
+        assert!(after.findings.iter().any(|f| matches!(
+            f.kind,
+            FindingKind::RefcountTooLow {
+                cluster: 7,
+                refcount: 0,
+                ..
+            }
+        )));
     }
 
     #[test]

@@ -34,8 +34,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::Counts;
-use super::{CheckReport, FindingKind, Owner};
-use crate::format::entry::{L1Entry, L2Entry};
+use super::{CheckReport, FindingKind, L2Position, Owner};
+use crate::format::entry::L2Entry;
 use crate::format::header::IncompatibleFeatures;
 use crate::format::HostOffset;
 use crate::image::write::l2::Slot;
@@ -72,13 +72,13 @@ struct Steps {
 /// Findings that mean the refcount structure must be rebuilt rather than patched.
 fn needs_rebuild(report: &CheckReport) -> bool {
     report.findings.iter().any(|f| match f.kind {
-        FindingKind::RefblockUnaligned
-        | FindingKind::RefblockOutside
-        | FindingKind::RefblockRefcount
-        | FindingKind::ReftableReserved
-        | FindingKind::RefcountUnreadable => true,
+        FindingKind::RefblockUnaligned { .. }
+        | FindingKind::RefblockOutside { .. }
+        | FindingKind::RefblockRefcount { .. }
+        | FindingKind::ReftableReserved { .. }
+        | FindingKind::RefcountUnreadable { .. } => true,
         // A used cluster with refcount 0 may lie in a range with no refcount block at all.
-        FindingKind::RefcountTooLow => f.entry == 0,
+        FindingKind::RefcountTooLow { refcount, .. } => refcount == 0,
         _ => false,
     })
 }
@@ -88,7 +88,12 @@ fn copied_count(report: &CheckReport) -> u64 {
     report
         .findings
         .iter()
-        .filter(|f| matches!(f.kind, FindingKind::CopiedL1 | FindingKind::CopiedL2))
+        .filter(|f| {
+            matches!(
+                f.kind,
+                FindingKind::CopiedL1 { .. } | FindingKind::CopiedL2 { .. }
+            )
+        })
         .map(|f| f.times)
         .sum()
 }
@@ -271,17 +276,22 @@ impl Image {
     ) -> Result<u64, ImageError> {
         let mut fixed = 0;
         let ext = self.geometry.is_extended_l2();
-        for f in before
-            .findings
-            .iter()
-            .filter(|f| f.kind == FindingKind::PreallocatedUnaligned)
-        {
-            let table = HostOffset(f.l2_table);
-            let Some(i) = self.pin_entry(f.index, f.l2_table, f.l2_index, shared)? else {
+        for f in &before.findings {
+            let FindingKind::PreallocatedUnaligned {
+                entry,
+                offset,
+                at: Some(at),
+                ..
+            } = f.kind
+            else {
                 continue;
             };
+            let Some(i) = self.pin_entry(at, shared)? else {
+                continue;
+            };
+            let table = HostOffset(at.table);
             let old = self.l2_slot(table, i)?;
-            if old.entry != L2Entry(f.entry) {
+            if old.entry != entry {
                 continue;
             }
             let zero = if ext {
@@ -297,9 +307,8 @@ impl Image {
             self.l2_rewrite_broken(table, i, zero)?;
             fixed += 1;
             log.push(format!(
-                "Repairing offset={:x}: Preallocated cluster is not properly aligned; L2 entry \
-                 corrupted.",
-                f.offset
+                "Repairing offset={offset:x}: Preallocated cluster is not properly aligned; L2 \
+                 entry corrupted."
             ));
         }
         if fixed > 0 {
@@ -308,17 +317,20 @@ impl Image {
         Ok(fixed)
     }
 
-    /// Pins the active L2 table at `table` (referenced by L1 index `l1_index`) for an edit of
-    /// its entry `index`, and returns that index; `None` when the entry may not be
+    /// Pins the active L2 table of the entry at `at` for an edit of the entry, and returns the
+    /// entry's index; `None` when the entry may not be
     /// changed: the table is a shared cluster, is no longer referenced there, or its
     /// write-back would cover other metadata (an L2 table a snapshot also uses).
     fn pin_entry(
         &self,
-        l1_index: u64,
-        table: u64,
-        index: u64,
+        at: L2Position,
         shared: &HashSet<u64>,
     ) -> Result<Option<usize>, ImageError> {
+        let L2Position {
+            l1_index,
+            table,
+            index,
+        } = at;
         let cs = self.geometry.cluster_size();
         if table == 0
             || shared.contains(&(table >> self.geometry.cluster_bits()))
@@ -348,11 +360,14 @@ impl Image {
     fn clear_copied_in_shared_table(
         &self,
         w: &mut Writer,
-        l1_index: u64,
-        table: u64,
-        index: u64,
-        entry: u64,
+        at: L2Position,
+        entry: L2Entry,
     ) -> Result<bool, ImageError> {
+        let L2Position {
+            l1_index,
+            table,
+            index,
+        } = at;
         let g = self.geometry;
         let cs = g.cluster_size();
         let both = MetadataType::ACTIVE_L2 | MetadataType::INACTIVE_L2;
@@ -377,7 +392,7 @@ impl Image {
         let word = L2Entry(u64::from_be_bytes(
             bytes[at..at + 8].try_into().unwrap_or([0; 8]),
         ));
-        if word != L2Entry(entry) || !word.copied() {
+        if word != entry || !word.copied() {
             return Ok(false);
         }
         bytes[at..at + 8].copy_from_slice(&word.with_copied(false).0.to_be_bytes());
@@ -406,16 +421,16 @@ impl Image {
     ) -> Result<(), ImageError> {
         let storage = Arc::clone(&self.storage);
         for f in &before.findings {
-            let allowed = match f.kind {
-                FindingKind::RefcountTooHigh => true,
-                FindingKind::RefcountTooLow => mode == Repair::All && f.entry > 0,
-                _ => false,
+            let Some((cluster, refcount, reference)) = f.refcount_mismatch() else {
+                continue;
             };
-            if allowed && !shared.contains(&f.index) {
-                w.refcounts.set(storage.as_ref(), f.index, f.reference)?;
+            // Leaks always; refcounts too low only in `all` mode, and not from 0 (a cluster
+            // with refcount 0 in use means the structure is rebuilt instead).
+            let allowed = refcount > reference || (mode == Repair::All && refcount > 0);
+            if allowed && !shared.contains(&cluster) {
+                w.refcounts.set(storage.as_ref(), cluster, reference)?;
                 log.push(format!(
-                    "Repairing cluster {} refcount={} reference={}",
-                    f.index, f.entry, f.reference
+                    "Repairing cluster {cluster} refcount={refcount} reference={reference}"
                 ));
             }
         }
@@ -436,16 +451,20 @@ impl Image {
     ) -> Result<u64, ImageError> {
         let cb = self.geometry.cluster_bits();
         let mut fixed = 0;
-        for f in mid
-            .findings
-            .iter()
-            .filter(|f| f.kind == FindingKind::CopiedL1)
-        {
-            let Ok(i) = usize::try_from(f.index) else {
+        for f in &mid.findings {
+            let FindingKind::CopiedL1 {
+                l1_index,
+                entry,
+                refcount,
+            } = f.kind
+            else {
                 continue;
             };
-            let at = w.header.l1_table_offset.saturating_add(8 * f.index);
-            if shared.contains(&(f.offset >> cb))
+            let Ok(i) = usize::try_from(l1_index) else {
+                continue;
+            };
+            let at = w.header.l1_table_offset.saturating_add(8 * l1_index);
+            if shared.contains(&(entry.l2_offset().0 >> cb))
                 || !self
                     .check_overlap(HostOffset(at), 8, MetadataType::ACTIVE_L1)?
                     .is_empty()
@@ -453,43 +472,42 @@ impl Image {
                 continue;
             }
             let mut l1 = self.l1.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = l1.get_mut(i).filter(|s| **s == f.entry) {
-                *slot = L1Entry(f.entry).with_copied(f.reference == 1).0;
+            if let Some(slot) = l1.get_mut(i).filter(|s| **s == entry.0) {
+                *slot = entry.with_copied(refcount == 1).0;
                 w.l1_dirty.insert(i);
                 fixed += f.times;
                 log.push(format!(
-                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} refcount={}",
-                    f.entry, f.reference
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={:x} \
+                     refcount={refcount}",
+                    entry.0
                 ));
             }
         }
-        for f in mid
-            .findings
-            .iter()
-            .filter(|f| f.kind == FindingKind::CopiedL2)
-        {
-            let table = f.l2_table;
-            if shared.contains(&(f.offset >> cb)) {
-                continue;
-            }
-            let Some(i) = self.pin_entry(f.index, table, f.l2_index, shared)? else {
-                if f.reference != 1
-                    && self.clear_copied_in_shared_table(w, f.index, table, f.l2_index, f.entry)?
-                {
-                    fixed += f.times;
-                    log.push(format!(
-                        "Repairing OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
-                        f.entry, f.reference
-                    ));
-                }
+        for f in &mid.findings {
+            let FindingKind::CopiedL2 {
+                at,
+                entry,
+                refcount,
+            } = f.kind
+            else {
                 continue;
             };
-            if self.l2_slot(HostOffset(table), i)?.entry == L2Entry(f.entry) {
-                self.l2_set_copied(HostOffset(table), i, f.reference == 1)?;
+            if shared.contains(&(entry.host_offset().0 >> cb)) {
+                continue;
+            }
+            let fixed_here = match self.pin_entry(at, shared)? {
+                Some(i) if self.l2_slot(HostOffset(at.table), i)?.entry == entry => {
+                    self.l2_set_copied(HostOffset(at.table), i, refcount == 1)?;
+                    true
+                }
+                Some(_) => false,
+                None => refcount != 1 && self.clear_copied_in_shared_table(w, at, entry)?,
+            };
+            if fixed_here {
                 fixed += f.times;
                 log.push(format!(
-                    "Repairing OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
-                    f.entry, f.reference
+                    "Repairing OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+                    entry.0
                 ));
             }
         }
@@ -586,13 +604,17 @@ mod tests {
         assert!(r
             .findings
             .iter()
-            .any(|f| f.kind == FindingKind::RefcountTooLow && f.index == 3));
+            .any(|f| matches!(f.kind, FindingKind::RefcountTooLow { cluster: 3, .. })));
         // qemu-img would see the same: the cluster still has refcount 1 and two users.
         let again = check(&st);
-        assert!(again
-            .findings
-            .iter()
-            .any(|f| f.kind == FindingKind::RefcountTooLow && f.index == 3 && f.entry == 1));
+        assert!(again.findings.iter().any(|f| matches!(
+            f.kind,
+            FindingKind::RefcountTooLow {
+                cluster: 3,
+                refcount: 1,
+                ..
+            }
+        )));
         assert!(!again.overlaps.is_empty());
     }
 

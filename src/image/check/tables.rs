@@ -1,7 +1,8 @@
 //! The table part of the check's walk: L1 tables gathered, every L2 table read once and its
 //! entries counted (with the number of references as a multiplier), and the bitmaps.
 
-use super::report::{Finding, FindingKind, Owner, Severity};
+use super::finding::{Finding, FindingKind, L2EntryAt, L2Position};
+use super::report::Owner;
 use super::walk::{Checker, L1Ref};
 use crate::format::{L1Entry, L2Entry};
 
@@ -15,31 +16,31 @@ impl Checker<'_> {
                 continue;
             }
             if e.reserved_bits() != 0 {
-                let mut f = Finding::new(FindingKind::L1Reserved, Severity::Corruption);
-                f.index = i as u64;
-                f.entry = e.0;
-                self.report.add(f);
+                self.report.add(Finding::once(FindingKind::L1Reserved {
+                    l1_index: i as u64,
+                    entry: e,
+                }));
             }
             let l2 = e.l2_offset().0;
             // Counted even when 0 (QEMU counts cluster 0 for an entry with only flag bits).
             self.inc(l2, self.cs, 1);
             if l2 % self.cs != 0 {
-                let mut f = Finding::new(FindingKind::L2TableUnaligned, Severity::Corruption);
-                f.offset = l2;
-                f.index = i as u64;
-                self.report.add(f);
+                self.report
+                    .add(Finding::once(FindingKind::L2TableUnaligned {
+                        l1_index: i as u64,
+                        offset: l2,
+                    }));
             }
             if source.is_none() {
                 // COPIED flag of the L1 entry against the L2 table's on-disk refcount.
                 if l2 != 0 {
                     if let Some(rc) = self.disk_refcount(l2 >> self.cb) {
                         if (rc == 1) != e.copied() {
-                            let mut f = Finding::new(FindingKind::CopiedL1, Severity::Corruption);
-                            f.index = i as u64;
-                            f.entry = e.0;
-                            f.reference = rc;
-                            f.offset = l2;
-                            self.report.add(f);
+                            self.report.add(Finding::once(FindingKind::CopiedL1 {
+                                l1_index: i as u64,
+                                entry: e,
+                                refcount: rc,
+                            }));
                         }
                     }
                 }
@@ -64,9 +65,9 @@ impl Checker<'_> {
         self.own(Owner::BitmapDirectory, ext.dir_offset, ext.dir_size);
         let bitmaps = img.bitmaps();
         if bitmaps.len() as u64 != u64::from(ext.nb_bitmaps) {
-            let mut f = Finding::new(FindingKind::BitmapInvalid, Severity::Corruption);
-            f.name = "directory".into();
-            self.report.add(f);
+            self.report.add(Finding::once(FindingKind::BitmapInvalid {
+                name: "directory".into(),
+            }));
             return;
         }
         for (n, bm) in bitmaps.iter().enumerate() {
@@ -80,11 +81,11 @@ impl Checker<'_> {
                 let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
                 let entry = crate::format::BitmapTableEntry(e);
                 if entry.check(self.cs).is_err() {
-                    let mut f = Finding::new(FindingKind::BitmapEntry, Severity::Corruption);
-                    f.index = i as u64;
-                    f.entry = e;
-                    f.name = bm.name.clone();
-                    self.report.add(f);
+                    self.report.add(Finding::once(FindingKind::BitmapEntry {
+                        name: bm.name.clone(),
+                        index: i as u64,
+                        entry: e,
+                    }));
                     continue;
                 }
                 let off = entry.offset().0;
@@ -116,10 +117,10 @@ impl Checker<'_> {
                 (self.progress)(done, total);
             }
             if let Err(e) = self.storage.read_padded(off, &mut buf) {
-                let mut f = Finding::new(FindingKind::ReadError, Severity::CheckError);
-                f.offset = off;
-                f.name = format!("an L2 table ({e})");
-                self.report.add(f);
+                self.report.add(Finding::once(FindingKind::ReadError {
+                    what: format!("an L2 table ({e})"),
+                    offset: off,
+                }));
                 continue;
             }
             let l2 = std::mem::take(&mut buf);
@@ -194,11 +195,11 @@ impl Checker<'_> {
             if compressed {
                 if e.copied() {
                     let d = e.compressed(self.cb);
-                    let mut f = Finding::new(FindingKind::CopiedCompressed, Severity::Corruption);
-                    f.offset = d.map_or(0, |d| d.host_offset.0);
-                    f.entry = e.0;
-                    f.times = times;
-                    self.report.add(f);
+                    let kind = FindingKind::CopiedCompressed {
+                        entry: e,
+                        offset: d.map_or(0, |d| d.host_offset.0),
+                    };
+                    self.report.add(Finding::counted(kind, times));
                 }
                 if self.data_file {
                     self.l2_finding(FindingKind::CompressedDataFile, e, 0, i, times);
@@ -243,21 +244,20 @@ impl Checker<'_> {
                     !e.is_zero()
                 };
                 let kind = if has_data {
-                    FindingKind::DataUnaligned
+                    FindingKind::DataUnaligned { entry: e, offset }
                 } else {
-                    FindingKind::PreallocatedUnaligned
+                    FindingKind::PreallocatedUnaligned {
+                        entry: e,
+                        offset,
+                        bitmap,
+                        at: (active > 0).then_some(L2Position {
+                            l1_index: first.l1_index,
+                            table: first.l2_offset,
+                            index: i as u64,
+                        }),
+                    }
                 };
-                let mut f = Finding::new(kind, Severity::Corruption);
-                f.offset = offset;
-                f.entry = e.0;
-                f.times = times;
-                f.reference = bitmap;
-                if active > 0 {
-                    f.index = first.l1_index;
-                    f.l2_table = first.l2_offset;
-                    f.l2_index = i as u64;
-                }
-                self.report.add(f);
+                self.report.add(Finding::counted(kind, times));
             }
             if active > 0 {
                 self.report.allocated_clusters += active;
@@ -290,31 +290,33 @@ impl Checker<'_> {
     /// An active L2 entry whose COPIED flag disagrees with its cluster's on-disk refcount `rc`
     /// (counted `active` times: once per active reference to the table).
     fn copied_l2_finding(&mut self, first: L1Ref, i: usize, e: L2Entry, rc: u64, active: u64) {
-        let mut f = Finding::new(FindingKind::CopiedL2, Severity::Corruption);
-        f.index = first.l1_index;
-        f.l2_table = first.l2_offset;
-        f.l2_index = i as u64;
-        f.entry = e.0;
-        f.reference = rc;
-        f.offset = e.host_offset().0;
-        f.times = active;
-        self.report.add(f);
+        let kind = FindingKind::CopiedL2 {
+            at: L2Position {
+                l1_index: first.l1_index,
+                table: first.l2_offset,
+                index: i as u64,
+            },
+            entry: e,
+            refcount: rc,
+        };
+        self.report.add(Finding::counted(kind, active));
     }
 
+    /// A finding about entry `i` of an L2 table (with its subcluster `bitmap`), counted
+    /// `times` times.
     pub(super) fn l2_finding(
         &mut self,
-        kind: FindingKind,
+        kind: fn(L2EntryAt) -> FindingKind,
         e: L2Entry,
         bitmap: u64,
         i: usize,
         times: u64,
     ) {
-        let mut f = Finding::new(kind, Severity::Corruption);
-        f.entry = e.0;
-        f.reference = bitmap;
-        f.index = i as u64;
-        f.offset = e.host_offset().0;
-        f.times = times;
-        self.report.add(f);
+        let at = L2EntryAt {
+            index: i as u64,
+            entry: e,
+            bitmap,
+        };
+        self.report.add(Finding::counted(kind(at), times));
     }
 }

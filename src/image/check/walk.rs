@@ -24,7 +24,8 @@
 //! in a sparse table of at most `MAX_PAST_END` clusters (`counts.rs`).
 
 use super::counts::{decode_block, oom, Counts};
-use super::report::{CheckReport, Finding, FindingKind, Overlap, Owner, Severity};
+use super::finding::{Finding, FindingKind};
+use super::report::{CheckReport, Overlap, Owner};
 use crate::format::limits::MAX_IMAGE_LENGTH;
 use crate::format::ReftableEntry;
 use crate::format::{max_refcount, refcount_get, Geometry};
@@ -154,20 +155,20 @@ impl Checker<'_> {
         let n = usize::try_from(len).ok()?;
         let mut buf = Vec::new();
         if buf.try_reserve_exact(n).is_err() {
-            let mut f = Finding::new(FindingKind::ReadError, Severity::CheckError);
-            f.offset = offset;
-            f.name = format!("{what} (out of memory)");
-            self.report.add(f);
+            self.report.add(Finding::once(FindingKind::ReadError {
+                what: format!("{what} (out of memory)"),
+                offset,
+            }));
             return None;
         }
         buf.resize(n, 0);
         match self.storage.read_padded(offset, &mut buf) {
             Ok(()) => Some(buf),
             Err(e) => {
-                let mut f = Finding::new(FindingKind::ReadError, Severity::CheckError);
-                f.offset = offset;
-                f.name = format!("{what} ({e})");
-                self.report.add(f);
+                self.report.add(Finding::once(FindingKind::ReadError {
+                    what: format!("{what} ({e})"),
+                    offset,
+                }));
                 None
             }
         }
@@ -191,10 +192,10 @@ impl Checker<'_> {
                 continue;
             }
             if let Err(err) = self.storage.read_padded(off, &mut buf) {
-                let mut f = Finding::new(FindingKind::ReadError, Severity::CheckError);
-                f.offset = off;
-                f.name = format!("refcount block {i} ({err})");
-                self.report.add(f);
+                self.report.add(Finding::once(FindingKind::ReadError {
+                    what: format!("refcount block {i} ({err})"),
+                    offset: off,
+                }));
                 continue;
             }
             let first = i as u64 * per_block;
@@ -252,12 +253,8 @@ impl Checker<'_> {
         // bound).
         let file_len = self.img.file_len();
         if offset.saturating_add(len) >= file_len.saturating_add(self.cs) {
-            let mut f = Finding::new(FindingKind::PastEnd, Severity::Corruption);
-            f.offset = offset;
-            f.index = offset >> self.cb;
-            f.entry = len;
-            f.times = times;
-            self.report.add(f);
+            let problem = FindingKind::PastEnd { offset, len };
+            self.report.add(Finding::counted(problem, times));
             return;
         }
         let first = offset >> self.cb;
@@ -287,18 +284,19 @@ impl Checker<'_> {
         if added > 0 && !self.refs.set(k, cur + added) {
             // Too many distinct clusters past the end: count the reference as the error that
             // qemu-img would report for it (refcount 0, reference 1).
-            let mut f = Finding::new(FindingKind::RefcountTooLow, Severity::Corruption);
-            f.index = k;
-            f.offset = k << self.cb;
-            f.reference = added;
-            self.report.add(f);
+            self.report.add(Finding::once(FindingKind::RefcountTooLow {
+                cluster: k,
+                offset: k << self.cb,
+                refcount: 0,
+                reference: added,
+            }));
         }
         if added < times {
-            let mut f = Finding::new(FindingKind::RefcountOverflow, Severity::Corruption);
-            f.offset = k << self.cb;
-            f.index = k;
-            f.times = times - added;
-            self.report.add(f);
+            let problem = FindingKind::RefcountOverflow {
+                cluster: k,
+                offset: k << self.cb,
+            };
+            self.report.add(Finding::counted(problem, times - added));
         }
     }
 
@@ -358,10 +356,11 @@ impl Checker<'_> {
         if h.version >= 3 {
             for (n, sn) in img.snapshots().iter().enumerate() {
                 if sn.extra_data_size() < 16 {
-                    let mut f = Finding::new(FindingKind::SnapshotIncomplete, Severity::Corruption);
-                    f.index = n as u64;
-                    f.entry = u64::from(sn.extra_data_size());
-                    self.report.add(f);
+                    self.report
+                        .add(Finding::once(FindingKind::SnapshotIncomplete {
+                            snapshot: n as u64,
+                            extra_data: u64::from(sn.extra_data_size()),
+                        }));
                 }
             }
         }
@@ -380,26 +379,27 @@ impl Checker<'_> {
         }
         let snapshots = img.snapshots();
         if self.data_file && !snapshots.is_empty() {
-            let mut f = Finding::new(FindingKind::SnapshotsDataFile, Severity::Corruption);
-            f.index = snapshots.len() as u64;
-            self.report.add(f);
+            self.report
+                .add(Finding::once(FindingKind::SnapshotsDataFile {
+                    snapshots: snapshots.len() as u64,
+                }));
         }
         for (n, sn) in snapshots.iter().enumerate() {
             let name = format!("{} ({})", sn.id, sn.name);
             if sn.l1_table_offset % cs != 0 {
-                let mut f = Finding::new(FindingKind::SnapshotL1Unaligned, Severity::Corruption);
-                f.offset = sn.l1_table_offset;
-                f.index = n as u64;
-                f.name = name;
-                self.report.add(f);
+                self.report
+                    .add(Finding::once(FindingKind::SnapshotL1Unaligned {
+                        name,
+                        offset: sn.l1_table_offset,
+                    }));
                 continue;
             }
             if u64::from(sn.l1_size) > MAX_SNAPSHOT_L1_ENTRIES {
-                let mut f = Finding::new(FindingKind::SnapshotL1TooLarge, Severity::Corruption);
-                f.entry = u64::from(sn.l1_size);
-                f.index = n as u64;
-                f.name = name;
-                self.report.add(f);
+                self.report
+                    .add(Finding::once(FindingKind::SnapshotL1TooLarge {
+                        name,
+                        l1_size: u64::from(sn.l1_size),
+                    }));
                 continue;
             }
             let bytes = u64::from(sn.l1_size) * 8;
@@ -461,9 +461,12 @@ impl Checker<'_> {
         self.compare();
         self.overlaps();
         // qemu-img reports COPIED flags last (it checks them in a second pass).
-        self.report
-            .findings
-            .sort_by_key(|f| matches!(f.kind, FindingKind::CopiedL1 | FindingKind::CopiedL2));
+        self.report.findings.sort_by_key(|f| {
+            matches!(
+                f.kind,
+                FindingKind::CopiedL1 { .. } | FindingKind::CopiedL2 { .. }
+            )
+        });
         Ok(())
     }
 }
@@ -538,7 +541,7 @@ mod tests {
         assert!(r
             .findings
             .iter()
-            .any(|f| f.kind == FindingKind::RefblockUnaligned));
+            .any(|f| matches!(f.kind, FindingKind::RefblockUnaligned { .. })));
     }
 
     #[test]
