@@ -10,12 +10,15 @@
 //! | `walk.rs` | the walk over every table, in qemu-img's order: its state and its steps |
 //! | `tables.rs` | the walk's L1 and L2 tables (each L2 table read once) and bitmaps |
 //! | `compare.rs` | the walk's refcount blocks, the comparison with the disk, the overlaps |
-//! | `repair.rs` | `check -r leaks\|all`: refcounts, COPIED flags, unaligned preallocated entries |
+//! | `repair.rs` | `check -r leaks\|all`: the steps, in order, and the counters of what they fixed |
+//! | `fixes.rs` | the steps' edits: refcounts, COPIED flags, unaligned preallocated entries |
+//! | `repair_tests.rs` | repair unit tests |
 //! | `rebuild.rs` | a damaged refcount structure rebuilt past everything in use |
 
 mod compare;
 mod counts;
 mod finding;
+mod fixes;
 mod rebuild;
 mod repair;
 mod report;
