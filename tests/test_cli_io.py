@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import qemu_images as qi
-from qcow2ovl import _cli_io
+from qcow2ovl import _cli_io_words
 
 pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io")
 
@@ -239,15 +239,15 @@ def test_usage_line_follows_a_bad_option(pair: tuple[Path, Path]) -> None:
 
 
 def test_timing_line_words() -> None:
-    assert _cli_io.report_line(65536, 0.0).startswith("64 KiB, 1 ops; 00.00 sec (")
+    assert _cli_io_words.report_line(65536, 0.0).startswith("64 KiB, 1 ops; 00.00 sec (")
     assert (
-        _cli_io.report_line(512, 2.5)
+        _cli_io_words.report_line(512, 2.5)
         == "512 bytes, 1 ops; 02.50 sec (204.800000 bytes/sec and 0.4000 ops/sec)"
     )
-    assert _cli_io.size_text(1536) == "1.500 KiB"
-    assert _cli_io.size_text(0) == "0 bytes"
-    assert _cli_io.size_text(3 << 30) == "3 GiB"
-    assert _cli_io.time_text(75.5) == "01:15.50"
+    assert _cli_io_words.size_text(1536) == "1.500 KiB"
+    assert _cli_io_words.size_text(0) == "0 bytes"
+    assert _cli_io_words.size_text(3 << 30) == "3 GiB"
+    assert _cli_io_words.time_text(75.5) == "01:15.50"
 
 
 @pytest.mark.parametrize(
@@ -265,13 +265,13 @@ def test_timing_line_words() -> None:
     ],
 )
 def test_numbers(text: str, value: int) -> None:
-    assert _cli_io.parse_number(text) == value
+    assert _cli_io_words.parse_number(text) == value
 
 
 @pytest.mark.parametrize("text", ["", ".", "1x", "1kb", "1e3", "0x", "0x1k", "1.5", "-1", "8E"])
 def test_bad_numbers(text: str) -> None:
-    with pytest.raises(_cli_io.CommandError, match="Parsing error"):
-        _cli_io.parse_number(text)
+    with pytest.raises(_cli_io_words.CommandError, match="Parsing error"):
+        _cli_io_words.parse_number(text)
 
 
 def _corrupted(tmp_path: Path) -> tuple[Path, int]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import time
 
-from qcow2ovl._cli_io import (
-    _USAGE,
+from qcow2ovl._cli_io_words import (
+    USAGE,
     CommandError,
-    Session,
-    _failure,
-    _options,
     dump,
+    io_failure,
     parse_number,
+    parse_options,
     parse_pattern,
     size_text,
 )
@@ -26,6 +25,8 @@ from qcow2ovl._cli_io import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from qcow2ovl._cli_io import Session
 
 
 def _vector(name: str, rest: list[str]) -> tuple[int, list[int]]:
@@ -39,7 +40,7 @@ def _vector(name: str, rest: list[str]) -> tuple[int, list[int]]:
 
 
 def _readv(session: Session, words: list[str], name: str, flags: str) -> bool:
-    opts, rest = _options(name, words, flags)
+    opts, rest = parse_options(name, words, flags)
     if "i" in opts:
         # An invalid request, for QEMU's I/O accounting only: nothing is read.
         print("injecting invalid read request", file=session.out)
@@ -51,7 +52,7 @@ def _readv(session: Session, words: list[str], name: str, flags: str) -> bool:
     try:
         data = session.image.read(offset, total)
     except (OSError, ValueError) as exc:
-        failure = _failure("readv", exc)  # (aio_read's failure says readv too)
+        failure = io_failure("readv", exc)  # (aio_read's failure says readv too)
         if name == "aio_read":  # submitted, so a success for qemu-io whatever happens
             print(failure, file=session.out)
             return True
@@ -76,7 +77,7 @@ def aio_read(session: Session, words: list[str]) -> bool:
 
 
 def _writev(session: Session, words: list[str], name: str, flags: str) -> bool:
-    opts, rest = _options(name, words, flags)
+    opts, rest = parse_options(name, words, flags)
     if "u" in opts and "z" not in opts:
         raise CommandError("-u requires -z to be specified")
     if "i" in opts:
@@ -96,9 +97,9 @@ def _writev(session: Session, words: list[str], name: str, flags: str) -> bool:
             session.image.flush()
     except (OSError, ValueError) as exc:
         if name == "aio_write":  # submitted, so a success for qemu-io whatever happens
-            print(_failure(name, exc), file=session.out)
+            print(io_failure(name, exc), file=session.out)
             return True
-        raise _failure(name, exc) from None
+        raise io_failure(name, exc) from None
     session.done("wrote", total, offset, time.perf_counter() - t0, opts)
     return True
 
@@ -204,9 +205,9 @@ def truncate(session: Session, words: list[str]) -> bool:
             f"bad argument count {len(words)} to truncate, expected between 1 and 3 arguments",
             to_stderr=True,
         )
-    opts, rest = _options("truncate", words, "m:")
+    opts, rest = parse_options("truncate", words, "m:")
     if len(rest) != 1:
-        raise CommandError(_USAGE["truncate"])
+        raise CommandError(USAGE["truncate"])
     size = parse_number(rest[0])
     if opts.get("m", "off") != "off":
         # QEMU would preallocate the new part; the engine grows without preallocating.

@@ -66,7 +66,7 @@ def run(
 ) -> Iterator[dict[str, Any]]:
     """Expand *arguments* and check every image on the cluster *client* (a ``Client`` or a
     scheduler address); yields JSON lines as they arrive."""
-    from qcow2ovl.fleet import check_one, error_record, expand_paths, split_host
+    from qcow2ovl._fleet_worker import check_one, error_record, expand_paths, split_host
 
     distributed = _distributed()
     own = isinstance(client, str)

@@ -6,13 +6,14 @@ import io
 import os
 
 from qcow2ovl import _core, _lifecycle, options
-from qcow2ovl._image_records import Bitmap as Bitmap
-from qcow2ovl._image_records import GuestExtent as GuestExtent
-from qcow2ovl._image_records import ImageInfo as ImageInfo
-from qcow2ovl._image_records import Problem as Problem
-from qcow2ovl._image_records import Snapshot as Snapshot
 from qcow2ovl.errors import InconsistentImageError
 from qcow2ovl.options import OverlapCheck
+from qcow2ovl.records import Bitmap as Bitmap
+from qcow2ovl.records import CheckResult, check_result, from_fields, from_rows
+from qcow2ovl.records import GuestExtent as GuestExtent
+from qcow2ovl.records import ImageInfo as ImageInfo
+from qcow2ovl.records import Problem as Problem
+from qcow2ovl.records import Snapshot as Snapshot
 from qcow2ovl.types import MetadataType
 
 # Startup time: typing and collections.abc are for type checkers only; logging, warnings,
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
     from typing_extensions import Buffer
 
-    from qcow2ovl.check import CheckResult
     from qcow2ovl.options import OverlapCheckSpec
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
@@ -103,10 +103,6 @@ class GuestStream(io.RawIOBase):
             raise ValueError("I/O operation on closed stream")
 
 
-def _build(cls: type[Any], fields: Mapping[str, Any]) -> Any:
-    return cls(**fields)
-
-
 class _Reporting:
     """The context manager of :meth:`Image._reporting` (a class: ``contextlib`` would cost
     ``import qcow2ovl`` a few milliseconds)."""
@@ -158,7 +154,7 @@ class Image:
         info["features"] = tuple(features)
         #: The header facts as opened; :attr:`info` updates the ones that change.
         self._opened_info: dict[str, Any] = info
-        self.bitmaps: list[Bitmap] = [_build(Bitmap, b) for b in core.bitmaps()]
+        self.bitmaps: list[Bitmap] = [from_fields(Bitmap, b) for b in core.bitmaps()]
         if core.writable:
             _lifecycle.track(self)
 
@@ -175,7 +171,7 @@ class Image:
             pass  # the file went away: its size at open
         if self._corruption_reported:
             info["corrupt"] = True
-        result: ImageInfo = _build(ImageInfo, info)
+        result: ImageInfo = from_fields(ImageInfo, info)
         return result
 
     @property
@@ -214,7 +210,7 @@ class Image:
         """Inconsistencies the scan found (at most 64 listed; see :attr:`problem_count`):
         unaligned or out-of-file table pointers, metadata structures sharing clusters (which
         make a writable open fail), unusable snapshot tables."""
-        return [Problem(*p) for p in self._core.problems()[0]]
+        return from_rows(Problem, self._core.problems()[0])
 
     @property
     def problem_count(self) -> int:
@@ -249,7 +245,7 @@ class Image:
     def guest_map(self) -> list[GuestExtent]:
         """The guest disk's ranges as ``qemu-img map --output=json`` reports them, merged the
         same way (see :class:`GuestExtent`)."""
-        return [GuestExtent(*e) for e in self._core.guest_map()]
+        return from_rows(GuestExtent, self._core.guest_map())
 
     def host_offset(self, guest_offset: int) -> int | None:
         """Where this image stores guest byte *guest_offset*: its host offset (in the external
@@ -323,7 +319,7 @@ class Image:
     @property
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots, in table order, as they are now."""
-        return [_build(Snapshot, s) for s in self._core.snapshots()]
+        return [from_fields(Snapshot, s) for s in self._core.snapshots()]
 
     def create_snapshot(
         self,
@@ -361,7 +357,7 @@ class Image:
 
     def _snapshot_op(self, done: str, op: Callable[[], Mapping[str, Any]]) -> Snapshot:
         with self._reporting():
-            entry: Snapshot = _build(Snapshot, op())
+            entry: Snapshot = from_fields(Snapshot, op())
         import logging
 
         logging.getLogger("qcow2ovl").info(
@@ -384,16 +380,40 @@ class Image:
     def check(self, progress: Callable[[int, int], object] | None = None) -> CheckResult:
         """Check the image as ``qemu-img check`` does, naming every metadata overlap (see
         :mod:`qcow2ovl.check`); *progress* is called with ``(done, total)`` as it goes."""
-        from qcow2ovl.check import check_image
+        return check_result(self.path, _core.check_image(self._core, progress))
 
-        return check_image(self, progress)
-
-    def render_layout(self, **options: Any) -> str:
+    def render_layout(
+        self,
+        *,
+        columns: int = 64,
+        max_cells: int = 4096,
+        cell_size: int = 12,
+        check: CheckResult | None = None,
+        title: str | None = None,
+    ) -> str:
         """An SVG picture of the host file's clusters coloured by metadata type, with overlaps
-        and problems in red (see :func:`qcow2ovl.picture.render_layout` for *options*)."""
-        from qcow2ovl.picture import render_layout
+        and problems in red (see :mod:`qcow2ovl.picture`).
 
-        return render_layout(self, **options)
+        *columns* cells per row; at most *max_cells* cells (clusters are grouped per cell beyond
+        that); *cell_size* pixels per cell. *check* is a :meth:`check` of this image (run now
+        when not given): it tells data from free clusters and marks problems. *title* defaults
+        to the image's file name.
+        """
+        from qcow2ovl import _layout_svg
+
+        _layout_svg.check_options(columns, max_cells, cell_size)
+        info = self.info
+        return _layout_svg.draw(
+            title=title or os.path.basename(self.path) or self.path,
+            cluster_size=info.cluster_size,
+            file_size=info.file_size,
+            metadata_extents=self.metadata_extents(),
+            problems=[(p.offset, p.size) for p in self.problems],
+            check=check if check is not None else self.check(),
+            columns=columns,
+            max_cells=max_cells,
+            cell_size=cell_size,
+        )
 
     def close(self) -> None:
         """Flush (writable images) and release the image. Safe to call twice.

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     #: Anything :meth:`OverlapCheck.parse` accepts.
     OverlapCheckSpec = Union["OverlapCheck", MetadataType, int, str, Mapping[str, object], None]
 else:
-    from qcow2ovl._records import dataclass
+    from qcow2ovl._frozen import dataclass
 
     def __getattr__(name: str) -> object:
         """``OverlapCheckSpec``, built with :mod:`typing` only when asked for at run time."""

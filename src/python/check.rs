@@ -1,5 +1,9 @@
-//! `qcow2ovl._core.check_image` and `repair_image`: the Rust check and repair behind
-//! `Image.check()`, `qcow2ovl.check(path, repair=...)` and `qcow2ovl check [-r]`.
+//! `qcow2ovl._core.check_image`, `repair_image` and `check_repair_mode`: the Rust check and
+//! repair behind `Image.check()`, `qcow2ovl.check(path, repair=...)` and `qcow2ovl check [-r]`.
+//!
+//! A report crosses to Python as a dict keyed by `CheckResult`'s field names; its findings as
+//! `(FINDING_FIELDS, rows)`, which `qcow2ovl.records.from_rows` checks against
+//! `CheckFinding`'s fields, so a field renamed on one side only fails at once.
 
 use std::path::PathBuf;
 
@@ -67,7 +71,7 @@ fn report_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyD
             )
         })
         .collect();
-    d.set_item("findings", findings)?;
+    d.set_item("findings", (FINDING_FIELDS, findings))?;
     d.set_item("finding_count", r.finding_count)?;
     let overlaps = r
         .overlaps
@@ -85,7 +89,34 @@ fn report_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyD
     d.set_item("overlap_count", r.overlap_count)?;
     d.set_item("used_runs", &r.used_runs)?;
     d.set_item("repair_log", &r.repair_log)?;
+    d.set_item("exit_code", r.exit_code())?;
     Ok(d)
+}
+
+/// The fields of one finding's row, in `qcow2ovl.records.CheckFinding`'s order.
+const FINDING_FIELDS: &[&str] = &["kind", "severity", "times", "offset", "message"];
+
+/// The repair mode `mode` names: `None` (a plain check), `"leaks"` or `"all"`; anything else
+/// is a `ValueError`. The one place that validates a repair mode.
+fn repair_mode(mode: &Bound<'_, PyAny>) -> PyResult<Option<Repair>> {
+    if mode.is_none() {
+        return Ok(None);
+    }
+    match mode.extract::<String>().as_deref() {
+        Ok("leaks") => Ok(Some(Repair::Leaks)),
+        Ok("all") => Ok(Some(Repair::All)),
+        _ => Err(PyValueError::new_err(format!(
+            "repair must be None, 'leaks' or 'all', not {}",
+            mode.repr()?
+        ))),
+    }
+}
+
+/// Raises `ValueError` unless `mode` is a repair mode (`None`, `"leaks"` or `"all"`), for
+/// callers that validate before starting work (`qcow2ovl.fleet.check`).
+#[pyfunction]
+pub(crate) fn check_repair_mode(mode: &Bound<'_, PyAny>) -> PyResult<()> {
+    repair_mode(mode).map(drop)
 }
 
 /// Checks an open image (see `Image.check`); `progress(done, total)` is called as L2 tables
@@ -126,16 +157,12 @@ pub(crate) fn check_image<'py>(
 pub(crate) fn repair_image<'py>(
     py: Python<'py>,
     path: PathBuf,
-    mode: &str,
+    mode: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let mode = match mode {
-        "leaks" => Repair::Leaks,
-        "all" => Repair::All,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "repair must be 'leaks' or 'all', not {other:?}"
-            )))
-        }
+    let Some(mode) = repair_mode(mode)? else {
+        return Err(PyValueError::new_err(
+            "repair_image needs a repair mode, not None",
+        ));
     };
     let options = OpenOptions {
         writable: true,

@@ -30,6 +30,27 @@ use crate::image::{Image, ImageError, NoteLevel, OpenOptions};
 use crate::lock::Locking;
 
 /// An open qcow2 image (the Rust side of `qcow2ovl.Image`).
+/// A list of records as `(field names, rows)`: `qcow2ovl.records.from_rows` checks the names
+/// against the Python record's fields before it builds the records from the rows.
+type Rows<R> = (&'static [&'static str], Vec<R>);
+
+/// One row of `problems()`, in `qcow2ovl.records.Problem`'s field order.
+type ProblemRow = (&'static str, u64, u64, String);
+const PROBLEM_FIELDS: &[&str] = &["kind", "offset", "size", "message"];
+
+/// One row of `guest_map()`, in `qcow2ovl.records.GuestExtent`'s field order.
+type ExtentRow = (u64, u64, u32, bool, bool, bool, bool, Option<u64>);
+const EXTENT_FIELDS: &[&str] = &[
+    "start",
+    "length",
+    "depth",
+    "present",
+    "zero",
+    "data",
+    "compressed",
+    "offset",
+];
+
 #[pyclass(name = "Image", module = "qcow2ovl._core")]
 pub(crate) struct PyImage {
     inner: RwLock<Option<Arc<Image>>>,
@@ -323,16 +344,15 @@ impl PyImage {
         types_to_py(py, self.image()?.map().enabled())
     }
 
-    /// `([(kind, offset, size, message), ...], total count)` found by the scan.
-    #[allow(clippy::type_complexity)]
-    fn problems(&self) -> PyResult<(Vec<(&'static str, u64, u64, String)>, usize)> {
+    /// The problems found by the scan as `(PROBLEM_FIELDS, rows)`, and their total count.
+    fn problems(&self) -> PyResult<(Rows<ProblemRow>, usize)> {
         let img = self.image()?;
         let (list, count) = img.problems();
-        let list = list
+        let rows = list
             .iter()
             .map(|p| (p.kind_name(), p.offset.0, p.size, p.message.clone()))
             .collect();
-        Ok((list, count))
+        Ok(((PROBLEM_FIELDS, rows), count))
     }
 
     /// Guest bytes `[offset, offset + length)` as `bytes`.
@@ -368,30 +388,28 @@ impl PyImage {
         readinto_buffer(py, &img, offset, buffer, self.name.as_deref())
     }
 
-    /// The guest disk's ranges as `(start, length, depth, present, zero, data, compressed,
-    /// offset)` tuples, merged as `qemu-img map --output=json` merges them.
-    #[allow(clippy::type_complexity)]
-    fn guest_map(
-        &self,
-        py: Python<'_>,
-    ) -> PyResult<Vec<(u64, u64, u32, bool, bool, bool, bool, Option<u64>)>> {
+    /// The guest disk's ranges as `(EXTENT_FIELDS, rows)`, merged as `qemu-img map
+    /// --output=json` merges them.
+    fn guest_map(&self, py: Python<'_>) -> PyResult<Rows<ExtentRow>> {
         let img = self.image()?;
         let map = py.detach(|| img.guest_map()).map_err(|e| self.err(e))?;
-        Ok(map
+        let rows = map
             .into_iter()
             .map(|e| {
+                let (start, length, depth, offset) = (e.start, e.length, e.depth, e.offset);
                 (
-                    e.start,
-                    e.length,
-                    e.depth,
+                    start,
+                    length,
+                    depth,
                     e.present,
                     e.zero,
                     e.data,
                     e.compressed,
-                    e.offset,
+                    offset,
                 )
             })
-            .collect())
+            .collect();
+        Ok((EXTENT_FIELDS, rows))
     }
 
     /// Writes `data` (any bytes-like object) at guest `offset`.

@@ -29,5 +29,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;
+    m.add_function(wrap_pyfunction!(check::check_repair_mode, m)?)?;
     Ok(())
 }

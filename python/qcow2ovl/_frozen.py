@@ -31,7 +31,7 @@ def _frozen_error(cls_name: str, name: str) -> AttributeError:
 def dataclass(*, frozen: bool, repr: bool = True) -> Callable[[_T], _T]:  # noqa: A002
     """Make *cls* a frozen record of its annotated fields (see the module docstring)."""
     if not frozen:
-        raise TypeError("qcow2ovl._records.dataclass supports frozen records only")
+        raise TypeError("qcow2ovl._frozen.dataclass supports frozen records only")
 
     def decorate(cls: _T) -> _T:
         names: list[str] = []
