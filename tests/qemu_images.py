@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ StrPath = Union[str, Path]
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
+QEMU_NBD = shutil.which("qemu-nbd")
 HAVE_QEMU = QEMU_IMG is not None and QEMU_IO is not None
 
 SECRET_ID = "sec0"
@@ -157,11 +159,60 @@ def snapshot_create(image: StrPath, name: str) -> None:
     qemu_img("snapshot", "-f", "qcow2", "-c", name, image)
 
 
-def bitmap_add(image: StrPath, name: str, granularity: int | None = None) -> None:
+def bitmap_add(
+    image: StrPath, name: str, granularity: int | None = None, *, disabled: bool = False
+) -> None:
     args: list[StrPath] = ["bitmap", "-f", "qcow2", "--add"]
     if granularity is not None:
         args += ["-g", str(granularity)]
+    if disabled:
+        args += ["--disable"]
     qemu_img(*args, image, name)
+
+
+def qemu_dirty(image: StrPath, name: str) -> list[tuple[int, int]]:
+    """The dirty ranges of bitmap *name* as QEMU sees them, merged: `qemu-nbd -B NAME` exports
+    the bitmap as the `qemu:dirty-bitmap:NAME` context, and `qemu-img map` over NBD with
+    `x-dirty-bitmap` reports dirty ranges as `"data": false`."""
+    assert QEMU_NBD is not None, "qemu-nbd is not installed"
+    with tempfile.TemporaryDirectory(prefix="qcow2ovl-nbd-") as d:
+        sock = os.path.join(d, "sock")
+        server = subprocess.Popen(
+            [QEMU_NBD, "-r", "-f", "qcow2", "-B", name, "-k", sock, "-t", str(image)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            for _ in range(1000):
+                if os.path.exists(sock) or server.poll() is not None:
+                    break
+                time.sleep(0.01)
+            if server.poll() is not None:
+                raise QemuError(
+                    [QEMU_NBD],
+                    server.returncode,
+                    "",
+                    server.stderr.read().decode() if server.stderr else "",
+                )
+            opts = (
+                f"driver=nbd,server.type=unix,server.path={sock},"
+                f"x-dirty-bitmap=qemu:dirty-bitmap:{name}"
+            )
+            out = qemu_img("map", "--output=json", "--image-opts", opts).stdout
+        finally:
+            server.kill()
+            server.wait()
+            if server.stderr:
+                server.stderr.close()
+    runs: list[tuple[int, int]] = []
+    for e in json.loads(out):
+        if e["data"]:
+            continue
+        if runs and sum(runs[-1]) == e["start"]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + e["length"])
+        else:
+            runs.append((e["start"], e["length"]))
+    return runs
 
 
 def convert(

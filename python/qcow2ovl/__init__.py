@@ -10,6 +10,7 @@ from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
 from qcow2ovl.check import CheckResult, check
 from qcow2ovl.create import create
 from qcow2ovl.errors import (
+    BitmapError,
     CorruptImageError,
     FormatError,
     InconsistentImageError,
@@ -36,6 +37,7 @@ from qcow2ovl.types import TEMPLATES, MetadataType
 __all__ = [
     "TEMPLATES",
     "Bitmap",
+    "BitmapError",
     "CheckResult",
     "CorruptImageError",
     "FormatError",

@@ -15,9 +15,15 @@ __all__ = [
     "MetadataMap",
     "NaiveChecker",
     "__version__",
+    "bitmap_add",
+    "bitmap_clear",
+    "bitmap_enable",
+    "bitmap_merge",
+    "bitmap_remove",
     "check_image",
     "check_repair_mode",
     "create_image",
+    "dirty_extents",
     "locking_notice",
     "open_image",
     "open_image_fd",
@@ -208,3 +214,15 @@ def check_image(
 ) -> dict[str, Any]: ...
 def repair_image(path: str | PathLike[str], mode: str) -> dict[str, Any]: ...
 def check_repair_mode(mode: object) -> None: ...
+def dirty_extents(
+    image: Image, name: str, offset: int = 0, length: int | None = None
+) -> list[tuple[int, int]]: ...
+def bitmap_add(
+    image: Image, name: str, granularity: int | None = None, enabled: bool = True
+) -> None: ...
+def bitmap_remove(image: Image, name: str) -> None: ...
+def bitmap_clear(image: Image, name: str) -> None: ...
+def bitmap_enable(image: Image, name: str, enabled: bool) -> None: ...
+def bitmap_merge(
+    image: Image, target: str, source: str, source_image: Image | None = None
+) -> None: ...

@@ -15,7 +15,9 @@ that fits it, so generic handlers keep working:
   in a way that conflicts with this open, by QEMU's image locks;
 - :class:`ReadOnlyImageError` (an ``OSError``, ``EBADF``): a write-side method on a handle
   opened read-only;
-- :class:`SnapshotNotFoundError` (a ``LookupError``): no internal snapshot has that id or name.
+- :class:`SnapshotNotFoundError` (a ``LookupError``): no internal snapshot has that id or name;
+- :class:`BitmapError`: a persistent bitmap cannot do what was asked (it is not there, or it
+  is inconsistent: found in use at open, so its bits cannot be trusted).
 
 Errors of the operating system are plain :class:`OSError` (``FileNotFoundError``,
 ``ENOSPC`` ...) with ``filename`` set to the file concerned; arguments out of range are
@@ -105,7 +107,13 @@ class SnapshotNotFoundError(Qcow2Error, LookupError):
     :meth:`~qcow2ovl.Image.delete_snapshot`, :meth:`~qcow2ovl.Image.apply_snapshot`)."""
 
 
+class BitmapError(Qcow2Error):
+    """A persistent bitmap cannot do what was asked: it is not there, or it is inconsistent
+    (in use when the image was opened: a writer stopped without storing it)."""
+
+
 __all__ = [
+    "BitmapError",
     "CorruptImageError",
     "FormatError",
     "InconsistentImageError",

@@ -154,7 +154,6 @@ class Image:
         info["features"] = tuple(features)
         #: The header facts as opened; :attr:`info` updates the ones that change.
         self._opened_info: dict[str, Any] = info
-        self.bitmaps: list[Bitmap] = [from_fields(Bitmap, b) for b in core.bitmaps()]
         if core.writable:
             _lifecycle.track(self)
 
@@ -317,6 +316,62 @@ class Image:
             self._core.resize(size)
 
     @property
+    def bitmaps(self) -> list[Bitmap]:
+        """The persistent bitmaps, in directory order (see :class:`Bitmap`)."""
+        return [from_fields(Bitmap, b) for b in self._core.bitmaps()]
+
+    def dirty_extents(
+        self, name: str, offset: int = 0, length: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The guest ranges ``(offset, length)`` that bitmap *name* marks dirty inside
+        ``[offset, offset + length)`` (to the end of the disk by default), merged and in order:
+        what changed since the bitmap was added or cleared, while it was enabled, at its
+        granularity (a range covers whole granules, the last one cut at the disk's end).
+
+        Raises :class:`~qcow2ovl.BitmapError` for a bitmap that is not there or is
+        inconsistent. On a writable handle the answer includes this handle's own writes.
+        """
+        return _core.dirty_extents(self._core, name, offset, length)
+
+    def add_bitmap(
+        self, name: str, *, granularity: int | None = None, enabled: bool = True
+    ) -> None:
+        """Add an empty persistent bitmap *name* (as ``qemu-img bitmap --add``): *granularity*
+        bytes per bit, a power of two from 512 (by default QEMU's rule: the cluster size within
+        4 KiB and 64 KiB); *enabled* bitmaps are marked by every later write. Stored at
+        :meth:`close`, like every bitmap change."""
+        with self._reporting():
+            _core.bitmap_add(self._core, name, granularity, enabled)
+
+    def remove_bitmap(self, name: str) -> None:
+        """Remove bitmap *name*, consistent or not; its clusters are freed at :meth:`close`."""
+        with self._reporting():
+            _core.bitmap_remove(self._core, name)
+
+    def clear_bitmap(self, name: str) -> None:
+        """Clear every bit of bitmap *name* (the start of a new incremental-backup period)."""
+        with self._reporting():
+            _core.bitmap_clear(self._core, name)
+
+    def enable_bitmap(self, name: str) -> None:
+        """Let later writes mark bitmap *name*."""
+        with self._reporting():
+            _core.bitmap_enable(self._core, name, True)
+
+    def disable_bitmap(self, name: str) -> None:
+        """Stop later writes from marking bitmap *name* (its bits stay)."""
+        with self._reporting():
+            _core.bitmap_enable(self._core, name, False)
+
+    def merge_bitmap(self, target: str, source: str, *, source_image: Image | None = None) -> None:
+        """Mark in bitmap *target* every range bitmap *source* marks (of *source_image* when
+        given, an open image of the same disk, else of this image), as ``qemu-img bitmap
+        --merge``."""
+        other = None if source_image is None else source_image._core
+        with self._reporting():
+            _core.bitmap_merge(self._core, target, source, other)
+
+    @property
     def snapshots(self) -> list[Snapshot]:
         """The internal snapshots, in table order, as they are now."""
         return [from_fields(Snapshot, s) for s in self._core.snapshots()]
@@ -416,7 +471,10 @@ class Image:
         )
 
     def close(self) -> None:
-        """Flush (writable images) and release the image. Safe to call twice.
+        """Flush (writable images), store the persistent bitmaps this handle's writes marked
+        (QEMU stores them at close, not at :meth:`flush`), and release the image. Safe to call
+        twice. A process that dies before ``close`` leaves those bitmaps in use on disk:
+        inconsistent, as QEMU leaves them, never stale.
 
         If the flush fails, the error is raised and the image stays open with every change
         not yet on disk: call :meth:`close` (or :meth:`flush`) again once the cause is gone. A

@@ -118,7 +118,14 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Bitmap:
-    """A persistent dirty bitmap. ``flags``: bit 0 in use, bit 1 auto."""
+    """A persistent dirty bitmap, as ``qemu-img info`` lists it: ``name``, ``granularity`` (guest
+    bytes per bit), ``flags`` (bit 0 ``in-use``, bit 1 ``auto``), and where its table is.
+
+    A bitmap found in use when the image was opened is *inconsistent*: a writer stopped without
+    storing it, so its bits cannot be trusted (:meth:`Image.dirty_extents` refuses it). A
+    consistent bitmap stays consistent through every write of a writable handle, which marks
+    the enabled ones and stores them at :meth:`Image.close`.
+    """
 
     name: str
     granularity: int
@@ -128,13 +135,28 @@ class Bitmap:
 
     @property
     def in_use(self) -> bool:
-        """Whether the bitmap was in use (possibly inconsistent)."""
+        """Whether the bitmap was found in use at open (the same as :attr:`inconsistent`)."""
         return bool(self.flags & 1)
 
     @property
+    def inconsistent(self) -> bool:
+        """Whether the bitmap's bits cannot be trusted (it was in use at open)."""
+        return self.in_use
+
+    @property
     def auto(self) -> bool:
-        """Whether the bitmap tracks every write automatically."""
+        """Whether the bitmap tracks every write automatically (QEMU's ``auto`` flag)."""
         return bool(self.flags & 2)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether writes mark the bitmap (the same as :attr:`auto`)."""
+        return self.auto
+
+    @property
+    def persistent(self) -> bool:
+        """Always true: every bitmap in an image file is persistent."""
+        return True
 
 
 @dataclass(frozen=True)

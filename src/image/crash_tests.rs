@@ -30,7 +30,7 @@ use crate::storage::{MemStorage, Storage};
 
 /// One recorded storage operation.
 #[derive(Debug, Clone)]
-enum Op {
+pub(super) enum Op {
     Write(u64, Vec<u8>),
     Flush,
     SetLen(u64),
@@ -38,9 +38,9 @@ enum Op {
 
 /// Storage that records every change.
 #[derive(Debug)]
-struct Recording {
-    inner: MemStorage,
-    log: Mutex<Vec<Op>>,
+pub(super) struct Recording {
+    pub(super) inner: MemStorage,
+    pub(super) log: Mutex<Vec<Op>>,
 }
 
 impl Storage for Recording {
@@ -67,7 +67,7 @@ impl Storage for Recording {
     }
 }
 
-fn apply(image: &mut Vec<u8>, op: &Op) {
+pub(super) fn apply(image: &mut Vec<u8>, op: &Op) {
     match op {
         Op::Write(o, b) => {
             let end = *o as usize + b.len();
@@ -163,7 +163,7 @@ fn workload(
     (models, flushes)
 }
 
-fn qemu_img() -> Option<std::path::PathBuf> {
+pub(super) fn qemu_img() -> Option<std::path::PathBuf> {
     let out = std::process::Command::new("sh")
         .args(["-c", "command -v qemu-img"])
         .output()
@@ -174,9 +174,19 @@ fn qemu_img() -> Option<std::path::PathBuf> {
 }
 
 /// `(corruptions, check_errors)` from `qemu-img check --output=json`.
-fn qemu_check(qemu: &std::path::Path, bytes: &[u8], tag: &str, keep: bool) -> (u64, u64) {
-    let path =
-        std::env::temp_dir().join(format!("qcow2ovl-crash-{}-{tag}.qcow2", std::process::id()));
+pub(super) fn qemu_check(
+    qemu: &std::path::Path,
+    bytes: &[u8],
+    tag: &str,
+    keep: bool,
+) -> (u64, u64) {
+    // One file per call: tests run in parallel threads of one process.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "qcow2ovl-crash-{}-{call}-{tag}.qcow2",
+        std::process::id()
+    ));
     std::fs::File::create(&path)
         .unwrap()
         .write_all(bytes)

@@ -36,6 +36,9 @@ pub enum ErrorKind {
     /// No internal snapshot has the id or name asked for (`SnapshotNotFoundError`, a
     /// `LookupError`).
     SnapshotNotFound,
+    /// A persistent bitmap cannot do what was asked: it is not there, it is inconsistent, its
+    /// name is taken (`BitmapError`).
+    Bitmap,
     /// An operating system error with this errno (`OSError` and its subclasses).
     Os(i32),
 }
@@ -91,6 +94,9 @@ pub enum ImageError {
     /// read, ...).
     #[error("{0}")]
     Unsupported(String),
+    /// A persistent bitmap cannot do what was asked (QEMU's words).
+    #[error("{0}")]
+    Bitmap(String),
     /// Inconsistent metadata found while serving a request.
     #[error("{0}")]
     Corruption(String),
@@ -155,6 +161,7 @@ impl ImageError {
                 ErrorKind::InvalidArgument
             }
             ImageError::Unsupported(_) => ErrorKind::Unsupported,
+            ImageError::Bitmap(_) => ErrorKind::Bitmap,
             ImageError::Corruption(_) => ErrorKind::Corruption,
             ImageError::MetadataOverlap { .. } => ErrorKind::MetadataOverlap,
             ImageError::BackingLoop(_) => ErrorKind::Format,

@@ -1,5 +1,5 @@
 //! The open image: metadata from the scan, the metadata map, guest reads, guarded writes,
-//! snapshots, check and repair.
+//! snapshots, persistent bitmaps, check and repair.
 //!
 //! Folders by lifecycle, one concern per file, each adding an `impl` block on [`Image`]:
 //!
@@ -10,9 +10,11 @@
 //! | `read/` | guest reads: mapping, the L2 table cache, the backing chain and data file (at open when writable, else on first use), the reader thread, the guest map |
 //! | `write/` | the `Writer` and guest writes, copy-on-write, zero/discard, resize, compressed writes, allocation, ordered flush, and the guard (the one owner of the overlap policy) |
 //! | `snapshot/` | internal snapshots: create, apply, delete; the references counted and dropped, COPIED flags, the tables switched |
+//! | `bitmaps/` | persistent dirty bitmaps kept true: put in use before the first change, marked by every change, stored at close; dirty extents |
 //! | `check/` | `check` and `check -r`: report, recomputed counts, the walk, repair, rebuild |
 //! | `crash_tests.rs`, `retry_tests.rs` | the writer crashed or failing at every storage write |
 
+mod bitmaps;
 mod check;
 mod error;
 mod read;

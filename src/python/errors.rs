@@ -13,6 +13,7 @@ pyo3::import_exception!(qcow2ovl.errors, LockError);
 pyo3::import_exception!(qcow2ovl.errors, InconsistentImageError);
 pyo3::import_exception!(qcow2ovl.errors, ReadOnlyImageError);
 pyo3::import_exception!(qcow2ovl.errors, SnapshotNotFoundError);
+pyo3::import_exception!(qcow2ovl.errors, BitmapError);
 /// [`image_err`] for an error met while using an open image named `name`: errors from the disk
 /// and refused writes name the image's file (`OSError.filename`) unless they name one already
 /// (a backing file's).
@@ -26,7 +27,8 @@ pub(crate) fn image_err_in(e: ImageError, name: Option<&str>) -> PyErr {
 }
 
 /// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
-/// `CorruptImageError`, `LockError`, `ReadOnlyImageError`, `SnapshotNotFoundError`, `ValueError`,
+/// `CorruptImageError`, `LockError`, `ReadOnlyImageError`, `SnapshotNotFoundError`,
+/// `BitmapError`, `ValueError`,
 /// `MemoryError`, or `OSError` with the errno (Python picks
 /// the subclass: `FileNotFoundError`, `IsADirectoryError`, ...) and the file name.
 pub(crate) fn image_err(e: ImageError) -> PyErr {
@@ -57,6 +59,7 @@ pub(crate) fn image_err(e: ImageError) -> PyErr {
         }
         ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
         ErrorKind::SnapshotNotFound => SnapshotNotFoundError::new_err(e.message()),
+        ErrorKind::Bitmap => BitmapError::new_err(e.message()),
         ErrorKind::ReadOnly => match e.path() {
             Some(path) => ReadOnlyImageError::new_err((libc::EBADF, e.message(), path.to_string())),
             None => ReadOnlyImageError::new_err((libc::EBADF, e.message())),

@@ -113,7 +113,7 @@ impl PyImage {
     }
 
     /// Runs `op` on the open image without the GIL; its error becomes a Python exception.
-    fn detached<R: Send>(
+    pub(super) fn detached<R: Send>(
         &self,
         py: Python<'_>,
         op: impl FnOnce(&Image) -> Result<R, ImageError> + Send,
@@ -290,12 +290,13 @@ impl PyImage {
         self.snapshot_op(py, |img| img.apply_snapshot(name_or_id))
     }
 
-    /// The persistent bitmaps as dicts.
+    /// The persistent bitmaps as they are now, as dicts (`flags` has `in_use` for an
+    /// inconsistent bitmap only).
     fn bitmaps<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.image()?
-            .bitmaps()
+            .bitmap_list()
             .iter()
-            .map(|b| {
+            .map(|(b, _)| {
                 let d = PyDict::new(py);
                 d.set_item("name", &b.name)?;
                 d.set_item("granularity", 1u64 << b.granularity_bits.min(63))?;
@@ -511,7 +512,7 @@ impl PyImage {
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let taken = self.inner.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(img) = taken {
-            let flushed = py.detach(|| img.flush());
+            let flushed = py.detach(|| img.close());
             self.log_notes(py, &img);
             if let Err(e) = flushed {
                 let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());

@@ -2,6 +2,7 @@
 //! converts arguments, maps errors to the Python exceptions of `qcow2ovl.errors`, and releases the
 //! GIL around I/O.
 
+mod bitmaps;
 mod check;
 mod convert;
 mod create;
@@ -30,5 +31,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_repair_mode, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmaps::dirty_extents, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmaps::bitmap_add, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmaps::bitmap_remove, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmaps::bitmap_clear, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmaps::bitmap_enable, m)?)?;
+    m.add_function(wrap_pyfunction!(bitmaps::bitmap_merge, m)?)?;
     Ok(())
 }

@@ -313,6 +313,8 @@ impl Image {
         self.open_for_change(w)?;
         self.flush_locked(w)?;
         let old_l1 = self.l1_table();
+        // What the revert changes is marked in the bitmaps before it happens.
+        self.mark_bitmaps_for_revert(w, &old_l1, &sn_l1, new_size)?;
 
         // 1. One more reference to everything the snapshot reaches, on disk first.
         self.count_references(w, &sn_l1)?;

@@ -46,7 +46,7 @@ impl Image {
                 "Compression is not supported with an external data file".into(),
             ));
         }
-        self.open_for_change(&mut w)?;
+        self.open_for_guest_change(&mut w, guest.0, data.len() as u64)?;
         let mut cluster = data.to_vec();
         cluster.resize(cs as usize, 0);
         let packed = if self.scanned.header.compression_type == COMPRESSION_ZSTD {

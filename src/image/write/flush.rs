@@ -37,6 +37,23 @@ impl Image {
         }
     }
 
+    /// Flushes, then stores the persistent bitmaps that changes through this handle put in use
+    /// (QEMU stores them when it closes an image, not at a flush). The handle stays usable; a
+    /// later change puts the bitmaps in use again. A handle dropped without `close` leaves them
+    /// in use on disk, as a crash would: inconsistent, never stale.
+    pub fn close(&self) -> Result<(), ImageError> {
+        let Some(lock) = &self.writer else {
+            return Ok(());
+        };
+        let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_locked(&mut w)?;
+        if w.poisoned.is_some() {
+            return Ok(());
+        }
+        self.store_bitmaps(&mut w)
+            .map_err(|e| self.poison_if_inconsistent(&mut w, e))
+    }
+
     /// The flush, with the writer lock held; inconsistencies met on the way are fatal.
     pub(in crate::image) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
         self.write_back(w)

@@ -44,6 +44,9 @@ pub enum WriteKind {
     /// Rewrite of an L2 table that a snapshot uses (COPIED flags, by snapshot operations): its
     /// own cluster is INACTIVE_L2, and ACTIVE_L2 too while the active L1 table shares it.
     SharedL2Table,
+    /// The bitmap directory rewritten in place (its bitmaps marked in use before the first
+    /// change): its own clusters are BITMAP_DIRECTORY.
+    BitmapDirectory,
 }
 
 impl WriteKind {
@@ -56,6 +59,7 @@ impl WriteKind {
             WriteKind::RefcountBlock => MetadataType::REFCOUNT_BLOCK,
             WriteKind::L1Entries => MetadataType::ACTIVE_L1,
             WriteKind::RefcountTableEntries => MetadataType::REFCOUNT_TABLE,
+            WriteKind::BitmapDirectory => MetadataType::BITMAP_DIRECTORY,
         }
     }
 }
@@ -205,6 +209,17 @@ impl Image {
         let bytes = w.header.serialize_unchecked();
         let n = fixed_header_len(w.header.version).min(bytes.len());
         self.storage.write_at(0, &bytes[..n])?;
+        Ok(())
+    }
+
+    /// Writes the whole header, extensions and backing file name included (not checked:
+    /// cluster 0 is the header's own), for a change of an extension's fields.
+    pub(in crate::image) fn write_header_with_extensions(
+        &self,
+        w: &Writer,
+    ) -> Result<(), ImageError> {
+        let bytes = w.header.serialize()?;
+        self.storage.write_at(0, &bytes)?;
         Ok(())
     }
 

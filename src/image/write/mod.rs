@@ -21,6 +21,7 @@ pub(in crate::image) mod refcounts;
 mod resize;
 mod zero;
 
+use super::bitmaps::Bitmaps;
 use super::{Image, ImageError};
 use crate::format::entry::L2Entry;
 use crate::format::header::{AutoclearFeatures, IncompatibleFeatures};
@@ -81,6 +82,8 @@ pub(crate) struct Writer {
     pub compressed_cursor: Option<(u64, u64)>,
     /// Notes not yet taken by [`Image::take_notes`].
     pub notes: Vec<Note>,
+    /// The persistent bitmaps this handle keeps true.
+    pub bitmaps: Bitmaps,
 }
 
 impl Writer {
@@ -112,6 +115,7 @@ impl Writer {
             autoclear_cleared: false,
             compressed_cursor: None,
             notes: Vec::new(),
+            bitmaps: Bitmaps::new(&scanned.bitmaps, geometry.cluster_size(), h.size),
         })
     }
 
@@ -156,15 +160,19 @@ impl Image {
     }
 
     /// Before the first change: autoclear bits of extensions this library does not keep
-    /// current are cleared (bitmaps would go stale), as the spec requires. Done at the first
-    /// change, not at open, so that a writable open that writes nothing changes nothing.
+    /// current are cleared, as the spec requires (bit 0 stays while the bitmaps it vouches for
+    /// are kept: the scan read their directory). Done at the first change, not at open, so that
+    /// a writable open that writes nothing changes nothing.
     fn prepare_for_writing(&self, w: &mut Writer) -> Result<(), ImageError> {
         w.autoclear_cleared = true;
-        let keep = if w.external_data {
+        let mut keep = if w.external_data {
             AutoclearFeatures::RAW_EXTERNAL_DATA
         } else {
             AutoclearFeatures::empty()
         };
+        if !w.bitmaps.list.is_empty() {
+            keep |= AutoclearFeatures::BITMAPS;
+        }
         let autoclear = w.header.autoclear_features;
         // Bit arithmetic on the raw words: `!keep` on the flags type would keep only the known
         // bits, and unknown autoclear bits must be cleared too.
@@ -186,29 +194,42 @@ impl Image {
                     dropped.bits()
                 ),
             });
-            // The bitmap directory is no longer metadata the map must protect.
-            if !autoclear.contains(AutoclearFeatures::BITMAPS) {
-                return Ok(());
-            }
-            if let Some(ext) = w.header.bitmaps_ext() {
-                let cs = self.geometry.cluster_size();
-                self.map_remove(
-                    ext.dir_offset,
-                    ext.dir_size.div_ceil(cs),
-                    MetadataType::BITMAP_DIRECTORY,
-                )?;
+            // A bitmap directory no longer vouched for is not metadata the map must protect.
+            if dropped.contains(AutoclearFeatures::BITMAPS) {
+                if let Some(ext) = w.header.bitmaps_ext() {
+                    let cs = self.geometry.cluster_size();
+                    self.map_remove(
+                        ext.dir_offset,
+                        ext.dir_size.div_ceil(cs),
+                        MetadataType::BITMAP_DIRECTORY,
+                    )?;
+                }
             }
         }
         Ok(())
     }
 
+    /// [`Image::open_for_change`] for a change of guest bytes `[offset, offset + len)`: the
+    /// bitmaps that track writes are marked first.
+    pub(in crate::image) fn open_for_guest_change(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ImageError> {
+        self.open_for_change(w)?;
+        self.mark_bitmaps(&mut w.bitmaps, offset, len)
+    }
+
     /// Readies the image for a change: refused on a poisoned handle; before the first change the
-    /// autoclear bits are cleared, and with lazy refcounts the dirty bit is set on disk.
+    /// autoclear bits are cleared; before the first change since the bitmaps were last stored
+    /// (or opened) they are put in use on disk; with lazy refcounts the dirty bit is set on disk.
     pub(in crate::image) fn open_for_change(&self, w: &mut Writer) -> Result<(), ImageError> {
         w.refuse_if_poisoned()?;
         if !w.autoclear_cleared {
             self.prepare_for_writing(w)?;
         }
+        self.put_bitmaps_in_use(w)?;
         if Self::lazy_refcounts(w) && !w.dirty_bit_on_disk {
             w.header.incompatible_features |= IncompatibleFeatures::DIRTY;
             self.write_header(w)?;
@@ -222,7 +243,7 @@ impl Image {
     pub fn write_at(&self, guest: GuestOffset, data: &[u8]) -> Result<(), ImageError> {
         self.check_range("write", guest.0, data.len() as u64)?;
         let mut w = self.writer("write")?;
-        self.open_for_change(&mut w)?;
+        self.open_for_guest_change(&mut w, guest.0, data.len() as u64)?;
         let r = self
             .write_runs(&mut w, guest.0, data)
             .and_then(|()| self.bound_pending_writes(&mut w));

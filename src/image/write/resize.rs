@@ -4,6 +4,7 @@
 use super::refcounts::NewTable;
 use super::Writer;
 use crate::format::GuestOffset;
+use crate::image::bitmaps::inconsistent;
 use crate::image::{Image, ImageError};
 use crate::overlap::MetadataType;
 
@@ -12,6 +13,10 @@ impl Image {
     /// refused while anything is allocated past the new end.
     pub fn resize(&self, new_size: u64) -> Result<(), ImageError> {
         let mut w = self.writer("resize")?;
+        // The bitmaps follow the disk, as in QEMU, which refuses while one is inconsistent.
+        if let Some(t) = w.bitmaps.list.iter().find(|t| t.inconsistent) {
+            return Err(inconsistent(&t.entry.name));
+        }
         self.open_for_change(&mut w)?;
         let g = self.geometry;
         let old_size = self.virtual_size();
@@ -44,6 +49,9 @@ impl Image {
             }
         }
         self.grow_l1(&mut w, g.l1_entries_for(new_size))?;
+        for t in &mut w.bitmaps.list {
+            t.resize(self.storage.as_ref(), new_size)?;
+        }
         w.header.size = new_size;
         w.header_dirty = true;
         // Grow and shrink both take effect on disk with the next flush; reads see the new size.

@@ -20,7 +20,7 @@ impl Image {
     ) -> Result<(), ImageError> {
         self.check_range("write_zeroes", guest.0, len)?;
         let mut w = self.writer("write_zeroes")?;
-        self.open_for_change(&mut w)?;
+        self.open_for_guest_change(&mut w, guest.0, len)?;
         let cs = self.geometry.cluster_size() as usize;
         let zeros = vec![0u8; cs];
         let v3 = w.header.version >= 3;
@@ -54,7 +54,7 @@ impl Image {
     pub fn discard(&self, guest: GuestOffset, len: u64) -> Result<(), ImageError> {
         self.check_range("discard", guest.0, len)?;
         let mut w = self.writer("discard")?;
-        self.open_for_change(&mut w)?;
+        self.open_for_guest_change(&mut w, guest.0, len)?;
         let cs = self.geometry.cluster_size() as usize;
         let v3 = w.header.version >= 3;
         let at_end = guest.0 + len == self.virtual_size();
