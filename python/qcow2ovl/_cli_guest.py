@@ -191,10 +191,15 @@ def convert(args: argparse.Namespace) -> int:
     kwargs = _qcow2_options(args.options) if args.output_format == "qcow2" else None
     if args.options and kwargs is None:
         raise ValueError("convert: -o applies to -O qcow2 only")
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise ValueError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if args.bitmaps and args.output_format != "qcow2":
+        raise ValueError(f"Format driver '{args.output_format}' does not support bitmaps")
     source = _Source(args.image, args.source_format, args.snapshot, args.force_share)
     try:
+        bitmaps = _bitmaps_to_copy(source, args.skip_broken_bitmaps) if args.bitmaps else []
         if kwargs is not None:
-            _to_qcow2(source, args.output, kwargs, args.progress, args.compress)
+            _to_qcow2(source, args.output, kwargs, args.progress, args.compress, bitmaps)
         else:
             _to_raw(source, args.output, args.progress)
     finally:
@@ -239,8 +244,32 @@ def _to_raw(source: _Source, output: str, progress: bool) -> None:
         _copy(source, write, CHUNK, progress)
 
 
+def _bitmaps_to_copy(source: _Source, skip_broken: bool) -> list[Any]:
+    """The source's bitmaps that ``--bitmaps`` copies. An inconsistent one fails the convert
+    before anything is written, or with ``--skip-broken-bitmaps`` is skipped with a warning
+    (qemu-img looks at them last to first, and so names them in that order)."""
+    if source.image is None:
+        return []
+    found = source.image.bitmaps
+    for b in reversed(found):
+        if not b.inconsistent:
+            continue
+        if not skip_broken:
+            raise ValueError(
+                f"Cannot copy inconsistent bitmap '{b.name}'\nTry --skip-broken-bitmaps, or "
+                "use 'qemu-img bitmap --remove' to delete it"
+            )
+        print(f"qcow2ovl: warning: Skipping inconsistent bitmap '{b.name}'", file=sys.stderr)
+    return [b for b in found if not b.inconsistent]
+
+
 def _to_qcow2(
-    source: _Source, output: str, kwargs: dict[str, Any], progress: bool, compress: bool = False
+    source: _Source,
+    output: str,
+    kwargs: dict[str, Any],
+    progress: bool,
+    compress: bool = False,
+    bitmaps: list[Any] | None = None,
 ) -> None:
     from qcow2ovl.create import create
     from qcow2ovl.image import open as open_image
@@ -253,6 +282,10 @@ def _to_qcow2(
             _copy_compressed(source, image, cluster_size, progress)
         else:
             _copy(source, image.write, min(cluster_size, CHUNK), progress)
+        # Added after the data, so that the copy's own writes do not mark them.
+        for b in bitmaps or []:
+            image.add_bitmap(b.name, granularity=b.granularity, enabled=b.enabled)
+            image.merge_bitmap(b.name, b.name, source_image=source.image)
 
 
 def _copy_compressed(source: _Source, image: Any, cluster_size: int, progress: bool) -> None:
@@ -329,6 +362,16 @@ def add_parsers(sub: Any) -> None:
         help="copy this internal snapshot's disk (qemu-img's -l snapshot.name=/snapshot.id= "
         "are accepted too)",
         type=_snapshot_arg,
+    )
+    p.add_argument(
+        "--bitmaps",
+        action="store_true",
+        help="copy the persistent bitmaps too (qcow2 to qcow2)",
+    )
+    p.add_argument(
+        "--skip-broken-bitmaps",
+        action="store_true",
+        help="with --bitmaps: skip inconsistent bitmaps instead of failing",
     )
     from qcow2ovl._cli_options import add_force_share
 

@@ -83,6 +83,7 @@ commands:
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
   io IMAGE     qemu-io's commands: read, write, alloc, map, ... (qemu-io -c syntax)
   snapshot     list, create, apply or delete internal snapshots (qemu-img snapshot syntax)
+  bitmap       add, remove, clear, enable, disable or merge bitmaps (qemu-img bitmap syntax)
   fleet check  check many images on a process pool or a Dask cluster
 
 Run 'qcow2ovl COMMAND --help' for a command's options.
@@ -157,11 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
             "active one",
         )
         p.set_defaults(func=func)
-    from qcow2ovl import _cli_check, _cli_create, _cli_fleet, _cli_guest, _cli_io, _cli_snapshot
+    from qcow2ovl import (
+        _cli_bitmap,
+        _cli_check,
+        _cli_create,
+        _cli_fleet,
+        _cli_guest,
+        _cli_io,
+        _cli_snapshot,
+    )
 
     _cli_check.add_parser(sub)
     _cli_fleet.add_parser(sub)
     _cli_snapshot.add_parser(sub)
+    _cli_bitmap.add_parser(sub)
     _cli_create.add_parser(sub)
     _cli_io.add_parser(sub)
     _cli_guest.add_parsers(sub)
