@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 TYPE_CHECKING = False
@@ -62,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
         except UnsupportedError as exc:
             print(f"qcow2ovl: check: {exc}", file=sys.stderr)
             return EXIT_NOT_SUPPORTED
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            # A file of more clusters than a check can count: qemu-img's line and status.
+            print(f"qcow2ovl: Check failed: {exc.strerror}", file=sys.stderr)
+            return EXIT_FAILED
     if progress is not None:
         sys.stdout.write("\n")
     _print(args, result)

@@ -548,8 +548,10 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     internal snapshot's disk instead of the active one, like ``qemu-img convert -l``.
 
     *overlap_check* takes every form :meth:`OverlapCheck.parse` accepts (default: ``"all"``);
-    only the enabled types are read and tracked. *map_memory_limit* bounds the map's memory;
-    ranges it cannot hold are checked with QEMU's naive algorithm instead (never under-reported).
+    only the enabled types are read and tracked. *map_memory_limit* bounds the map's memory
+    (default: 16 MiB plus 32 bytes per cluster the file holds, which a valid image's metadata
+    never fills); ranges it cannot hold are checked with QEMU's naive algorithm instead (never
+    under-reported).
     *cache_size* is the memory for L2 tables in bytes (default: 32 MiB, or less when that
     covers the whole disk; at least one table is always cached).
 
@@ -657,7 +659,7 @@ def _open(
 def _log_open(image: Image, limit: int | None, snapshot: str | None) -> None:
     """Records what the open chose on its own: the naive checker under the memory limit, a
     snapshot's view."""
-    unchecked = image.unchecked_ranges() if limit is not None else []
+    unchecked = image.unchecked_ranges()
     if not unchecked and snapshot is None:
         return
     import logging
@@ -665,10 +667,12 @@ def _log_open(image: Image, limit: int | None, snapshot: str | None) -> None:
     log = logging.getLogger("qcow2ovl")
     if unchecked:
         log.info(
-            "%s: the metadata map's memory limit (%d bytes) left %d host ranges out; writes "
+            "%s: the metadata map's memory limit (%s) left %d host ranges out; writes "
             "there are checked with QEMU's naive algorithm",
             image.path,
-            limit,
+            f"{limit} bytes"
+            if limit is not None
+            else "by default, 16 MiB plus 32 bytes per cluster the file holds",
             len(unchecked),
         )
     if snapshot is not None:

@@ -211,7 +211,27 @@ impl MetadataMap {
         let first = offset >> self.cluster_bits;
         let mut lost: Option<(u64, u64)> = None;
         let mut collision = None;
-        for c in first..first + nb_clusters {
+        let end = first + nb_clusters;
+        // A full table holds no cluster outside its bounds, and can take none: that part of the
+        // range is unchecked at once, without probing cluster by cluster (a file can declare
+        // tables of billions of clusters; entering them must not cost a probe each).
+        let mut probe = first..end;
+        if self.table.is_full(self.max_slots) {
+            let (lo, hi) = self.table.bounds().unwrap_or((u64::MAX, 0));
+            let (a, b) = (first.max(lo), end.min(hi.saturating_add(1)));
+            if a >= b {
+                self.unchecked.add(first, end);
+                return Ok(None);
+            }
+            if first < a {
+                self.unchecked.add(first, a);
+            }
+            if b < end {
+                self.unchecked.add(b, end);
+            }
+            probe = a..b;
+        }
+        for c in probe {
             match self.table.or_insert(c, types.bits(), self.max_slots) {
                 Insert::Full => {
                     lost = Some(match lost {

@@ -36,6 +36,9 @@ pub(crate) struct ClusterTable {
     len: usize,
     /// Per-table random seed for the home-slot hash.
     seed: u64,
+    /// The smallest and largest cluster ever inserted (never narrowed by removals): no cluster
+    /// outside is present, which lets a full table refuse a far range without probing it.
+    bounds: Option<(u64, u64)>,
 }
 
 /// What [`ClusterTable::or_insert`] did.
@@ -67,6 +70,7 @@ impl ClusterTable {
             slots: Vec::new(),
             len: 0,
             seed: hasher.finish(),
+            bounds: None,
         }
     }
 
@@ -175,7 +179,24 @@ impl ClusterTable {
         }
         self.slots[i] = cluster << TYPE_BITS | u64::from(types);
         self.len += 1;
+        self.bounds = Some(match self.bounds {
+            Some((lo, hi)) => (lo.min(cluster), hi.max(cluster)),
+            None => (cluster, cluster),
+        });
         Insert::Done(0)
+    }
+
+    /// The smallest and largest cluster that may be present (`None`: the table is empty).
+    pub(crate) fn bounds(&self) -> Option<(u64, u64)> {
+        self.bounds
+    }
+
+    /// Whether no new cluster can be added under `max_slots` (present ones can still change).
+    pub(crate) fn is_full(&self, max_slots: usize) -> bool {
+        let n = self.slots.len();
+        let wanted = self.len + 1;
+        let most = max_slots / GROUP as usize * GROUP as usize;
+        n > 0 && n >= most && wanted * 16 > n * 15
     }
 
     /// Makes room for one more entry. Normally the table grows by 3/2 at load 3/4; under a memory

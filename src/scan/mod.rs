@@ -49,6 +49,25 @@ const MAX_PROBLEMS: usize = 64;
 /// Clusters that range structures may claim beyond the file's own clusters (structures that end
 /// past the end of the file, e.g. after a crash or a truncation).
 const RANGE_SLACK_CLUSTERS: u64 = 1 << 16;
+/// The metadata map's memory when no limit is given: this much, plus
+/// [`MAP_BYTES_PER_ALLOCATED_CLUSTER`] for every cluster the file really holds. A valid image's
+/// metadata lies in clusters the file holds, so its map fits many times over; a file whose
+/// tables merely claim to span terabytes of holes cannot make the map grow past it. What does
+/// not fit is checked by QEMU's algorithm instead (the map's unchecked ranges).
+pub const DEFAULT_MAP_BASE_BYTES: usize = 16 << 20;
+/// See [`DEFAULT_MAP_BASE_BYTES`].
+pub const MAP_BYTES_PER_ALLOCATED_CLUSTER: usize = 32;
+
+/// The map's memory limit for a file holding `allocated` bytes in clusters of `cluster_size`:
+/// `limit` when given, else the default above.
+pub fn map_limit_for(limit: Option<usize>, allocated: u64, cluster_size: u64) -> usize {
+    limit.unwrap_or_else(|| {
+        let clusters = usize::try_from(allocated.div_ceil(cluster_size)).unwrap_or(usize::MAX);
+        DEFAULT_MAP_BASE_BYTES
+            .saturating_add(clusters.saturating_mul(MAP_BYTES_PER_ALLOCATED_CLUSTER))
+    })
+}
+
 /// Snapshot L1 bytes that may be read beyond what the file has allocated (file systems report
 /// data in blocks, so a table's data may be counted twice where tables share a block).
 const L1_READ_SLACK: u64 = 64 << 20;
@@ -170,11 +189,12 @@ pub fn scan(
     let header = Header::parse(&cluster0)?;
     drop(cluster0);
     let allocated = storage.allocated_bytes().unwrap_or(file_len);
+    let limit = map_limit_for(map_limit, allocated.min(file_len), header.cluster_size());
     let mut s = Scanner {
         storage,
         file_len,
         cs: header.cluster_size(),
-        map: MetadataMap::new(header.cluster_size(), enabled, map_limit)?,
+        map: MetadataMap::new(header.cluster_size(), enabled, Some(limit))?,
         problems: Vec::new(),
         problem_count: 0,
         blocks_writes: false,

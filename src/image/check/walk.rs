@@ -111,6 +111,13 @@ impl Image {
         let g = self.geometry;
         let cs = g.cluster_size();
         let file_clusters = self.file_len().div_ceil(cs);
+        // The counts are arrays over every cluster of the file, as QEMU's are; QEMU refuses a
+        // file of more than INT_MAX clusters (a sparse file can claim any length), and so do we.
+        if file_clusters > i32::MAX as u64 {
+            return Err(ImageError::Io(std::io::Error::from_raw_os_error(
+                libc::EFBIG,
+            )));
+        }
         let order = h.refcount_order;
         let refcount_max = max_refcount(order)
             .ok_or_else(|| ImageError::Unsupported(format!("refcount order {order}")))?;
