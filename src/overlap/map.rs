@@ -608,6 +608,37 @@ mod tests {
     }
 
     #[test]
+    fn a_full_map_takes_far_ranges_whole_and_still_merges_inside_its_bounds() {
+        let limit = MetadataMap::minimum_limit() + 16 * 8;
+        let mut m = MetadataMap::new(CS, T::all(), Some(limit)).unwrap();
+        let mut i = 0;
+        while !m.table.is_full(m.max_slots) {
+            m.enter(
+                HostOffset((100 + 2 * i) * CS),
+                ClusterCount(1),
+                T::ACTIVE_L2,
+            )
+            .unwrap();
+            i += 1;
+        }
+        // 65,536 clusters far past everything the map holds: one unchecked
+        // range, without a probe per cluster.
+        let far = 1u64 << 30;
+        m.enter(HostOffset(far * CS), ClusterCount(1 << 16), T::INACTIVE_L1)
+            .unwrap();
+        assert!(m.unchecked_ranges().contains(&(far * CS, (1 << 16) * CS)));
+        assert!(!m.is_exact(HostOffset((far + 12345) * CS), 1).unwrap());
+        // Far below them too; and inside the bounds, a present cluster still gains the type.
+        m.enter(HostOffset(2 * CS), ClusterCount(10), T::REFCOUNT_BLOCK)
+            .unwrap();
+        assert!(m.unchecked_ranges().contains(&(2 * CS, 10 * CS)));
+        m.enter(HostOffset(100 * CS), ClusterCount(1), T::INACTIVE_L2)
+            .unwrap();
+        let got = m.check(HostOffset(100 * CS), 1, T::empty()).unwrap();
+        assert!(got.contains(T::ACTIVE_L2 | T::INACTIVE_L2), "{got:?}");
+    }
+
+    #[test]
     fn unchecked_ranges_merge_conservatively() {
         let mut u = Unchecked::default();
         for i in 0..20u64 {
