@@ -7,6 +7,7 @@ the map itself, QEMU's naive checker (the reference), and the CLI.
 """
 
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
+from qcow2ovl._inspect import inspect
 from qcow2ovl.check import CheckResult, check
 from qcow2ovl.create import create
 from qcow2ovl.errors import (
@@ -32,6 +33,7 @@ from qcow2ovl.image import (
     open,
 )
 from qcow2ovl.options import OverlapCheck
+from qcow2ovl.records import Verdict
 from qcow2ovl.types import TEMPLATES, MetadataType
 
 __all__ = [
@@ -57,9 +59,11 @@ __all__ = [
     "ReadOnlyImageError",
     "Snapshot",
     "SnapshotNotFoundError",
+    "Verdict",
     "UnsupportedError",
     "__version__",
     "check",
     "create",
+    "inspect",
     "open",
 ]

@@ -78,6 +78,7 @@ commands:
   info IMAGE   header facts, snapshots and bitmaps (like qemu-img info)
   map IMAGE    every metadata extent of the host file (--picture FILE.svg draws it)
   check IMAGE  refcounts and metadata as qemu-img check, with overlaps named
+  inspect      a verdict on an untrusted file: backing or data file, overlaps, ...
   demo         a guarded write next to QEMU's unguarded one; maps and checks
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_create,
         _cli_fleet,
         _cli_guest,
+        _cli_inspect,
         _cli_io,
         _cli_snapshot,
     )
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_fleet.add_parser(sub)
     _cli_snapshot.add_parser(sub)
     _cli_bitmap.add_parser(sub)
+    _cli_inspect.add_parser(sub)
     _cli_create.add_parser(sub)
     _cli_io.add_parser(sub)
     _cli_guest.add_parsers(sub)

@@ -391,6 +391,43 @@ class CheckResult:
         return "\n".join(out)
 
 
+@dataclass(frozen=True, repr=False)
+class Verdict:
+    """What :func:`qcow2ovl.inspect` says about an untrusted file.
+
+    ``safe`` is true when ``reasons`` is empty; each reason is one line. ``readable`` is false
+    when the file could not even be read (an I/O error). ``facts`` is ``qemu-img info
+    --output=json``'s object for the file, key for key (empty when unreadable; for a file that
+    is not qcow2, the object qemu-img gives a raw file, with ``format`` the one its magic
+    names). ``exit_code`` is ``qcow2ovl inspect``'s exit status: 0 safe, 1 unsafe, 2
+    unreadable.
+    """
+
+    filename: str
+    safe: bool
+    readable: bool
+    reasons: tuple[str, ...]
+    facts: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        return f"Verdict(filename={self.filename!r}, safe={self.safe}, reasons={self.reasons!r})"
+
+    @property
+    def exit_code(self) -> int:
+        """0 safe, 1 unsafe, 2 unreadable."""
+        return 0 if self.safe else 1 if self.readable else 2
+
+    def as_json(self) -> dict[str, Any]:
+        """The verdict as ``qcow2ovl inspect --output json`` prints it."""
+        return {
+            "filename": self.filename,
+            "safe": self.safe,
+            "readable": self.readable,
+            "reasons": list(self.reasons),
+            "info": dict(self.facts),
+        }
+
+
 def check_result(filename: str, report: Mapping[str, Any]) -> CheckResult:
     """A :class:`CheckResult` from the core's report of a check of *filename*: a dict keyed by
     the record's field names, with ``findings`` as rows and ``overlaps`` as dicts."""
@@ -412,6 +449,7 @@ __all__ = [
     "ImageInfo",
     "Problem",
     "Snapshot",
+    "Verdict",
     "check_result",
     "from_fields",
     "from_rows",

@@ -1,0 +1,212 @@
+"""`qcow2ovl.inspect` and `qcow2ovl inspect`: verdicts on untrusted files.
+
+Clean qemu-img images are safe and their facts equal `qemu-img info --output=json`; each kind
+of trick an upload can play is named, without opening the file it points to (a data file that
+is a FIFO would block an open forever); a hostile file is judged under 2 s of CPU and 1 GiB of
+address space (resource limits, not a clock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import qcow2ovl
+import qemu_images as qi
+from test_hostile import _snapshot_entry
+
+pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img")
+
+
+def qemu_info(path: Path) -> dict[str, object]:
+    return dict(json.loads(qi.qemu_img("info", "--output=json", path).stdout))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"cluster_size": 512},
+        {"compat": "0.10"},
+        {"extended_l2": True},
+        {"lazy_refcounts": True},
+    ],
+)
+def test_clean_images_are_safe_and_their_facts_are_qemu_img_infos(
+    tmp_path: Path, opts: dict[str, object]
+) -> None:
+    path = tmp_path / "clean.qcow2"
+    qi.create(path, 64 << 20, opts=opts)
+    qi.write(path, [(0, 70000, 0x11)])
+    qi.snapshot_create(path, "s")
+    if opts.get("compat") != "0.10":
+        qi.bitmap_add(path, "b")
+    verdict = qcow2ovl.inspect(path)
+    assert verdict.safe and verdict.reasons == () and verdict.exit_code == 0, verdict
+    assert dict(verdict.facts) == qemu_info(path)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qcow2ovl", "inspect", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_backing_file_is_a_reason(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qi.create(base, 1 << 20)
+    path = tmp_path / "top.qcow2"
+    qi.create(path, 1 << 20, backing=base)
+    verdict = qcow2ovl.inspect(path)
+    assert verdict.reasons == (f"backing file: {base}",)
+    assert verdict.facts["backing-filename"] == str(base)
+    assert dict(verdict.facts) == qemu_info(path)
+    json_backing = 'json:{"driver": "raw", "file": {"driver": "file", "filename": "/etc/passwd"}}'
+    sneaky = tmp_path / "sneaky.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", json_backing, "-F", "raw", sneaky, "1M")
+    assert qcow2ovl.inspect(sneaky).reasons == (f"backing file: {json_backing}",)
+
+
+def test_a_data_file_is_named_and_never_opened(tmp_path: Path) -> None:
+    """CVE-2024-32498's trick: an external data file pointing at a host file. Here it is a FIFO,
+    which an open would block on."""
+    fifo = tmp_path / "fifo1"
+    os.mkfifo(fifo)
+    path = tmp_path / "data.qcow2"
+    qi.create(path, 1 << 20, opts={"data_file": tmp_path / "d.raw"})
+    # Point the data file extension at the FIFO: same length of name, poked in place.
+    raw = path.read_bytes()
+    old = str(tmp_path / "d.raw").encode()
+    new = str(fifo).encode()
+    assert len(old) == len(new) and raw.count(old) == 1
+    path.write_bytes(raw.replace(old, new))
+    proc = _run_cli("--output", "json", str(path))
+    assert proc.returncode == 1, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["safe"] is False and f"external data file: {fifo}" in got["reasons"]
+
+
+def test_files_that_are_not_qcow2(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.qcow2"
+    raw.write_bytes(b"\x00" * 4096)
+    verdict = qcow2ovl.inspect(raw)
+    assert verdict.reasons == ("not a qcow2 image (its first bytes say raw)",)
+    assert verdict.exit_code == 1
+    assert dict(verdict.facts) == {**qemu_info(raw), "format": "raw"}
+    vmdk = tmp_path / "disk2.qcow2"
+    vmdk.write_bytes(b"KDMV" + bytes(4092))
+    assert qcow2ovl.inspect(vmdk).reasons == ("not a qcow2 image (its first bytes say vmdk)",)
+
+
+def test_bits_problems_and_refusals_are_reasons(tmp_path: Path) -> None:
+    path = tmp_path / "bits.qcow2"
+    qi.create(path, 1 << 20)
+    qi.write(path, [(0, 4096, 1)])
+    (incompatible,) = qi.peek(path, 72, ">Q")
+    qi.poke(path, 72, ">Q", incompatible | 2)  # the corrupt bit
+    assert "the corrupt bit is set" in qcow2ovl.inspect(path).reasons
+    qi.poke(path, 72, ">Q", incompatible | 1 << 40)  # an unknown incompatible feature
+    verdict = qcow2ovl.inspect(path)
+    assert not verdict.safe and verdict.readable and len(verdict.reasons) == 1
+    assert "Unsupported qcow2 feature(s)" in verdict.reasons[0]
+    qi.poke(path, 72, ">Q", incompatible)
+    # The L2 pointer of L1 entry 0 aimed at the L1 table itself: metadata on metadata.
+    (l1,) = qi.peek(path, 40, ">Q")
+    qi.poke(path, l1, ">Q", l1 | 1 << 63)
+    reasons = qcow2ovl.inspect(path).reasons
+    assert any(r.startswith("metadata-overlap: ") for r in reasons), reasons
+    assert any(r.startswith("check: ") for r in reasons), reasons
+    cut = tmp_path / "cut.qcow2"
+    cut.write_bytes(path.read_bytes()[:50])
+    verdict = qcow2ovl.inspect(cut)
+    assert verdict.exit_code == 1 and len(verdict.reasons) == 1
+
+
+def test_limits(tmp_path: Path) -> None:
+    path = tmp_path / "big.qcow2"
+    qi.create(path, 10 << 30)
+    qi.snapshot_create(path, "a")
+    qi.snapshot_create(path, "b")
+    verdict = qcow2ovl.inspect(path, max_virtual_size=1 << 30, max_snapshots=1)
+    assert verdict.reasons == (
+        f"virtual size {10 << 30} exceeds the limit {1 << 30}",
+        "snapshots 2 exceeds the limit 1",
+    )
+    proc = _run_cli("--max-virtual-size", "20G", "--max-snapshots", "2", str(path))
+    assert (proc.returncode, proc.stdout.splitlines()[0]) == (0, f"{path}: safe")
+
+
+LIMITED = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_CPU, (2, 2))
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+import qcow2ovl
+v = qcow2ovl.inspect(sys.argv[1])
+print(json.dumps(v.as_json()))
+"""
+
+
+def test_a_hostile_file_within_two_cpu_seconds_and_one_gib(tmp_path: Path) -> None:
+    """2,048 snapshots with 32 MiB L1 tables in the holes of a 1 TiB sparse file with 512-byte
+    clusters: judged (unsafe) under Glance's limits for `qemu-img info`."""
+    path = tmp_path / "bomb.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "64M")
+    entries = b"".join(
+        _snapshot_entry((1 << 30) + i * (32 << 20), (32 << 20) // 8, f"s{i}") for i in range(2048)
+    )
+    with open(path, "r+b") as f:
+        f.seek(64 << 10)
+        f.write(entries)
+        f.truncate(1 << 40)
+        f.seek(60)
+        f.write(struct.pack(">IQ", 2048, 64 << 10))
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMITED, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["safe"] is False
+    assert "check failed: File too large" in got["reasons"]
+
+
+INSPECT_EXAMPLES = int(os.environ.get("QCOW2OVL_INSPECT_EXAMPLES", "150"))
+
+
+def test_corrupted_images_always_get_a_verdict(tmp_path: Path) -> None:
+    """The hypothesis corruption strategies feed inspect: no crash, no abort, no exception, a
+    verdict every time, and a corruption that QEMU's check or open notices is never safe."""
+    from hypothesis import HealthCheck, given, settings
+    from qcow2ovl.testing import CorruptedImage, corrupted_images
+
+    path = tmp_path / "case.qcow2"
+    unsafe = 0
+
+    @settings(
+        max_examples=INSPECT_EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+    @given(corrupted_images())
+    def run(case: CorruptedImage) -> None:
+        nonlocal unsafe
+        case.write_to(path)
+        verdict = qcow2ovl.inspect(path)
+        assert verdict.safe == (verdict.reasons == ())
+        assert verdict.exit_code in (0, 1)
+        unsafe += not verdict.safe
+        if verdict.safe:
+            # What we call safe, QEMU opens and checks clean (leaks aside).
+            check = qi.qemu_img("check", "--output=json", path, ok=(0, 1, 2, 3))
+            assert check.returncode in (0, 3), (case.description, check.stderr)
+
+    run()
+    assert unsafe > 0
