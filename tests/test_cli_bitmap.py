@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import qemu_images as qi
-from test_bitmaps import make_image, qemu_bitmaps
+from test_bitmaps import assert_same_bitmaps, make_image, qemu_bitmaps
 
 LINES = [
     ["--add", "{img}", "new"],
@@ -67,12 +67,7 @@ def test_bitmap_command_as_qemu_img(tmp_path: Path, line: list[str]) -> None:
     if qemu.returncode:
         first = qemu.stderr.splitlines()[0].replace(str(theirs), str(ours))
         assert mine.stderr.splitlines()[0] == first.replace("qemu-img:", "qcow2ovl:", 1)
-    assert qemu_bitmaps(ours) == qemu_bitmaps(theirs)
-    for b in qemu_bitmaps(ours):
-        name = str(b["name"])
-        assert qi.qemu_dirty(ours, name) == qi.qemu_dirty(theirs, name), name
-    check = qi.qemu_check(ours)
-    assert qi.check_is_clean(check) and check.get("leaks", 0) == 0, check
+    assert_same_bitmaps(ours, theirs)
 
 
 @pytest.mark.parametrize(

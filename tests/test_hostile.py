@@ -54,16 +54,15 @@ def _snapshot_entry(l1_offset: int, l1_size: int, ident: str) -> bytes:
     return entry + bytes(-len(entry) % 8)
 
 
-def test_snapshot_tables_in_holes_of_a_sparse_file(tmp_path: Path) -> None:
-    # 2048 snapshots whose 32 MiB L1 tables lie in a hole of a 1 TiB sparse file: QEMU opens
-    # it at once; the scan must not read (or allocate) gigabytes of zeros.
-    path = tmp_path / "sparse.qcow2"
-    qi.qemu_img("create", "-q", "-f", "qcow2", path, "1T")
-    cs = 65536
-    table_at = 16 * cs
+def snapshot_table_bomb(
+    path: Path, *, cluster_size: int, size: str, table_at: int, tables_at: int
+) -> None:
+    """A qemu-img image whose snapshot table (at *table_at*) lists 2048 snapshots with 32 MiB
+    L1 tables one after another from *tables_at*, all in the holes of a 1 TiB sparse file."""
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, size)
     l1_entries = (32 << 20) // 8
     entries = b"".join(
-        _snapshot_entry((1 << 39) + i * (32 << 20), l1_entries, f"s{i}") for i in range(2048)
+        _snapshot_entry(tables_at + i * (32 << 20), l1_entries, f"s{i}") for i in range(2048)
     )
     with open(path, "r+b") as f:
         f.seek(table_at)
@@ -71,6 +70,13 @@ def test_snapshot_tables_in_holes_of_a_sparse_file(tmp_path: Path) -> None:
         f.truncate(1 << 40)
         f.seek(60)
         f.write(struct.pack(">IQ", 2048, table_at))
+
+
+def test_snapshot_tables_in_holes_of_a_sparse_file(tmp_path: Path) -> None:
+    # 2048 snapshots whose 32 MiB L1 tables lie in a hole of a 1 TiB sparse file: QEMU opens
+    # it at once; the scan must not read (or allocate) gigabytes of zeros.
+    path = tmp_path / "sparse.qcow2"
+    snapshot_table_bomb(path, cluster_size=65536, size="1T", table_at=16 * 65536, tables_at=1 << 39)
     got = _open_limited(path)
     assert got["snapshots"] == 2048
 
@@ -243,18 +249,7 @@ def test_huge_snapshot_l1_tables_in_holes_with_tiny_clusters(tmp_path: Path) -> 
     rest to QEMU's algorithm; nothing allocates by what the bytes claim; the check refuses the
     file as qemu-img does (more than INT_MAX clusters)."""
     path = tmp_path / "tiny.qcow2"
-    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "64M")
-    table_at = 64 << 10
-    l1_entries = (32 << 20) // 8
-    entries = b"".join(
-        _snapshot_entry((1 << 30) + i * (32 << 20), l1_entries, f"s{i}") for i in range(2048)
-    )
-    with open(path, "r+b") as f:
-        f.seek(table_at)
-        f.write(entries)
-        f.truncate(1 << 40)
-        f.seek(60)
-        f.write(struct.pack(">IQ", 2048, table_at))
+    snapshot_table_bomb(path, cluster_size=512, size="64M", table_at=64 << 10, tables_at=1 << 30)
     proc = subprocess.run(
         [sys.executable, "-c", TIGHT_CHILD.format(limit=TIGHT), str(path)],
         capture_output=True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import qcow2ovl
 import qemu_images as qi
-from test_hostile import _snapshot_entry
+from test_hostile import snapshot_table_bomb
 
 pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img")
 
@@ -158,16 +157,7 @@ def test_a_hostile_file_within_two_cpu_seconds_and_one_gib(tmp_path: Path) -> No
     """2,048 snapshots with 32 MiB L1 tables in the holes of a 1 TiB sparse file with 512-byte
     clusters: judged (unsafe) under Glance's limits for `qemu-img info`."""
     path = tmp_path / "bomb.qcow2"
-    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "64M")
-    entries = b"".join(
-        _snapshot_entry((1 << 30) + i * (32 << 20), (32 << 20) // 8, f"s{i}") for i in range(2048)
-    )
-    with open(path, "r+b") as f:
-        f.seek(64 << 10)
-        f.write(entries)
-        f.truncate(1 << 40)
-        f.seek(60)
-        f.write(struct.pack(">IQ", 2048, 64 << 10))
+    snapshot_table_bomb(path, cluster_size=512, size="64M", table_at=64 << 10, tables_at=1 << 30)
     proc = subprocess.run(
         [sys.executable, "-c", LIMITED, str(path)], capture_output=True, text=True, timeout=120
     )

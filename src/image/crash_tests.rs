@@ -67,6 +67,37 @@ impl Storage for Recording {
     }
 }
 
+/// What the disk may hold after a crash at op `n` of `log` (a write), under the three crash
+/// models, each tagged: (a) `failed`: the writes up to and including the nth landed, later
+/// ones failed; (b) `lost`: power loss, only what the last barrier before it made durable; (c)
+/// `reordered`: power loss, with a random subset (drawn from `x`) of the unflushed writes
+/// landed.
+pub(super) fn crashed_images(
+    base: &[u8],
+    log: &[Op],
+    n: usize,
+    x: &mut u64,
+) -> [(&'static str, Vec<u8>); 3] {
+    let last_flush = log[..n]
+        .iter()
+        .rposition(|op| matches!(op, Op::Flush))
+        .map_or(0, |i| i + 1);
+    let mut failed = base.to_vec();
+    log[..=n].iter().for_each(|op| apply(&mut failed, op));
+    let mut lost = base.to_vec();
+    log[..last_flush].iter().for_each(|op| apply(&mut lost, op));
+    let mut reordered = lost.clone();
+    for op in &log[last_flush..=n] {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        if *x % 2 == 0 {
+            apply(&mut reordered, op);
+        }
+    }
+    [("failed", failed), ("lost", lost), ("reordered", reordered)]
+}
+
 pub(super) fn apply(image: &mut Vec<u8>, op: &Op) {
     match op {
         Op::Write(o, b) => {
@@ -303,38 +334,10 @@ fn every_crash_point_leaves_a_consistent_image() {
     let mut leaks_fixed = 0;
     let mut x: u64 = 0x9e37_79b9;
     for (k, &n) in writes.iter().enumerate().step_by(every) {
-        // The last round whose flush() completed before this write (for the data check), and
-        // the last storage barrier before it (what the disk is sure to hold).
+        // The last round whose flush() completed before this write (for the data check).
         let f = flushes.iter().rposition(|&fl| fl <= n).unwrap_or(0);
-        let last_flush = log[..n]
-            .iter()
-            .rposition(|op| matches!(op, Op::Flush))
-            .map_or(0, |i| i + 1);
-        // (a) Writes up to and including the nth landed, later ones failed.
-        let mut failed = base_bytes.clone();
-        for op in &log[..=n] {
-            apply(&mut failed, op);
-        }
-        // (b) Power loss: only what the last completed flush made durable.
-        let mut lost = base_bytes.clone();
-        for op in &log[..last_flush] {
-            apply(&mut lost, op);
-        }
-        // (c) Reordering: power loss, with a random subset of the unflushed writes landed.
-        let mut reordered = lost.clone();
-        for op in &log[last_flush..=n] {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if x % 2 == 0 {
-                apply(&mut reordered, op);
-            }
-        }
-        for (tag, bytes) in [
-            ("failed", &failed),
-            ("lost", &lost),
-            ("reordered", &reordered),
-        ] {
+        for (tag, bytes) in &crashed_images(&base_bytes, &log, n, &mut x) {
+            let (tag, bytes) = (*tag, bytes);
             let in_snapshot_op = snaps.ranges.iter().any(|&(a, b)| (a..b).contains(&n));
             let (corruptions, errors) = qemu_check(&qemu, bytes, tag, !in_snapshot_op);
             if in_snapshot_op {

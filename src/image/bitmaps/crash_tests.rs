@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use super::super::crash_tests::{apply, qemu_check, qemu_img, Op, Recording};
+use super::super::crash_tests::{crashed_images, qemu_check, qemu_img, Op, Recording};
 use crate::format::GuestOffset;
 use crate::image::{Image, OpenOptions};
 use crate::storage::MemStorage;
@@ -118,24 +118,7 @@ fn no_crash_point_leaves_a_consistent_bitmap_that_misses_a_change() {
     let (mut in_use, mut consistent_changed) = (0, 0);
     let mut x: u64 = 0x51_7cc1_b727;
     for &n in writes.iter().step_by(every) {
-        let last_flush = log[..n]
-            .iter()
-            .rposition(|op| matches!(op, Op::Flush))
-            .map_or(0, |i| i + 1);
-        let mut failed = base.clone();
-        log[..=n].iter().for_each(|op| apply(&mut failed, op));
-        let mut lost = base.clone();
-        log[..last_flush].iter().for_each(|op| apply(&mut lost, op));
-        let mut reordered = lost.clone();
-        for op in &log[last_flush..=n] {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            if x % 2 == 0 {
-                apply(&mut reordered, op);
-            }
-        }
-        for (tag, bytes) in [("failed", failed), ("lost", lost), ("reordered", reordered)] {
+        for (tag, bytes) in crashed_images(&base, &log, n, &mut x) {
             let (corruptions, errors) = qemu_check(&qemu, &bytes, tag, true);
             assert_eq!((corruptions, errors), (0, 0), "crash at op {n}, {tag}");
             let (img, now) = guest(&bytes);
