@@ -11,8 +11,10 @@ mark what it changes; QEMU does not), resize, and the other autoclear bits.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +174,31 @@ def test_a_killed_writer_leaves_the_bitmaps_in_use(tmp_path: Path) -> None:
     qi.qemu_img("bitmap", "--remove", str(path), "en")
     assert [b["name"] for b in qemu_bitmaps(path)] == ["dis", "fine"]
     assert qi.check_is_clean(qi.qemu_check(path))
+
+
+def test_info_lists_bitmaps_as_qemu_img_info(tmp_path: Path) -> None:
+    """`qcow2ovl info` (human and JSON) shows the bitmaps and their flags as qemu-img info does,
+    consistent ones and ones a killed writer left in use."""
+    path = tmp_path / "disk.qcow2"
+    make_image(path, 65536)
+    for _ in range(2):
+        for fmt in ("human", "json"):
+            ours = subprocess.run(
+                [sys.executable, "-m", "qcow2ovl", "info", "--output", fmt, str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            theirs = qi.qemu_img("info", "--output", fmt, str(path)).stdout
+            if fmt == "json":
+                mine = json.loads(ours)
+                mine.pop("qcow2ovl", None)
+                assert mine == json.loads(theirs)
+            else:
+                # Our own facts are one block of our own ("qcow2ovl:" and its indented lines).
+                assert re.sub(r"qcow2ovl:\n(?:    .*\n)*", "", ours) == theirs
+        subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], check=True)
+    assert all("in-use" in b["flags"] for b in qemu_bitmaps(path))
 
 
 def test_a_writable_open_that_writes_nothing_changes_nothing(tmp_path: Path) -> None:
