@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import qcow2ovl
@@ -22,23 +23,24 @@ import qemu_images as qi
 pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img")
 
 LIMIT = 2 << 30
-CHILD = """
-import json, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-import qcow2ovl
+OPEN = """
 with qcow2ovl.open(sys.argv[1]) as img:
     n = sum(1 for _ in img.metadata_extents())
-    print(json.dumps({{"extents": n, "problems": img.problem_count,
-                      "snapshots": len(img.snapshots)}}))
+    print(json.dumps({"extents": n, "problems": img.problem_count,
+                      "snapshots": len(img.snapshots)}))
 """
 
 
-def _open_limited(path: Path) -> dict[str, int]:
+def run_limited(body: str, path: Path, *, memory: int = LIMIT, cpu: int | None = None) -> Any:
+    """Runs the Python *body* in a child process under an address-space limit of *memory* bytes
+    (and *cpu* seconds of CPU when given), with ``json``, ``sys`` and ``qcow2ovl`` imported and
+    ``sys.argv[1]`` the image; returns the JSON value it printed."""
+    limits = f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
+    if cpu is not None:
+        limits += f"resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))\n"
+    script = f"import json, resource, sys\n{limits}import qcow2ovl\n{body}"
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(limit=LIMIT), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout)
@@ -77,7 +79,7 @@ def test_snapshot_tables_in_holes_of_a_sparse_file(tmp_path: Path) -> None:
     # it at once; the scan must not read (or allocate) gigabytes of zeros.
     path = tmp_path / "sparse.qcow2"
     snapshot_table_bomb(path, cluster_size=65536, size="1T", table_at=16 * 65536, tables_at=1 << 39)
-    got = _open_limited(path)
+    got = run_limited(OPEN, path)
     assert got["snapshots"] == 2048
 
 
@@ -101,20 +103,14 @@ def test_millions_of_l2_tables(tmp_path: Path) -> None:
     # The L2 tables lie past the end of the file: the map holds what its default memory bound
     # (proportional to what the file holds) allows, and the rest of them stays unchecked
     # (checked by QEMU's algorithm), never dropped.
-    child = (
-        "import json, resource, sys; "
-        f"resource.setrlimit(resource.RLIMIT_AS, ({LIMIT}, {LIMIT})); "
-        "import qcow2ovl; img = qcow2ovl.open(sys.argv[1]); cs = img.info.cluster_size; "
-        "l2 = qcow2ovl.MetadataType.ACTIVE_L2; "
-        "mapped = sum(n // cs for o, n, t in img.metadata_extents() if t & l2); "
-        "loose = sum(n for _, n in img.unchecked_ranges()) // cs; "
-        "print(json.dumps([mapped, loose, img.map_memory_usage()]))"
+    coverage = (
+        "img = qcow2ovl.open(sys.argv[1]); cs = img.info.cluster_size\n"
+        "l2 = qcow2ovl.MetadataType.ACTIVE_L2\n"
+        "mapped = sum(n // cs for o, n, t in img.metadata_extents() if t & l2)\n"
+        "loose = sum(n for _, n in img.unchecked_ranges()) // cs\n"
+        "print(json.dumps([mapped, loose, img.map_memory_usage()]))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    mapped, loose, memory = json.loads(proc.stdout)
+    mapped, loose, memory = run_limited(coverage, path)
     assert mapped > 0 and mapped + loose >= n and memory < 64 << 20
     proc = subprocess.run(
         [
@@ -224,10 +220,7 @@ def test_cli_guest_map_and_convert_match_qemu(tmp_path: Path) -> None:
 
 # 1 GiB of address space: what Glance allows `qemu-img info`.
 TIGHT = 1 << 30
-TIGHT_CHILD = """
-import json, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
-import qcow2ovl
+TIGHT_OPEN_AND_CHECK = """
 with qcow2ovl.open(sys.argv[1]) as img:
     extents = list(img.metadata_extents())
     unchecked = img.unchecked_ranges()
@@ -236,9 +229,9 @@ with qcow2ovl.open(sys.argv[1]) as img:
         check = "done"
     except OSError as exc:
         check = exc.strerror
-    print(json.dumps({{"extents": len(extents), "unchecked": len(unchecked),
+    print(json.dumps({"extents": len(extents), "unchecked": len(unchecked),
                       "snapshots": len(img.snapshots), "map": img.map_memory_usage(),
-                      "check": check}}))
+                      "check": check}))
 """
 
 
@@ -250,14 +243,7 @@ def test_huge_snapshot_l1_tables_in_holes_with_tiny_clusters(tmp_path: Path) -> 
     file as qemu-img does (more than INT_MAX clusters)."""
     path = tmp_path / "tiny.qcow2"
     snapshot_table_bomb(path, cluster_size=512, size="64M", table_at=64 << 10, tables_at=1 << 30)
-    proc = subprocess.run(
-        [sys.executable, "-c", TIGHT_CHILD.format(limit=TIGHT), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout)
+    got = run_limited(TIGHT_OPEN_AND_CHECK, path, memory=TIGHT)
     assert got["snapshots"] == 2048 and got["unchecked"] >= 1
     assert got["map"] <= 17 << 20
     qemu = qi.qemu_img("check", path, ok=(1,))

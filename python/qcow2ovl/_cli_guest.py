@@ -47,10 +47,6 @@ def _progress(done: int, total: int) -> None:
     sys.stdout.flush()
 
 
-#: The first bytes of every qcow2 file.
-QCOW2_MAGIC = b"QFI\xfb"
-
-
 class _Source:
     """The guest disk to convert: a qcow2 image or a raw file, read in ranges; ``ranges()``
     yields ``(start, length, zero)`` covering the disk, where *zero* says the range surely reads
@@ -62,8 +58,9 @@ class _Source:
         from qcow2ovl.image import open as open_image
 
         if fmt is None:
-            with open(path, "rb") as f:
-                fmt = "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+            from qcow2ovl._format import probe_format
+
+            fmt = probe_format(path)
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"Unknown file format '{fmt}'")
         self.fmt = fmt

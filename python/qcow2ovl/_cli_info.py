@@ -387,8 +387,9 @@ def info_text(d: dict[str, Any], image: Image | None) -> str:
 
 def _backing_format(path: str) -> str:
     """qemu-img's probe of a backing file without a stored format: qcow2 by its magic, else raw."""
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    from qcow2ovl._format import probe_format
+
+    return probe_format(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from qcow2ovl._format import QCOW2_MAGIC
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -18,8 +20,6 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 #: ``qemu-img check``'s status for an image whose format it cannot check.
 EXIT_NOT_SUPPORTED = 63
-
-_QCOW2_MAGIC = b"QFI\xfb"
 
 
 # ---- the work each worker does ------------------------------------------------------------
@@ -104,7 +104,7 @@ def _starts_with_magic(path: str) -> bool:
     cannot be read (so that its error is reported rather than hidden)."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == _QCOW2_MAGIC
+            return f.read(4) == QCOW2_MAGIC
     except OSError:
         return True
 

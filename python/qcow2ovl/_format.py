@@ -21,6 +21,17 @@ _UNITS = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
 COMPRESSION_TYPES: dict[str, int] = {"zlib": 0, "deflate": 0, "zstd": 1}
 
 
+#: The first bytes of every qcow2 file.
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def probe_format(path: str) -> str:
+    """qemu-img's probe for the two formats qcow2ovl reads: ``qcow2`` when the file starts with
+    the qcow2 magic, else ``raw``."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+
+
 def compression_type_code(name: str) -> int:
     """The header's compression type code for *name* (QEMU's ``zlib`` or ``zstd``; the
     format specification's ``deflate`` is accepted for ``zlib``). ``ValueError`` otherwise."""

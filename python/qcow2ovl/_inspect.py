@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 
+from qcow2ovl._format import QCOW2_MAGIC
 from qcow2ovl.records import Verdict
 
 TYPE_CHECKING = False
@@ -40,7 +41,7 @@ _OTHER_MAGIC = (
     (b"conectix", "vpc"),
     (b"vhdxfile", "vhdx"),
     (b"<<< Oracle VM VirtualBox Disk Image >>>", "vdi"),
-    (b"QFI\xfb", "qcow2"),
+    (QCOW2_MAGIC, "qcow2"),
     (b"QFI", "qcow"),
     (b"LUKS\xba\xbe", "luks"),
 )

@@ -81,7 +81,7 @@ impl Image {
     /// Removes bitmap `name`, consistent or not; its clusters are freed by the next close.
     pub fn remove_bitmap(&self, name: &str) -> Result<(), ImageError> {
         let mut w = self.writer("remove_bitmap")?;
-        let i = index_of(&w, name)?;
+        let i = w.bitmaps.position(name)?;
         self.open_for_change(&mut w)?;
         let t = w.bitmaps.list.remove(i);
         w.bitmaps.dropped.push(t);
@@ -150,18 +150,9 @@ impl Image {
     }
 }
 
-/// The position of bitmap `name` in the list.
-fn index_of(w: &Writer, name: &str) -> Result<usize, ImageError> {
-    w.bitmaps
-        .list
-        .iter()
-        .position(|t| t.entry.name == name)
-        .ok_or_else(|| super::not_found(name))
-}
-
 /// The position of bitmap `name`, refused when it is inconsistent (as QEMU refuses it).
 fn usable(w: &Writer, name: &str) -> Result<usize, ImageError> {
-    let i = index_of(w, name)?;
+    let i = w.bitmaps.position(name)?;
     if w.bitmaps.list[i].inconsistent {
         return Err(inconsistent(name));
     }

@@ -91,12 +91,18 @@ impl Bitmaps {
         self.in_use_on_disk || self.directory_changed
     }
 
+    /// The position of the bitmap called `name`, or the error QEMU gives for a missing one.
+    pub fn position(&self, name: &str) -> Result<usize, ImageError> {
+        self.list
+            .iter()
+            .position(|t| t.entry.name == name)
+            .ok_or_else(|| not_found(name))
+    }
+
     /// The bitmap called `name`, or the error QEMU gives for a missing one.
     pub fn find_mut(&mut self, name: &str) -> Result<&mut Tracked, ImageError> {
-        self.list
-            .iter_mut()
-            .find(|t| t.entry.name == name)
-            .ok_or_else(|| not_found(name))
+        let i = self.position(name)?;
+        Ok(&mut self.list[i])
     }
 }
 
