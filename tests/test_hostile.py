@@ -9,69 +9,26 @@ only guards against hangs (tests never assert on time).
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import hostile_images as hi
 import pytest
 import qcow2ovl
 import qemu_images as qi
+from hostile_images import LIMIT, run_limited, snapshot_table_bomb
 
 pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img")
 
-LIMIT = 2 << 30
 OPEN = """
 with qcow2ovl.open(sys.argv[1]) as img:
     n = sum(1 for _ in img.metadata_extents())
     print(json.dumps({"extents": n, "problems": img.problem_count,
                       "snapshots": len(img.snapshots)}))
 """
-
-
-def run_limited(body: str, path: Path, *, memory: int = LIMIT, cpu: int | None = None) -> Any:
-    """Runs the Python *body* in a child process under an address-space limit of *memory* bytes
-    (and *cpu* seconds of CPU when given), with ``json``, ``sys`` and ``qcow2ovl`` imported and
-    ``sys.argv[1]`` the image; returns the JSON value it printed."""
-    limits = f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
-    if cpu is not None:
-        limits += f"resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))\n"
-    script = f"import json, resource, sys\n{limits}import qcow2ovl\n{body}"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
-
-
-def _snapshot_entry(l1_offset: int, l1_size: int, ident: str) -> bytes:
-    name = ident.encode()
-    extra = struct.pack(">QQ", 0, 1 << 40)
-    head = struct.pack(
-        ">QIHHIIQII", l1_offset, l1_size, len(name), len(name), 0, 0, 0, 0, len(extra)
-    )
-    entry = head + extra + name + name
-    return entry + bytes(-len(entry) % 8)
-
-
-def snapshot_table_bomb(
-    path: Path, *, cluster_size: int, size: str, table_at: int, tables_at: int
-) -> None:
-    """A qemu-img image whose snapshot table (at *table_at*) lists 2048 snapshots with 32 MiB
-    L1 tables one after another from *tables_at*, all in the holes of a 1 TiB sparse file."""
-    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, size)
-    l1_entries = (32 << 20) // 8
-    entries = b"".join(
-        _snapshot_entry(tables_at + i * (32 << 20), l1_entries, f"s{i}") for i in range(2048)
-    )
-    with open(path, "r+b") as f:
-        f.seek(table_at)
-        f.write(entries)
-        f.truncate(1 << 40)
-        f.seek(60)
-        f.write(struct.pack(">IQ", 2048, table_at))
 
 
 def test_snapshot_tables_in_holes_of_a_sparse_file(tmp_path: Path) -> None:
@@ -87,19 +44,8 @@ def test_millions_of_l2_tables(tmp_path: Path) -> None:
     # An active L1 table of 4 Mi entries, every other cluster an L2 table: 4 Mi metadata
     # extents that do not merge. Open, list and print them in bounded memory.
     path = tmp_path / "l2s.qcow2"
-    cs = 512
     n = 1 << 22
-    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", path, "1G")
-    l1_at = 1 << 20
-    base = 64 << 20
-    table = b"".join(struct.pack(">Q", base + 2 * i * cs) for i in range(n))
-    with open(path, "r+b") as f:
-        f.seek(36)
-        f.write(struct.pack(">IQ", n, l1_at))
-        f.seek(24)
-        f.write(struct.pack(">Q", n * (cs // 8) * cs))
-        f.seek(l1_at)
-        f.write(table)
+    hi.l2_table_flood(path, count=n)
     # The L2 tables lie past the end of the file: the map holds what its default memory bound
     # (proportional to what the file holds) allows, and the rest of them stays unchecked
     # (checked by QEMU's algorithm), never dropped.
@@ -255,3 +201,137 @@ def test_huge_snapshot_l1_tables_in_holes_with_tiny_clusters(tmp_path: Path) -> 
         [sys.executable, "-m", "qcow2ovl", "check", str(path)], capture_output=True, text=True
     )
     assert (cli.returncode, cli.stderr) == (1, qemu.stderr.replace("qemu-img:", "qcow2ovl:"))
+
+
+# Open, list the map, check and inspect: what each class must survive under a limit. The
+# counters are compared with qemu-img check's on the same file.
+SURVEY = """
+with qcow2ovl.open(sys.argv[1]) as img:
+    extents = sum(1 for _ in img.metadata_extents())
+    r = img.check()
+verdict = qcow2ovl.inspect(sys.argv[1])
+print(json.dumps({"extents": extents, "corruptions": r.corruptions, "leaks": r.leaks,
+                  "check-errors": r.check_errors, "safe": verdict.safe}))
+"""
+# Generous CPU: a resource limit that stops a runaway, not a timing assertion.
+CPU = 60
+
+
+def qemu_counters(path: Path) -> dict[str, int]:
+    report = json.loads(qi.qemu_img("check", "--output=json", path, ok=(0, 1, 2, 3)).stdout)
+    return {k: report.get(k, 0) for k in ("corruptions", "leaks", "check-errors")}
+
+
+def survey(path: Path, memory: int = 1 << 30) -> dict[str, Any]:
+    got = run_limited(SURVEY, path, memory=memory, cpu=CPU)
+    assert {k: got[k] for k in ("corruptions", "leaks", "check-errors")} == qemu_counters(path)
+    return dict(got)
+
+
+def test_bitmap_tables_in_holes_are_not_read(tmp_path: Path) -> None:
+    """1,000 consistent bitmaps whose 256 KiB tables lie in the holes of a 2 GiB sparse file:
+    the tables' zeros are valid entries and are not read (qemu-img info reads them all, and
+    under a 4 GiB limit it aborts on the bigger versions)."""
+    path = tmp_path / "bitmaps.qcow2"
+    hi.bitmap_directory_bomb(path, count=1000, end=2 << 30)
+    got = survey(path)
+    assert got["safe"] is False  # no refcounts cover the tables: corruptions, as qemu-img counts
+    with qcow2ovl.open(path) as img:
+        assert len(img.bitmaps) == 1000
+
+
+def test_a_header_cluster_packed_with_extensions(tmp_path: Path) -> None:
+    path = tmp_path / "ext.qcow2"
+    hi.extension_bomb(path)
+    got = survey(path, memory=512 << 20)
+    assert got["corruptions"] == 0
+    info = json.loads(qi.qemu_img("info", "--output=json", path).stdout)
+    assert qcow2ovl.inspect(path).facts["virtual-size"] == info["virtual-size"]
+
+
+def test_every_snapshot_naming_one_l1_table(tmp_path: Path) -> None:
+    """65,536 snapshots (QEMU's maximum) sharing the active L1 table: tables shared are read
+    once, and the check counts each reference as qemu-img check does."""
+    path = tmp_path / "shared.qcow2"
+    hi.shared_snapshots(path)
+    got = survey(path)
+    assert got["corruptions"] > 0
+    with qcow2ovl.open(path) as img:
+        assert len(img.snapshots) == 65536
+
+
+def test_one_l2_table_named_by_every_l1_entry(tmp_path: Path) -> None:
+    """Every guest cluster of a 64 GiB disk mapped through one L2 table to one data cluster:
+    a million map entries that do not merge. The CLI streams them byte for byte as qemu-img
+    map prints them, in bounded memory; the check counts what qemu-img check counts."""
+    path = tmp_path / "sharedl2.qcow2"
+    hi.shared_l2_tables(path, size="64G")
+    survey(path)
+    limited = (
+        "import resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_AS, ({256 << 20}, {256 << 20})); "
+        "from qcow2ovl.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    ours = subprocess.run(
+        [sys.executable, "-c", limited, "map", "--guest", "--output", "json", str(path)],
+        capture_output=True,
+        timeout=600,
+    )
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    theirs = subprocess.run(
+        [str(qi.QEMU_IMG), "map", "--output=json", str(path)], capture_output=True, check=True
+    )
+    assert ours.stdout == theirs.stdout
+    assert ours.stdout.count(b"\n") == 1 << 20
+
+
+def test_guest_map_in_chunks_is_the_whole_map(tmp_path: Path) -> None:
+    path = tmp_path / "frag.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "1M")
+    qi.qemu_io(path, *(f"write -P {i + 1} {i * 12288} 4k" for i in range(80)), "write -z 0 8k")
+    with qcow2ovl.open(path) as img:
+        whole = img.guest_map()
+        assert len(whole) > 100
+        for chunk in (1, 2, 3, 64, 1 << 16):
+            assert list(img.iter_guest_map(chunk)) == whole
+
+
+def test_a_deep_backing_chain(tmp_path: Path) -> None:
+    """200 images deep, each layer adding one cluster: reads and the map follow the whole
+    chain in bounded memory, equal to qemu-img's."""
+    top = hi.deep_chain(tmp_path, 200)
+    body = (
+        "img = qcow2ovl.open(sys.argv[1])\n"
+        "m = [e.as_qemu_dict() for e in img.iter_guest_map()]\n"
+        "print(json.dumps({'map': m, 'data': img.read(0, 200 * 65536).hex()}))\n"
+    )
+    got = run_limited(body, top, memory=1 << 30, cpu=CPU)
+    assert got["map"] == json.loads(qi.qemu_img("map", "--output=json", top).stdout)
+    raw = tmp_path / "top.raw"
+    qi.qemu_img("convert", "-O", "raw", top, raw)
+    assert bytes.fromhex(got["data"]) == raw.read_bytes()[: 200 * 65536]
+
+
+def test_a_backing_loop_is_refused_in_qemus_words(tmp_path: Path) -> None:
+    """Two images naming each other: QEMU's map and check never finish on them; ours refuse
+    the chain at once, and info --backing-chain says what qemu-img says."""
+    a = hi.backing_loop(tmp_path)
+    with pytest.raises(qcow2ovl.Qcow2Error, match="loop"), qcow2ovl.open(a) as img:
+        img.read(0, 1)
+    ours = subprocess.run(
+        [sys.executable, "-m", "qcow2ovl", "info", "--backing-chain", str(a)],
+        capture_output=True,
+        text=True,
+    )
+    theirs = qi.qemu_img("info", "--backing-chain", a, ok=(1,))
+    assert ours.returncode == 1
+    assert ours.stderr.splitlines()[-1] == theirs.stderr.strip().replace("qemu-img", "qcow2ovl")
+
+
+def test_a_wide_disk_over_a_small_backing_file(tmp_path: Path) -> None:
+    """A 64 TiB overlay with three clusters of its own over a 1 MiB backing file: the map costs
+    what is allocated, and equals qemu-img's."""
+    top = hi.wide_over_small_backing(tmp_path)
+    body = "print(json.dumps([e.as_qemu_dict() for e in qcow2ovl.open(sys.argv[1]).guest_map()]))\n"
+    got = run_limited(body, top, memory=512 << 20, cpu=CPU)
+    assert got == json.loads(qi.qemu_img("map", "--output=json", top).stdout)

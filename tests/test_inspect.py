@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import qcow2ovl
 import qemu_images as qi
-from test_hostile import run_limited, snapshot_table_bomb
+from hostile_images import run_limited, snapshot_table_bomb
 
 pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img")
 

@@ -9,6 +9,7 @@ import logging
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,57 @@ def test_apply_restores_the_snapshot_disk_size(tmp_path: Path) -> None:
         assert_map_matches_scan(img, path)
     assert_clean(path)
     assert qi.qemu_info(path)["virtual-size"] == 600 * MiB
+
+
+def _snapshot_entries(path: Path) -> dict[str, tuple[bytes, bytes]]:
+    """Each snapshot's name -> (its fixed 40 bytes, its extra data), from the file."""
+    data = path.read_bytes()
+    count, offset = struct.unpack_from(">IQ", data, 60)
+    entries = {}
+    for _ in range(count):
+        id_len, name_len = struct.unpack_from(">HH", data, offset + 12)
+        (extra_len,) = struct.unpack_from(">I", data, offset + 36)
+        extra = data[offset + 40 : offset + 40 + extra_len]
+        name_at = offset + 40 + extra_len + id_len
+        name = data[name_at : name_at + name_len].decode()
+        entries[name] = (data[offset : offset + 40], extra)
+        offset = (name_at + name_len + 7) & ~7
+    return entries
+
+
+def test_a_table_rewrite_completes_old_entries_as_qemu_does(tmp_path: Path) -> None:
+    """An entry written by an old QEMU (no extra data: no disk size, no icount) is completed
+    when the table is rewritten, with the same bytes QEMU writes: the disk size at open, and
+    an icount of -1."""
+    path = tmp_path / "old.qcow2"
+    qi.create(path, 8 * MiB)
+    qi.snapshot_create(path, "old")
+    data = bytearray(path.read_bytes())
+    (offset,) = struct.unpack_from(">Q", data, 64)
+    id_len, name_len = struct.unpack_from(">HH", data, offset + 12)
+    (extra_len,) = struct.unpack_from(">I", data, offset + 36)
+    strings = data[offset + 40 + extra_len : offset + 40 + extra_len + id_len + name_len]
+    entry = data[offset : offset + 36] + bytes(4) + strings
+    data[offset : offset + len(entry) + 8] = entry + bytes(8)
+    path.write_bytes(bytes(data))
+    assert _snapshot_entries(path)["old"][1] == b""
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copyfile(path, theirs)
+
+    # The disk size recorded is the one at open (QEMU completes entries as it reads them):
+    # a resize first, in its own process, shows which.
+    with qcow2ovl.open(path, writable=True) as img:
+        img.resize(16 * MiB)
+    with qcow2ovl.open(path, writable=True) as img:
+        img.create_snapshot("new")
+    qi.qemu_img("resize", "-q", theirs, str(16 * MiB))
+    qi.snapshot_create(theirs, "new")
+
+    ours, qemus = _snapshot_entries(path)["old"], _snapshot_entries(theirs)["old"]
+    assert ours == qemus
+    vm_state_large, disk_size, icount = struct.unpack(">QQq", ours[1])
+    assert (vm_state_large, disk_size, icount) == (0, 16 * MiB, -1)
+    assert_clean(path)
 
 
 def test_backing_file_and_snapshots(tmp_path: Path) -> None:

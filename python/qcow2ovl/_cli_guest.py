@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -24,21 +23,32 @@ def guest_map(args: argparse.Namespace) -> int:
         snapshot=getattr(args, "snapshot", None),
         force_share=args.force_share,
     ) as image:
-        extents = image.guest_map()
-    out = sys.stdout
-    if args.output == "json":
-        # One entry per line, written as it goes (a fragmented disk has millions of entries).
-        out.write("[")
-        for i, e in enumerate(extents):
-            out.write((",\n" if i else "") + json.dumps(e.as_qemu_dict()))
-        out.write("]\n")
-        return 0
-    out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
-    for e in extents:
-        if e.data and e.offset is not None:
-            where = args.image if e.depth == 0 else f"(backing file, depth {e.depth})"
-            out.write(f"{e.start:<#16x}{e.length:<#16x}{e.offset:<#16x}{where}\n")
+        rows = image._guest_map_rows()
+        out = sys.stdout
+        if args.output == "json":
+            # Written as it goes, byte for byte as qemu-img writes it: a fragmented disk has
+            # millions of entries.
+            out.write("[")
+            sep = ""
+            for start, length, depth, present, zero, data, compressed, offset in rows:
+                where = "}" if offset is None else f', "offset": {offset}}}'
+                out.write(
+                    f'{sep}{{ "start": {start}, "length": {length}, "depth": {depth}, '
+                    f'"present": {_JSON[present]}, "zero": {_JSON[zero]}, '
+                    f'"data": {_JSON[data]}, "compressed": {_JSON[compressed]}{where}'
+                )
+                sep = ",\n"
+            out.write("]\n")
+            return 0
+        out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+        for start, length, depth, _, _, data, _, offset in rows:
+            if data and offset is not None:
+                where = args.image if depth == 0 else f"(backing file, depth {depth})"
+                out.write(f"{start:<#16x}{length:<#16x}{offset:<#16x}{where}\n")
     return 0
+
+
+_JSON = {True: "true", False: "false"}
 
 
 def _progress(done: int, total: int) -> None:
@@ -80,7 +90,7 @@ class _Source:
 
     def ranges(self) -> Iterator[tuple[int, int, bool]]:
         if self.image is not None:
-            for e in self.image.guest_map():
+            for e in self.image.iter_guest_map():
                 yield e.start, e.length, e.zero and not e.data
             return
         assert self.raw is not None

@@ -190,7 +190,7 @@ class Session:
         end = offset + len(data)
         if offset % cs or (end % cs and end != self.image.virtual_size):
             raise OSError(22, "compressed writes need whole clusters")
-        for e in self.image.guest_map():
+        for e in self.image.iter_guest_map():
             if e.start < end and offset < e.start + e.length and e.depth == 0 and e.present:
                 if e.data or e.offset is not None:
                     # QEMU writes compressed clusters only where nothing is allocated.

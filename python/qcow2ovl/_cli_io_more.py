@@ -119,7 +119,7 @@ def _allocated_runs(session: Session, start: int, end: int) -> list[tuple[int, i
     """``(offset, length, allocated)`` runs of ``[start, end)``: allocated in this image
     itself (data or a zero cluster), not in its backing chain, as qemu-io's alloc and map ask."""
     runs: list[tuple[int, int, bool]] = []
-    for e in session.image.guest_map():
+    for e in session.image.iter_guest_map():
         lo, hi = max(e.start, start), min(e.start + e.length, end)
         if lo >= hi:
             continue

@@ -20,7 +20,7 @@ from qcow2ovl.types import MetadataType
 # weakref and atexit are imported when first needed.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import TracebackType
     from typing import IO, Any, Literal, Union
 
@@ -149,6 +149,7 @@ class Image:
         self.overlap_check = overlap_check
         self._on_corruption = on_corruption
         self._corruption_reported = False
+        self._writable = core.writable  # still known after close
         info = dict(core.info())
         features: Any = info["features"]
         info["features"] = tuple(features)
@@ -243,8 +244,24 @@ class Image:
 
     def guest_map(self) -> list[GuestExtent]:
         """The guest disk's ranges as ``qemu-img map --output=json`` reports them, merged the
-        same way (see :class:`GuestExtent`)."""
+        same way (see :class:`GuestExtent`). The list is as long as the disk is fragmented
+        (``MemoryError`` if it cannot be held); :meth:`iter_guest_map` needs bounded memory."""
         return from_rows(GuestExtent, self._core.guest_map())
+
+    def iter_guest_map(self, chunk: int = 65536) -> Iterator[GuestExtent]:
+        """The entries of :meth:`guest_map`, computed *chunk* at a time: memory stays bounded
+        however fragmented the disk is (an image's bytes can map every cluster apart)."""
+        for row in self._guest_map_rows(chunk):
+            yield GuestExtent(*row)
+
+    def _guest_map_rows(
+        self, chunk: int = 65536
+    ) -> Iterator[tuple[int, int, int, bool, bool, bool, bool, int | None]]:
+        """The rows behind :meth:`iter_guest_map` (fields in :class:`GuestExtent` order)."""
+        start, size = 0, self.virtual_size
+        while start < size:
+            rows, start = self._core.guest_map_chunk(start, chunk)
+            yield from rows
 
     def host_offset(self, guest_offset: int) -> int | None:
         """Where this image stores guest byte *guest_offset*: its host offset (in the external
@@ -263,7 +280,7 @@ class Image:
         return _Reporting(self)
 
     def _tell_corruption(self, e: InconsistentImageError) -> None:
-        if self._corruption_reported or not self.writable:
+        if self._corruption_reported or not self._writable:
             return
         self._corruption_reported = True
         import logging
@@ -478,10 +495,13 @@ class Image:
 
         If the flush fails, the error is raised and the image stays open with every change
         not yet on disk: call :meth:`close` (or :meth:`flush`) again once the cause is gone. A
-        handle dropped after that loses those changes, and the ``qcow2ovl`` logger says so.
+        handle dropped after that loses those changes, and the ``qcow2ovl`` logger says so. A
+        flush that finds corruption (a refcount the image had too low) marks the image corrupt,
+        closes the handle all the same and raises :class:`InconsistentImageError`.
         """
         try:
-            self._core.close()
+            with self._reporting():
+                self._core.close()
         except OSError as e:
             if not self._core.closed and e.strerror:
                 e.strerror = (

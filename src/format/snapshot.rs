@@ -76,6 +76,21 @@ impl SnapshotEntry {
         self.extra_data_size() >= V3_MIN_EXTRA_DATA
     }
 
+    /// The entry as QEMU writes it back whenever it rewrites the snapshot table: all three known
+    /// extra fields present, the missing ones filled in (the 64-bit VM state size from the
+    /// 32-bit one, `disk_size` with the image's size when it was opened, `icount` "off").
+    /// Unknown extra bytes survive only after a whole `icount`; before it they were part of a
+    /// truncated field.
+    pub fn completed(mut self, disk_size: u64) -> SnapshotEntry {
+        self.vm_state_size_large = Some(self.vm_state_bytes());
+        self.disk_size.get_or_insert(disk_size);
+        if self.icount.is_none() {
+            self.icount = Some(ICOUNT_DISABLED);
+            self.extra_unknown.clear();
+        }
+        self
+    }
+
     /// Size of the entry on disk, without trailing padding.
     pub fn unpadded_size(&self) -> u64 {
         SNAPSHOT_HEADER_SIZE
@@ -282,6 +297,27 @@ mod tests {
         assert_eq!(parsed[2].vm_state_bytes(), 77);
         assert!(!parsed[2].has_v3_extra_data());
         assert_eq!(parsed[3].extra_data_size(), 19);
+    }
+
+    #[test]
+    fn completing_fills_what_is_missing_as_qemu_does() {
+        let mut bare = entry("1", "bare");
+        bare.vm_state_size_large = None;
+        bare.disk_size = None;
+        bare.icount = None;
+        bare.vm_state_size = 4096;
+        let done = bare.completed(128 << 20);
+        assert_eq!(done.extra_data_size(), 24);
+        assert_eq!(done.vm_state_size_large, Some(4096));
+        assert_eq!(done.disk_size, Some(128 << 20));
+        assert_eq!(done.icount, Some(ICOUNT_DISABLED));
+        let mut cut = entry("2", "cut");
+        cut.icount = None;
+        cut.extra_unknown = vec![1, 2, 3];
+        assert_eq!(cut.completed(1).extra_data_size(), 24);
+        let mut whole = entry("3", "whole");
+        whole.extra_unknown = vec![9; 5];
+        assert_eq!(whole.clone().completed(1), whole);
     }
 
     #[test]

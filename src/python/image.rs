@@ -40,6 +40,21 @@ const PROBLEM_FIELDS: &[&str] = &["kind", "offset", "size", "message"];
 
 /// One row of `guest_map()`, in `qcow2ovl.records.GuestExtent`'s field order.
 type ExtentRow = (u64, u64, u32, bool, bool, bool, bool, Option<u64>);
+/// A guest map entry as a row of [`EXTENT_FIELDS`].
+fn extent_row(e: crate::image::GuestExtent) -> ExtentRow {
+    let (start, length, depth, offset) = (e.start, e.length, e.depth, e.offset);
+    (
+        start,
+        length,
+        depth,
+        e.present,
+        e.zero,
+        e.data,
+        e.compressed,
+        offset,
+    )
+}
+
 const EXTENT_FIELDS: &[&str] = &[
     "start",
     "length",
@@ -394,23 +409,30 @@ impl PyImage {
     fn guest_map(&self, py: Python<'_>) -> PyResult<Rows<ExtentRow>> {
         let img = self.image()?;
         let map = py.detach(|| img.guest_map()).map_err(|e| self.err(e))?;
-        let rows = map
-            .into_iter()
-            .map(|e| {
-                let (start, length, depth, offset) = (e.start, e.length, e.depth, e.offset);
-                (
-                    start,
-                    length,
-                    depth,
-                    e.present,
-                    e.zero,
-                    e.data,
-                    e.compressed,
-                    offset,
-                )
-            })
-            .collect();
+        let mut rows = Vec::new();
+        rows.try_reserve_exact(map.len()).map_err(|_| {
+            pyo3::exceptions::PyMemoryError::new_err(format!(
+                "the guest map's {} entries do not fit in memory (use iter_guest_map)",
+                map.len()
+            ))
+        })?;
+        rows.extend(map.into_iter().map(extent_row));
         Ok((EXTENT_FIELDS, rows))
+    }
+
+    /// At most `max` rows of the guest map from guest offset `start` (0, or what the previous
+    /// call returned), and where the next call starts (the virtual size when done).
+    fn guest_map_chunk(
+        &self,
+        py: Python<'_>,
+        start: u64,
+        max: usize,
+    ) -> PyResult<(Vec<ExtentRow>, u64)> {
+        let img = self.image()?;
+        let (chunk, next) = py
+            .detach(|| img.guest_map_chunk(start, max))
+            .map_err(|e| self.err(e))?;
+        Ok((chunk.into_iter().map(extent_row).collect(), next))
     }
 
     /// Writes `data` (any bytes-like object) at guest `offset`.
@@ -508,16 +530,19 @@ impl PyImage {
     /// Flushes and releases the image; further calls raise `ValueError`. Safe to call again,
     /// from any thread. When the flush fails the image stays open, with every change not yet
     /// on disk, and the error is raised: call `close()` (or `flush()`) again once the cause
-    /// (a full disk) is gone.
+    /// (a full disk) is gone. A flush that found corruption closes the handle all the same
+    /// (it would write nothing more) and raises the corruption.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let taken = self.inner.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(img) = taken {
             let flushed = py.detach(|| img.close());
             self.log_notes(py, &img);
             if let Err(e) = flushed {
-                let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());
-                if slot.is_none() {
-                    *slot = Some(img);
+                if !img.is_poisoned() {
+                    let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(img);
+                    }
                 }
                 return Err(self.err(e));
             }

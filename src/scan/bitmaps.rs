@@ -1,9 +1,7 @@
 //! The persistent bitmaps: the bitmap directory while autoclear bit 0 vouches for it, and the
 //! tables of consistent bitmaps, whose entries QEMU validates at open.
 
-use crate::format::{
-    parse_bitmap_directory, read_u64_table, BitmapDirectoryEntry, BitmapTableEntry, Header,
-};
+use crate::format::{parse_bitmap_directory, BitmapDirectoryEntry, BitmapTableEntry, Header};
 use crate::overlap::MetadataType;
 
 use super::{ScanError, Scanner};
@@ -35,18 +33,25 @@ impl Scanner<'_> {
                 &what,
             )?;
             // QEMU loads the table of every consistent bitmap at open and refuses the image when
-            // an entry is invalid; in-use bitmaps are not loaded. (The read is bounded: the
-            // table's clusters were just charged to the range budget.)
+            // an entry is invalid; in-use bitmaps are not loaded. Only what lies in the file's
+            // data is read: entries in holes are zeros, which are valid.
             if !b.in_use() {
-                let table = self.read(b.table_offset, b.table_bytes(), "a bitmap table")?;
-                for e in read_u64_table(&table) {
-                    BitmapTableEntry(e).check(self.cs).map_err(|err| {
-                        ScanError::Inconsistent(format!(
-                            "Could not read bitmap_table table from image for bitmap '{}': {err}",
-                            b.name
-                        ))
-                    })?;
-                }
+                let overlap = || format!("Bitmap tables overlap: bitmap '{}'", b.name);
+                self.for_each_table_entry(
+                    b.table_offset,
+                    b.table_bytes(),
+                    "a bitmap table",
+                    &overlap,
+                    |s, _, e| {
+                        BitmapTableEntry(e).check(s.cs).map_err(|err| {
+                            ScanError::Inconsistent(format!(
+                                "Could not read bitmap_table table from image for bitmap '{}': \
+                                 {err}",
+                                b.name
+                            ))
+                        })
+                    },
+                )?;
             }
         }
         Ok(bitmaps)

@@ -68,9 +68,9 @@ pub fn map_limit_for(limit: Option<usize>, allocated: u64, cluster_size: u64) ->
     })
 }
 
-/// Snapshot L1 bytes that may be read beyond what the file has allocated (file systems report
+/// Sparse-table bytes that may be read beyond what the file has allocated (file systems report
 /// data in blocks, so a table's data may be counted twice where tables share a block).
-const L1_READ_SLACK: u64 = 64 << 20;
+const TABLE_READ_SLACK: u64 = 64 << 20;
 
 /// Why a scan failed.
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +199,7 @@ pub fn scan(
         problem_count: 0,
         blocks_writes: false,
         range_budget: file_len.div_ceil(header.cluster_size()) + RANGE_SLACK_CLUSTERS,
-        l1_read_budget: allocated.min(file_len).saturating_add(L1_READ_SLACK),
+        table_read_budget: allocated.min(file_len).saturating_add(TABLE_READ_SLACK),
     };
     s.put(0, s.cs, MetadataType::MAIN_HEADER, "the header")?;
 

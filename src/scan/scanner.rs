@@ -3,7 +3,7 @@
 //! single cluster) into the map, a structure the map cannot hold or one that lands on another
 //! becoming a problem.
 
-use crate::format::{ClusterCount, HostOffset};
+use crate::format::{read_u64_table, ClusterCount, HostOffset};
 use crate::overlap::{MetadataMap, MetadataType};
 use crate::problem::{Problem, ProblemKind};
 use crate::storage::Storage;
@@ -21,12 +21,69 @@ pub(super) struct Scanner<'a> {
     pub(super) blocks_writes: bool,
     /// Clusters that multi-cluster structures may still claim (see [`Scanner::put`]).
     pub(super) range_budget: u64,
-    /// Snapshot L1 bytes (holding data) that may still be read (see
-    /// [`Scanner::read_snapshot_l1`]).
-    pub(super) l1_read_budget: u64,
+    /// Bytes of sparse tables (snapshot L1 tables, bitmap tables) holding data that may still
+    /// be read (see [`Scanner::for_each_table_entry`]).
+    pub(super) table_read_budget: u64,
 }
 
+/// Bytes of a sparse table read at a time.
+const TABLE_READ_CHUNK: u64 = 1 << 20;
+
 impl Scanner<'_> {
+    /// Calls `f` with the index and value of every entry of the table of 8-byte entries at
+    /// `[offset, offset + bytes)` that lies where the file holds data; entries in holes and
+    /// past the end of the file are zeros and are skipped.
+    ///
+    /// The table is read in bounded chunks, and every byte read is charged to the scan's table
+    /// read budget: distinct tables occupy distinct clusters of a valid file, so the data read
+    /// for all of them together cannot exceed what the file has allocated. More means tables
+    /// overlap (reading them would cost without bound), reported after `overlap()`'s words.
+    pub(super) fn for_each_table_entry(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+        what: &'static str,
+        overlap: &dyn Fn() -> String,
+        mut f: impl FnMut(&mut Self, u64, u64) -> Result<(), ScanError>,
+    ) -> Result<(), ScanError> {
+        let end = offset.saturating_add(bytes).min(self.file_len);
+        let io = |source| ScanError::Io { what, source };
+        let mut at = offset;
+        let mut buf = Vec::new();
+        while at < end {
+            let Some((data_start, data_end)) = self.storage.next_data(at).map_err(io)? else {
+                break;
+            };
+            // Entries are 8-aligned within the table.
+            let start = (data_start.max(at) - offset) / 8 * 8 + offset;
+            if start >= end {
+                break;
+            }
+            let stop = data_end.min(end);
+            let mut pos = start;
+            while pos < stop {
+                let n = (stop - pos).min(TABLE_READ_CHUNK).div_ceil(8) * 8;
+                self.table_read_budget =
+                    self.table_read_budget.checked_sub(n).ok_or_else(|| {
+                        ScanError::Inconsistent(format!(
+                            "{} brings the data read from tables past the {} bytes the file holds",
+                            overlap(),
+                            self.storage.allocated_bytes().unwrap_or(self.file_len)
+                        ))
+                    })?;
+                buf.clear();
+                buf.resize(n as usize, 0);
+                self.storage.read_padded(pos, &mut buf).map_err(io)?;
+                for (k, e) in read_u64_table(&buf).into_iter().enumerate() {
+                    f(self, (pos - offset) / 8 + k as u64, e)?;
+                }
+                pos += n;
+            }
+            at = pos.max(stop);
+        }
+        Ok(())
+    }
+
     pub(super) fn read(
         &self,
         offset: u64,

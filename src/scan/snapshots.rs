@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use crate::format::entry::L1Entry;
 use crate::format::limits::MAX_SNAPSHOT_TABLE_BYTES;
-use crate::format::{parse_snapshot_table, read_u64_table, Header, SnapshotEntry};
+use crate::format::{parse_snapshot_table, Header, SnapshotEntry};
 use crate::overlap::MetadataType;
 use crate::problem::ProblemKind;
 
@@ -13,8 +13,6 @@ use super::{ScanError, Scanner};
 
 /// Upper bound of one snapshot table entry: fixed part, extra data, id and name, padding.
 const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
-/// Bytes of a snapshot L1 table read at a time.
-const L1_READ_CHUNK: u64 = 1 << 20;
 
 impl Scanner<'_> {
     /// Reads the snapshot table and, when inactive L2 tables are tracked, every snapshot L1 table.
@@ -76,63 +74,18 @@ impl Scanner<'_> {
         Ok((snapshots, table_bytes))
     }
 
-    /// Enters the L2 tables that the snapshot L1 table at `[offset, offset + bytes)` references.
-    ///
-    /// Only the parts of the table where the file holds data are read (holes and the part past
-    /// the end of the file are zeros: no entries), in bounded chunks. Distinct snapshot L1 tables
-    /// occupy distinct clusters of a valid file, so the data read for all of them together
-    /// cannot exceed what the file has allocated; more means they overlap, and reading them
-    /// would cost without bound.
+    /// Enters the L2 tables that the snapshot L1 table at `[offset, offset + bytes)` references,
+    /// reading only where the file holds data ([`Scanner::for_each_table_entry`]).
     fn read_snapshot_l1(&mut self, index: usize, offset: u64, bytes: u64) -> Result<(), ScanError> {
-        let end = offset.saturating_add(bytes).min(self.file_len);
-        let mut at = offset;
-        let mut buf = Vec::new();
-        while at < end {
-            let region = self.storage.next_data(at).map_err(|source| ScanError::Io {
-                what: "a snapshot L1 table",
-                source,
-            })?;
-            let Some((data_start, data_end)) = region else {
-                break;
-            };
-            // Entries are 8-aligned within the table.
-            let start = (data_start.max(at) - offset) / 8 * 8 + offset;
-            if start >= end {
-                break;
+        let overlap = || format!("Snapshot L1 tables overlap: snapshot {index}");
+        self.for_each_table_entry(offset, bytes, "a snapshot L1 table", &overlap, |s, j, e| {
+            let ofs = L1Entry(e).l2_offset().0;
+            if ofs != 0 {
+                s.put_cluster(ofs, MetadataType::INACTIVE_L2, || {
+                    format!("L2 table of snapshot {index} (L1 index {j})")
+                });
             }
-            let stop = data_end.min(end);
-            let mut pos = start;
-            while pos < stop {
-                let n = (stop - pos).min(L1_READ_CHUNK);
-                let n = n.div_ceil(8) * 8;
-                self.l1_read_budget = self.l1_read_budget.checked_sub(n).ok_or_else(|| {
-                    ScanError::Inconsistent(format!(
-                        "Snapshot L1 tables overlap: snapshot {index} brings the data read \
-                         from them past the {} bytes the file holds",
-                        self.storage.allocated_bytes().unwrap_or(self.file_len)
-                    ))
-                })?;
-                buf.clear();
-                buf.resize(n as usize, 0);
-                self.storage
-                    .read_padded(pos, &mut buf)
-                    .map_err(|source| ScanError::Io {
-                        what: "a snapshot L1 table",
-                        source,
-                    })?;
-                for (k, e) in read_u64_table(&buf).into_iter().enumerate() {
-                    let ofs = L1Entry(e).l2_offset().0;
-                    if ofs != 0 {
-                        let j = (pos - offset) / 8 + k as u64;
-                        self.put_cluster(ofs, MetadataType::INACTIVE_L2, || {
-                            format!("L2 table of snapshot {index} (L1 index {j})")
-                        });
-                    }
-                }
-                pos += n;
-            }
-            at = pos.max(stop);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }

@@ -23,6 +23,9 @@ use crate::format::{GuestOffset, L2Mapping};
 use crate::image::{Image, ImageError};
 use crate::storage::Storage;
 
+/// Entries of the guest map computed at a time by [`Image::guest_map`].
+const GUEST_MAP_CHUNK: usize = 1 << 16;
+
 /// One range of the guest disk, with `qemu-img map --output=json`'s fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestExtent {
@@ -83,19 +86,48 @@ fn file_status(storage: &dyn Storage, offset: u64) -> Result<(bool, Option<u64>)
 
 impl Image {
     /// The guest disk's ranges, merged as `qemu-img map --output=json` merges them.
+    ///
+    /// The list is as long as the disk is fragmented, which an image's bytes choose (one L2
+    /// table named by every L1 entry maps every cluster apart): it grows fallibly, and a disk
+    /// too fragmented for memory is [`ImageError::OutOfMemory`], never an abort.
+    /// [`Image::guest_map_chunk`] walks the same map in bounded pieces.
     pub fn guest_map(&self) -> Result<Vec<GuestExtent>, ImageError> {
         let size = self.virtual_size();
         let mut out: Vec<GuestExtent> = Vec::new();
         let mut offset = 0;
         while offset < size {
-            let e = self.map_entry(offset, size - offset)?;
-            offset += e.length;
-            match out.last_mut() {
-                Some(last) if last.merges_with(&e) => last.length += e.length,
-                _ => out.push(e),
-            }
+            let (chunk, next) = self.guest_map_chunk(offset, GUEST_MAP_CHUNK)?;
+            out.try_reserve(chunk.len())
+                .map_err(|_| ImageError::OutOfMemory(out.len().saturating_add(chunk.len())))?;
+            out.extend(chunk);
+            offset = next;
         }
         Ok(out)
+    }
+
+    /// At most `max` (at least 1) merged entries of the guest map from guest offset `start` (the
+    /// start of an entry: 0, or what the previous chunk returned), and where the next chunk
+    /// starts (the virtual size when the map is done). The last entry of a chunk is whole: the
+    /// one after it does not merge with it, so chunks joined are [`Image::guest_map`].
+    pub fn guest_map_chunk(
+        &self,
+        start: u64,
+        max: usize,
+    ) -> Result<(Vec<GuestExtent>, u64), ImageError> {
+        let size = self.virtual_size();
+        let mut out: Vec<GuestExtent> = Vec::new();
+        let mut offset = start;
+        while offset < size {
+            let e = self.map_entry(offset, size - offset)?;
+            let full = out.len() >= max.max(1);
+            match out.last_mut() {
+                Some(last) if last.merges_with(&e) => last.length += e.length,
+                _ if full => return Ok((out, offset)),
+                _ => out.push(e),
+            }
+            offset += e.length;
+        }
+        Ok((out, size))
     }
 
     /// One entry of the map at `offset`: this layer's answer, or the backing chain's where this

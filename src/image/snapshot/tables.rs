@@ -59,12 +59,15 @@ impl Image {
     }
 
     /// Writes `list` as the snapshot table in new clusters, switches the header to it, and
-    /// frees the old table; each step after a barrier.
+    /// frees the old table; each step after a barrier. Every entry is written complete, as
+    /// QEMU writes it (an incomplete one gets the size the image had when it was opened).
     pub(super) fn write_snapshot_table(
         &self,
         w: &mut Writer,
         list: Vec<SnapshotEntry>,
     ) -> Result<(), ImageError> {
+        let opened_size = self.scanned.header.size;
+        let list: Vec<SnapshotEntry> = list.into_iter().map(|e| e.completed(opened_size)).collect();
         let bytes = serialize_snapshot_table(&list)?;
         let g = self.geometry;
         let cs = g.cluster_size();

@@ -54,6 +54,15 @@ impl Image {
             .map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
+    /// Whether this handle met corruption: it writes nothing more, and a failed `close` need
+    /// not be retried.
+    pub fn is_poisoned(&self) -> bool {
+        self.writer.as_ref().is_some_and(|lock| {
+            let w = lock.lock().unwrap_or_else(|e| e.into_inner());
+            w.poisoned.is_some()
+        })
+    }
+
     /// The flush, with the writer lock held; inconsistencies met on the way are fatal.
     pub(in crate::image) fn flush_locked(&self, w: &mut Writer) -> Result<(), ImageError> {
         self.write_back(w)
@@ -172,10 +181,18 @@ impl Image {
         if !w.refcounts.has_pending() {
             return Ok(());
         }
-        let freed = w.refcounts.apply_pending(self.storage.as_ref())?;
+        let (freed, underflow) = w.refcounts.apply_pending(self.storage.as_ref())?;
         self.forget_freed(&freed)?;
         w.refcounts.old_table = None;
-        self.write_dirty_blocks(w)
+        self.write_dirty_blocks(w)?;
+        match underflow {
+            // Found now, made before: the image had a refcount too low. Every other free is on
+            // disk; the handle stops here, as at any corruption it meets.
+            Some(cluster) => Err(ImageError::Corruption(format!(
+                "refcount of cluster {cluster:#x} is already 0; cannot free it"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Writes the changed refcount blocks, then a barrier.

@@ -258,41 +258,56 @@ impl Refcounts {
         !self.pending.is_empty()
     }
 
-    /// Applies every queued decrement; returns the clusters whose refcount reached 0.
-    pub fn apply_pending(&mut self, storage: &dyn Storage) -> Result<Vec<u64>, ImageError> {
+    /// Applies every queued decrement; returns the clusters whose refcount reached 0, and the
+    /// first cluster whose refcount was already 0.
+    ///
+    /// A refcount already 0 on a cluster that was referenced is a corruption the image had
+    /// before (its refcount was too low): that decrement is skipped, as QEMU skips a free it
+    /// cannot make, and the others are still applied, so that the image leaks no more than it
+    /// must. The caller reports the corruption once the blocks are written.
+    pub fn apply_pending(
+        &mut self,
+        storage: &dyn Storage,
+    ) -> Result<(Vec<u64>, Option<u64>), ImageError> {
         let mut freed = Vec::new();
+        let mut underflow = None;
         let pending = std::mem::take(&mut self.pending);
         for (i, &cluster) in pending.iter().enumerate() {
-            if let Err(e) = self.decrement(storage, cluster, &mut freed) {
-                // An I/O error (a refcount block that cannot be read) keeps this decrement and
-                // the ones after it queued for the next flush; the ones applied stay applied
-                // (their blocks are dirty and will be written).
-                self.pending.extend_from_slice(&pending[i..]);
-                return Err(e);
+            match self.decrement(storage, cluster, &mut freed) {
+                Ok(true) => {}
+                Ok(false) => {
+                    underflow.get_or_insert(cluster);
+                }
+                Err(e) => {
+                    // An I/O error (a refcount block that cannot be read) keeps this decrement
+                    // and the ones after it queued for the next flush; the ones applied stay
+                    // applied (their blocks are dirty and will be written).
+                    self.pending.extend_from_slice(&pending[i..]);
+                    return Err(e);
+                }
             }
         }
-        Ok(freed)
+        Ok((freed, underflow))
     }
 
     /// Applies one queued decrement; a cluster whose refcount drops to 0 joins `freed`.
+    /// Returns false, changing nothing, when the refcount is already 0.
     fn decrement(
         &mut self,
         storage: &dyn Storage,
         cluster: u64,
         freed: &mut Vec<u64>,
-    ) -> Result<(), ImageError> {
+    ) -> Result<bool, ImageError> {
         let v = self.get(storage, cluster)?;
         if v == 0 {
-            return Err(ImageError::Corruption(format!(
-                "refcount of cluster {cluster:#x} is already 0; cannot free it"
-            )));
+            return Ok(false);
         }
         self.set(storage, cluster, v - 1)?;
         if v == 1 {
             freed.push(cluster);
             self.hint = self.hint.min(cluster);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Makes sure a block describes `cluster`, creating it (and growing the table) if needed.
@@ -578,8 +593,16 @@ mod tests {
         // Frees wait until applied; the old table (cluster 1) was queued when it moved.
         rc.free_later(4);
         assert_eq!(rc.get(&storage, 4).unwrap(), 1);
-        assert_eq!(rc.apply_pending(&storage).unwrap(), vec![1, 4]);
+        assert_eq!(rc.apply_pending(&storage).unwrap(), (vec![1, 4], None));
         assert_eq!(rc.allocate(&storage).unwrap().0, 1);
         assert_eq!(rc.allocate(&storage).unwrap().0, 4);
+        // A free of a cluster already at 0 is skipped and named; the frees around it happen.
+        let (a, _) = rc.allocate(&storage).unwrap();
+        let (b, _) = rc.allocate(&storage).unwrap();
+        rc.free_later(a);
+        rc.free_later(a);
+        rc.free_later(b);
+        assert_eq!(rc.apply_pending(&storage).unwrap(), (vec![a, b], Some(a)));
+        assert_eq!(rc.get(&storage, b).unwrap(), 0);
     }
 }
