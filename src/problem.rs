@@ -26,6 +26,18 @@ pub enum ProblemKind {
     UnusableSnapshot,
 }
 
+impl ProblemKind {
+    /// Whether a writer must refuse an image with a problem of this kind: writing could
+    /// destroy one of two structures that share a cluster, or land on tables that cannot be
+    /// located.
+    pub fn blocks_writes(self) -> bool {
+        matches!(
+            self,
+            ProblemKind::MetadataOverlap { .. } | ProblemKind::UnusableSnapshot
+        )
+    }
+}
+
 /// One problem: kind, host range and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -44,10 +56,7 @@ impl Problem {
     /// Whether a writer must refuse the image: writing could destroy one of two structures that
     /// share a cluster, or land on tables that cannot be located.
     pub fn blocks_writes(&self) -> bool {
-        matches!(
-            self.kind,
-            ProblemKind::MetadataOverlap { .. } | ProblemKind::UnusableSnapshot
-        )
+        self.kind.blocks_writes()
     }
 
     /// The kind's short name, for bindings and JSON (`unaligned`, `beyond-end`, ...).

@@ -67,10 +67,13 @@ def _snapshot_entry(l1_offset: int, l1_size: int, ident: str) -> bytes:
 
 
 def _point_snapshot_table(path: Path, entries: list[bytes], table_at: int, end: int) -> None:
+    """Writes the snapshot table *entries* at *table_at* and points the header at them; the
+    file is then *end* bytes long, or ends with the table."""
+    table = b"".join(entries)
     with open(path, "r+b") as f:
         f.seek(table_at)
-        f.write(b"".join(entries))
-        f.truncate(end)
+        f.write(table)
+        f.truncate(max(end, table_at + len(table)))
         f.seek(60)
         f.write(struct.pack(">IQ", len(entries), table_at))
 

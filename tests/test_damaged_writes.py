@@ -79,7 +79,19 @@ class Damage:
 
     @classmethod
     def of(cls, path: Path) -> Damage:
-        proc = qi.qemu_img("check", "--output=json", path, ok=(0, 1, 2, 3))
+        """Judged with the corrupt bit cleared (and set back after): the bit is a writer's
+        refusal, not damage, and a mutant whose L1 table names the header cluster as an L2
+        table would otherwise count the bit as an entry with reserved bits set. (No copy: a
+        damaged image can be a sparse file of terabytes.)"""
+        (version,) = qi.peek(path, 4, ">I")
+        incompatible = qi.peek(path, 72, ">Q")[0] if version >= 3 else 0
+        if incompatible & 2:
+            qi.poke(path, 72, ">Q", incompatible & ~2)
+        try:
+            proc = qi.qemu_img("check", "--output=json", path, ok=(0, 1, 2, 3))
+        finally:
+            if incompatible & 2:
+                qi.poke(path, 72, ">Q", incompatible)
         try:
             report = json.loads(proc.stdout)
         except json.JSONDecodeError:
@@ -234,4 +246,4 @@ def test_writing_into_damaged_images_is_never_worse_than_qemu(
         if why:
             worse.append(f"{why}; {case.describe()}")
     print(f"{len(seeds)} mutants, {added} with corruptions added, {len(worse)} worse than QEMU")
-    assert worse == []
+    assert worse == [], "\n".join(worse)

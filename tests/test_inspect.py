@@ -12,8 +12,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import hostile_images as hi
 import pytest
 import qcow2ovl
 import qemu_images as qi
@@ -154,6 +157,46 @@ def test_a_hostile_file_within_two_cpu_seconds_and_one_gib(tmp_path: Path) -> No
     got = run_limited(JUDGE, path, memory=1 << 30, cpu=2)
     assert got["safe"] is False
     assert "check failed: File too large" in got["reasons"]
+
+
+def _classes() -> dict[str, tuple[Callable[[Path], Path], str]]:
+    """Each hostile class of `hostile_images` at full size (the bitmap bomb at 2 GiB), and a
+    reason its verdict must give."""
+
+    def file(make: Callable[..., None], **kwargs: Any) -> Callable[[Path], Path]:
+        def build(folder: Path) -> Path:
+            path = folder / "hostile.qcow2"
+            make(path, **kwargs)
+            return path
+
+        return build
+
+    return {
+        "bitmap-directory-bomb": (
+            file(hi.bitmap_directory_bomb, count=1000, end=2 << 30),
+            "corruptions",
+        ),
+        "extension-bomb": (file(hi.extension_bomb), ""),
+        "shared-snapshots": (file(hi.shared_snapshots), "metadata-overlap: "),
+        "shared-l2-tables": (file(hi.shared_l2_tables), "metadata overlaps"),
+        "l2-table-flood": (file(hi.l2_table_flood), "beyond-end: "),
+        "deep-chain": (lambda d: hi.deep_chain(d, 50), "backing file: layer48.qcow2"),
+        "backing-loop": (hi.backing_loop, "backing file: b.qcow2"),
+        "wide-over-small-backing": (hi.wide_over_small_backing, "backing file: base.qcow2"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_classes()))
+def test_every_hostile_class_within_two_cpu_seconds_and_one_gib(name: str, tmp_path: Path) -> None:
+    """Each class of hostile image gets its verdict under Glance's limits for `qemu-img info`.
+    The extension bomb is a valid image (QEMU ignores unknown extensions) and is safe."""
+    build, reason = _classes()[name]
+    got = run_limited(JUDGE, build(tmp_path), memory=1 << 30, cpu=2)
+    if not reason:
+        assert (got["safe"], got["reasons"]) == (True, [])
+    else:
+        assert got["safe"] is False
+        assert any(reason in r for r in got["reasons"]), got["reasons"]
 
 
 INSPECT_EXAMPLES = int(os.environ.get("QCOW2OVL_INSPECT_EXAMPLES", "150"))

@@ -46,7 +46,8 @@ def dataclass(*, frozen: bool, repr: bool = True) -> Callable[[_T], _T]:  # noqa
         post_init = getattr(cls, "__post_init__", None)
         cls_name = cls.__qualname__
 
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+            """Every field's value, in order, from a call's arguments and the defaults."""
             if len(args) > len(fields):
                 raise TypeError(
                     f"{cls_name}() takes {len(fields)} positional arguments but {len(args)} "
@@ -59,11 +60,29 @@ def dataclass(*, frozen: bool, repr: bool = True) -> Callable[[_T], _T]:  # noqa
                 if key in values:
                     raise TypeError(f"{cls_name}() got multiple values for argument {key!r}")
                 values[key] = value
+            bound = []
             for name in fields:
                 value = values.get(name, defaults.get(name, _MISSING))
                 if value is _MISSING:
                     raise TypeError(f"{cls_name}() missing required argument: {name!r}")
-                object.__setattr__(self, name, value)
+                bound.append(value)
+            return tuple(bound)
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            # Every field given by position or every one by name (records made from the
+            # core's rows and dicts, by the tens of thousands for a big snapshot table) needs
+            # no binding.
+            if kwargs:
+                try:
+                    if args or len(kwargs) != len(fields):
+                        raise KeyError
+                    args = tuple([kwargs[n] for n in fields])
+                except KeyError:
+                    args = bind(args, kwargs)
+            elif len(args) != len(fields):
+                args = bind(args, kwargs)
+            # Straight into the instance dict: the frozen __setattr__ is not involved.
+            self.__dict__.update(zip(fields, args))
             if post_init is not None:
                 post_init(self)
 

@@ -26,7 +26,7 @@ import errno
 import os
 
 from qcow2ovl._format import QCOW2_MAGIC
-from qcow2ovl.records import Verdict
+from qcow2ovl.records import Verdict, check_result
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ def inspect(
     with ``readable`` false. Errors of the file system (no such file, permission denied) are
     raised as :class:`OSError`.
     """
+    from qcow2ovl import _core
     from qcow2ovl._cli_info import image_info, raw_info
     from qcow2ovl.errors import LockError, Qcow2Error
     from qcow2ovl.image import _open
@@ -116,15 +117,16 @@ def inspect(
             )
         limits = (
             ("virtual size", info.virtual_size, max_virtual_size),
-            ("snapshots", len(image.snapshots), max_snapshots),
-            ("bitmaps", len(image.bitmaps), max_bitmaps),
+            ("snapshots", len(facts.get("snapshots", ())), max_snapshots),
+            ("bitmaps", len(facts["format-specific"]["data"].get("bitmaps", ())), max_bitmaps),
         )
         for what, value, limit in limits:
             if limit is not None and value > limit:
                 reasons.append(f"{what} {value} exceeds the limit {limit}")
         if info.data_file is None:
             try:
-                result = image.check()
+                # The counters only: a verdict lists no findings.
+                result = check_result(name, _core.check_image(image._core, None, False))
             except (Qcow2Error, OSError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                 reasons.append(f"check failed: {why}")

@@ -64,27 +64,42 @@ impl Unchecked {
     }
 
     /// Adds `[start, end)`, merging overlapping or touching ranges; past the bound, the two
-    /// ranges with the smallest gap become one range covering the gap too (never less).
+    /// ranges with the smallest gap become one range covering the gap too (never less). In
+    /// place, without allocating: a scan may add millions of ranges.
     fn add(&mut self, start: u64, end: u64) {
-        let mut v: Vec<(u64, u64)> = self.as_slice().to_vec();
-        v.push((start, end));
-        v.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-        for (s, e) in v {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
+        let mut v = [(0u64, 0u64); MAX_UNCHECKED + 1];
+        let mut n = 0;
+        let (mut s, mut e) = (start, end);
+        let mut placed = false;
+        for &(rs, re) in self.as_slice() {
+            if re < s {
+                v[n] = (rs, re);
+                n += 1;
+            } else if e < rs {
+                if !placed {
+                    v[n] = (s, e);
+                    n += 1;
+                    placed = true;
+                }
+                v[n] = (rs, re);
+                n += 1;
+            } else {
+                // Overlapping or touching: absorbed into the new range.
+                (s, e) = (s.min(rs), e.max(re));
             }
         }
-        while merged.len() > MAX_UNCHECKED {
-            let i = (0..merged.len() - 1)
-                .min_by_key(|&i| merged[i + 1].0 - merged[i].1)
-                .unwrap_or(0);
-            merged[i].1 = merged[i + 1].1;
-            merged.remove(i + 1);
+        if !placed {
+            v[n] = (s, e);
+            n += 1;
         }
-        self.len = merged.len();
-        self.ranges[..merged.len()].copy_from_slice(&merged);
+        if n > MAX_UNCHECKED {
+            let i = (0..n - 1).min_by_key(|&i| v[i + 1].0 - v[i].1).unwrap_or(0);
+            v[i].1 = v[i + 1].1;
+            v.copy_within(i + 2..n, i + 1);
+            n -= 1;
+        }
+        self.len = n;
+        self.ranges[..n].copy_from_slice(&v[..n]);
     }
 }
 

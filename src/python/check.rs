@@ -120,16 +120,19 @@ pub(crate) fn check_repair_mode(mode: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 
 /// Checks an open image (see `Image.check`); `progress(done, total)` is called as L2 tables
-/// are walked. Returns the report as a dict (the Python layer builds `CheckResult`).
+/// are walked. Returns the report as a dict (the Python layer builds `CheckResult`). With
+/// `details` false only the counters cross (no findings, overlaps or runs): what a verdict
+/// needs, without a Python object for each of up to a million findings.
 #[pyfunction]
-#[pyo3(signature = (image, progress = None))]
+#[pyo3(signature = (image, progress = None, details = true))]
 pub(crate) fn check_image<'py>(
     py: Python<'py>,
     image: &PyImage,
     progress: Option<Bound<'py, PyAny>>,
+    details: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let img = image.image()?;
-    let report = match progress {
+    let mut report = match progress {
         Some(cb) => {
             let mut failed: Option<PyErr> = None;
             let mut call = |done: u64, total: u64| {
@@ -147,6 +150,11 @@ pub(crate) fn check_image<'py>(
         }
         None => py.detach(|| img.check()).map_err(image_err)?,
     };
+    if !details {
+        report.findings = Vec::new();
+        report.overlaps = Vec::new();
+        report.used_runs = Vec::new();
+    }
     report_dict(py, &report)
 }
 

@@ -93,17 +93,24 @@ impl Scanner<'_> {
         read_table(self.storage, offset, len, what)
     }
 
-    pub(super) fn problem(&mut self, kind: ProblemKind, offset: u64, size: u64, message: String) {
-        let problem = Problem {
-            kind,
-            offset: HostOffset(offset),
-            size,
-            message,
-        };
+    /// Counts a problem, and keeps it while fewer than [`MAX_PROBLEMS`] are kept; `message` is
+    /// made only then (a file can hold millions of the same problem).
+    pub(super) fn problem(
+        &mut self,
+        kind: ProblemKind,
+        offset: u64,
+        size: u64,
+        message: impl FnOnce() -> String,
+    ) {
         self.problem_count += 1;
-        self.blocks_writes |= problem.blocks_writes();
+        self.blocks_writes |= kind.blocks_writes();
         if self.problems.len() < MAX_PROBLEMS {
-            self.problems.push(problem);
+            self.problems.push(Problem {
+                kind,
+                offset: HostOffset(offset),
+                size,
+                message: message(),
+            });
         }
     }
 
@@ -122,12 +129,14 @@ impl Scanner<'_> {
         {
             Ok(None) => {}
             Ok(Some((at, existing))) => {
-                let message = format!(
-                    "{} at {offset:#x} overlaps {} at {:#x}",
-                    what(),
-                    existing.message_name().unwrap_or("metadata"),
-                    at.0
-                );
+                let message = || {
+                    format!(
+                        "{} at {offset:#x} overlaps {} at {:#x}",
+                        what(),
+                        existing.message_name().unwrap_or("metadata"),
+                        at.0
+                    )
+                };
                 self.problem(
                     ProblemKind::MetadataOverlap {
                         existing,
@@ -139,7 +148,7 @@ impl Scanner<'_> {
                 );
             }
             Err(e) => {
-                let message = format!("{} at {offset:#x} cannot be mapped: {e}", what());
+                let message = || format!("{} at {offset:#x} cannot be mapped: {e}", what());
                 self.problem(ProblemKind::Unmappable, offset, clusters * self.cs, message);
             }
         }
@@ -164,12 +173,9 @@ impl Scanner<'_> {
             return Ok(());
         }
         if offset % self.cs != 0 {
-            self.problem(
-                ProblemKind::Unaligned,
-                offset,
-                len,
-                format!("{what} at {offset:#x} is not cluster-aligned"),
-            );
+            self.problem(ProblemKind::Unaligned, offset, len, || {
+                format!("{what} at {offset:#x} is not cluster-aligned")
+            });
             return Ok(());
         }
         let clusters = len.div_ceil(self.cs);
@@ -195,16 +201,18 @@ impl Scanner<'_> {
         what: impl Fn() -> String,
     ) {
         if offset % self.cs != 0 {
-            let message = format!("{} offset {offset:#x} is not cluster-aligned", what());
+            let message = || format!("{} offset {offset:#x} is not cluster-aligned", what());
             self.problem(ProblemKind::Unaligned, offset, self.cs, message);
             return;
         }
         if offset >= self.file_len {
-            let message = format!(
-                "{} at {offset:#x} lies beyond the end of the file ({:#x})",
-                what(),
-                self.file_len
-            );
+            let file_len = self.file_len;
+            let message = || {
+                format!(
+                    "{} at {offset:#x} lies beyond the end of the file ({file_len:#x})",
+                    what()
+                )
+            };
             self.problem(ProblemKind::BeyondEnd, offset, self.cs, message);
         }
         self.enter(offset, 1, types, &what);

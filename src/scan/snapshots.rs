@@ -53,7 +53,7 @@ impl Scanner<'_> {
                     ProblemKind::UnusableSnapshot,
                     snap.l1_table_offset,
                     snap.l1_table_bytes(),
-                    format!("Snapshot {i} ('{}'): {e}", snap.id),
+                    || format!("Snapshot {i} ('{}'): {e}", snap.id),
                 );
                 continue;
             }

@@ -1,13 +1,62 @@
 //! The table part of the check's walk: L1 tables gathered, every L2 table read once and its
 //! entries counted (with the number of references as a multiplier), and the bitmaps.
 
+use std::collections::HashMap;
+
 use super::finding::{Finding, FindingKind, L2EntryAt, L2Position};
 use super::report::Owner;
 use super::walk::{Checker, L1Ref};
 use crate::format::{L1Entry, L2Entry};
 
+/// The L1 tables to gather (the active one, then the snapshots'), grouped by place: tables at
+/// one `(offset, size)` are read and gathered once, with their number as a multiplier. A valid
+/// image has no two (QEMU copies the L1 table for each snapshot); a file can make 65,536
+/// snapshots name one table, which would otherwise be read and walked 65,536 times.
+#[derive(Default)]
+pub(super) struct L1Tables {
+    /// `(offset, bytes, first source, tables, includes the active one)`, by first appearance.
+    groups: Vec<(u64, u64, Option<u32>, u64, bool)>,
+    index: HashMap<(u64, u64), usize>,
+}
+
+impl L1Tables {
+    /// Adds the L1 table of `source` (`None`: the active one) at `[offset, offset + bytes)`.
+    pub(super) fn add(&mut self, offset: u64, bytes: u64, source: Option<u32>) {
+        match self.index.get(&(offset, bytes)) {
+            Some(&i) => {
+                let group = &mut self.groups[i];
+                group.3 += 1;
+                group.4 |= source.is_none();
+            }
+            None => {
+                self.index.insert((offset, bytes), self.groups.len());
+                self.groups
+                    .push((offset, bytes, source, 1, source.is_none()));
+            }
+        }
+    }
+}
+
 impl Checker<'_> {
-    pub(super) fn gather_l1(&mut self, bytes: &[u8], source: Option<u32>, refs: &mut Vec<L1Ref>) {
+    /// Reads each L1 table once and gathers its entries (see [`L1Tables`]).
+    pub(super) fn gather_l1_tables(&mut self, tables: &L1Tables) -> Vec<L1Ref> {
+        let mut refs = Vec::new();
+        for &(offset, bytes, source, times, active) in &tables.groups {
+            let what = if active {
+                "the active L1 table"
+            } else {
+                "a snapshot L1 table"
+            };
+            if let Some(t) = self.read(offset, bytes, what) {
+                let source = if active { None } else { source };
+                self.gather_l1(&t, source, times, &mut refs);
+            }
+        }
+        refs
+    }
+
+    /// Gathers the entries of an L1 table held by `times` L1 tables at its place.
+    fn gather_l1(&mut self, bytes: &[u8], source: Option<u32>, times: u64, refs: &mut Vec<L1Ref>) {
         for (i, c) in bytes.chunks_exact(8).enumerate() {
             let e = L1Entry(u64::from_be_bytes([
                 c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
@@ -16,20 +65,21 @@ impl Checker<'_> {
                 continue;
             }
             if e.reserved_bits() != 0 {
-                self.report.add(Finding::once(FindingKind::L1Reserved {
+                let kind = FindingKind::L1Reserved {
                     l1_index: i as u64,
                     entry: e,
-                }));
+                };
+                self.report.add(Finding::counted(kind, times));
             }
             let l2 = e.l2_offset().0;
             // Counted even when 0 (QEMU counts cluster 0 for an entry with only flag bits).
-            self.inc(l2, self.cs, 1);
+            self.inc(l2, self.cs, times);
             if l2 % self.cs != 0 {
-                self.report
-                    .add(Finding::once(FindingKind::L2TableUnaligned {
-                        l1_index: i as u64,
-                        offset: l2,
-                    }));
+                let kind = FindingKind::L2TableUnaligned {
+                    l1_index: i as u64,
+                    offset: l2,
+                };
+                self.report.add(Finding::counted(kind, times));
             }
             if source.is_none() {
                 // COPIED flag of the L1 entry against the L2 table's on-disk refcount.
@@ -49,6 +99,7 @@ impl Checker<'_> {
                 l2_offset: l2,
                 source,
                 l1_index: i as u64,
+                times,
             });
         }
     }
@@ -108,13 +159,18 @@ impl Checker<'_> {
             let off = refs[start].l2_offset;
             let end = start + refs[start..].partition_point(|r| r.l2_offset == off);
             let group = &refs[start..end];
-            let times = group.len() as u64;
+            let times = group.iter().map(|r| r.times).sum::<u64>();
             let active = group.iter().filter(|r| r.source.is_none()).count() as u64;
             let first = group[0];
             start = end;
-            done += times;
-            if done % 256 < times {
+            done += group.len() as u64;
+            if done % 256 < group.len() as u64 {
                 (self.progress)(done, total);
+            }
+            if off >= self.img.file_len() {
+                // All zeros, as every byte past the end reads: no entry to count, and no read
+                // (an L1 table can name millions of such tables).
+                continue;
             }
             if let Err(e) = self.storage.read_padded(off, &mut buf) {
                 self.report.add(Finding::once(FindingKind::ReadError {

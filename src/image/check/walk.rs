@@ -26,6 +26,7 @@
 use super::counts::{decode_block, oom, Counts};
 use super::finding::{Finding, FindingKind};
 use super::report::{CheckReport, Overlap, Owner};
+use super::tables::L1Tables;
 use crate::format::limits::MAX_IMAGE_LENGTH;
 use crate::format::ReftableEntry;
 use crate::format::{max_refcount, refcount_get, Geometry};
@@ -39,9 +40,12 @@ const MAX_SNAPSHOT_L1_ENTRIES: u64 = (32 << 20) / 8;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct L1Ref {
     pub(super) l2_offset: u64,
-    /// `None`: active; `Some(n)`: snapshot n.
+    /// `None`: active; `Some(n)`: snapshot n (the first of the L1 tables at one place).
     pub(super) source: Option<u32>,
     pub(super) l1_index: u64,
+    /// The L1 tables at this entry's place that hold it: 1 in a valid image, more where
+    /// snapshots name one table (each is a reference to the L2 table).
+    pub(super) times: u64,
 }
 
 /// The state of one check.
@@ -315,14 +319,15 @@ impl Checker<'_> {
         }
         let first = offset >> self.cb;
         let last = offset.saturating_add(len - 1) >> self.cb;
-        let last = last.min(first.saturating_add(self.file_clusters));
-        for k in first..=last {
+        if last >= self.file_clusters {
+            // Past the end of the file a structure is a corruption of its own (`inc` counts
+            // it); it is not named in overlaps, so that a table naming millions of tables there
+            // costs no owner each.
+            self.meta_past_end = true;
+        }
+        for k in first..last.saturating_add(1).min(self.file_clusters) {
             self.owners.push((k, owner, offset));
-            if k < self.file_clusters {
-                self.meta_bits[(k / 64) as usize] |= 1 << (k % 64);
-            } else {
-                self.meta_past_end = true;
-            }
+            self.meta_bits[(k / 64) as usize] |= 1 << (k % 64);
         }
     }
 
@@ -375,14 +380,12 @@ impl Checker<'_> {
         // The header cluster, the active L1 table, the snapshot L1 tables.
         self.inc(0, cs, 1);
         self.own(Owner::Header, 0, cs);
-        let mut refs: Vec<L1Ref> = Vec::new();
+        let mut l1_tables = L1Tables::default();
         let l1_bytes = u64::from(h.l1_size) * 8;
         if l1_bytes > 0 {
             self.inc(h.l1_table_offset, l1_bytes, 1);
             self.own(Owner::ActiveL1, h.l1_table_offset, l1_bytes);
-            if let Some(bytes) = self.read(h.l1_table_offset, l1_bytes, "the active L1 table") {
-                self.gather_l1(&bytes, None, &mut refs);
-            }
+            l1_tables.add(h.l1_table_offset, l1_bytes, None);
         }
         let snapshots = img.snapshots();
         if self.data_file && !snapshots.is_empty() {
@@ -415,10 +418,9 @@ impl Checker<'_> {
             }
             self.inc(sn.l1_table_offset, bytes, 1);
             self.own(Owner::SnapshotL1(n as u32), sn.l1_table_offset, bytes);
-            if let Some(t) = self.read(sn.l1_table_offset, bytes, "a snapshot L1 table") {
-                self.gather_l1(&t, Some(n as u32), &mut refs);
-            }
+            l1_tables.add(sn.l1_table_offset, bytes, Some(n as u32));
         }
+        let mut refs = self.gather_l1_tables(&l1_tables);
 
         // The other metadata, recorded before the data clusters are walked.
         let snap_bytes = if h.nb_snapshots > 0 {
