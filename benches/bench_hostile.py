@@ -10,8 +10,8 @@ each in its own process under a 4 GiB address-space limit and a timeout:
 - `map`: qcow2ovl `qcow2ovl map --guest --output json`; qemu-img `map --output=json`;
 - `inspect`: qcow2ovl `inspect()` (qemu-img has none: its row repeats `info -U`).
 
-Prints wall time and peak resident memory (`/usr/bin/time`) for each, or what stopped it
-(timeout, memory limit, exit status).
+Prints wall time, CPU time (user + system) and peak resident memory (`/usr/bin/time`) for
+each, or what stopped it (timeout, memory limit, exit status).
 """
 
 from __future__ import annotations
@@ -79,16 +79,17 @@ CLASSES: dict[str, Callable[[Path], Path]] = {
 
 
 def measure(cmd: list[str], timeout: float) -> str:
-    """Runs *cmd* under the memory limit; "1.23 s 45 MB" or what stopped it."""
-    limited = ["prlimit", f"--as={MEMORY}", "/usr/bin/time", "-f", "%e %M", *cmd]
+    """Runs *cmd* under the memory limit; "1.23 s (cpu 1.10) 45 MB" or what stopped it."""
+    limited = ["prlimit", f"--as={MEMORY}", "/usr/bin/time", "-f", "%e %U %S %M", *cmd]
     try:
         proc = subprocess.run(
             limited, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired:
         return f"> {timeout:.0f} s (timeout)"
-    seconds, kib = proc.stderr.strip().splitlines()[-1].split()[-2:]
-    result = f"{float(seconds):.2f} s {int(kib) // 1024} MB"
+    seconds, user, system, kib = proc.stderr.strip().splitlines()[-1].split()[-4:]
+    cpu = float(user) + float(system)
+    result = f"{float(seconds):.2f} s (cpu {cpu:.2f}) {int(kib) // 1024} MB"
     if proc.returncode not in (0, 1, 2, 3):
         tail = proc.stderr.strip().splitlines()
         result += f" (exit {proc.returncode}: {tail[-2][:60] if len(tail) > 1 else ''})"
@@ -107,14 +108,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(CLASSES), default=sorted(CLASSES))
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args()
-    print(f"{'class':32} {'op':8} {'qcow2ovl':>28} {'qemu-img':>28}")
+    print(f"{'class':30} {'op':8} {'qcow2ovl':>34} {'qemu-img':>34}")
     for name in args.only:
         with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
             path = CLASSES[name](Path(tmp))
             for op in ("open", "check", "map", "inspect"):
                 mine = measure(ours(op, path), args.timeout)
                 theirs = measure(["qemu-img", *QEMU[op], str(path)], args.timeout)
-                print(f"{name:32} {op:8} {mine:>28} {theirs:>28}", flush=True)
+                print(f"{name:30} {op:8} {mine:>34} {theirs:>34}", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,11 @@ def test_files_that_are_not_qcow2(tmp_path: Path) -> None:
     assert verdict.reasons == ("not a qcow2 image (its first bytes say raw)",)
     assert verdict.exit_code == 1
     assert dict(verdict.facts) == {**qemu_info(raw), "format": "raw"}
-    vmdk = tmp_path / "disk2.qcow2"
-    vmdk.write_bytes(b"KDMV" + bytes(4092))
-    assert qcow2ovl.inspect(vmdk).reasons == ("not a qcow2 image (its first bytes say vmdk)",)
+    for magic, fmt in ((b"KDMV", "vmdk"), (b"conectix", "vpc"), (b"vhdxfile", "vhdx")):
+        other = tmp_path / f"{fmt}.qcow2"
+        other.write_bytes(magic + bytes(4096 - len(magic)))
+        reasons = qcow2ovl.inspect(other).reasons
+        assert reasons == (f"not a qcow2 image (its first bytes say {fmt})",)
 
 
 def test_bits_problems_and_refusals_are_reasons(tmp_path: Path) -> None:

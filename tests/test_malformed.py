@@ -416,6 +416,21 @@ def test_open_rejects(case: Case, base_copy: Callable[[str], Path]) -> None:
     assert qi.sha256_file(path) == before, "a failed open changed the file"
 
 
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_inspect_calls_it_unsafe(case: Case, base_copy: Callable[[str], Path]) -> None:
+    """Every malformed header or table an upload could carry gets a verdict, unsafe, with the
+    refusal (or the scan's problem) as its reason; the file is not changed."""
+    path = base_copy(case.base)
+    case.poke(path)
+    before = qi.sha256_file(path)
+    verdict = qcow2ovl.inspect(path)
+    assert not verdict.safe and verdict.readable, verdict
+    # Without its magic the file is not judged as qcow2 at all.
+    phrase = "^not a qcow2 image" if case.id == "bad_magic" else case.phrase
+    assert any(re.search(phrase.removeprefix("^"), r) for r in verdict.reasons), verdict.reasons
+    assert qi.sha256_file(path) == before
+
+
 # ---- files that are not qcow2 at all ----------------------------------------------------------
 
 

@@ -280,7 +280,9 @@ class CheckResult:
     ``corruptions`` and ``leaks`` are what remains), ``image_end_offset``, ``total_clusters``
     (of the virtual disk), ``allocated_clusters``, ``fragmented_clusters`` and
     ``compressed_clusters`` (of the active L1 table). ``findings`` and ``overlaps`` list what
-    was found (capped; ``finding_count`` and ``overlap_count`` count everything).
+    was found (capped; ``finding_count`` and ``overlap_count`` count everything);
+    ``unnamed_metadata`` counts metadata clusters past the 4 Mi the check tracks for naming
+    overlaps (0 for any real image; a hostile file's tables can claim billions).
     ``used_runs`` gives the ``(first cluster, count)`` runs of host clusters something
     references. ``repair_log`` lists what a repair found before it started, then what it did
     (``"Repairing cluster ..."``) and what it left alone on purpose (clusters two structures
@@ -303,6 +305,7 @@ class CheckResult:
     finding_count: int
     overlaps: tuple[CheckOverlap, ...]
     overlap_count: int
+    unnamed_metadata: int
     used_runs: tuple[tuple[int, int], ...]
     repair_log: tuple[str, ...]
     exit_code: int
@@ -379,6 +382,12 @@ class CheckResult:
             out += ["", f"{self.check_errors} internal errors have occurred during the check."]
         if self.overlap_count:
             out += ["", f"{self.overlap_count} metadata overlaps were found (listed above)."]
+        if self.unnamed_metadata:
+            out += [
+                "",
+                f"{self.unnamed_metadata} metadata clusters were too many to look at for "
+                "overlaps (counted all the same).",
+            ]
         if self.total_clusters and self.allocated_clusters:
             a = self.allocated_clusters
             out.append(

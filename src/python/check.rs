@@ -87,6 +87,7 @@ fn report_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyD
         .collect::<PyResult<Vec<_>>>()?;
     d.set_item("overlaps", overlaps)?;
     d.set_item("overlap_count", r.overlap_count)?;
+    d.set_item("unnamed_metadata", r.unnamed_metadata)?;
     d.set_item("used_runs", &r.used_runs)?;
     d.set_item("repair_log", &r.repair_log)?;
     d.set_item("exit_code", r.exit_code())?;

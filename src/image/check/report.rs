@@ -5,6 +5,11 @@
 pub(super) const MAX_FINDINGS: usize = 1 << 20;
 /// Overlaps kept in the report; [`CheckReport::overlap_count`] counts all of them.
 pub(super) const MAX_OVERLAPS: usize = 100_000;
+/// Metadata cluster records kept for naming overlaps (32 bytes each); past this many, the
+/// clusters of further structures are still counted but not named in overlaps. A valid image
+/// has far fewer (each record is a metadata cluster, or one reference to a shared L2 table); a
+/// file whose snapshots claim 32 MiB L1 tables in its holes would otherwise need gigabytes.
+pub(super) const MAX_OWNERS: usize = 1 << 22;
 /// Runs of referenced clusters kept in [`CheckReport::used_runs`].
 pub(super) const MAX_RUNS: usize = 1 << 20;
 
@@ -154,6 +159,8 @@ pub struct CheckReport {
     pub overlaps: Vec<Overlap>,
     /// All overlaps, kept or not.
     pub overlap_count: u64,
+    /// Metadata clusters past [`MAX_OWNERS`]: counted, but not looked at for overlaps.
+    pub unnamed_metadata: u64,
     /// Runs `(first cluster, clusters)` of the file's clusters that something references (at
     /// most [`MAX_RUNS`]; past that the last run grows to cover the rest).
     pub used_runs: Vec<(u64, u64)>,
@@ -171,14 +178,15 @@ impl CheckReport {
             Severity::CheckError => self.check_errors += f.times,
         }
         self.finding_count += 1;
-        if self.findings.len() < MAX_FINDINGS {
+        // Kept while memory allows too: a finding not kept is still counted.
+        if self.findings.len() < MAX_FINDINGS && self.findings.try_reserve(1).is_ok() {
             self.findings.push(f);
         }
     }
 
     pub(super) fn overlap(&mut self, o: Overlap) {
         self.overlap_count += 1;
-        if self.overlaps.len() < MAX_OVERLAPS {
+        if self.overlaps.len() < MAX_OVERLAPS && self.overlaps.try_reserve(1).is_ok() {
             self.overlaps.push(o);
         }
     }

@@ -37,7 +37,53 @@ impl L1Tables {
     }
 }
 
+/// Bytes of a table read at a time.
+const TABLE_CHUNK: u64 = 1 << 20;
+
 impl Checker<'_> {
+    /// Calls `f(self, index of the chunk's first entry, chunk)` for the parts of the table of
+    /// 8-byte entries at `[offset, offset + bytes)` where the file holds data, at most
+    /// [`TABLE_CHUNK`] bytes at a time. Entries in holes and past the end are zeros and are
+    /// skipped: a table a file claims in a hole costs no read (QEMU reads it whole).
+    fn for_each_table_chunk(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+        what: &str,
+        mut f: impl FnMut(&mut Self, u64, &[u8]),
+    ) {
+        let end = offset.saturating_add(bytes);
+        let mut at = offset;
+        while at < end {
+            let (start, stop) = match self.storage.next_data(at) {
+                Ok(Some((s, e))) => (s.max(at), e.min(end)),
+                Ok(None) => break,
+                Err(e) => {
+                    self.report.add(Finding::once(FindingKind::ReadError {
+                        what: format!("{what} ({e})"),
+                        offset: at,
+                    }));
+                    break;
+                }
+            };
+            // Entries are 8-aligned within the table.
+            let mut pos = offset + (start.saturating_sub(offset)) / 8 * 8;
+            if pos >= end {
+                break;
+            }
+            while pos < stop {
+                let n = (stop - pos).min(TABLE_CHUNK).div_ceil(8) * 8;
+                let n = n.min(end - pos);
+                let Some(chunk) = self.read(pos, n, what) else {
+                    return;
+                };
+                f(self, (pos - offset) / 8, &chunk);
+                pos += n;
+            }
+            at = pos.max(stop);
+        }
+    }
+
     /// Reads each L1 table once and gathers its entries (see [`L1Tables`]).
     pub(super) fn gather_l1_tables(&mut self, tables: &L1Tables) -> Vec<L1Ref> {
         let mut refs = Vec::new();
@@ -47,17 +93,26 @@ impl Checker<'_> {
             } else {
                 "a snapshot L1 table"
             };
-            if let Some(t) = self.read(offset, bytes, what) {
-                let source = if active { None } else { source };
-                self.gather_l1(&t, source, times, &mut refs);
-            }
+            let source = if active { None } else { source };
+            self.for_each_table_chunk(offset, bytes, what, |c, first, chunk| {
+                c.gather_l1(chunk, first, source, times, &mut refs);
+            });
         }
         refs
     }
 
-    /// Gathers the entries of an L1 table held by `times` L1 tables at its place.
-    fn gather_l1(&mut self, bytes: &[u8], source: Option<u32>, times: u64, refs: &mut Vec<L1Ref>) {
+    /// Gathers the entries of part of an L1 table (its first entry is `first`) held by
+    /// `times` L1 tables at its place.
+    fn gather_l1(
+        &mut self,
+        bytes: &[u8],
+        first: u64,
+        source: Option<u32>,
+        times: u64,
+        refs: &mut Vec<L1Ref>,
+    ) {
         for (i, c) in bytes.chunks_exact(8).enumerate() {
+            let i = first as usize + i;
             let e = L1Entry(u64::from_be_bytes([
                 c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
             ]));
@@ -125,25 +180,32 @@ impl Checker<'_> {
             let tbytes = bm.table_bytes();
             self.inc(bm.table_offset, tbytes, 1);
             self.own(Owner::BitmapTable(n as u32), bm.table_offset, tbytes);
-            let Some(t) = self.read(bm.table_offset, tbytes, "a bitmap table") else {
+            self.for_each_table_chunk(bm.table_offset, tbytes, "a bitmap table", |c, first, t| {
+                c.bitmap_entries(n, first, t);
+            });
+        }
+    }
+
+    /// Counts the entries of part of bitmap `n`'s table (its first entry is `first`).
+    fn bitmap_entries(&mut self, n: usize, first: u64, t: &[u8]) {
+        let img = self.img;
+        let bm = &img.bitmaps()[n];
+        for (i, c) in t.chunks_exact(8).enumerate() {
+            let i = first + i as u64;
+            let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let entry = crate::format::BitmapTableEntry(e);
+            if entry.check(self.cs).is_err() {
+                self.report.add(Finding::once(FindingKind::BitmapEntry {
+                    name: bm.name.clone(),
+                    index: i,
+                    entry: e,
+                }));
                 continue;
-            };
-            for (i, c) in t.chunks_exact(8).enumerate() {
-                let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-                let entry = crate::format::BitmapTableEntry(e);
-                if entry.check(self.cs).is_err() {
-                    self.report.add(Finding::once(FindingKind::BitmapEntry {
-                        name: bm.name.clone(),
-                        index: i as u64,
-                        entry: e,
-                    }));
-                    continue;
-                }
-                let off = entry.offset().0;
-                if off != 0 {
-                    self.inc(off, self.cs, 1);
-                    self.own(Owner::BitmapData(n as u32, i as u64), off, self.cs);
-                }
+            }
+            let off = entry.offset().0;
+            if off != 0 {
+                self.inc(off, self.cs, 1);
+                self.own(Owner::BitmapData(n as u32, i), off, self.cs);
             }
         }
     }

@@ -25,7 +25,7 @@
 
 use super::counts::{decode_block, oom, Counts};
 use super::finding::{Finding, FindingKind};
-use super::report::{CheckReport, Overlap, Owner};
+use super::report::{CheckReport, Overlap, Owner, MAX_OWNERS};
 use super::tables::L1Tables;
 use crate::format::limits::MAX_IMAGE_LENGTH;
 use crate::format::ReftableEntry;
@@ -326,8 +326,12 @@ impl Checker<'_> {
             self.meta_past_end = true;
         }
         for k in first..last.saturating_add(1).min(self.file_clusters) {
-            self.owners.push((k, owner, offset));
             self.meta_bits[(k / 64) as usize] |= 1 << (k % 64);
+            if self.owners.len() < MAX_OWNERS && self.owners.try_reserve(1).is_ok() {
+                self.owners.push((k, owner, offset));
+            } else {
+                self.report.unnamed_metadata += 1;
+            }
         }
     }
 
