@@ -131,6 +131,18 @@ def _opt(value: object) -> str:
     return str(value)
 
 
+def io_command(kind: str, offset: int, length: int, pattern: int = 0) -> str:
+    """The qemu-io command for a guest operation: ``write`` (of *pattern*), ``zero``,
+    ``unmap`` (zero, unmapping) or ``discard``."""
+    head = {
+        "write": f"write -P {pattern:#x}",
+        "zero": "write -z",
+        "unmap": "write -z -u",
+        "discard": "discard",
+    }[kind]
+    return f"{head} {offset} {length}"
+
+
 def qemu_io(image: StrPath | ImageRef, *commands: str, ok: Iterable[int] = (0,)) -> str:
     """Run qemu-io commands (`-c` each) on an image; qemu-io exits 0 even when a command fails,
     so the output is also checked for the usual failure words."""

@@ -188,14 +188,8 @@ def run_qemu(case: Case, path: Path) -> None:
             pending.clear()
 
     for i, (kind, offset, length) in enumerate(case.ops):
-        if kind == "write":
-            pending.append(f"write -P {0x60 + i} {offset} {length}")
-        elif kind == "zero":
-            pending.append(f"write -z {offset} {length}")
-        elif kind == "unmap":
-            pending.append(f"write -z -u {offset} {length}")
-        elif kind == "discard":
-            pending.append(f"discard {offset} {length}")
+        if kind in ("write", "zero", "unmap", "discard"):
+            pending.append(qi.io_command(kind, offset, length, 0x60 + i))
         else:
             flush_io()
             if kind == "snap":

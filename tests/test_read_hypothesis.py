@@ -181,15 +181,9 @@ def operations(draw: Any, cluster_size: int, size: int) -> list[str]:
             )
         )
         length = min(length, size - off)
-        what = draw(st.sampled_from(["write", "zero", "zero_unmap", "discard"]))
-        if what == "write":
-            ops.append(f"write -P {draw(st.integers(1, 255)):#x} {off} {length}")
-        elif what == "zero":
-            ops.append(f"write -z {off} {length}")
-        elif what == "zero_unmap":
-            ops.append(f"write -z -u {off} {length}")
-        else:
-            ops.append(f"discard {off} {length}")
+        what = draw(st.sampled_from(["write", "zero", "unmap", "discard"]))
+        pattern = draw(st.integers(1, 255)) if what == "write" else 0
+        ops.append(qi.io_command(what, off, length, pattern))
     return ops
 
 
