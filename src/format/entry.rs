@@ -34,6 +34,13 @@ impl L1Entry {
         L1Entry(table.0 & L1_L2_OFFSET_MASK | OFLAG_COPIED)
     }
 
+    /// The same entry without reserved bits: what a writer puts back when it rewrites the
+    /// entry (QEMU also rebuilds a rewritten entry from its offset), so damage is not carried on.
+    #[must_use]
+    pub fn without_reserved(self) -> L1Entry {
+        L1Entry(self.0 & !L1_RESERVED_MASK)
+    }
+
     /// The same entry with COPIED set or cleared.
     #[must_use]
     pub fn with_copied(self, copied: bool) -> L1Entry {
@@ -344,6 +351,9 @@ mod tests {
         let bad = L1Entry(0x0100_0000_0005_0001);
         assert_eq!(bad.reserved_bits(), 0x0100_0000_0000_0001);
         assert_eq!(bad.l2_offset(), HostOffset(0x50000));
+        // Rewritten entries lose their reserved bits and keep offset and COPIED.
+        let damaged = L1Entry(0xff00_0000_000e_7200);
+        assert_eq!(damaged.without_reserved(), L1Entry(OFLAG_COPIED | 0xe7200));
         assert!(!L1Entry(0).is_allocated());
         let owned = L1Entry::owned_table(HostOffset(0x50000));
         assert!(owned.owns_table() && owned.with_copied(false) == L1Entry(0x50000));

@@ -216,7 +216,8 @@ impl Image {
         // nothing, so that a refcount at its maximum refuses the snapshot cleanly).
         self.count_references(w, &l1)?;
 
-        // 2. The L1 copy, in new clusters. Its entries have COPIED clear: everything is shared.
+        // 2. The L1 copy, in new clusters. Its entries have COPIED clear (everything is shared)
+        // and no reserved bits (a damaged entry is not carried into the copy).
         let clusters = (l1.len() as u64 * 8).div_ceil(cs);
         let l1_offset = if clusters == 0 {
             0
@@ -225,7 +226,7 @@ impl Image {
         };
         let copy: Vec<u64> = l1
             .iter()
-            .map(|&e| L1Entry(e).with_copied(false).0)
+            .map(|&e| L1Entry(e).without_reserved().with_copied(false).0)
             .collect();
         let mut bytes = write_u64_table(&copy);
         bytes.resize((clusters * cs) as usize, 0);

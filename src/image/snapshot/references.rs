@@ -161,11 +161,11 @@ impl Image {
         let mut wrote = false;
         for (i, slot) in out.iter_mut().enumerate() {
             let Some(t) = self.l2_table_offset(i as u64, *slot)? else {
-                *slot = L1Entry(*slot).with_copied(false).0;
+                *slot = L1Entry(*slot).without_reserved().with_copied(false).0;
                 continue;
             };
             let owned = w.refcounts.get(st, t >> cb)? == 1;
-            *slot = L1Entry(*slot).with_copied(owned).0;
+            *slot = L1Entry(*slot).without_reserved().with_copied(owned).0;
             st.read_padded(t, &mut bytes)?;
             let mut table = read_u64_table(&bytes);
             let mut changed = false;
