@@ -8,7 +8,10 @@ each in its own process under a 4 GiB address-space limit and a timeout:
 - `open`: qcow2ovl open and list every metadata extent; qemu-img `info`;
 - `check`: qcow2ovl `check()`; qemu-img `check`;
 - `map`: qcow2ovl `qcow2ovl map --guest --output json`; qemu-img `map --output=json`;
-- `inspect`: qcow2ovl `inspect()` (qemu-img has none: its row repeats `info -U`).
+- `inspect`: qcow2ovl `inspect()` (qemu-img has none: its row repeats `info -U`);
+- `glance`: what an upload screen runs, under Glance's limits (2 s of CPU, 1 GiB of address
+  space) instead of the 4 GiB above: `qcow2ovl inspect --output json` beside
+  `qemu-img info --output=json`, with the exit status (qcow2ovl: 0 safe, 1 unsafe).
 
 Prints wall time, CPU time (user + system) and peak resident memory (`/usr/bin/time`) for
 each, or what stopped it (timeout, memory limit, exit status).
@@ -27,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import hostile_images as hi  # noqa: E402
 
 MEMORY = 4 << 30
+GLANCE = ["--cpu=2", f"--as={1 << 30}"]
+OPS = ("open", "check", "map", "inspect", "glance")
 
 OURS = {
     "open": "img = qcow2ovl.open(p); sum(1 for _ in img.metadata_extents())",
@@ -38,6 +43,7 @@ QEMU = {
     "check": ["check"],
     "map": ["map", "--output=json"],
     "inspect": ["info", "-U", "--output=json"],
+    "glance": ["info", "--output=json"],
 }
 
 
@@ -78,9 +84,9 @@ CLASSES: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def measure(cmd: list[str], timeout: float) -> str:
-    """Runs *cmd* under the memory limit; "1.23 s (cpu 1.10) 45 MB" or what stopped it."""
-    limited = ["prlimit", f"--as={MEMORY}", "/usr/bin/time", "-f", "%e %U %S %M", *cmd]
+def measure(cmd: list[str], timeout: float, limits: list[str]) -> str:
+    """Runs *cmd* under *limits*; "1.23 s (cpu 1.10) 45 MB" or what stopped it."""
+    limited = ["prlimit", *limits, "/usr/bin/time", "-f", "%e %U %S %M", *cmd]
     try:
         proc = subprocess.run(
             limited, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout
@@ -90,7 +96,9 @@ def measure(cmd: list[str], timeout: float) -> str:
     seconds, user, system, kib = proc.stderr.strip().splitlines()[-1].split()[-4:]
     cpu = float(user) + float(system)
     result = f"{float(seconds):.2f} s (cpu {cpu:.2f}) {int(kib) // 1024} MB"
-    if proc.returncode not in (0, 1, 2, 3):
+    if limits is GLANCE:
+        result += f" exit {proc.returncode}"
+    elif proc.returncode not in (0, 1, 2, 3):
         tail = proc.stderr.strip().splitlines()
         result += f" (exit {proc.returncode}: {tail[-2][:60] if len(tail) > 1 else ''})"
     return result
@@ -99,6 +107,8 @@ def measure(cmd: list[str], timeout: float) -> str:
 def ours(op: str, path: Path) -> list[str]:
     if op == "map":
         return [sys.executable, "-m", "qcow2ovl", "map", "--guest", "--output", "json", str(path)]
+    if op == "glance":
+        return [sys.executable, "-m", "qcow2ovl", "inspect", "--output", "json", str(path)]
     code = f"import sys, qcow2ovl; p = sys.argv[1]\n{OURS[op]}"
     return [sys.executable, "-c", code, str(path)]
 
@@ -112,9 +122,10 @@ def main() -> None:
     for name in args.only:
         with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
             path = CLASSES[name](Path(tmp))
-            for op in ("open", "check", "map", "inspect"):
-                mine = measure(ours(op, path), args.timeout)
-                theirs = measure(["qemu-img", *QEMU[op], str(path)], args.timeout)
+            for op in OPS:
+                limits = GLANCE if op == "glance" else [f"--as={MEMORY}"]
+                mine = measure(ours(op, path), args.timeout, limits)
+                theirs = measure(["qemu-img", *QEMU[op], str(path)], args.timeout, limits)
                 print(f"{name:30} {op:8} {mine:>34} {theirs:>34}", flush=True)
 
 

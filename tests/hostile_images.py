@@ -86,15 +86,17 @@ def snapshot_table_bomb(
     table_at: int,
     tables_at: int,
     count: int = 2048,
+    end: int = SPARSE_END,
 ) -> None:
     """A qemu-img image whose snapshot table (at *table_at*) lists *count* snapshots with 32 MiB
-    L1 tables one after another from *tables_at*, all in the holes of a 1 TiB sparse file."""
+    L1 tables one after another from *tables_at*, all in the holes of a sparse file of *end*
+    bytes (1 TiB unless told)."""
     qi.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, size)
     l1_entries = (32 << 20) // 8
     entries = [
         _snapshot_entry(tables_at + i * (32 << 20), l1_entries, f"s{i}") for i in range(count)
     ]
-    _point_snapshot_table(path, entries, table_at, SPARSE_END)
+    _point_snapshot_table(path, entries, table_at, end)
 
 
 def shared_snapshots(path: Path, *, count: int = 65536, l2_tables: int = 64) -> None:

@@ -21,12 +21,18 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--max-virtual-size", metavar="SIZE", help="a larger virtual disk is unsafe")
     p.add_argument("--max-snapshots", type=int, metavar="N", help="more snapshots are unsafe")
     p.add_argument("--max-bitmaps", type=int, metavar="N", help="more bitmaps are unsafe")
+    p.add_argument(
+        "--max-check-clusters",
+        type=int,
+        metavar="N",
+        help="a file of more clusters is not checked, and unsafe (default 2^25)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the verdict; return its exit status."""
-    from qcow2ovl._inspect import inspect
+    from qcow2ovl._inspect import CHECK_CLUSTERS, inspect
 
     limit = None
     if args.max_virtual_size is not None:
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         max_virtual_size=limit,
         max_snapshots=args.max_snapshots,
         max_bitmaps=args.max_bitmaps,
+        max_check_clusters=args.max_check_clusters or CHECK_CLUSTERS,
     )
     if args.output == "json":
         from qcow2ovl._cli_info import to_json

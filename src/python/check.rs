@@ -123,7 +123,7 @@ pub(crate) fn check_repair_mode(mode: &Bound<'_, PyAny>) -> PyResult<()> {
 /// Checks an open image (see `Image.check`); `progress(done, total)` is called as L2 tables
 /// are walked. Returns the report as a dict (the Python layer builds `CheckResult`). With
 /// `details` false only the counters cross (no findings, overlaps or runs): what a verdict
-/// needs, without a Python object for each of up to a million findings.
+/// needs, without a Python object for each of the findings kept.
 #[pyfunction]
 #[pyo3(signature = (image, progress = None, details = true))]
 pub(crate) fn check_image<'py>(
