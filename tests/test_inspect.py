@@ -208,6 +208,19 @@ def _classes() -> dict[str, tuple[Callable[[Path], Path], str]]:
             ),
             "not checked: the file spans",
         ),
+        # The worst file the check still runs on: 2^24 clusters, all snapshot L1 tables.
+        "at-the-check-limit": (
+            file(
+                snapshot_table_bomb,
+                cluster_size=512,
+                size="64M",
+                table_at=64 << 10,
+                tables_at=64 << 20,
+                count=254,
+                end=8 << 30,
+            ),
+            "corruptions",
+        ),
         "shared-snapshots": (file(hi.shared_snapshots), "metadata-overlap: "),
         "shared-l2-tables": (file(hi.shared_l2_tables), "metadata overlaps"),
         "l2-table-flood": (file(hi.l2_table_flood), "beyond-end: "),

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--max-check-clusters",
         type=int,
         metavar="N",
-        help="a file of more clusters is not checked, and unsafe (default 2^25)",
+        help="a file of more clusters is not checked, and unsafe (default 2^24)",
     )
     p.set_defaults(func=run)
 
