@@ -84,8 +84,9 @@ CLASSES: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def measure(cmd: list[str], timeout: float, limits: list[str]) -> str:
-    """Runs *cmd* under *limits*; "1.23 s (cpu 1.10) 45 MB" or what stopped it."""
+def measure(cmd: list[str], timeout: float, limits: list[str], *, status: bool = False) -> str:
+    """Runs *cmd* under *limits*; "1.23 s (cpu 1.10) 45 MB" or what stopped it (with *status*,
+    always the exit status)."""
     limited = ["prlimit", *limits, "/usr/bin/time", "-f", "%e %U %S %M", *cmd]
     try:
         proc = subprocess.run(
@@ -96,7 +97,7 @@ def measure(cmd: list[str], timeout: float, limits: list[str]) -> str:
     seconds, user, system, kib = proc.stderr.strip().splitlines()[-1].split()[-4:]
     cpu = float(user) + float(system)
     result = f"{float(seconds):.2f} s (cpu {cpu:.2f}) {int(kib) // 1024} MB"
-    if limits is GLANCE:
+    if status:
         result += f" exit {proc.returncode}"
     elif proc.returncode not in (0, 1, 2, 3):
         tail = proc.stderr.strip().splitlines()
@@ -123,9 +124,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
             path = CLASSES[name](Path(tmp))
             for op in OPS:
-                limits = GLANCE if op == "glance" else [f"--as={MEMORY}"]
-                mine = measure(ours(op, path), args.timeout, limits)
-                theirs = measure(["qemu-img", *QEMU[op], str(path)], args.timeout, limits)
+                glance = op == "glance"
+                limits = GLANCE if glance else [f"--as={MEMORY}"]
+                mine = measure(ours(op, path), args.timeout, limits, status=glance)
+                qemu = ["qemu-img", *QEMU[op], str(path)]
+                theirs = measure(qemu, args.timeout, limits, status=glance)
                 print(f"{name:30} {op:8} {mine:>34} {theirs:>34}", flush=True)
 
 

@@ -189,6 +189,10 @@ def _classes() -> dict[str, tuple[Callable[[Path], Path], str]]:
 
         return build
 
+    def tables_in_holes(**kwargs: Any) -> Callable[[Path], Path]:
+        """Snapshot L1 tables of 32 MiB in the holes of a sparse file of 512-byte clusters."""
+        return file(snapshot_table_bomb, cluster_size=512, size="64M", table_at=64 << 10, **kwargs)
+
     return {
         "bitmap-directory-bomb": (
             file(hi.bitmap_directory_bomb, count=1000, end=2 << 30),
@@ -198,27 +202,12 @@ def _classes() -> dict[str, tuple[Callable[[Path], Path], str]]:
         # 2,048 tables of 32 MiB in the holes of a 66 GiB file of 512-byte clusters: under
         # QEMU's INT_MAX-cluster refusal, so only inspect's own bound keeps the check away.
         "sparse-length": (
-            file(
-                snapshot_table_bomb,
-                cluster_size=512,
-                size="64M",
-                table_at=64 << 10,
-                tables_at=1 << 30,
-                end=66 << 30,
-            ),
+            tables_in_holes(tables_at=1 << 30, end=66 << 30),
             "not checked: the file spans",
         ),
         # The worst file the check still runs on: 2^24 clusters, all snapshot L1 tables.
         "at-the-check-limit": (
-            file(
-                snapshot_table_bomb,
-                cluster_size=512,
-                size="64M",
-                table_at=64 << 10,
-                tables_at=64 << 20,
-                count=254,
-                end=8 << 30,
-            ),
+            tables_in_holes(tables_at=64 << 20, count=254, end=8 << 30),
             "corruptions",
         ),
         "shared-snapshots": (file(hi.shared_snapshots), "metadata-overlap: "),

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         max_virtual_size=limit,
         max_snapshots=args.max_snapshots,
         max_bitmaps=args.max_bitmaps,
-        max_check_clusters=args.max_check_clusters or CHECK_CLUSTERS,
+        max_check_clusters=(
+            CHECK_CLUSTERS if args.max_check_clusters is None else args.max_check_clusters
+        ),
     )
     if args.output == "json":
         from qcow2ovl._cli_info import to_json

@@ -6,7 +6,7 @@
 use crate::format::{read_u64_table, ClusterCount, HostOffset};
 use crate::overlap::{MetadataMap, MetadataType};
 use crate::problem::{Problem, ProblemKind};
-use crate::storage::Storage;
+use crate::storage::{table_data_chunks, Storage};
 
 use super::{read_table, ScanError, MAX_PROBLEMS};
 
@@ -47,39 +47,30 @@ impl Scanner<'_> {
         mut f: impl FnMut(&mut Self, u64, u64) -> Result<(), ScanError>,
     ) -> Result<(), ScanError> {
         let end = offset.saturating_add(bytes).min(self.file_len);
-        let io = |source| ScanError::Io { what, source };
-        let mut at = offset;
+        let storage = self.storage;
         let mut buf = Vec::new();
-        while at < end {
-            let Some((data_start, data_end)) = self.storage.next_data(at).map_err(io)? else {
-                break;
-            };
-            // Entries are 8-aligned within the table.
-            let start = (data_start.max(at) - offset) / 8 * 8 + offset;
-            if start >= end {
-                break;
+        for chunk in table_data_chunks(
+            storage,
+            offset,
+            end.saturating_sub(offset),
+            TABLE_READ_CHUNK,
+        ) {
+            let (pos, n) = chunk.map_err(|source| ScanError::Io { what, source })?;
+            self.table_read_budget = self.table_read_budget.checked_sub(n).ok_or_else(|| {
+                ScanError::Inconsistent(format!(
+                    "{} brings the data read from tables past the {} bytes the file holds",
+                    overlap(),
+                    storage.allocated_bytes().unwrap_or(self.file_len)
+                ))
+            })?;
+            buf.clear();
+            buf.resize(n as usize, 0);
+            storage
+                .read_padded(pos, &mut buf)
+                .map_err(|source| ScanError::Io { what, source })?;
+            for (k, e) in read_u64_table(&buf).into_iter().enumerate() {
+                f(self, (pos - offset) / 8 + k as u64, e)?;
             }
-            let stop = data_end.min(end);
-            let mut pos = start;
-            while pos < stop {
-                let n = (stop - pos).min(TABLE_READ_CHUNK).div_ceil(8) * 8;
-                self.table_read_budget =
-                    self.table_read_budget.checked_sub(n).ok_or_else(|| {
-                        ScanError::Inconsistent(format!(
-                            "{} brings the data read from tables past the {} bytes the file holds",
-                            overlap(),
-                            self.storage.allocated_bytes().unwrap_or(self.file_len)
-                        ))
-                    })?;
-                buf.clear();
-                buf.resize(n as usize, 0);
-                self.storage.read_padded(pos, &mut buf).map_err(io)?;
-                for (k, e) in read_u64_table(&buf).into_iter().enumerate() {
-                    f(self, (pos - offset) / 8 + k as u64, e)?;
-                }
-                pos += n;
-            }
-            at = pos.max(stop);
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //! | `mod.rs` | the [`Storage`] trait, its default methods, the errors implementations share |
 //! | `file.rs` | [`FileStorage`]: `pread`/`pwrite` over a file opened by path or a duplicated descriptor |
 //! | `mem.rs` | [`MemStorage`]: a byte vector behind a lock |
+//! | `table_chunks.rs` | [`table_data_chunks`]: the parts of a sparse table that hold data |
 //! | `faulty.rs` | `FaultyStorage` (test builds only): planned I/O errors per operation |
 
 use std::io;
@@ -20,11 +21,13 @@ use std::io;
 mod faulty;
 mod file;
 mod mem;
+mod table_chunks;
 
 #[cfg(test)]
 pub use faulty::{FaultyStorage, StorageOp};
 pub use file::FileStorage;
 pub use mem::MemStorage;
+pub use table_chunks::{table_data_chunks, TableChunks};
 
 /// Positioned, cursor-less byte storage.
 pub trait Storage: Send + Sync + std::fmt::Debug {

@@ -7,6 +7,7 @@ use super::finding::{Finding, FindingKind, L2EntryAt, L2Position};
 use super::report::Owner;
 use super::walk::{Checker, L1Ref};
 use crate::format::{L1Entry, L2Entry};
+use crate::storage::table_data_chunks;
 
 /// The L1 tables to gather (the active one, then the snapshots'), grouped by place: tables at
 /// one `(offset, size)` are read and gathered once, with their number as a multiplier. A valid
@@ -52,35 +53,22 @@ impl Checker<'_> {
         what: &str,
         mut f: impl FnMut(&mut Self, u64, &[u8]),
     ) {
-        let end = offset.saturating_add(bytes);
-        let mut at = offset;
-        while at < end {
-            let (start, stop) = match self.storage.next_data(at) {
-                Ok(Some((s, e))) => (s.max(at), e.min(end)),
-                Ok(None) => break,
+        let storage = self.storage;
+        for chunk in table_data_chunks(storage, offset, bytes, TABLE_CHUNK) {
+            let (pos, n) = match chunk {
+                Ok(c) => c,
                 Err(e) => {
                     self.report.add(Finding::once(FindingKind::ReadError {
                         what: format!("{what} ({e})"),
-                        offset: at,
+                        offset,
                     }));
-                    break;
+                    return;
                 }
             };
-            // Entries are 8-aligned within the table.
-            let mut pos = offset + (start.saturating_sub(offset)) / 8 * 8;
-            if pos >= end {
-                break;
-            }
-            while pos < stop {
-                let n = (stop - pos).min(TABLE_CHUNK).div_ceil(8) * 8;
-                let n = n.min(end - pos);
-                let Some(chunk) = self.read(pos, n, what) else {
-                    return;
-                };
-                f(self, (pos - offset) / 8, &chunk);
-                pos += n;
-            }
-            at = pos.max(stop);
+            let Some(chunk) = self.read(pos, n, what) else {
+                return;
+            };
+            f(self, (pos - offset) / 8, &chunk);
         }
     }
 
