@@ -6,11 +6,12 @@
 //! every file the engine opens, [`overlap`] holds the metadata map and QEMU's naive reference
 //! checker, [`scan`] reads an image's metadata into a map (and [`problem`] holds what it
 //! reports), [`image`] is the open image (reads, guarded writes, snapshots, check and repair),
-//! [`create`] makes new images, and `python` (behind the `python` feature) exposes all of it to
+//! [`create`] makes new images, [`convert`] copies a disk from one image to another, and `python` (behind the `python` feature) exposes all of it to
 //! Python.
 
 #![deny(missing_docs)]
 
+pub mod convert;
 pub mod create;
 pub mod format;
 pub mod image;

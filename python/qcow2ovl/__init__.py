@@ -9,6 +9,7 @@ the map itself, QEMU's naive checker (the reference), and the CLI.
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
 from qcow2ovl._inspect import inspect
 from qcow2ovl.check import CheckResult, check
+from qcow2ovl.convert import ConvertResult, convert
 from qcow2ovl.create import create
 from qcow2ovl.errors import (
     BitmapError,
@@ -41,6 +42,7 @@ __all__ = [
     "Bitmap",
     "BitmapError",
     "CheckResult",
+    "ConvertResult",
     "CorruptImageError",
     "FormatError",
     "GuestExtent",
@@ -63,6 +65,7 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "check",
+    "convert",
     "create",
     "inspect",
     "open",

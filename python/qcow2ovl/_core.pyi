@@ -168,8 +168,23 @@ def open_image(
     locking: str = "auto",
     force_share: bool = False,
     metadata_only: bool = False,
+    cache_mode: str = "writeback",
 ) -> Image: ...
 def locking_notice(mode: str) -> str | None: ...
+def convert_disk(
+    source: Image | str | PathLike[str],
+    target: Image | str | PathLike[str],
+    *,
+    compress: bool = False,
+    min_sparse: int = 4096,
+    target_is_zero: bool = True,
+    target_has_backing: bool = False,
+    parallel: int = 8,
+    out_of_order: bool = False,
+    force_share: bool = False,
+    cache: str = "unsafe",
+    progress: Callable[[int, int], object] | None = None,
+) -> dict[str, int]: ...
 def open_image_fd(
     fd: int,
     name: str,

@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     from qcow2ovl import (
         _cli_bitmap,
         _cli_check,
+        _cli_convert,
         _cli_create,
         _cli_fleet,
-        _cli_guest,
         _cli_inspect,
         _cli_io,
         _cli_snapshot,
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_inspect.add_parser(sub)
     _cli_create.add_parser(sub)
     _cli_io.add_parser(sub)
-    _cli_guest.add_parsers(sub)
+    _cli_convert.add_parser(sub)
     return parser
 
 
@@ -230,8 +230,13 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
 
 def lock_message(args: object, exc: BaseException) -> str:
     """A lock conflict as qemu-img prints it: ``Could not open 'IMAGE': `` before QEMU's two
-    lines (``IMAGE: `` for the image being created)."""
-    image = getattr(args, "output_image", None) or getattr(args, "image", None)
+    lines (``IMAGE: `` for the image being created; for commands of several files, the file
+    the lock is on)."""
+    image = (
+        getattr(args, "output_image", None)
+        or getattr(args, "image", None)
+        or getattr(exc, "filename", None)
+    )
     if getattr(args, "command", None) == "create":
         return f"{image}: {exc}"
     return f"Could not open '{image}': {exc}" if image else str(exc)

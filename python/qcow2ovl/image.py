@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     PathArg = Union[str, bytes, os.PathLike[str], os.PathLike[bytes]]
     Locking = Literal["auto", "on", "off"]
+    CacheMode = Literal["writeback", "writethrough", "unsafe", "none", "directsync"]
     CorruptionCallback = Callable[[str, int, int, bool], object]
 
 
@@ -543,6 +544,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     snapshot: str | None = None,
     force_share: bool = False,
     locking: Locking = "auto",
+    cache_mode: CacheMode = "writeback",
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
 
@@ -586,6 +588,14 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     system has OFD locks), ``"on"`` (fall back to process-wide POSIX locks, with QEMU's warning)
     or ``"off"`` (neither lock nor look). The locks last until :meth:`Image.close`.
 
+    *cache_mode* is QEMU's ``cache=`` for writes to the image (and a writable data file):
+    ``"writeback"`` (the default: :meth:`Image.flush` and :meth:`Image.close` make every
+    earlier write durable with ``fdatasync``), ``"writethrough"`` (every write is durable when
+    it returns), ``"unsafe"`` (flushes skip the ``fdatasync``: a crash of the machine, not of
+    the process, can lose or reorder writes; what ``qemu-img convert`` uses for its output).
+    ``"none"`` and ``"directsync"`` are accepted with the durability of ``"writeback"`` and
+    ``"writethrough"``; the page cache is not bypassed. File objects take ``"writeback"`` only.
+
     Opening reads metadata only. The backing chain and an external data file of a read-only
     image are opened (and locked) at the first guest read (or :meth:`Image.guest_map`), so an
     image can be inspected without them; missing files then raise :class:`FileNotFoundError`, a
@@ -611,6 +621,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
         snapshot=snapshot,
         force_share=force_share,
         locking=locking,
+        cache_mode=cache_mode,
     )
 
 
@@ -630,6 +641,7 @@ def _open(
     force_share: bool = False,
     locking: Locking = "auto",
     metadata_only: bool = False,
+    cache_mode: CacheMode = "writeback",
 ) -> Image:
     """:func:`open`, and for the command line *metadata_only*: an open that reads the header
     and tables only (``qemu-img info``'s locks: it holds no permission but still refuses to
@@ -645,6 +657,8 @@ def _open(
     if not isinstance(path, (str, bytes, os.PathLike)):
         from qcow2ovl._fileobj import open_file_object
 
+        if cache_mode != "writeback":
+            raise ValueError("cache_mode applies to images opened by path")
         core, name = open_file_object(
             path,
             writable=writable,
@@ -670,6 +684,7 @@ def _open(
             locking=locking,
             force_share=force_share,
             metadata_only=metadata_only,
+            cache_mode=cache_mode,
         )
     image = Image(core, name, check, on_corruption)
     _log_open(image, limit, snapshot)

@@ -124,6 +124,10 @@ pub enum ImageError {
     /// An allocation for a table failed.
     #[error("cannot allocate {0} bytes")]
     OutOfMemory(usize),
+    /// A long operation stopped because its caller asked it to (its progress callback said
+    /// so).
+    #[error("cancelled")]
+    Cancelled,
     /// An operating system error.
     #[error("{}", io_message(.0))]
     Io(#[from] io::Error),
@@ -157,9 +161,9 @@ impl ImageError {
             ImageError::CorruptReadWrite
             | ImageError::OverlappingMetadata(_)
             | ImageError::CannotOpenDirty(_) => ErrorKind::CorruptImage,
-            ImageError::OutOfRange { .. } | ImageError::InvalidArgument(_) => {
-                ErrorKind::InvalidArgument
-            }
+            ImageError::OutOfRange { .. }
+            | ImageError::InvalidArgument(_)
+            | ImageError::Cancelled => ErrorKind::InvalidArgument,
             ImageError::Unsupported(_) => ErrorKind::Unsupported,
             ImageError::Bitmap(_) => ErrorKind::Bitmap,
             ImageError::Corruption(_) => ErrorKind::Corruption,

@@ -45,7 +45,7 @@ pub(crate) use crate::overlap::NaiveLayout;
 use crate::overlap::{MetadataMap, MetadataType, NaiveChecker};
 use crate::problem::Problem;
 use crate::scan::{scan, ScannedImage};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{CacheMode, FileStorage, Storage};
 
 /// L2 cache size when none is given: QEMU's default maximum (32 MiB), or less when that covers
 /// the whole disk.
@@ -79,6 +79,9 @@ pub struct OpenOptions {
     /// The open reads the header and tables, never guest data (`qemu-img info`): it holds no
     /// permission, but still refuses to open beside a writer unless `force_share`.
     pub metadata_only: bool,
+    /// When writes to the image file (and a writable data file) are made durable: QEMU's
+    /// `cache=` mode. A flush, and so `close`, fsyncs unless [`CacheMode::Unsafe`].
+    pub cache: CacheMode,
 }
 
 impl Default for OpenOptions {
@@ -93,6 +96,7 @@ impl Default for OpenOptions {
             locking: Locking::Auto,
             force_share: false,
             metadata_only: false,
+            cache: CacheMode::Writeback,
         }
     }
 }
@@ -171,7 +175,7 @@ impl Image {
     /// image's unallocated clusters read).
     fn open_file(path: &Path, options: OpenOptions) -> Result<Self, ImageError> {
         options.lock_set()?;
-        let storage = FileStorage::open(path, options.writable)?;
+        let storage = FileStorage::open(path, options.writable)?.with_cache(options.cache);
         Self::open_locked(storage, &path.display().to_string(), Some(path), options)
     }
 

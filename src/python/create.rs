@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-use super::convert::u64_obj;
+use super::args::u64_obj;
 use super::errors::LockError;
 use crate::create::{create_file, CompressionType, CreateError, CreateOptions, Preallocation};
 

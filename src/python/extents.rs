@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyIndexError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PySlice};
 
-use super::convert::types_to_py;
+use super::args::types_to_py;
 use crate::overlap::MetadataType;
 
 type Extents = Arc<Vec<(u64, u64, MetadataType)>>;

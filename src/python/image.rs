@@ -21,13 +21,14 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use super::convert::{limit_obj, range_obj, types_obj, types_to_py, u64_obj};
+use super::args::{limit_obj, range_obj, types_obj, types_to_py, u64_obj};
 use super::errors::{image_err, image_err_in};
 use super::extents::PyExtentList;
 use crate::format::features::{compression_name, feature_names};
 use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
 use crate::image::{Image, ImageError, NoteLevel, OpenOptions};
 use crate::lock::Locking;
+use crate::storage::CacheMode;
 
 /// An open qcow2 image (the Rust side of `qcow2ovl.Image`).
 /// A list of records as `(field names, rows)`: `qcow2ovl.records.from_rows` checks the names
@@ -154,7 +155,8 @@ impl PyImage {
 #[pyfunction]
 #[pyo3(signature = (
     path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None,
-    snapshot = None, locking = "auto", force_share = false, metadata_only = false
+    snapshot = None, locking = "auto", force_share = false, metadata_only = false,
+    cache_mode = "writeback"
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open_image(
@@ -168,9 +170,11 @@ pub(crate) fn open_image(
     locking: &str,
     force_share: bool,
     metadata_only: bool,
+    cache_mode: &str,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
         metadata_only,
+        cache: cache_mode_arg(cache_mode)?,
         ..open_options(
             writable,
             enabled,
@@ -214,6 +218,11 @@ pub(super) fn open_options(
     // Refused before the file is touched, in QEMU's words.
     options.lock_set().map_err(image_err)?;
     Ok(options)
+}
+
+/// The cache mode for one of QEMU's `cache=` names; anything else is QEMU's error.
+pub(crate) fn cache_mode_arg(name: &str) -> PyResult<CacheMode> {
+    CacheMode::parse(name).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// The `locking` mode for `"auto"`, `"on"` or `"off"`; anything else is QEMU's error.

@@ -9,9 +9,7 @@ use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use super::convert::{
-    extents_to_py, int_in, limit_obj, range_obj, types_obj, types_to_py, u64_obj,
-};
+use super::args::{extents_to_py, int_in, limit_obj, range_obj, types_obj, types_to_py, u64_obj};
 use crate::format::{ClusterCount, HostOffset};
 use crate::overlap::{MapError, MetadataMap, MetadataType, NaiveChecker, NaiveLayout};
 use crate::storage::{FileStorage, MemStorage, Storage};

@@ -2,6 +2,7 @@
 //! converts arguments, maps errors to the Python exceptions of `qcow2ovl.errors`, and releases the
 //! GIL around I/O.
 
+mod args;
 mod bitmaps;
 mod check;
 mod convert;
@@ -29,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fileobj::open_image_fileobj, m)?)?;
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::convert_disk, m)?)?;
     m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_repair_mode, m)?)?;
     m.add_function(wrap_pyfunction!(bitmaps::dirty_extents, m)?)?;

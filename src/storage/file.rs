@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{eof_error, read_only_error, Storage};
+use super::{eof_error, read_only_error, CacheMode, Storage};
 
 /// The error for a file that is neither a regular file nor a block device.
 fn not_a_file_error(what: &str) -> io::Error {
@@ -22,6 +22,7 @@ fn not_a_file_error(what: &str) -> io::Error {
 pub struct FileStorage {
     file: File,
     writable: bool,
+    cache: CacheMode,
 }
 
 impl FileStorage {
@@ -61,7 +62,11 @@ impl FileStorage {
             };
             return Err(not_a_file_error(what));
         }
-        Ok(FileStorage { file, writable })
+        Ok(FileStorage {
+            file,
+            writable,
+            cache: CacheMode::default(),
+        })
     }
 
     /// Creates (or, with `overwrite`, truncates) `path` for reading and writing. Without
@@ -77,17 +82,61 @@ impl FileStorage {
         Ok(FileStorage {
             file: options.open(path)?,
             writable: true,
+            cache: CacheMode::default(),
         })
     }
 
     /// Wraps an already open file; `writable` must match how it was opened.
     pub fn from_file(file: File, writable: bool) -> Self {
-        FileStorage { file, writable }
+        FileStorage {
+            file,
+            writable,
+            cache: CacheMode::default(),
+        }
+    }
+
+    /// The same storage, with writes made durable as `cache` says.
+    pub fn with_cache(mut self, cache: CacheMode) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Whether writes are allowed.
     pub fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: a hole punched where the file system
+    /// can, zeros written where it cannot. The length of the file does not change.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(read_only_error());
+        }
+        let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on an open descriptor has no memory effects.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, at, n) } == 0 {
+            return if self.cache == CacheMode::Writethrough {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            };
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(err);
+        }
+        const STEP: u64 = 1 << 20;
+        let zeros = vec![0u8; STEP.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = STEP.min(len - done) as usize;
+            self.write_at(offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
     }
 
     /// The open file (for locks on its open file description).
@@ -117,11 +166,15 @@ impl Storage for FileStorage {
         if !self.writable {
             return Err(read_only_error());
         }
-        self.file.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)?;
+        if self.cache == CacheMode::Writethrough {
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        if !self.writable {
+        if !self.writable || self.cache == CacheMode::Unsafe {
             return Ok(());
         }
         self.file.sync_data()
@@ -241,7 +294,11 @@ impl FileStorage {
                 ));
             }
         }
-        Ok(FileStorage { file, writable })
+        Ok(FileStorage {
+            file,
+            writable,
+            cache: CacheMode::default(),
+        })
     }
 }
 

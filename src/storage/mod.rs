@@ -12,17 +12,20 @@
 //! | `mod.rs` | the [`Storage`] trait, its default methods, the errors implementations share |
 //! | `file.rs` | [`FileStorage`]: `pread`/`pwrite` over a file opened by path or a duplicated descriptor |
 //! | `mem.rs` | [`MemStorage`]: a byte vector behind a lock |
+//! | `cache_mode.rs` | [`CacheMode`]: QEMU's `cache=` modes, when writes are made durable |
 //! | `table_chunks.rs` | [`table_data_chunks`]: the parts of a sparse table that hold data |
 //! | `faulty.rs` | `FaultyStorage` (test builds only): planned I/O errors per operation |
 
 use std::io;
 
+mod cache_mode;
 #[cfg(test)]
 mod faulty;
 mod file;
 mod mem;
 mod table_chunks;
 
+pub use cache_mode::{CacheMode, InvalidCacheMode};
 #[cfg(test)]
 pub use faulty::{FaultyStorage, StorageOp};
 pub use file::FileStorage;

@@ -122,7 +122,8 @@ impl Image {
             let path = PathBuf::from(name);
             let shown = path.display().to_string();
             let file = FileStorage::open(&path, self.options.writable)
-                .map_err(|e| ImageError::Io(e).in_file(&shown))?;
+                .map_err(|e| ImageError::Io(e).in_file(&shown))?
+                .with_cache(self.options.cache);
             let set = match (self.options.writable, self.options.force_share) {
                 (true, _) => LockSet::DATA_FILE_WRITABLE,
                 (false, false) => LockSet::DATA_FILE_READ_ONLY,

@@ -3,6 +3,8 @@
 //! host cluster, as QEMU packs them. Each host cluster touched by a compressed cluster counts
 //! it once in its refcount.
 
+use std::borrow::Cow;
+
 use super::guard::WriteKind;
 use super::l2::Slot;
 use super::Piece;
@@ -26,6 +28,64 @@ impl Image {
     /// the rest of the disk for a last, partial cluster) compressed. Data that does not shrink
     /// is written as a plain cluster, as QEMU does. Returns whether it was stored compressed.
     pub fn write_compressed(&self, guest: GuestOffset, data: &[u8]) -> Result<bool, ImageError> {
+        self.check_compressed_write(guest, data)?;
+        let packed = self.compress_cluster(data);
+        self.write_compressed_with(guest, data, packed.as_deref())
+    }
+
+    /// `data` (one cluster, or the disk's last, partial one) compressed with this image's
+    /// compression type, or `None` when that does not make it smaller than a cluster. Pure
+    /// CPU work, no lock: what [`Image::write_compressed_with`] stores, computed on any thread.
+    pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        let cs = self.geometry.cluster_size() as usize;
+        let cluster: Cow<'_, [u8]> = if data.len() == cs {
+            Cow::Borrowed(data)
+        } else {
+            let mut padded = data.to_vec();
+            padded.resize(cs, 0);
+            Cow::Owned(padded)
+        };
+        let packed = if self.scanned.header.compression_type == COMPRESSION_ZSTD {
+            zstd::bulk::compress(&cluster, 0).ok()
+        } else {
+            deflate(&cluster)
+        };
+        packed.filter(|p| p.len() < cs)
+    }
+
+    /// [`Image::write_compressed`] with the compression already done: `packed` must be what
+    /// [`Image::compress_cluster`] returned for `data` (`None`: stored as a plain cluster).
+    pub fn write_compressed_with(
+        &self,
+        guest: GuestOffset,
+        data: &[u8],
+        packed: Option<&[u8]>,
+    ) -> Result<bool, ImageError> {
+        self.check_compressed_write(guest, data)?;
+        let mut w = self.writer("write_compressed")?;
+        if w.external_data {
+            return Err(ImageError::Unsupported(
+                "Compression is not supported with an external data file".into(),
+            ));
+        }
+        self.open_for_guest_change(&mut w, guest.0, data.len() as u64)?;
+        let r = match packed {
+            None => {
+                let piece = Piece {
+                    cluster: guest.0,
+                    at: 0,
+                    bytes: data,
+                };
+                self.write_piece(&mut w, &piece).map(|()| false)
+            }
+            Some(bytes) => self.place_compressed(&mut w, guest, bytes).map(|()| true),
+        };
+        let r = r.and_then(|stored| self.bound_pending_writes(&mut w).map(|()| stored));
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
+    }
+
+    /// A compressed write covers one whole, aligned cluster (or the disk's last part).
+    fn check_compressed_write(&self, guest: GuestOffset, data: &[u8]) -> Result<(), ImageError> {
         let g = self.geometry;
         let cs = g.cluster_size();
         self.check_range("write_compressed", guest.0, data.len() as u64)?;
@@ -40,33 +100,7 @@ impl Image {
                 size: self.virtual_size(),
             });
         }
-        let mut w = self.writer("write_compressed")?;
-        if w.external_data {
-            return Err(ImageError::Unsupported(
-                "Compression is not supported with an external data file".into(),
-            ));
-        }
-        self.open_for_guest_change(&mut w, guest.0, data.len() as u64)?;
-        let mut cluster = data.to_vec();
-        cluster.resize(cs as usize, 0);
-        let packed = if self.scanned.header.compression_type == COMPRESSION_ZSTD {
-            zstd::bulk::compress(&cluster, 0).ok()
-        } else {
-            deflate(&cluster)
-        };
-        let r = match packed.filter(|p| (p.len() as u64) < cs) {
-            None => {
-                let piece = Piece {
-                    cluster: guest.0,
-                    at: 0,
-                    bytes: data,
-                };
-                self.write_piece(&mut w, &piece).map(|()| false)
-            }
-            Some(bytes) => self.place_compressed(&mut w, guest, &bytes).map(|()| true),
-        };
-        let r = r.and_then(|stored| self.bound_pending_writes(&mut w).map(|()| stored));
-        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
+        Ok(())
     }
 
     fn place_compressed(
