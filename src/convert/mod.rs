@@ -74,6 +74,16 @@ pub struct ConvertStats {
     pub compressed_clusters: u64,
 }
 
+impl ConvertStats {
+    /// Adds what another part of the run did (the total stays).
+    fn add(&mut self, other: &ConvertStats) {
+        self.read += other.read;
+        self.written += other.written;
+        self.zeroed += other.zeroed;
+        self.compressed_clusters += other.compressed_clusters;
+    }
+}
+
 /// Copies the guest disk of `source` to `target` (at least as large), calling
 /// `progress(done, total)` with rising byte counts as ranges are written, last with
 /// `done == total`; when it returns `false` the copy stops with [`ImageError::Cancelled`]. Errors name the file they come from. Nothing is flushed: the caller closes

@@ -16,7 +16,8 @@ use super::source::{Holds, Segment, Source};
 use super::sparse::{self, Run};
 use super::target::Target;
 use super::{ConvertOptions, ConvertStats};
-use crate::image::ImageError;
+use crate::format::GuestOffset;
+use crate::image::{Image, ImageError, Reservation};
 
 /// Guest bytes read per job: chunks start at multiples of it, so they are whole clusters of
 /// any qcow2 target (clusters are at most 2 MiB).
@@ -43,6 +44,9 @@ struct Done {
     /// For a compressed target: per cluster of each data run, in order, its compressed bytes
     /// (`None`: it did not shrink).
     packed: Vec<Option<Vec<u8>>>,
+    /// Already written to the target by the worker (raw targets: positioned writes to
+    /// distinct ranges need no order), with what that did.
+    applied: Option<ConvertStats>,
 }
 
 /// Cuts the source into jobs, in guest order.
@@ -224,6 +228,7 @@ fn work(
             buf: None,
             runs: Vec::new(),
             packed: Vec::new(),
+            applied: None,
         };
         return Ok((done, Some(buf)));
     }
@@ -248,12 +253,22 @@ fn work(
             }
         }
     }
-    let done = Done {
+    let mut done = Done {
         job,
         buf: Some(buf),
         runs,
         packed,
+        applied: None,
     };
+    if matches!(target, Target::Raw(_)) || (options.out_of_order && !options.compress) {
+        // Chunks cover distinct guest ranges and whole clusters of the target, so their order
+        // does not matter to a raw file, nor with out-of-order writes (`-W`, which lets the
+        // host clusters of a qcow2 target interleave as qemu-img's do): the worker writes its
+        // own chunk, and the copies into the page cache run on every core.
+        let mut stats = ConvertStats::default();
+        apply(target, options, &done, &mut stats)?;
+        done.applied = Some(stats);
+    }
     Ok((done, None))
 }
 
@@ -311,6 +326,111 @@ fn apply(
     Ok(())
 }
 
+/// One piece of a chunk's write-back, planned by the calling thread in guest order.
+enum Piece {
+    /// Whole new clusters reserved in guest order (so that they lie one after another in the
+    /// file, as qemu-img's do), copied from `at` in the chunk's buffer.
+    Reserved(Reservation, usize),
+    /// Bytes written the ordinary way (in place, or a partial cluster).
+    Plain { at: usize, len: usize },
+    /// A range made to read as zeros.
+    Zero { at: usize, len: usize },
+}
+
+/// A chunk whose clusters are reserved, for a copy thread to write and commit.
+struct Copy {
+    done: Done,
+    pieces: Vec<Piece>,
+}
+
+/// The calling thread's part of a qcow2 chunk (not compressed, in guest order): the new
+/// clusters its data needs, reserved; the copying is left to the copy threads.
+fn plan_copy(image: &Image, options: &ConvertOptions, done: Done) -> Result<Copy, ImageError> {
+    let cs = image.geometry().cluster_size();
+    let start = done.job.start;
+    let mut pieces = Vec::new();
+    for run in &done.runs {
+        if run.zero {
+            if !options.target_is_zero {
+                pieces.push(Piece::Zero {
+                    at: run.at,
+                    len: run.len,
+                });
+            }
+            continue;
+        }
+        let mut at = run.at;
+        let end = run.at + run.len;
+        while at < end {
+            let pos = start + at as u64;
+            let rest = (end - at) as u64;
+            let reserved = if pos % cs == 0 && rest >= cs {
+                image.reserve_run(GuestOffset(pos), rest)?
+            } else {
+                None
+            };
+            match reserved {
+                Some(r) => {
+                    let n = r.len(cs) as usize;
+                    pieces.push(Piece::Reserved(r, at));
+                    at += n;
+                }
+                None => {
+                    pieces.push(Piece::Plain { at, len: end - at });
+                    at = end;
+                }
+            }
+        }
+    }
+    Ok(Copy { done, pieces })
+}
+
+/// A copy thread's part: the data written and the reservations committed. After an error
+/// the remaining reservations are released.
+fn copy(
+    image: &Image,
+    options: &ConvertOptions,
+    job: Job,
+    pieces: Vec<Piece>,
+    buf: &[u8],
+    stats: &mut ConvertStats,
+) -> Result<(), ImageError> {
+    let cs = image.geometry().cluster_size();
+    let unmap = !options.target_has_backing;
+    stats.read += job.len;
+    let mut result = Ok(());
+    for piece in pieces {
+        if result.is_err() {
+            if let Piece::Reserved(r, _) = piece {
+                let _ = image.release_reserved(r);
+            }
+            continue;
+        }
+        result = match piece {
+            Piece::Reserved(r, at) => {
+                let bytes = &buf[at..at + r.len(cs) as usize];
+                stats.written += bytes.len() as u64;
+                match image.write_reserved(&r, bytes) {
+                    Ok(()) => image.commit_reserved(r, bytes),
+                    Err(e) => {
+                        let _ = image.release_reserved(r);
+                        Err(e)
+                    }
+                }
+            }
+            Piece::Plain { at, len } => {
+                stats.written += len as u64;
+                image.write_at(GuestOffset(job.start + at as u64), &buf[at..at + len])
+            }
+            Piece::Zero { at, len } => {
+                stats.zeroed += len as u64;
+                image.write_zeroes(GuestOffset(job.start + at as u64), len as u64, unmap)
+            }
+        };
+    }
+    result
+}
+
 /// Runs the conversion (see [`super::convert`]).
 pub(super) fn run(
     source: &Source<'_>,
@@ -341,8 +461,44 @@ pub(super) fn run(
     if !progress(0, size) {
         return Err(ImageError::Cancelled);
     }
+    // Copy threads, for a qcow2 target written in order: the calling thread reserves clusters
+    // in guest order, they copy and commit. The channel is unbounded: the buffer pool bounds
+    // the tasks in it.
+    let copy_to = match target {
+        Target::Image(image) if !options.compress && !options.out_of_order => Some(*image),
+        _ => None,
+    };
+    let (copy_tx, copy_rx) = std::sync::mpsc::channel::<Copy>();
+    let copy_rx = Mutex::new(copy_rx);
+    let copied = Mutex::new((ConvertStats::default(), None::<ImageError>));
     let result = std::thread::scope(|scope| -> Result<(), ImageError> {
         let (tx, rx) = sync_channel::<Result<Done, ImageError>>(workers);
+        let mut copy_tx = copy_to.map(|image| {
+            for _ in 0..workers {
+                let (copy_rx, copied, pool, stop) = (&copy_rx, &copied, &pool, &stop);
+                scope.spawn(move || loop {
+                    let task = copy_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(task) = task else { break };
+                    let mut s = ConvertStats::default();
+                    let (mut done, pieces) = (task.done, task.pieces);
+                    let buf = done.buf.take();
+                    let bytes = buf.as_deref().unwrap_or_default();
+                    let r = copy(image, options, done.job, pieces, bytes, &mut s);
+                    let mut c = copied.lock().unwrap_or_else(|e| e.into_inner());
+                    c.0.add(&s);
+                    if let Err(e) = r {
+                        c.1.get_or_insert(e);
+                        stop.store(true, Ordering::Release);
+                        pool.wake_all();
+                    }
+                    drop(c);
+                    if let Some(b) = buf {
+                        pool.give(b);
+                    }
+                });
+            }
+            copy_tx
+        });
         for _ in 0..workers {
             let tx = tx.clone();
             let (planner, pool, stop) = (&planner, &pool, &stop);
@@ -396,28 +552,63 @@ pub(super) fn run(
                 } else {
                     waiting.remove(&next)
                 };
-                let Some(d) = ready else { break };
+                let Some(mut d) = ready else { break };
                 next += 1;
-                if let Err(e) = apply(target, options, &d, &mut stats) {
-                    outcome = Err(e);
-                    break 'receive;
+                if stop.load(Ordering::Acquire) {
+                    break 'receive; // a copy thread failed: its error is the outcome
                 }
-                done_bytes += d.job.len;
-                if let Some(b) = d.buf {
-                    pool.give(b);
+                let len = d.job.len;
+                let applied = match (&copy_tx, copy_to) {
+                    (Some(tx), Some(image))
+                        if d.applied.is_none() && d.job.holds == Holds::Data =>
+                    {
+                        // The buffer goes with the task; the copy thread gives it back.
+                        plan_copy(image, options, d).map(|task| {
+                            let _ = tx.send(task);
+                            ConvertStats::default()
+                        })
+                    }
+                    _ => {
+                        let s = match d.applied {
+                            Some(s) => Ok(s),
+                            None => {
+                                let mut s = ConvertStats::default();
+                                apply(target, options, &d, &mut s).map(|()| s)
+                            }
+                        };
+                        if let Some(b) = d.buf.take() {
+                            pool.give(b);
+                        }
+                        s
+                    }
+                };
+                match applied {
+                    Ok(s) => stats.add(&s),
+                    Err(e) => {
+                        outcome = Err(e);
+                        break 'receive;
+                    }
                 }
+                done_bytes += len;
                 if !progress(done_bytes, size) {
                     outcome = Err(ImageError::Cancelled);
                     break 'receive;
                 }
             }
         }
+        // The copy threads finish what they were given, then stop.
+        drop(copy_tx.take());
         // On an error the workers stop at their next buffer or send.
         stop.store(true, Ordering::Release);
         pool.wake_all();
         drop(rx);
         outcome
     });
+    let (copy_stats, copy_error) = copied.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = copy_error {
+        return Err(e);
+    }
     result?;
+    stats.add(&copy_stats);
     Ok(stats)
 }

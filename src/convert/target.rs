@@ -57,12 +57,38 @@ impl Target<'_> {
         }
     }
 
-    /// Writes guest bytes.
+    /// Writes guest bytes. Into a qcow2 image, runs of whole clusters with no data yet are
+    /// reserved, written and committed (see `Image::reserve_run`), so that the copy itself is
+    /// made without the writer's lock, beside other workers'; the rest is written the
+    /// ordinary way.
     pub(super) fn write(&self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        match self {
-            Target::Image(image) => image.write_at(GuestOffset(offset), data),
-            Target::Raw(raw) => Ok(raw.storage.write_at(offset, data)?),
+        let image = match self {
+            Target::Image(image) => image,
+            Target::Raw(raw) => return Ok(raw.storage.write_at(offset, data)?),
+        };
+        let cs = image.geometry().cluster_size();
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let rest = &data[done..];
+            let reserved = if pos % cs == 0 && rest.len() as u64 >= 2 * cs {
+                image.reserve_run(GuestOffset(pos), rest.len() as u64)?
+            } else {
+                None
+            };
+            let Some(r) = reserved else {
+                return image.write_at(GuestOffset(pos), rest);
+            };
+            let n = r.len(cs) as usize;
+            if let Err(e) = image.write_reserved(&r, &rest[..n]) {
+                // Best effort: the error is what the caller needs to hear.
+                let _ = image.release_reserved(r);
+                return Err(e);
+            }
+            image.commit_reserved(r, &rest[..n])?;
+            done += n;
         }
+        Ok(())
     }
 
     /// Makes a range read as zeros; `unmap` lets a qcow2 image free its clusters (only when

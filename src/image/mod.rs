@@ -37,7 +37,7 @@ pub use check::{
 pub use error::{ErrorKind, ImageError};
 pub use read::{Backing, Extent, GuestExtent, Table, TableCache};
 pub use write::guard::WriteKind;
-pub use write::{Note, NoteLevel};
+pub use write::{Note, NoteLevel, Reservation};
 
 use crate::format::{BitmapDirectoryEntry, Geometry, Header};
 use crate::lock::{FileLock, LockSet, Locking};

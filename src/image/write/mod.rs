@@ -18,8 +18,11 @@ pub(in crate::image) mod flush;
 pub(in crate::image) mod guard;
 pub(in crate::image) mod l2;
 pub(in crate::image) mod refcounts;
+mod reserve;
 mod resize;
 mod zero;
+
+pub use reserve::Reservation;
 
 use super::bitmaps::Bitmaps;
 use super::{Image, ImageError};
