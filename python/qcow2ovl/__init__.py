@@ -9,6 +9,7 @@ the map itself, QEMU's naive checker (the reference), and the CLI.
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
 from qcow2ovl._inspect import inspect
 from qcow2ovl.check import CheckResult, check
+from qcow2ovl.compare import compare
 from qcow2ovl.convert import ConvertResult, convert
 from qcow2ovl.create import create
 from qcow2ovl.errors import (
@@ -33,8 +34,10 @@ from qcow2ovl.image import (
     Snapshot,
     open,
 )
+from qcow2ovl.measure import MeasureResult, measure
 from qcow2ovl.options import OverlapCheck
 from qcow2ovl.records import Verdict
+from qcow2ovl.resize import resize
 from qcow2ovl.types import TEMPLATES, MetadataType
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "ImageInfo",
     "InconsistentImageError",
     "LockError",
+    "MeasureResult",
     "MetadataMap",
     "MetadataOverlapError",
     "MetadataType",
@@ -65,8 +69,11 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "check",
+    "compare",
     "convert",
     "create",
     "inspect",
+    "measure",
     "open",
+    "resize",
 ]

@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import sys
-from decimal import Decimal
 from typing import Any
 
 from qcow2ovl.create import MAX_SIZE, _backing_size, _resolve, create
@@ -27,7 +26,7 @@ _UNITS = {
     "p": 1 << 50,
     "e": 1 << 60,
 }
-_SIZE_RE = re.compile(r"(?P<hex>0[xX][0-9a-fA-F]+)|(?P<int>\d*)(?:\.(?P<frac>\d*))?", re.ASCII)
+_SIZE_RE = re.compile(r"(?P<int>\d*)(?:\.(?P<frac>\d*))?", re.ASCII)
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
 #: Options qemu-img's qcow2 driver takes, in the order its ``Formatting`` line prints them,
@@ -62,12 +61,23 @@ class CreateUsageError(ValueError):
 
 
 def parse_size(text: str) -> int | None:
-    """A size in qemu-img's syntax: decimal (a fraction only with a unit) or ``0x`` hex, then
-    an optional unit ``b k M G T P E`` (case-insensitive). None if it does not parse; sizes of
-    2**64 and above and negative sizes are returned as -1 (out of range)."""
+    """A size in qemu-img's syntax: an optional ``+``, then decimal (a fraction only with a
+    unit) with an optional unit ``b k M G T P E`` (case-insensitive), or ``0x`` hex without a
+    unit. None if it does not parse; sizes of 2**64 and above and negative sizes are returned
+    as -1 (out of range)."""
     s = text.lstrip()
     if s.startswith("-"):
         return -1
+    if s.startswith("+"):
+        s = s[1:]  # a plus sign, as C's strtoull takes it (not followed by blanks or a sign)
+        if not s or s[0].isspace() or s[0] in "+-":
+            return None
+    if s[:2].lower() == "0x":
+        # Hexadecimal takes no suffix (every letter a-f is a digit: 0x5b is 91).
+        if not re.fullmatch(r"0[xX][0-9a-fA-F]+", s):
+            return None
+        value = int(s, 16)
+        return value if value < 2**64 else -1
     unit = 1
     if s and s[-1].lower() in _UNITS:
         unit = _UNITS[s[-1].lower()]
@@ -75,17 +85,16 @@ def parse_size(text: str) -> int | None:
     m = _SIZE_RE.fullmatch(s)
     if not m or not s or s == ".":
         return None
-    if m.group("hex"):
-        value = int(m.group("hex"), 16) * unit
-    else:
-        frac = m.group("frac") or ""
-        if (m.group("int") or "") == "" and frac == "":
-            return None
-        whole = int(m.group("int") or "0")
-        part = Decimal(f"0.{frac}") if frac else Decimal(0)
-        if part and unit == 1:
-            return None
-        value = whole * unit + int(part * unit)
+    frac = m.group("frac") or ""
+    if (m.group("int") or "") == "" and frac == "":
+        return None
+    whole = int(m.group("int") or "0")
+    # The fraction is a C double, as QEMU reads it (15.99999999999999999999E is 16E), and its
+    # bytes are rounded to the nearest, halves up (0.7k is 717 bytes).
+    part = float(f"0.{frac}") if frac else 0.0
+    if part and unit == 1:
+        return None
+    value = whole * unit + int(part * unit + 0.5)
     return value if value < 2**64 else -1
 
 

@@ -82,6 +82,9 @@ commands:
   demo         a guarded write next to QEMU's unguarded one; maps and checks
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
+  resize       grow or shrink a qcow2 image or a raw file (qemu-img resize syntax)
+  measure      the file size a new image needs (qemu-img measure syntax)
+  compare      whether two disks hold the same bytes (qemu-img compare syntax)
   io IMAGE     qemu-io's commands: read, write, alloc, map, ... (qemu-io -c syntax)
   snapshot     list, create, apply or delete internal snapshots (qemu-img snapshot syntax)
   bitmap       add, remove, clear, enable, disable or merge bitmaps (qemu-img bitmap syntax)
@@ -162,11 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     from qcow2ovl import (
         _cli_bitmap,
         _cli_check,
+        _cli_compare,
         _cli_convert,
         _cli_create,
         _cli_fleet,
         _cli_inspect,
         _cli_io,
+        _cli_measure,
+        _cli_resize,
         _cli_snapshot,
     )
 
@@ -178,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_create.add_parser(sub)
     _cli_io.add_parser(sub)
     _cli_convert.add_parser(sub)
+    _cli_measure.add_parser(sub)
+    _cli_compare.add_parser(sub)
+    _cli_resize.add_parser(sub)
     return parser
 
 
