@@ -11,6 +11,7 @@
 
 #![deny(missing_docs)]
 
+pub mod chain;
 pub mod convert;
 pub mod create;
 pub mod format;

@@ -21,6 +21,7 @@
 //! a child dropping its copy leaves them alone, and they go when the parent drops its lock (or
 //! when both have closed every descriptor of the file).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -232,7 +233,7 @@ pub enum LockError {
         /// The locked file, as opened.
         path: String,
         /// Where in an open it happened (`Could not open backing file: `), or empty.
-        context: &'static str,
+        context: Cow<'static, str>,
     },
     /// Another open holds a permission this one does not share.
     #[error(
@@ -244,7 +245,7 @@ pub enum LockError {
         /// The locked file, as opened.
         path: String,
         /// Where in an open it happened, or empty.
-        context: &'static str,
+        context: Cow<'static, str>,
     },
     /// The system call itself failed.
     #[error("Failed to lock byte {byte}: {source}")]
@@ -272,17 +273,22 @@ impl LockError {
 
     /// The same error, said of a backing file (QEMU's `Could not open backing file: `).
     pub fn in_backing_file(self) -> LockError {
-        const BACKING: &str = "Could not open backing file: ";
+        self.in_context("Could not open backing file: ".into())
+    }
+
+    /// The same error, after `context` (which says where in a command it happened, as QEMU
+    /// words it: `Could not open new backing file 'X': `).
+    pub fn in_context(self, context: Cow<'static, str>) -> LockError {
         match self {
             LockError::NotShared { perm, path, .. } => LockError::NotShared {
                 perm,
                 path,
-                context: BACKING,
+                context,
             },
             LockError::Held { perm, path, .. } => LockError::Held {
                 perm,
                 path,
-                context: BACKING,
+                context,
             },
             other => other,
         }
@@ -417,7 +423,7 @@ impl FileLock {
                 return Err(LockError::NotShared {
                     perm: perm.name(),
                     path: path.to_string(),
-                    context: "",
+                    context: "".into(),
                 });
             }
         }
@@ -426,7 +432,7 @@ impl FileLock {
                 return Err(LockError::Held {
                     perm: perm.name(),
                     path: path.to_string(),
-                    context: "",
+                    context: "".into(),
                 });
             }
         }
@@ -567,7 +573,7 @@ mod tests {
         let e = LockError::Held {
             perm: "write",
             path: "base.qcow2".into(),
-            context: "",
+            context: "".into(),
         }
         .in_backing_file();
         assert_eq!(

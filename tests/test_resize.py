@@ -476,9 +476,14 @@ def test_data_file_images(tmp_path: Path) -> None:
     also truncates the data file to the new size; qcow2ovl leaves its length)."""
 
     def build(path: Path, shared: Path) -> None:
-        qi.create(path, 4 * MiB, opts={"data_file": "disk.data"})
-        (path.parent / "disk.data").touch()
-        qi.write(path, [(0, 4 * MiB, 0x77)])
+        # QEMU resolves a relative data file name against the working directory.
+        old = os.getcwd()
+        os.chdir(path.parent)
+        try:
+            qi.create(path, 4 * MiB, opts={"data_file": "disk.data"})
+            qi.write(path, [(0, 4 * MiB, 0x77)])
+        finally:
+            os.chdir(old)
 
     with twins(tmp_path, build) as (ours, theirs):
         (theirs / "disk.data").write_bytes((ours / "disk.data").read_bytes())

@@ -9,6 +9,7 @@ the map itself, QEMU's naive checker (the reference), and the CLI.
 from qcow2ovl._core import MetadataMap, NaiveChecker, __version__
 from qcow2ovl._inspect import inspect
 from qcow2ovl.check import CheckResult, check
+from qcow2ovl.commit import CommitResult, commit
 from qcow2ovl.compare import compare
 from qcow2ovl.convert import ConvertResult, convert
 from qcow2ovl.create import create
@@ -36,6 +37,7 @@ from qcow2ovl.image import (
 )
 from qcow2ovl.measure import MeasureResult, measure
 from qcow2ovl.options import OverlapCheck
+from qcow2ovl.rebase import RebaseResult, rebase
 from qcow2ovl.records import Verdict
 from qcow2ovl.resize import resize
 from qcow2ovl.types import TEMPLATES, MetadataType
@@ -45,6 +47,7 @@ __all__ = [
     "Bitmap",
     "BitmapError",
     "CheckResult",
+    "CommitResult",
     "ConvertResult",
     "CorruptImageError",
     "FormatError",
@@ -62,6 +65,7 @@ __all__ = [
     "OverlapCheck",
     "Problem",
     "Qcow2Error",
+    "RebaseResult",
     "ReadOnlyImageError",
     "Snapshot",
     "SnapshotNotFoundError",
@@ -69,11 +73,13 @@ __all__ = [
     "UnsupportedError",
     "__version__",
     "check",
+    "commit",
     "compare",
     "convert",
     "create",
     "inspect",
     "measure",
     "open",
+    "rebase",
     "resize",
 ]

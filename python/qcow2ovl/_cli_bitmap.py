@@ -11,7 +11,8 @@ status 1; what the actions before it did is stored, as qemu-img stores it.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from qcow2ovl._cli_errors import fail as _fail
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,11 +63,6 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("operands", nargs="*", metavar="IMAGE BITMAP")
     p.set_defaults(func=run, actions=[])
-
-
-def _fail(message: str) -> int:
-    print(f"qcow2ovl: {message}", file=sys.stderr)
-    return 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,36 +57,10 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
-    print(f"qcow2ovl: {message}", file=sys.stderr)
-    return 1
-
-
-def _open_reason(image: str, exc: BaseException) -> str:
-    """Why the image could not be opened, in qemu-img's words (after ``Could not open``)."""
-    from qcow2ovl.errors import CorruptImageError, LockError, Qcow2Error
-
-    if isinstance(exc, LockError):
-        return str(exc)
-    if isinstance(exc, Qcow2Error):
-        from qcow2ovl._format import QCOW2_MAGIC
-
-        text = str(exc).removeprefix(f"{image}: ")
-        try:
-            with open(image, "rb") as f:
-                magic = f.read(4)
-        except OSError:
-            magic = QCOW2_MAGIC
-        if magic != QCOW2_MAGIC:
-            return "Image is not in qcow2 format"  # (an empty file too, as QEMU reads it)
-        return f"qcow2: {text}" if isinstance(exc, CorruptImageError) else text
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"Could not open '{image}': {exc.strerror}"
-    return str(exc)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``qcow2ovl resize``; 0 on success, 1 on failure (as qemu-img)."""
+    from qcow2ovl._cli_errors import fail as _fail
+    from qcow2ovl._cli_errors import open_reason as _open_reason
     from qcow2ovl.errors import BitmapError, Qcow2Error
     from qcow2ovl.resize import (
         RAW_PROBE_WARNING,

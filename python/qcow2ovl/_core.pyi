@@ -22,12 +22,15 @@ __all__ = [
     "bitmap_remove",
     "check_image",
     "check_repair_mode",
+    "commit_image",
+    "convert_disk",
     "create_image",
     "dirty_extents",
     "locking_notice",
     "open_image",
     "open_image_fd",
     "open_image_fileobj",
+    "rebase_image",
     "repair_image",
 ]
 
@@ -179,10 +182,33 @@ def convert_disk(
     min_sparse: int = 4096,
     target_is_zero: bool = True,
     target_has_backing: bool = False,
+    source_layers: int | None = None,
     parallel: int = 8,
     out_of_order: bool = False,
     force_share: bool = False,
     cache: str = "unsafe",
+    progress: Callable[[int, int], object] | None = None,
+) -> dict[str, int]: ...
+def commit_image(
+    image: str | PathLike[str],
+    *,
+    base: str | None = None,
+    keep_top: bool = False,
+    cache: str = "writeback",
+    locking: str = "auto",
+    progress: Callable[[int, int], object] | None = None,
+) -> dict[str, object]: ...
+def rebase_image(
+    image: str | PathLike[str],
+    backing: str | None,
+    *,
+    backing_format: str | None = None,
+    header_only: bool = False,
+    compress: bool = False,
+    cache: str = "writeback",
+    backing_cache: str = "writeback",
+    force_share: bool = False,
+    locking: str = "auto",
     progress: Callable[[int, int], object] | None = None,
 ) -> dict[str, int]: ...
 def open_image_fd(

@@ -83,6 +83,8 @@ commands:
   create       create a qcow2 image (qemu-img create syntax)
   convert      copy a disk to qcow2 or raw (qemu-img convert syntax)
   resize       grow or shrink a qcow2 image or a raw file (qemu-img resize syntax)
+  commit       fold an overlay into its backing file (qemu-img commit syntax)
+  rebase       point an image at another backing file (qemu-img rebase syntax)
   measure      the file size a new image needs (qemu-img measure syntax)
   compare      whether two disks hold the same bytes (qemu-img compare syntax)
   io IMAGE     qemu-io's commands: read, write, alloc, map, ... (qemu-io -c syntax)
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qcow2ovl import (
         _cli_bitmap,
         _cli_check,
+        _cli_commit,
         _cli_compare,
         _cli_convert,
         _cli_create,
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_inspect,
         _cli_io,
         _cli_measure,
+        _cli_rebase,
         _cli_resize,
         _cli_snapshot,
     )
@@ -187,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_measure.add_parser(sub)
     _cli_compare.add_parser(sub)
     _cli_resize.add_parser(sub)
+    _cli_commit.add_parser(sub)
+    _cli_rebase.add_parser(sub)
     return parser
 
 

@@ -208,6 +208,7 @@ def convert(
                         min_sparse=min_sparse,
                         target_is_zero=(create and not has_backing) or target_is_zero,
                         target_has_backing=has_backing,
+                        source_layers=1 if has_backing else None,
                         parallel=parallel,
                         out_of_order=out_of_order,
                         force_share=force_share,

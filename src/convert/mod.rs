@@ -36,9 +36,13 @@ pub struct ConvertOptions {
     /// `--target-is-zero`): ranges of zeros are not written at all. Otherwise they are written
     /// as zeros.
     pub target_is_zero: bool,
-    /// The target has a backing file (`-B`): only the source's top layer is copied, and
-    /// ranges that layer leaves to its backing file are left to the target's.
+    /// The target has a backing file (`-B`, or `qemu-img commit`'s base has one): zeros are
+    /// written without unmapping the clusters they cover.
     pub target_has_backing: bool,
+    /// Copy only the source's top this many layers (`None`: the whole chain); what they leave
+    /// to the layers below is left to the target (`-B`: 1; `qemu-img commit`: the layers above
+    /// its base).
+    pub source_layers: Option<u32>,
     /// Parallel requests (`-m`, 1 to 16, default 8): at most this many worker threads, and no
     /// more than the machine has cores.
     pub parallel: usize,
@@ -53,6 +57,7 @@ impl Default for ConvertOptions {
             min_sparse: 4096,
             target_is_zero: true,
             target_has_backing: false,
+            source_layers: None,
             parallel: 8,
             out_of_order: false,
         }

@@ -57,7 +57,8 @@ struct Planner<'a> {
     pos: u64,
     seq: u64,
     segments: VecDeque<Segment>,
-    top_only: bool,
+    /// Only the source's top layers are copied ([`ConvertOptions::source_layers`]).
+    layers: Option<u32>,
     /// Ranges of zeros are copied as data (`-S 0`).
     copy_zeros: bool,
     /// Data jobs cover whole granules of the target.
@@ -82,7 +83,7 @@ impl Planner<'_> {
             let from = self.segments.back().map_or(pos, |s| s.start + s.len);
             let more = self
                 .source
-                .segments(from, self.top_only)
+                .segments(from, self.layers)
                 .map_err(|e| e.in_file(&self.source.name()))?;
             if more.is_empty() || more[0].start != from || more.iter().any(|s| s.len == 0) {
                 return Err(ImageError::Corruption(format!(
@@ -448,7 +449,7 @@ pub(super) fn run(
         pos: 0,
         seq: 0,
         segments: VecDeque::new(),
-        top_only: options.target_has_backing,
+        layers: options.source_layers,
         copy_zeros: options.min_sparse == 0,
         granule,
     });

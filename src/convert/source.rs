@@ -109,9 +109,14 @@ impl Source<'_> {
     }
 
     /// The segments from `start` on (at least one while `start` is inside the disk), in
-    /// order and adjacent. `top_only`: only the image's own layer counts, everything it leaves
-    /// to its backing chain is [`Holds::Backing`] (what `qemu-img convert -B` copies).
-    pub(super) fn segments(&self, start: u64, top_only: bool) -> Result<Vec<Segment>, ImageError> {
+    /// order and adjacent. With `layers`, only the image's top `layers` layers count: what they
+    /// leave to the layers below is [`Holds::Backing`] (`qemu-img convert -B` copies the top
+    /// layer, `qemu-img commit` the layers above its base).
+    pub(super) fn segments(
+        &self,
+        start: u64,
+        layers: Option<u32>,
+    ) -> Result<Vec<Segment>, ImageError> {
         let size = self.size();
         match self {
             Source::Image(image) => {
@@ -121,7 +126,7 @@ impl Source<'_> {
                     .map(|e| Segment {
                         start: e.start,
                         len: e.length,
-                        holds: if top_only && (e.depth > 0 || !e.present) {
+                        holds: if layers.is_some_and(|n| e.depth >= n || !e.present) {
                             Holds::Backing
                         } else if e.zero && !e.data {
                             Holds::Zero

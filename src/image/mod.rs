@@ -35,6 +35,9 @@ pub use check::{
     NEED_REBUILD,
 };
 pub use error::{ErrorKind, ImageError};
+pub(crate) use read::backing::{
+    is_protocol, probe as probe_backing_format, resolve as resolve_backing,
+};
 pub use read::{Backing, Extent, GuestExtent, Table, TableCache};
 pub use write::guard::WriteKind;
 pub use write::{Note, NoteLevel, Reservation};
@@ -82,6 +85,24 @@ pub struct OpenOptions {
     /// When writes to the image file (and a writable data file) are made durable: QEMU's
     /// `cache=` mode. A flush, and so `close`, fsyncs unless [`CacheMode::Unsafe`].
     pub cache: CacheMode,
+    /// How far down the backing chain the open goes (the whole chain by default).
+    pub backing: BackingChain,
+}
+
+/// How far down its backing chain an image is opened. Where the chain is cut, the image above
+/// the cut reads as if it had no backing file: unallocated clusters read as zeros, and
+/// copy-on-write of a partial cluster copies zeros. Only callers that never read there cut it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BackingChain {
+    /// Every backing file, as QEMU opens an image.
+    #[default]
+    Whole,
+    /// No backing file (QEMU's `BDRV_O_NO_BACKING`): for changing the header's backing file
+    /// name when that file may be missing (`qemu-img rebase -u`).
+    None,
+    /// The chain down to, and not including, the file at this canonical path: `qemu-img
+    /// commit` reads the layers above its base while it holds the base open for writing.
+    Above(PathBuf),
 }
 
 impl Default for OpenOptions {
@@ -97,6 +118,7 @@ impl Default for OpenOptions {
             force_share: false,
             metadata_only: false,
             cache: CacheMode::Writeback,
+            backing: BackingChain::Whole,
         }
     }
 }

@@ -7,6 +7,7 @@ use pyo3::types::PyDict;
 
 use super::errors::image_err;
 use super::image::{cache_mode_arg, PyImage};
+use super::progress::Reporter;
 use crate::convert::{convert, ConvertOptions, RawFile, Source, Target};
 use crate::image::ImageError;
 use crate::storage::Storage;
@@ -45,7 +46,7 @@ impl End {
 #[pyfunction]
 #[pyo3(signature = (
     source, target, *, compress = false, min_sparse = 4096, target_is_zero = true,
-    target_has_backing = false, parallel = 8, out_of_order = false, force_share = false,
+    target_has_backing = false, source_layers = None, parallel = 8, out_of_order = false, force_share = false,
     cache = "unsafe", progress = None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -57,6 +58,7 @@ pub(crate) fn convert_disk<'py>(
     min_sparse: u64,
     target_is_zero: bool,
     target_has_backing: bool,
+    source_layers: Option<u32>,
     parallel: usize,
     out_of_order: bool,
     force_share: bool,
@@ -70,6 +72,7 @@ pub(crate) fn convert_disk<'py>(
         min_sparse,
         target_is_zero,
         target_has_backing,
+        source_layers,
         parallel,
         out_of_order,
     };
@@ -81,27 +84,11 @@ pub(crate) fn convert_disk<'py>(
         End::Image(image) => Target::Image(image),
         End::Raw(raw) => Target::Raw(raw),
     };
-    let mut failed: Option<PyErr> = None;
+    let mut reporter = Reporter::new(progress);
     let result = py.detach(|| {
         // Signals (Ctrl-C) are looked at with every chunk: the conversion stops at the next
         // one, with the target consistent, and the exception is raised.
-        let mut report = |done: u64, total: u64| {
-            let outcome = Python::attach(|py| {
-                py.check_signals()?;
-                match &progress {
-                    Some(cb) => cb.call1(py, (done, total)).map(drop),
-                    None => Ok(()),
-                }
-            });
-            match outcome {
-                Ok(()) => true,
-                Err(e) => {
-                    failed = Some(e);
-                    false
-                }
-            }
-        };
-        let stats = convert(&src, &dst, &options, &mut report)?;
+        let stats = convert(&src, &dst, &options, &mut |d, t| reporter.report(d, t))?;
         if let End::Raw(raw) = &to {
             raw.storage
                 .flush()
@@ -109,7 +96,7 @@ pub(crate) fn convert_disk<'py>(
         }
         Ok::<_, ImageError>(stats)
     });
-    if let Some(e) = failed {
+    if let Some(e) = reporter.finish() {
         return Err(e);
     }
     let stats = result.map_err(image_err)?;

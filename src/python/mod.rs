@@ -4,6 +4,7 @@
 
 mod args;
 mod bitmaps;
+mod chain;
 mod check;
 mod convert;
 mod create;
@@ -12,6 +13,7 @@ mod extents;
 mod fileobj;
 mod image;
 mod map;
+mod progress;
 
 use pyo3::prelude::*;
 
@@ -31,6 +33,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(create::create_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_image, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert_disk, m)?)?;
+    m.add_function(wrap_pyfunction!(chain::commit_image, m)?)?;
+    m.add_function(wrap_pyfunction!(chain::rebase_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::repair_image, m)?)?;
     m.add_function(wrap_pyfunction!(check::check_repair_mode, m)?)?;
     m.add_function(wrap_pyfunction!(bitmaps::dirty_extents, m)?)?;

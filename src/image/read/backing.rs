@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::format::header::QCOW2_MAGIC;
-use crate::image::{Image, ImageError, OpenOptions};
+use crate::image::{BackingChain, Image, ImageError, OpenOptions};
 use crate::lock::{FileLock, LockSet};
 use crate::overlap::MetadataType;
 use crate::storage::{FileStorage, Storage};
@@ -74,7 +74,7 @@ pub(crate) struct Chain {
 }
 
 /// Resolves `name` (from an image's header) against the folder of `image`, as QEMU does.
-fn resolve(image: Option<&Path>, name: &str) -> PathBuf {
+pub(crate) fn resolve(image: Option<&Path>, name: &str) -> PathBuf {
     let p = Path::new(name);
     if p.is_absolute() {
         return p.to_path_buf();
@@ -87,7 +87,7 @@ fn resolve(image: Option<&Path>, name: &str) -> PathBuf {
 
 /// Whether `name` uses a protocol prefix (`nbd:`, `json:`, `https://`...) rather than naming a
 /// file: QEMU treats a colon before any slash that way.
-fn is_protocol(name: &str) -> bool {
+pub(crate) fn is_protocol(name: &str) -> bool {
     match name.find(':') {
         Some(colon) => !name[..colon].contains('/'),
         None => false,
@@ -134,9 +134,17 @@ impl Image {
         } else {
             Arc::clone(&self.storage)
         };
-        let backing = match &header.backing_file {
-            None => None,
-            Some(name) => Some(self.open_backing(name, visited, &mut locks)?),
+        let backing = match (&header.backing_file, &self.options.backing) {
+            (None, _) | (Some(_), BackingChain::None) => None,
+            (Some(name), BackingChain::Above(base))
+                if std::fs::canonicalize(resolve(self.path.as_deref(), name))
+                    .ok()
+                    .as_ref()
+                    == Some(base) =>
+            {
+                None
+            }
+            (Some(name), _) => Some(self.open_backing(name, visited, &mut locks)?),
         };
         Ok(Chain {
             data,
@@ -204,6 +212,7 @@ impl Image {
                     cache_size: self.options.cache_size,
                     locking: self.options.locking,
                     force_share: self.options.force_share,
+                    backing: self.options.backing.clone(),
                     ..OpenOptions::default()
                 };
                 let mut image =
@@ -226,7 +235,7 @@ impl Image {
 /// Guesses a backing file's format from its first bytes, as QEMU does without a backing format:
 /// the qcow2 magic with version 2 or 3 is qcow2; other known image magics are refused; anything
 /// else is raw.
-fn probe(storage: &dyn Storage) -> Result<String, ImageError> {
+pub(crate) fn probe(storage: &dyn Storage) -> Result<String, ImageError> {
     let mut head = [0u8; 8];
     storage.read_padded(0, &mut head)?;
     let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);

@@ -12,6 +12,7 @@
 //! dropped only after the table that pointed to it is on disk.
 
 mod alloc;
+mod backing_file;
 mod compress;
 mod cow;
 pub(in crate::image) mod flush;

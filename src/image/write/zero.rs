@@ -75,6 +75,33 @@ impl Image {
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
+    /// Makes every cluster of the disk unallocated, so that all of it reads from the backing
+    /// file again (what `qemu-img commit` leaves in the image it committed); the host clusters
+    /// are freed. What the guest reads is unchanged only if the backing file already holds this
+    /// image's data, so the dirty bitmaps are not marked (QEMU's `make_empty` leaves them too).
+    pub fn make_empty(&self) -> Result<(), ImageError> {
+        let mut w = self.writer("make_empty")?;
+        self.open_for_change(&mut w)?;
+        let g = self.geometry;
+        let size = self.virtual_size();
+        let span = g.bytes_per_l1_entry();
+        let r = (0..g.l1_entries_for(size)).try_for_each(|l1_index| {
+            if self.l2_table(l1_index)?.is_none() {
+                return Ok(());
+            }
+            let start = l1_index * span;
+            let len = span.min(size - start);
+            self.for_each_piece(
+                start,
+                len,
+                |img, w, cluster, _at, _n| img.zero_cluster(w, cluster, true, true),
+                &mut w,
+            )?;
+            self.bound_pending_writes(&mut w)
+        });
+        r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
+    }
+
     /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated).
     pub(in crate::image) fn zero_cluster(
         &self,
