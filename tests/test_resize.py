@@ -8,19 +8,18 @@ what it was."""
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import qcow2ovl
 import qemu_images as qi
-from qcow2ovl.cli import main
+import verb_twins
+from verb_twins import map_flags, snapshot_disks, virtual_size
 
 pytestmark = pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io")
 
@@ -233,71 +232,12 @@ EMPTY_RAW_LINES = [
 
 
 def run_ours(argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    """``qcow2ovl resize ARGV`` in this process (as ``python -m qcow2ovl``, which the lock
-    tests run), in *cwd*."""
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = main(["resize", *argv])
-            except SystemExit as e:  # argparse
-                rc = int(e.code or 0)
-    finally:
-        os.chdir(old)
-    return rc, out.getvalue(), err.getvalue()
+    """``qcow2ovl resize ARGV`` in this process, in *cwd*."""
+    return verb_twins.run_ours("resize", argv, cwd)
 
 
 def run_qemu(argv: list[str], cwd: Path) -> tuple[int, str, str]:
-    proc = subprocess.run(
-        ["qemu-img", "resize", *argv], capture_output=True, text=True, cwd=cwd, check=False
-    )
-    return proc.returncode, proc.stdout, proc.stderr.replace("qemu-img", "qcow2ovl")
-
-
-def map_flags(path: Path, fmt: str = "qcow2", upto: int | None = None) -> list[tuple[Any, ...]]:
-    """`qemu-img map` without host offsets: (start, end, present, zero, data, depth,
-    compressed), neighbours with equal flags merged (before *upto* only, if given)."""
-    out = subprocess.run(
-        ["qemu-img", "map", "--output=json", "-f", fmt, str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    import json
-
-    merged: list[list[Any]] = []
-    for e in json.loads(out):
-        flags = [e["present"], e["zero"], e["data"], e["depth"], e["compressed"]]
-        start, end = e["start"], e["start"] + e["length"]
-        if upto is not None:
-            if start >= upto:
-                break
-            end = min(end, upto)
-        if merged and merged[-1][2:] == flags and merged[-1][1] == start:
-            merged[-1][1] = end
-        else:
-            merged.append([start, end, *flags])
-    return [tuple(m) for m in merged]
-
-
-def virtual_size(path: Path, fmt: str = "qcow2") -> int:
-    import json
-
-    out = qi.qemu_img("info", "--output=json", "-f", fmt, path).stdout
-    return int(json.loads(out)["virtual-size"])
-
-
-def snapshot_disks(path: Path, tmp: Path) -> list[bytes]:
-    """The guest disk of every internal snapshot."""
-    disks = []
-    for s in qi.qemu_info(path).get("snapshots", []):
-        out = tmp / f"snap-{s['id']}.raw"
-        qi.qemu_img("convert", "-l", f"snapshot.id={s['id']}", "-O", "raw", path, out)
-        disks.append(out.read_bytes())
-        out.unlink()
-    return disks
+    return verb_twins.run_qemu("resize", argv, cwd)
 
 
 @contextlib.contextmanager
@@ -489,8 +429,19 @@ def test_data_file_images(tmp_path: Path) -> None:
         (theirs / "disk.data").write_bytes((ours / "disk.data").read_bytes())
         for line in ([NAME, "+2M"], ["--shrink", NAME, "3M"], [NAME, "5M"]):
             assert run_ours(line, ours) == run_qemu(line, theirs)
-        assert qi.qemu_img("compare", ours / NAME, theirs / NAME).returncode == 0
-        assert qi.check_is_clean(qi.qemu_check(ours / NAME))
+        # Each image's data file is found from its own folder: read each from there.
+        disks = []
+        old = os.getcwd()
+        try:
+            for folder in (ours, theirs):
+                os.chdir(folder)
+                qi.qemu_img("convert", "-O", "raw", NAME, "disk.raw")
+                disks.append((folder / "disk.raw").read_bytes())
+            os.chdir(ours)
+            assert qi.check_is_clean(qi.qemu_check(NAME))
+        finally:
+            os.chdir(old)
+        assert disks[0] == disks[1]
 
 
 # ---- locks -----------------------------------------------------------------------------------

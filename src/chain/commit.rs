@@ -121,10 +121,11 @@ impl Base {
         }
     }
 
-    /// Makes everything written durable (as the cache mode says).
-    fn flush(&self) -> Result<(), ImageError> {
+    /// Makes everything written durable (as the cache mode says), the base's persistent
+    /// bitmaps (which the copy dirtied) stored.
+    fn close(&self) -> Result<(), ImageError> {
         match self {
-            Base::Image(image) => image.flush(),
+            Base::Image(image) => image.close(),
             Base::Raw(raw) => raw
                 .storage
                 .flush()
@@ -177,15 +178,16 @@ pub fn commit(
         target_is_zero: false,
         target_has_backing: base.has_backing(),
         source_layers: Some(index as u32 + 1),
+        below_unreadable: true,
         parallel: 8,
         out_of_order: false,
     };
     let copied = convert(&Source::Image(&top_image), &base.target(), &copy, progress)?;
-    base.flush()?;
+    base.close()?;
     if !keep_top {
         top_image
             .make_empty()
-            .and_then(|()| top_image.flush())
+            .and_then(|()| top_image.close())
             .map_err(|e| e.in_file(&top.display().to_string()))?;
     }
     Ok(CommitStats {

@@ -175,6 +175,7 @@ pub fn rebase(
             .map_err(|e| e.in_file(&shown))?;
     }
     top.change_backing_file(options.backing.as_deref(), options.format.as_deref())
+        .and_then(|()| top.close())
         .map_err(|e| e.in_file(&shown))?;
     Ok(stats)
 }

@@ -43,6 +43,11 @@ pub struct ConvertOptions {
     /// to the layers below is left to the target (`-B`: 1; `qemu-img commit`: the layers above
     /// its base).
     pub source_layers: Option<u32>,
+    /// The source is opened without the layers below `source_layers` (as `qemu-img commit`
+    /// opens its top, above the base it writes), so it cannot read what they hold: what the
+    /// top layers leave to them is never copied, even where a granule of the target is then
+    /// written in part (the target fills the rest from its own data).
+    pub below_unreadable: bool,
     /// Parallel requests (`-m`, 1 to 16, default 8): at most this many worker threads, and no
     /// more than the machine has cores.
     pub parallel: usize,
@@ -58,6 +63,7 @@ impl Default for ConvertOptions {
             target_is_zero: true,
             target_has_backing: false,
             source_layers: None,
+            below_unreadable: false,
             parallel: 8,
             out_of_order: false,
         }

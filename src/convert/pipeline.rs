@@ -59,6 +59,9 @@ struct Planner<'a> {
     segments: VecDeque<Segment>,
     /// Only the source's top layers are copied ([`ConvertOptions::source_layers`]).
     layers: Option<u32>,
+    /// The source cannot read what its top layers leave below
+    /// ([`ConvertOptions::below_unreadable`]): a data job never takes in backing bytes.
+    below_unreadable: bool,
     /// Ranges of zeros are copied as data (`-S 0`).
     copy_zeros: bool,
     /// Data jobs cover whole granules of the target.
@@ -122,6 +125,7 @@ impl Planner<'_> {
         let first = self.segment_at(pos)?;
         let (end, holds) = match first.holds {
             Holds::Data => (self.data_end(pos)?, Holds::Data),
+            Holds::Backing if self.below_unreadable => (self.run_end(pos, size)?, Holds::Backing),
             other => {
                 let end = align_down(self.run_end(pos, size)?);
                 if end > pos && pos % g == 0 {
@@ -156,9 +160,13 @@ impl Planner<'_> {
         let chunk_end = ((pos / CHUNK + 1) * CHUNK).min(size);
         let mut end = pos;
         while end < chunk_end {
-            if self.segment_at(end)?.holds == Holds::Data {
+            let holds = self.segment_at(end)?.holds;
+            if holds == Holds::Data {
                 end = self.run_end(end, chunk_end)?;
                 continue;
+            }
+            if holds == Holds::Backing && self.below_unreadable {
+                return Ok(end);
             }
             let whole_from = end.div_ceil(g) * g;
             let limit = whole_from.saturating_add(g).min(size);
@@ -450,6 +458,7 @@ pub(super) fn run(
         seq: 0,
         segments: VecDeque::new(),
         layers: options.source_layers,
+        below_unreadable: options.below_unreadable,
         copy_zeros: options.min_sparse == 0,
         granule,
     });

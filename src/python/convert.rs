@@ -73,6 +73,7 @@ pub(crate) fn convert_disk<'py>(
         target_is_zero,
         target_has_backing,
         source_layers,
+        below_unreadable: false,
         parallel,
         out_of_order,
     };
