@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,7 +109,8 @@ def split_progress(out: str) -> tuple[list[float], str]:
 
 def map_flags(path: Path, fmt: str = "qcow2", upto: int | None = None) -> list[tuple[Any, ...]]:
     """`qemu-img map` without host offsets: (start, end, present, zero, data, depth,
-    compressed), neighbours with equal flags merged (before *upto* only, if given)."""
+    compressed), neighbours with equal flags merged (before *upto* only, if given); "zero"
+    only where there is no data."""
     out = subprocess.run(
         ["qemu-img", "map", "--output=json", "-f", fmt, str(path)],
         capture_output=True,
@@ -119,7 +119,11 @@ def map_flags(path: Path, fmt: str = "qcow2", upto: int | None = None) -> list[t
     ).stdout
     merged: list[list[Any]] = []
     for e in json.loads(out):
-        flags = [e["present"], e["zero"], e["data"], e["depth"], e["compressed"]]
+        # A data cluster is "zero" when its host bytes are a hole, which depends on how the
+        # file system stored zeros written to it (unwritten extents, page cache): only
+        # zeros without data (zero clusters, holes of raw files) count.
+        zero = e["zero"] and not e["data"]
+        flags = [e["present"], zero, e["data"], e["depth"], e["compressed"]]
         start, end = e["start"], e["start"] + e["length"]
         if upto is not None:
             if start >= upto:
@@ -193,11 +197,33 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def copy_holes_and_all(source: Path, target: Path) -> None:
+    """A copy of *source* with its holes where they are, and nowhere else: `qemu-img map`
+    reports holes in a file as zeros, so a twin must have the same ones (shutil fills every
+    hole in; cp makes new holes of runs of zeros)."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(src.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(src.fileno(), data, os.SEEK_HOLE)
+            src.seek(data)
+            dst.seek(data)
+            dst.write(src.read(hole - data))
+            pos = hole
+        dst.truncate(size)
+
+
 @contextlib.contextmanager
 def twin_folders(tmp_path: Path, build: Callable[[Path], None]) -> Iterator[tuple[Path, Path]]:
     """Two folders holding the same images: *build* fills ``ours``, which is then copied."""
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir()
     build(ours)
-    shutil.copytree(ours, theirs)
+    theirs.mkdir()
+    for path in sorted(ours.iterdir()):
+        copy_holes_and_all(path, theirs / path.name)
     yield ours, theirs

@@ -68,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``qcow2ovl rebase``; 0 on success, 1 on failure (as qemu-img)."""
-    from qcow2ovl._cli_convert import _cache
+    from qcow2ovl._cli_convert import CACHE_MODES, _cache
     from qcow2ovl._cli_errors import fail, missing_file
     from qcow2ovl._cli_progress import Progress
     from qcow2ovl.errors import LockError, Qcow2Error
@@ -77,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
     if len(args.operands) != 1:
         return fail(f"Expecting one image file name\n{_USAGE_HINT}")
     (image,) = args.operands
-    cache = _cache(args.cache)
-    backing_cache = _cache(args.backing_cache)
     if args.backing is None and not args.unsafe:
         return fail(f"Must specify backing file (-b) or use unsafe mode (-u)\n{_USAGE_HINT}")
+    cache = _cache(args.cache)
+    if args.backing_cache not in CACHE_MODES:
+        return fail(f"Invalid source cache option: {args.backing_cache}")
+    backing_cache = args.backing_cache
     if args.fmt == "raw":
         return fail(
             f"Could not change the backing file to '{args.backing}': Operation not supported"

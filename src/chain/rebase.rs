@@ -193,9 +193,6 @@ fn copy_differences(
     let mut stats = RebaseStats::default();
     let mut old_buf = vec![0u8; chunk as usize];
     let mut new_buf = vec![0u8; chunk as usize];
-    // Clusters before this are done (a cluster the image allocates only in part is met by two
-    // ranges of the map).
-    let mut done_until = 0u64;
     let mut pos = 0u64;
     if !progress(0, size) {
         return Err(ImageError::Cancelled);
@@ -207,13 +204,12 @@ fn copy_differences(
                 "the guest map breaks off at {pos}"
             )));
         }
+        // Only what the image leaves to its chain is compared (the map's ranges: whole
+        // clusters, or subclusters of an extended L2 image), a chunk at a time, in pieces
+        // that end at cluster boundaries.
         for e in map.iter().filter(|e| e.depth > 0 || !e.present) {
-            let start = (e.start / cs * cs).max(done_until);
-            let end = (e.start + e.length)
-                .div_ceil(cs)
-                .saturating_mul(cs)
-                .min(size);
-            let mut at = start;
+            let end = (e.start + e.length).min(size);
+            let mut at = e.start;
             while at < end {
                 let n = chunk.min(end - at) as usize;
                 let (old, new_bytes) = (&mut old_buf[..n], &mut new_buf[..n]);
@@ -224,8 +220,10 @@ fn copy_differences(
                     stats.copied += write_differing(top, at, old, new_bytes, cs, compress)?;
                 }
                 at += n as u64;
+                if !progress(at, size) {
+                    return Err(ImageError::Cancelled);
+                }
             }
-            done_until = done_until.max(end);
         }
         pos = next;
         if !progress(pos.min(size), size) {
@@ -248,14 +246,14 @@ fn write_differing(
     let mut written = 0;
     let mut i = 0usize;
     while i < old.len() {
-        // Pieces end at cluster boundaries (guest offsets; `at` is cluster-aligned).
-        let n = (cs as usize).min(old.len() - i);
+        // Pieces end at cluster boundaries of the guest disk.
+        let guest_at = at + i as u64;
+        let n = ((cs - guest_at % cs) as usize).min(old.len() - i);
         let (o, w) = (&old[i..i + n], &new[i..i + n]);
         if o != w {
-            let guest = GuestOffset(at + i as u64);
-            if o.iter().all(|&b| b == 0) {
-                top.write_zeroes(guest, n as u64, false)?;
-            } else if !(compress && n as u64 == cs && top.write_compressed(guest, o)?) {
+            let guest = GuestOffset(guest_at);
+            // Written as data even when the bytes are zeros, as qemu-img does.
+            if !(compress && n as u64 == cs && top.write_compressed(guest, o)?) {
                 top.write_at(guest, o)?;
             }
             written += n as u64;
