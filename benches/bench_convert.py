@@ -126,10 +126,13 @@ def bench_mode(work: pathlib.Path, mode: str, way: str, repeat: int) -> dict[str
             out.unlink(missing_ok=True)
             times[tool].append(timed(cmds[tool], way == "synced"))
     # The last output is qemu-img's or ours; both are checked against the source elsewhere.
+    return {"mode": mode, "way": way, **side_by_side(times)}
+
+
+def side_by_side(times: dict[str, list[float]]) -> dict[str, object]:
+    """Both tools' summaries and the ratios qemu-img / qcow2ovl of their best and median."""
     ours, qemu = summary(times["qcow2ovl"]), summary(times["qemu-img"])
     return {
-        "mode": mode,
-        "way": way,
         "qcow2ovl": ours,
         "qemu-img": qemu,
         "ratio_best": round(qemu["best"] / ours["best"], 2),
@@ -137,12 +140,19 @@ def bench_mode(work: pathlib.Path, mode: str, way: str, repeat: int) -> dict[str
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modes", nargs="*", metavar="MODE", help=" ".join(MODES))
+def bench_parser(doc: str, modes: list[str]) -> argparse.ArgumentParser:
+    """The options every side-by-side bench takes: modes, ``--size``, ``--repeat``,
+    ``--work-dir``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("modes", nargs="*", metavar="MODE", help=" ".join(modes))
     parser.add_argument("--size", type=int, default=GiB)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--work-dir", type=pathlib.Path)
+    return parser
+
+
+def main() -> int:
+    parser = bench_parser(__doc__, list(MODES))
     args = parser.parse_args()
     if shutil.which("qemu-img") is None:
         print("qemu-img is needed", file=sys.stderr)
@@ -162,15 +172,23 @@ def main() -> int:
     print(
         f"\nsource {args.size / GiB:.2f} GiB mixed, {args.repeat} runs each, cores {os.cpu_count()}"
     )
-    print(f"{'mode':<16}{'way':<9}{'ours best/med':>16}{'qemu best/med':>16}{'ratio best/med':>16}")
+    print_table(rows, {"mode": 16, "way": 9})
+    return 0
+
+
+def print_table(rows: list[dict[str, object]], labels: dict[str, int]) -> None:
+    """The rows' best and median times of both tools and their ratios, after the *labels*
+    (each key's column width)."""
+    head = "".join(f"{k:<{w}}" for k, w in labels.items())
+    print(f"{head}{'ours best/med':>16}{'qemu best/med':>16}{'ratio best/med':>16}")
     for r in rows:
         o, q = r["qcow2ovl"], r["qemu-img"]
         assert isinstance(o, dict) and isinstance(q, dict)
+        label = "".join(f"{r[k]!s:<{w}}" for k, w in labels.items())
         print(
-            f"{r['mode']:<16}{r['way']:<9}{o['best']:>8.2f}/{o['median']:<7.2f}"
+            f"{label}{o['best']:>8.2f}/{o['median']:<7.2f}"
             f"{q['best']:>8.2f}/{q['median']:<7.2f}{r['ratio_best']:>8.2f}/{r['ratio_median']:<7.2f}"
         )
-    return 0
 
 
 if __name__ == "__main__":

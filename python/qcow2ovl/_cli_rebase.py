@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             unsafe=args.unsafe,
             compress=args.compress,
             cache_mode=cache,  # type: ignore[arg-type]  # checked by _cache
-            backing_cache_mode=backing_cache,  # type: ignore[arg-type]  # checked by _cache
+            backing_cache_mode=backing_cache,
             force_share=args.force_share,
             progress=progress,
         )

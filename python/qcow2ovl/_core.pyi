@@ -197,7 +197,7 @@ def commit_image(
     cache: str = "writeback",
     locking: str = "auto",
     progress: Callable[[int, int], object] | None = None,
-) -> dict[str, object]: ...
+) -> dict[str, int | str]: ...
 def rebase_image(
     image: str | PathLike[str],
     backing: str | None,

@@ -74,7 +74,7 @@ def commit(
         progress=progress,
     )
     return CommitResult(
-        base=os.fspath(stats["base"]),
+        base=str(stats["base"]),
         emptied=bool(stats["emptied"]),
         total=int(stats["total"]),
         written=int(stats["written"]),

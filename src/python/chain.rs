@@ -13,7 +13,8 @@ use crate::chain::{commit, rebase, CommitOptions, RebaseOptions};
 
 /// Commits `image` into its backing file, or into `base` further down its chain (named as
 /// `qemu-img commit -b` takes it); the top is emptied unless `keep_top` or `base`. Returns
-/// `{"base", "emptied", "total", "read", "written", "zeroed"}`.
+/// `{"base", "emptied", "total", "read", "written", "zeroed"}` (`base` a `str`, `emptied` a
+/// `bool`, the rest counts of guest bytes).
 #[pyfunction]
 #[pyo3(signature = (
     image, *, base = None, keep_top = false, cache = "writeback", locking = "auto",
@@ -41,7 +42,7 @@ pub(crate) fn commit_image<'py>(
     }
     let stats = result.map_err(image_err)?;
     let d = PyDict::new(py);
-    d.set_item("base", stats.base)?;
+    d.set_item("base", stats.base.display().to_string())?;
     d.set_item("emptied", stats.emptied)?;
     d.set_item("total", stats.copied.total)?;
     d.set_item("read", stats.copied.read)?;
