@@ -38,12 +38,6 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-def _progress(done: int, total: int) -> None:
-    pct = 100.0 if total == 0 else 100.0 * done / total
-    sys.stdout.write(f"    ({pct:.2f}/100%)\r")
-    sys.stdout.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``qcow2ovl check``; returns qemu-img's exit status for the result."""
     from qcow2ovl.errors import UnsupportedError
@@ -54,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
         refuse_force_share(args)
         return _repair(args)
-    progress = _progress if args.progress and sys.stdout.isatty() else None
+    from qcow2ovl._cli_progress import Progress
+
+    progress = Progress() if args.progress and sys.stdout.isatty() else None
     # An image that cannot be opened fails like any command (status 1, as qemu-img's does);
     # one that opens but cannot be checked is "check not supported".
     with open_image(args.image, overlap_check="none", force_share=args.force_share) as image:
@@ -70,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"qcow2ovl: Check failed: {exc.strerror}", file=sys.stderr)
             return EXIT_FAILED
     if progress is not None:
-        sys.stdout.write("\n")
+        progress.end()
     _print(args, result)
     return result.exit_code
 

@@ -203,3 +203,53 @@ impl Image {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::create::{plan, write_image, CreateOptions};
+    use crate::format::GuestOffset;
+    use crate::image::{BackingChain, Image, OpenOptions};
+    use crate::storage::{MemStorage, Storage};
+    use std::sync::Arc;
+
+    fn image(writable: bool, storage: &Arc<MemStorage>) -> Image {
+        let options = OpenOptions {
+            writable,
+            backing: BackingChain::None,
+            ..OpenOptions::default()
+        };
+        Image::from_storage(Arc::clone(storage) as Arc<dyn Storage>, options).unwrap()
+    }
+
+    #[test]
+    fn an_emptied_image_allocates_nothing_and_checks_clean() {
+        let storage = Arc::new(MemStorage::new(Vec::new()));
+        let opts = CreateOptions {
+            size: 8 << 20,
+            ..CreateOptions::default()
+        };
+        write_image(&plan(&opts).unwrap(), storage.as_ref(), None).unwrap();
+        let img = image(true, &storage);
+        for (at, len, byte) in [
+            (0u64, 70_000usize, 1u8),
+            (3 << 20, 4096, 2),
+            ((8 << 20) - 512, 512, 3),
+        ] {
+            img.write_at(GuestOffset(at), &vec![byte; len]).unwrap();
+        }
+        img.write_zeroes(GuestOffset(5 << 20), 1 << 20, false)
+            .unwrap();
+        img.make_empty().unwrap();
+        img.close().unwrap();
+        drop(img);
+
+        let img = image(false, &storage);
+        let (map, _) = img.guest_map_chunk(0, 1024).unwrap();
+        assert!(map.iter().all(|e| !e.present), "{map:?}");
+        let mut buf = vec![0xffu8; 8 << 20];
+        img.read_at(GuestOffset(0), &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let report = img.check().unwrap();
+        assert_eq!(report.exit_code(), 0, "{report:?}");
+    }
+}
