@@ -17,6 +17,8 @@ pub mod create;
 pub mod format;
 pub mod image;
 pub mod lock;
+/// The NBD protocol, server side, as pure byte-in/byte-out state machines (no I/O).
+pub mod nbd;
 pub mod overlap;
 pub mod problem;
 pub mod scan;
