@@ -22,6 +22,8 @@ pub mod nbd;
 pub mod overlap;
 pub mod problem;
 pub mod scan;
+/// `qcow2ovl serve`: an NBD server over one image, its writes through the guarded engine.
+pub mod serve;
 pub mod storage;
 
 #[cfg(feature = "python")]

@@ -40,6 +40,7 @@ from qcow2ovl.options import OverlapCheck
 from qcow2ovl.rebase import RebaseResult, rebase
 from qcow2ovl.records import Verdict
 from qcow2ovl.resize import resize
+from qcow2ovl.serve import serve
 from qcow2ovl.types import TEMPLATES, MetadataType
 
 __all__ = [
@@ -82,4 +83,5 @@ __all__ = [
     "open",
     "rebase",
     "resize",
+    "serve",
 ]

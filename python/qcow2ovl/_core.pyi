@@ -14,6 +14,7 @@ __all__ = [
     "Image",
     "MetadataMap",
     "NaiveChecker",
+    "NbdServer",
     "__version__",
     "bitmap_add",
     "bitmap_clear",
@@ -117,6 +118,26 @@ class ExtentIterator(Iterator[tuple[int, int, MetadataType]]):
     def __next__(self) -> tuple[int, int, MetadataType]: ...
 
 @final
+class NbdServer:
+    def __init__(
+        self,
+        image: Image,
+        *,
+        socket: str | None = None,
+        bind: str = "127.0.0.1",
+        port: int = 10809,
+        export_name: str = "",
+        description: str | None = None,
+        shared: int = 1,
+        persistent: bool = False,
+        handshake_timeout: float = 10.0,
+        allocation_depth: bool = False,
+    ) -> None: ...
+    @property
+    def port(self) -> int | None: ...
+    def serve(self) -> None: ...
+    def stop(self) -> None: ...
+
 class Image:
     """An open image (wrapped by ``qcow2ovl.Image``)."""
 

@@ -85,6 +85,7 @@ commands:
   resize       grow or shrink a qcow2 image or a raw file (qemu-img resize syntax)
   commit       fold an overlay into its backing file (qemu-img commit syntax)
   rebase       point an image at another backing file (qemu-img rebase syntax)
+  serve        serve an image over NBD, every write guarded (qemu-nbd syntax)
   measure      the file size a new image needs (qemu-img measure syntax)
   compare      whether two disks hold the same bytes (qemu-img compare syntax)
   io IMAGE     qemu-io's commands: read, write, alloc, map, ... (qemu-io -c syntax)
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cli_measure,
         _cli_rebase,
         _cli_resize,
+        _cli_serve,
         _cli_snapshot,
     )
 
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_resize.add_parser(sub)
     _cli_commit.add_parser(sub)
     _cli_rebase.add_parser(sub)
+    _cli_serve.add_parser(sub)
     return parser
 
 

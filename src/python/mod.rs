@@ -14,6 +14,7 @@ mod fileobj;
 mod image;
 mod map;
 mod progress;
+mod serve;
 
 use pyo3::prelude::*;
 
@@ -24,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<map::PyMetadataMap>()?;
     m.add_class::<map::PyNaiveChecker>()?;
     m.add_class::<image::PyImage>()?;
+    m.add_class::<serve::PyNbdServer>()?;
     m.add_class::<extents::PyExtentList>()?;
     m.add_class::<extents::PyExtentIter>()?;
     m.add_function(wrap_pyfunction!(image::open_image, m)?)?;

@@ -1,0 +1,90 @@
+//! `NbdServer`: `qcow2ovl serve`'s server for Python, serving an open `Image` without the GIL
+//! (`qcow2ovl.serve` and the CLI give it its options and messages).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyOSError;
+use pyo3::prelude::*;
+
+use super::image::PyImage;
+use super::progress::Reporter;
+use crate::serve::{Listen, ServeOptions, Server};
+
+/// An NBD server bound to its socket, serving one image.
+#[pyclass(name = "NbdServer", module = "qcow2ovl._core")]
+pub(crate) struct PyNbdServer {
+    server: Server,
+    stop: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl PyNbdServer {
+    /// Binds a Unix socket at `socket`, else TCP on `bind`:`port`, for `image` (read-only
+    /// unless the image was opened writable).
+    #[new]
+    #[pyo3(signature = (
+        image, *, socket = None, bind = "127.0.0.1".to_owned(), port = 10809, export_name = String::new(),
+        description = None, shared = 1, persistent = false, handshake_timeout = 10.0,
+        allocation_depth = false
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        image: &PyImage,
+        socket: Option<PathBuf>,
+        bind: String,
+        port: u16,
+        export_name: String,
+        description: Option<String>,
+        shared: usize,
+        persistent: bool,
+        handshake_timeout: f64,
+        allocation_depth: bool,
+    ) -> PyResult<Self> {
+        let options = ServeOptions {
+            listen: match socket {
+                Some(path) => Listen::Unix(path),
+                None => Listen::Tcp(bind, port),
+            },
+            export_name,
+            description,
+            shared,
+            persistent,
+            handshake_timeout: Duration::try_from_secs_f64(handshake_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+            allocation_depth,
+        };
+        let image = image.image()?;
+        let server = py
+            .detach(|| Server::bind(image, options))
+            .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        let stop = server.stopper();
+        Ok(Self { server, stop })
+    }
+
+    /// The TCP port listened on (`None` for a Unix socket).
+    #[getter]
+    fn port(&self) -> Option<u16> {
+        self.server.port()
+    }
+
+    /// Serves until [`stop`](Self::stop), a signal's exception (raised here, after the
+    /// connections finished what they had read and the image was flushed), or, unless
+    /// persistent, the last client's departure.
+    fn serve(&self, py: Python<'_>) -> PyResult<()> {
+        let mut reporter = Reporter::new(None);
+        let result = py.detach(|| self.server.serve(&mut || reporter.report(0, 0)));
+        if let Some(e) = reporter.finish() {
+            return Err(e);
+        }
+        result.map_err(|e| PyOSError::new_err(e.to_string()))
+    }
+
+    /// Asks a running [`serve`](Self::serve) to stop (from any thread).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,327 @@
+//! One NBD request carried out on the image, and the bytes of its reply.
+//!
+//! Writes, zeroes and trims go through the same engine calls as the Python API
+//! (`write_at`, `write_zeroes`, `discard`), so the guard checks each of them; a write the
+//! guard refuses is answered `EIO` with the engine's message (the image is then marked corrupt
+//! by the engine, as for a direct write), and the server logs one line and goes on serving.
+//! With structured replies, reads send the ranges the image knows to be zeros as holes.
+
+use crate::format::GuestOffset;
+use crate::image::{ErrorKind, GuestExtent, Image, ImageError};
+use crate::nbd::{Command, ExportConfig, Extent, Framing, NbdError, Negotiated, Request, Session};
+
+/// Guest map entries asked for at a time.
+const MAP_BATCH: usize = 1024;
+/// The most extents one block status reply describes per context.
+const MAX_REPLY_EXTENTS: usize = 16 * 1024;
+
+/// `base:allocation`: not allocated as data.
+const STATE_HOLE: u64 = 1;
+/// `base:allocation`: reads as zeros.
+const STATE_ZERO: u64 = 2;
+
+/// The metadata contexts a connection selected, by what they report.
+pub(super) struct Contexts {
+    /// `(id, context)` in the order they were selected.
+    selected: Vec<(u32, Context)>,
+}
+
+#[derive(Clone, Copy)]
+enum Context {
+    /// `base:allocation`: hole and zero flags.
+    Allocation,
+    /// `qemu:allocation-depth`: 0 unallocated, 1 this image, 2 its backing file, ...
+    Depth,
+}
+
+impl Contexts {
+    pub(super) fn new(negotiated: &Negotiated, export: &ExportConfig) -> Self {
+        let selected = negotiated
+            .meta_contexts
+            .iter()
+            .filter_map(|m| {
+                let name = export.meta_contexts.get(m.index)?;
+                match name.as_str() {
+                    "base:allocation" => Some((m.id, Context::Allocation)),
+                    "qemu:allocation-depth" => Some((m.id, Context::Depth)),
+                    _ => None,
+                }
+            })
+            .collect();
+        Self { selected }
+    }
+}
+
+/// Carries out `request` (with its write `payload`) and returns the reply's bytes.
+pub(super) fn execute(
+    image: &Image,
+    session: &Session,
+    contexts: &Contexts,
+    request: &Request,
+    payload: &[u8],
+) -> Vec<u8> {
+    let framing = session.framing();
+    let to = request.reply_to();
+    let mut out = Vec::new();
+    let result = match &request.command {
+        Command::Read { offset, length, df } => {
+            return read(image, framing, request, *offset, *length, *df);
+        }
+        Command::Write { offset, fua, .. } => image
+            .write_at(GuestOffset(*offset), payload)
+            .and_then(|()| flush_if(image, *fua)),
+        Command::Flush => image.flush(),
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => image
+            .discard(GuestOffset(*offset), *length)
+            .and_then(|()| flush_if(image, *fua)),
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast_zero,
+        } => {
+            if *fast_zero && !zeroes_are_fast(image, *offset, *length) {
+                framing.error_reply(&mut out, to, NbdError::NotSup, "zeroing is not fast here");
+                return out;
+            }
+            image
+                .write_zeroes(GuestOffset(*offset), *length, !*no_hole)
+                .and_then(|()| flush_if(image, *fua))
+        }
+        Command::Cache { .. } => Ok(()),
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+            context_ids,
+        } => {
+            return block_status(
+                image,
+                framing,
+                request,
+                contexts,
+                (*offset, *length, *req_one),
+                context_ids.as_deref(),
+            );
+        }
+        // Not advertised, so refused by the parser; answered the same way if it ever came.
+        Command::Resize { .. } | Command::Disc => Err(ImageError::Unsupported(
+            "this command is not supported".into(),
+        )),
+    };
+    match result {
+        Ok(()) => framing.ok_reply(&mut out, to),
+        Err(e) => error_reply(&mut out, framing, request, &e),
+    }
+    out
+}
+
+/// Whether zeroing the range only changes metadata: version 3 zero flags over whole clusters
+/// (a version 2 image, or a partial cluster, gets zeros written).
+fn zeroes_are_fast(image: &Image, offset: u64, length: u64) -> bool {
+    let cs = image.geometry().cluster_size();
+    let end = offset.saturating_add(length);
+    image.header().version >= 3
+        && offset % cs == 0
+        && (end % cs == 0 || end == image.virtual_size())
+}
+
+fn flush_if(image: &Image, fua: bool) -> Result<(), ImageError> {
+    if fua {
+        image.flush()
+    } else {
+        Ok(())
+    }
+}
+
+/// An error reply for `e`, logged when the guard refused the write.
+fn error_reply(out: &mut Vec<u8>, framing: Framing, request: &Request, e: &ImageError) {
+    let error = match e.kind() {
+        ErrorKind::Os(errno) => NbdError::from_errno(errno),
+        ErrorKind::ReadOnly => NbdError::Perm,
+        ErrorKind::InvalidArgument => NbdError::Inval,
+        ErrorKind::OutOfMemory => NbdError::NoMem,
+        ErrorKind::Unsupported => NbdError::NotSup,
+        _ => NbdError::Io,
+    };
+    let message = e.message();
+    if e.kind() == ErrorKind::MetadataOverlap || e.kind() == ErrorKind::Corruption {
+        eprintln!("qcow2ovl: serve: request refused: {message}");
+    }
+    framing.error_reply(out, request.reply_to(), error, &message);
+}
+
+/// The guest map over `[offset, offset + length)`, clipped to it, at most `max` entries.
+fn map_range(
+    image: &Image,
+    offset: u64,
+    length: u64,
+    max: usize,
+) -> Result<Vec<GuestExtent>, ImageError> {
+    let end = offset.saturating_add(length).min(image.virtual_size());
+    let mut extents = Vec::new();
+    let mut pos = offset;
+    while pos < end && extents.len() < max {
+        let (batch, next) = image.guest_map_chunk(pos, MAP_BATCH)?;
+        if next <= pos || batch.is_empty() {
+            break;
+        }
+        for mut e in batch {
+            if e.start >= end || extents.len() >= max {
+                break;
+            }
+            let stop = (e.start + e.length).min(end);
+            e.start = e.start.max(pos);
+            e.length = stop - e.start;
+            if e.length > 0 {
+                extents.push(e);
+            }
+        }
+        pos = next;
+    }
+    Ok(extents)
+}
+
+/// `NBD_CMD_READ`: the data, with holes sent as holes in structured replies (unless `df`).
+fn read(
+    image: &Image,
+    framing: Framing,
+    request: &Request,
+    offset: u64,
+    length: u32,
+    df: bool,
+) -> Vec<u8> {
+    let to = request.reply_to();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; length as usize];
+    if let Err(e) = image.read_at(GuestOffset(offset), &mut buf) {
+        error_reply(&mut out, framing, request, &e);
+        return out;
+    }
+    if framing == Framing::Simple {
+        let _ = framing.simple(&mut out, to.cookie, None);
+        out.extend_from_slice(&buf);
+        return out;
+    }
+    if length == 0 {
+        let _ = framing.none(&mut out, to);
+        return out;
+    }
+    // Pieces of (start, len, hole), in order, covering the request.
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let holes = if df {
+        None
+    } else {
+        map_range(image, offset, u64::from(length), usize::MAX).ok()
+    };
+    let end = offset + u64::from(length);
+    let mut pos = offset;
+    for e in holes.iter().flatten() {
+        let hole = e.zero && !e.data;
+        match pieces.last_mut() {
+            Some(last) if last.2 == hole && last.0 + last.1 == e.start => last.1 += e.length,
+            _ => pieces.push((e.start, e.length, hole)),
+        }
+        pos = e.start + e.length;
+    }
+    if pos < end {
+        pieces.push((pos, end - pos, false));
+    }
+    let last = pieces.len() - 1;
+    for (i, (start, len, hole)) in pieces.into_iter().enumerate() {
+        let done = i == last;
+        let at = (start - offset) as usize;
+        let encoded = if hole {
+            framing.offset_hole(&mut out, to, done, start, len as u32)
+        } else {
+            framing.offset_data(&mut out, to, done, start, &buf[at..at + len as usize])
+        };
+        if encoded.is_err() {
+            out.clear();
+            framing.error_reply(&mut out, to, NbdError::Io, "reply could not be encoded");
+            break;
+        }
+    }
+    out
+}
+
+/// `NBD_CMD_BLOCK_STATUS`: one chunk per context, extents from the guest map.
+fn block_status(
+    image: &Image,
+    framing: Framing,
+    request: &Request,
+    contexts: &Contexts,
+    (offset, length, req_one): (u64, u64, bool),
+    ids: Option<&[u32]>,
+) -> Vec<u8> {
+    let to = request.reply_to();
+    let mut out = Vec::new();
+    let max = if req_one { 1 } else { MAX_REPLY_EXTENTS };
+    let map = match map_range(image, offset, length, max) {
+        Ok(m) if !m.is_empty() => m,
+        Ok(_) => {
+            framing.error_reply(&mut out, to, NbdError::Inval, "range past the end");
+            return out;
+        }
+        Err(e) => {
+            error_reply(&mut out, framing, request, &e);
+            return out;
+        }
+    };
+    let chosen: Vec<(u32, Context)> = contexts
+        .selected
+        .iter()
+        .copied()
+        .filter(|(id, _)| ids.map_or(true, |ids| ids.contains(id)))
+        .collect();
+    let count = chosen.len();
+    for (i, (id, context)) in chosen.into_iter().enumerate() {
+        let mut extents: Vec<Extent> = Vec::new();
+        for e in &map {
+            let status = match context {
+                Context::Allocation => {
+                    (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+                }
+                Context::Depth => {
+                    if e.present {
+                        u64::from(e.depth) + 1
+                    } else {
+                        0
+                    }
+                }
+            };
+            match extents.last_mut() {
+                Some(last) if last.status == status => last.length += e.length,
+                _ => extents.push(Extent {
+                    length: e.length,
+                    status,
+                }),
+            }
+        }
+        if req_one {
+            extents.truncate(1);
+        }
+        if framing
+            .block_status(&mut out, to, i + 1 == count, id, &extents)
+            .is_err()
+        {
+            out.clear();
+            framing.error_reply(&mut out, to, NbdError::Io, "reply could not be encoded");
+            return out;
+        }
+    }
+    if count == 0 {
+        framing.error_reply(
+            &mut out,
+            to,
+            NbdError::Inval,
+            "no metadata context selected",
+        );
+    }
+    out
+}
