@@ -150,7 +150,9 @@ fn error_reply(out: &mut Vec<u8>, framing: Framing, request: &Request, e: &Image
         _ => NbdError::Io,
     };
     let message = e.message();
-    if e.kind() == ErrorKind::MetadataOverlap || e.kind() == ErrorKind::Corruption {
+    // One line for the refusal itself; the writes refused after it (the engine marked the image
+    // corrupt) are only answered.
+    if e.kind() == ErrorKind::MetadataOverlap {
         eprintln!("qcow2ovl: serve: request refused: {message}");
     }
     framing.error_reply(out, request.reply_to(), error, &message);
