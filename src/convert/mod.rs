@@ -17,6 +17,7 @@
 mod pipeline;
 mod source;
 mod sparse;
+pub(crate) use sparse::is_zero;
 mod target;
 
 pub use source::{RawFile, Source};

@@ -4,7 +4,7 @@
 
 /// Whether every byte of `buf` is zero. An OR over the bytes, which the compiler vectorises,
 /// with an early exit every 4 KiB (data is usually non-zero in its first bytes).
-pub(super) fn is_zero(buf: &[u8]) -> bool {
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
