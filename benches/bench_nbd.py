@@ -20,6 +20,7 @@ best and median wall seconds of the client, the spread, and the ratios qemu-nbd 
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -129,7 +130,7 @@ def main() -> int:
                 )
         row = {"mode": mode, **side_by_side(times)}
         rows.append(row)
-        print(row, flush=True)
+        print(json.dumps(row), flush=True)
     gib = args.size / (1 << 30)
     print(f"\nimage {gib:.2f} GiB, {args.repeat} runs each, cores {os.cpu_count()}")
     print("(the qemu columns are qemu-nbd)")
