@@ -32,13 +32,14 @@ const BUDGET: u64 = 64 << 20;
 /// Bytes read from the socket at a time while parsing headers.
 const READ_CHUNK: usize = 64 << 10;
 
-/// Serves one connection to its end.
+/// Serves one connection to its end; `served` is set once it reaches the transmission phase.
 pub(super) fn run(
     stream: Stream,
     image: &Image,
     config: &Arc<ServerConfig>,
     stop: &AtomicBool,
     handshake_timeout: Duration,
+    served: &AtomicBool,
 ) {
     let Ok(writer) = stream.try_clone() else {
         return;
@@ -46,6 +47,7 @@ pub(super) fn run(
     let mut reader = stream;
     let mut writer = writer;
     if let Some(negotiated) = negotiate(&mut reader, &mut writer, config, handshake_timeout) {
+        served.store(true, Ordering::Release);
         let export = &config.exports()[negotiated.export];
         let session = Session::new(&negotiated, export);
         let contexts = Contexts::new(&negotiated, export);

@@ -235,14 +235,16 @@ impl Server {
     /// lets every connection finish the requests it has read, then flushes the image.
     pub fn serve(&self, poll: &mut dyn FnMut() -> bool) -> Result<(), ServeError> {
         let active = Arc::new(AtomicUsize::new(0));
-        let mut served_one = false;
+        // A client reached the transmission phase (clients that only listed exports or gave
+        // up negotiating do not count, as with qemu-nbd).
+        let served = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             let result = loop {
                 if self.stop.load(Ordering::Acquire) || !poll() {
                     break Ok(());
                 }
                 let now = active.load(Ordering::Acquire);
-                if !self.options.persistent && served_one && now == 0 {
+                if !self.options.persistent && served.load(Ordering::Acquire) && now == 0 {
                     break Ok(());
                 }
                 if now >= self.options.shared {
@@ -251,13 +253,12 @@ impl Server {
                 }
                 match self.accept() {
                     Ok(Some(stream)) => {
-                        served_one = true;
                         active.fetch_add(1, Ordering::AcqRel);
                         let active = Arc::clone(&active);
-                        let (image, config) = (&self.image, &self.config);
+                        let (image, config, served) = (&self.image, &self.config, &served);
                         let (stop, timeout) = (&self.stop, self.options.handshake_timeout);
                         scope.spawn(move || {
-                            connection::run(stream, image, config, stop, timeout);
+                            connection::run(stream, image, config, stop, timeout, served);
                             active.fetch_sub(1, Ordering::AcqRel);
                         });
                     }
@@ -335,5 +336,7 @@ fn export_config(image: &Image, options: &ServeOptions) -> Result<ServerConfig, 
     if options.allocation_depth {
         export.meta_contexts.push("qemu:allocation-depth".into());
     }
-    Ok(ServerConfig::new(vec![export], Some(0))?)
+    // No default export: a client asking for "" gets an export named "-x" only if it is
+    // that one (qemu-nbd's rule).
+    Ok(ServerConfig::new(vec![export], None)?)
 }

@@ -1,0 +1,730 @@
+"""`qcow2ovl serve` as an NBD server, with qemu-nbd as the oracle: the same command line (the
+two take the same options) is started, and NBD's own tools (`nbdinfo`, `qemu-io`, `qemu-img`,
+`nbdcopy`, libnbd) talk to it; then the image is checked and compared with QEMU's tools.
+
+The server under test is chosen by ``QCOW2OVL_SERVE_WITH``: ``ours`` (the default) runs
+``python -m qcow2ovl serve``; ``qemu-nbd`` runs qemu-nbd itself, which proves that the tests
+ask only what qemu-nbd does. With ``ours`` and no ``serve`` command, every test fails with one
+line saying so. Both offer the ``qemu:allocation-depth`` context only with ``-A``. The
+Python API, ``qcow2ovl.serve()``, is ours only (skipped with qemu-nbd).
+
+What qemu-nbd does that the tests pin (and ours must match): the export flags of
+`EXPECTED_FLAGS`; ``CAN_MULTI_CONN`` exactly when ``-e`` is above 1; with ``-x NAME`` only
+NAME is served (a client asking for "" is refused); without ``-t`` only a client that reached
+the transmission phase ends the server when it leaves (``nbdinfo --list``, ``OPT_ABORT`` or
+garbage do not); unknown client flags and over-long options close that connection and nothing else;
+unknown options get ``ERR_UNSUP``; reads, block status and unknown commands out of bounds get
+``EINVAL`` and the connection goes on; a write whose payload never arrives is not carried out;
+SIGTERM and SIGINT stop it with status 0, the socket file removed and the lock released.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import signal
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbd_clients as nc
+import pytest
+import qemu_images as qi
+
+KiB, MiB = 1024, 1 << 20
+SIZE = 16 * MiB
+CLUSTER = 64 * KiB
+
+pytestmark = [
+    pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io"),
+    pytest.mark.skipif(nc.QEMU_NBD is None, reason="needs qemu-nbd (the reference server)"),
+    pytest.mark.skipif(
+        nc.NBDINFO is None or nc.NBDCOPY is None, reason="needs nbdinfo and nbdcopy (libnbd-bin)"
+    ),
+]
+
+#: The flags `nbdinfo --json` shows for a qcow2 image on a file, as qemu-nbd exports it.
+#: Writable: everything a writable export can offer (``can_cache``: NBD_CMD_CACHE; ``can_df``:
+#: structured reads may be asked not to fragment); read-only: no trim and no zeroing.
+EXPECTED_FLAGS: dict[str, dict[str, bool]] = {
+    "writable": {
+        "is_read_only": False,
+        "is_rotational": False,
+        "can_cache": True,
+        "can_df": True,
+        "can_fast_zero": True,
+        "can_flush": True,
+        "can_fua": True,
+        "can_trim": True,
+        "can_zero": True,
+    },
+    "read-only": {
+        "is_read_only": True,
+        "is_rotational": False,
+        "can_cache": True,
+        "can_df": True,
+        "can_fast_zero": False,
+        "can_flush": True,
+        "can_fua": True,
+        "can_trim": False,
+        "can_zero": False,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def server_cmd() -> list[str]:
+    """The argv prefix of the server under test (see the module's docstring)."""
+    kind = nc.server_kind()
+    if kind == "ours":
+        why = nc.ours_missing()
+        if why is not None:
+            pytest.fail(
+                f"{nc.SERVE_WITH_ENV}=ours, but this qcow2ovl has no `serve` command: {why} "
+                f"({nc.SERVE_WITH_ENV}=qemu-nbd runs these tests against qemu-nbd)",
+                pytrace=False,
+            )
+    return nc.server_prefix(kind)
+
+
+def _image(tmp_path: Path, name: str = "disk.qcow2", *commands: str) -> Path:
+    path = tmp_path / name
+    qi.create(path, SIZE)
+    if commands:
+        qi.qemu_io(path, *commands)
+    return path
+
+
+def _no_corruption(image: Path) -> dict[str, Any]:
+    """`qemu-img check`: no corruption and no check error (leaked clusters allowed: a server
+    killed mid-allocation may leak, which is harmless). Returns the report."""
+    report = qi.qemu_check(image)
+    assert report["_exit"] in (0, 3), report
+    assert report.get("check-errors", 0) == 0, report
+    assert report.get("corruptions", 0) == 0, report
+    return report
+
+
+def _compare_identical(image: Path, raw: Path) -> None:
+    """`qemu-img compare -f qcow2 -F raw`: the guest disk is byte for byte *raw*."""
+    out = qi.qemu_img("compare", "-f", "qcow2", "-F", "raw", image, raw).stdout
+    assert "Images are identical." in out, out
+
+
+def _guest_bytes(image: Path, tmp_path: Path) -> bytes:
+    out = tmp_path / f"{image.stem}.guest.raw"
+    qi.qemu_img("convert", "-f", "qcow2", "-O", "raw", image, out)
+    return out.read_bytes()
+
+
+# ---- 1. what nbdinfo sees ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["writable", "read-only"])
+def test_nbdinfo_shows_the_size_and_the_flags(
+    tmp_path: Path, server_cmd: list[str], mode: str
+) -> None:
+    """The export is the image's virtual size, named "" by default, and carries exactly the
+    flags qemu-nbd gives a qcow2 image (read-only with `-r`: no trim, no zeroing); one client at
+    a time (the default `-e 1`) means no CAN_MULTI_CONN; only `base:allocation` is offered
+    without `-A`; the block sizes are qemu-nbd's (1 / 4096 / 32 MiB)."""
+    image = _image(tmp_path, "disk.qcow2", "write -P 0x11 0 1M")
+    options = ["-r"] if mode == "read-only" else []
+    with nc.serving(server_cmd, image, tmp_path, *options) as server:
+        info = nc.nbdinfo(server.uri(), "--no-content")
+        # nbdinfo without content only negotiates options: the server goes on serving.
+        assert server.running(), server.describe()
+    assert info["protocol"] == "newstyle-fixed" and info["structured"] is True, info
+    (export,) = info["exports"]
+    assert export["export-size"] == qi.qemu_info(image)["virtual-size"] == SIZE
+    assert export["export-name"] == ""
+    assert "description" not in export, export
+    assert {k: export.get(k) for k in EXPECTED_FLAGS[mode]} == EXPECTED_FLAGS[mode]
+    assert export["can_multi_conn"] is False, export
+    assert export["contexts"] == ["base:allocation"], export
+    sizes = [export[f"block_size_{k}"] for k in ("minimum", "preferred", "maximum")]
+    assert sizes == [1, 4096, 32 * MiB], export
+
+
+@pytest.mark.parametrize("shared", [1, 2, 4])
+def test_multi_conn_is_offered_when_more_than_one_client_may_connect(
+    tmp_path: Path, server_cmd: list[str], shared: int
+) -> None:
+    """CAN_MULTI_CONN (a flush on one connection covers writes on all of them) is advertised
+    exactly when `-e` allows more than one client, writable or not, as qemu-nbd does."""
+    image = _image(tmp_path)
+    for options in (["-e", str(shared)], ["-r", "-e", str(shared)]):
+        with nc.serving(server_cmd, image, tmp_path, *options) as server:
+            (export,) = nc.nbdinfo(server.uri(), "--no-content")["exports"]
+        assert export["can_multi_conn"] is (shared > 1), (options, export)
+
+
+def test_allocation_depth_context_is_offered_with_A(tmp_path: Path, server_cmd: list[str]) -> None:
+    """With `-A` the export lists `qemu:allocation-depth` beside `base:allocation`."""
+    image = _image(tmp_path)
+    with nc.serving(server_cmd, image, tmp_path, "-A") as server:
+        (export,) = nc.nbdinfo(server.uri(), "--no-content")["exports"]
+    assert sorted(export["contexts"]) == ["base:allocation", "qemu:allocation-depth"], export
+
+
+def test_export_name_and_description(tmp_path: Path, server_cmd: list[str]) -> None:
+    """`-x NAME -D TEXT`: the export answers to NAME (and not to the default name ""), shows
+    TEXT as its description, and `nbdinfo --list` lists it with both."""
+    image = _image(tmp_path)
+    name, text = "disk-one", "the first disk: 16 MiB"
+    with nc.serving(server_cmd, image, tmp_path, "-t", "-x", name, "-D", text) as server:
+        (export,) = nc.nbdinfo(server.uri(name))["exports"]
+        listed = nc.nbdinfo(server.uri(), "--list")["exports"]
+        with pytest.raises(nc.ToolError) as refused:
+            nc.nbdinfo(server.uri(""), "--no-content")
+    assert (export["export-name"], export.get("description")) == (name, text), export
+    assert export["export-size"] == SIZE
+    assert [(e["export-name"], e.get("description")) for e in listed] == [(name, text)], listed
+    assert "server replied with error" in refused.value.stderr, refused.value.stderr
+
+
+def test_tcp(tmp_path: Path, server_cmd: list[str]) -> None:
+    """`-p PORT -b 127.0.0.1`: the export is served over TCP; a write through it reads back
+    over a second connection and is in the image afterwards."""
+    image = _image(tmp_path)
+    port = nc.free_tcp_port()
+    with nc.serving(server_cmd, image, tmp_path, "-t", port=port) as server:
+        uri = server.uri()
+        assert uri.startswith("nbd://127.0.0.1:")
+        (export,) = nc.nbdinfo(uri, "--no-content")["exports"]
+        nc.qemu_io_nbd(uri, "write -P 0x3c 1M 64k")
+        nc.qemu_io_nbd(uri, "read -P 0x3c 1M 64k", "read -P 0 0 1M")
+        assert server.stop() == 0, server.describe()
+    assert export["export-size"] == SIZE
+    qi.qemu_io(image, "read -P 0x3c 1M 64k")
+
+
+# ---- 2. random guest I/O through qemu-io ------------------------------------------------------
+
+
+Op = tuple[str, int, int, int]
+
+
+def _random_ops(rng: random.Random, count: int) -> list[Op]:
+    """(kind, offset, length, pattern): writes (some with FUA) of unaligned and aligned sizes,
+    zeroes with and without unmapping, and discards of whole 64 KiB clusters."""
+    ops: list[Op] = []
+    for _ in range(count):
+        kind = rng.choice(["write"] * 4 + ["fua", "zero", "unmap", "discard"])
+        if kind == "discard":
+            n = rng.randint(1, 4)
+            offset = rng.randrange(SIZE // CLUSTER - n + 1) * CLUSTER
+            ops.append((kind, offset, n * CLUSTER, 0))
+            continue
+        length = rng.choice(
+            [rng.randint(1, 4 * KiB), rng.randint(1, 256 * KiB), 64 * KiB, 512 * rng.randint(1, 64)]
+        )
+        offset = rng.randrange(SIZE - length + 1)
+        if rng.random() < 0.5:
+            offset -= offset % 512
+        ops.append((kind, offset, length, rng.randrange(1, 256)))
+    return ops
+
+
+def _io_commands(ops: list[Op]) -> list[str]:
+    """qemu-io commands for *ops*, each write or zero read back at once (`read -P`)."""
+    cmds: list[str] = []
+    for kind, offset, length, pattern in ops:
+        if kind == "discard":
+            cmds.append(f"discard {offset} {length}")
+            continue
+        head = {
+            "write": f"write -P {pattern:#x}",
+            "fua": f"write -f -P {pattern:#x}",
+            "zero": "write -z",
+            "unmap": "write -z -u",
+        }[kind]
+        cmds.append(f"{head} {offset} {length}")
+        expect = pattern if kind in ("write", "fua") else 0
+        cmds.append(f"read -P {expect:#x} {offset} {length}")
+    return cmds
+
+
+def _expected_disk(keep: bytes, zero: bytes, guest: bytes, discarded: set[int]) -> bytes:
+    """The guest disk the image must hold: the mirror's bytes, except in the clusters a discard
+    touched, where NBD leaves the content unspecified: there the image may hold what a server
+    that ignores discards (qemu-nbd's default) holds, or what one that zeroes them holds, and
+    nothing else."""
+    out = bytearray(keep)
+    for c in sorted(discarded):
+        lo, hi = c * CLUSTER, (c + 1) * CLUSTER
+        if guest[lo:hi] == zero[lo:hi]:
+            out[lo:hi] = zero[lo:hi]
+        else:
+            assert guest[lo:hi] == keep[lo:hi], f"cluster at {lo:#x}: neither kept nor zeroed"
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_writes_zeroes_and_discards_as_a_mirror(
+    tmp_path: Path, server_cmd: list[str], seed: int
+) -> None:
+    """Random writes (unaligned too, some FUA), zeroes (with and without unmapping) and
+    discards through two qemu-io connections, each read back at once; a raw mirror file gets
+    the same. After the server stops the image checks clean and `qemu-img compare` finds it
+    identical to the mirror (discarded clusters may read as before or as zeros)."""
+    rng = random.Random(seed)
+    keep = bytearray(rng.randbytes(4 * MiB) + bytes(SIZE - 4 * MiB))
+    image = tmp_path / "disk.qcow2"
+    qi.qemu_img("convert", "-f", "raw", "-O", "qcow2", _raw(tmp_path, bytes(keep)), image)
+    zero = bytearray(keep)
+    discarded: set[int] = set()
+    ops = _random_ops(rng, 60)
+    for kind, offset, length, pattern in ops:
+        if kind == "discard":
+            zero[offset : offset + length] = bytes(length)
+            discarded.update(range(offset // CLUSTER, (offset + length) // CLUSTER))
+            continue
+        data = bytes([pattern]) * length if kind in ("write", "fua") else bytes(length)
+        keep[offset : offset + length] = data
+        zero[offset : offset + length] = data
+    with nc.serving(server_cmd, image, tmp_path, "-t") as server:
+        cmds = _io_commands(ops)
+        half = len(cmds) // 2
+        nc.qemu_io_nbd(server.uri(), *cmds[:half], "flush")
+        nc.qemu_io_nbd(server.uri(), *cmds[half:])
+        assert server.stop() == 0, server.describe()
+    report = qi.qemu_check(image)
+    assert qi.check_is_clean(report), report
+    expected = _expected_disk(bytes(keep), bytes(zero), _guest_bytes(image, tmp_path), discarded)
+    _compare_identical(image, _raw(tmp_path, expected, "mirror.raw"))
+
+
+def _raw(tmp_path: Path, data: bytes, name: str = "in.raw") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+# ---- 3. block status against qemu-nbd ---------------------------------------------------------
+
+
+def _chain(d: Path) -> Path:
+    """A base with data; an overlay with its own data, zero clusters over the base's data
+    (allocated and not), a discard, a 4 KiB write into an empty cluster, and holes."""
+    base = d / "base.qcow2"
+    qi.create(base, SIZE)
+    qi.qemu_io(base, "write -P 0x01 0 4M", "write -P 0x02 8M 1M")
+    top = d / "top.qcow2"
+    qi.create(top, SIZE, backing="base.qcow2")
+    qi.qemu_io(
+        top,
+        "write -P 0x03 1M 64k",
+        "write -z 2M 128k",
+        "write -z -u 8M 64k",
+        "discard 3M 64k",
+        "write -P 0x04 12M 4k",
+    )
+    return top
+
+
+def _compressed(d: Path) -> Path:
+    """Compressed clusters beside a plain one and a zero cluster."""
+    src = d / "src.qcow2"
+    qi.create(src, SIZE)
+    qi.qemu_io(src, "write -P 0x05 0 1M", "write -P 0x06 5M 256k")
+    dst = d / "compressed.qcow2"
+    qi.convert(src, dst, compress=True)
+    qi.qemu_io(dst, "write -P 0x07 9M 64k", "write -z 5M 64k")
+    return dst
+
+
+def _extended_l2(d: Path) -> Path:
+    """Extended L2 entries (64 KiB clusters of 2 KiB subclusters) over a backing file: 4 KiB
+    writes and zeroes, so allocation changes inside clusters."""
+    base = d / "ebase.qcow2"
+    qi.create(base, SIZE)
+    qi.qemu_io(base, "write -P 0x08 0 1M")
+    top = d / "ext.qcow2"
+    qi.create(top, SIZE, opts={"extended_l2": True, "cluster_size": 64 * KiB}, backing=base.name)
+    qi.qemu_io(
+        top,
+        "write -P 0x09 4k 4k",
+        "write -z 12k 4k",
+        "write -P 0x0a 1M 4k",
+        "write -P 0x0a 1028k 4k",
+        "write -z -u 2M 8k",
+    )
+    return top
+
+
+MAP_IMAGES = {"chain": _chain, "compressed": _compressed, "extended-l2": _extended_l2}
+
+
+@pytest.mark.parametrize("kind", list(MAP_IMAGES))
+def test_block_status_maps_as_qemu_nbd(tmp_path: Path, server_cmd: list[str], kind: str) -> None:
+    """`nbdinfo --map` of `base:allocation` and `qemu:allocation-depth` from the server under
+    test equals qemu-nbd's on the same image (both serving it read-only with `-A` at once),
+    adjacent extents of one type merged; each map covers the disk."""
+    image = MAP_IMAGES[kind](tmp_path)
+    maps: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with nc.serving(server_cmd, image, tmp_path, "-t", "-r", "-A", name="sut") as sut:
+        with nc.serving(
+            [nc.QEMU_NBD or "qemu-nbd"], image, tmp_path, "-t", "-r", "-A", name="ref"
+        ) as ref:
+            for who, server in (("sut", sut), ("ref", ref)):
+                maps[who] = {
+                    ctx: nc.nbdinfo_map(server.uri(), ctx)
+                    for ctx in ("base:allocation", "qemu:allocation-depth")
+                }
+    for ctx, extents in maps["sut"].items():
+        assert extents == maps["ref"][ctx], ctx
+        assert extents[0]["offset"] == 0 and sum(e["length"] for e in extents) == SIZE
+    depth_types = {e["type"] for e in maps["sut"]["qemu:allocation-depth"]}
+    assert depth_types == ({0, 1} if kind == "compressed" else {0, 1, 2}), maps["sut"]
+
+
+# ---- 4. copies in and out -------------------------------------------------------------------
+
+
+def _disk_content(seed: int) -> bytes:
+    """16 MiB of random data with zero MiBs between, so copies meet both."""
+    rng = random.Random(seed)
+    return b"".join(rng.randbytes(MiB) if i % 3 else bytes(MiB) for i in range(SIZE // MiB))
+
+
+def test_nbdcopy_in_with_four_connections(tmp_path: Path, server_cmd: list[str]) -> None:
+    """`-e 4` lets nbdcopy use four connections at once (it does so only when the export
+    offers CAN_MULTI_CONN); what it copies in is then the guest disk, and the image checks
+    clean."""
+    src = _raw(tmp_path, _disk_content(3))
+    image = _image(tmp_path, "disk.qcow2", "write -P 0xee 0 16M")
+    with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4") as server:
+        proc = nc.tool([nc.NBDCOPY or "nbdcopy", "-v", "-C", "4", "-T", "4", src, server.uri()])
+        assert server.stop() == 0, server.describe()
+    assert "nbdcopy: connections=4 " in proc.stderr, proc.stderr[-2000:]
+    _compare_identical(image, src)
+    assert qi.check_is_clean(qi.qemu_check(image))
+
+
+def test_qemu_img_convert_out_of_and_into_the_export(tmp_path: Path, server_cmd: list[str]) -> None:
+    """`qemu-img convert` from the export gives the guest disk; `qemu-img convert -n` into it
+    writes a new one, which reads back through NBD and is the image's disk after the stop."""
+    image = _image(tmp_path, "disk.qcow2", "write -P 0x21 0 3M", "write -z 1M 64k")
+    before = _guest_bytes(image, tmp_path)
+    new = _raw(tmp_path, _disk_content(4))
+    out = tmp_path / "out.raw"
+    back = tmp_path / "back.raw"
+    with nc.serving(server_cmd, image, tmp_path, "-t") as server:
+        qi.qemu_img("convert", "-f", "raw", "-O", "raw", server.uri(), out)
+        qi.qemu_img("convert", "-n", "-f", "raw", "-O", "raw", new, server.uri())
+        qi.qemu_img("convert", "-f", "raw", "-O", "raw", server.uri(), back)
+        assert server.stop() == 0, server.describe()
+    assert out.read_bytes() == before
+    assert back.read_bytes() == new.read_bytes()
+    _compare_identical(image, new)
+    assert qi.check_is_clean(qi.qemu_check(image))
+
+
+# ---- 5. locks -------------------------------------------------------------------------------
+
+
+def test_a_writable_export_holds_the_image_lock(tmp_path: Path, server_cmd: list[str]) -> None:
+    """While the image is served writable QEMU can neither write it nor read it (qemu-nbd
+    shares no write permission), `qemu-img info -U` still reads it; after the stop it opens
+    for writing again."""
+    image = _image(tmp_path)
+    with nc.serving(server_cmd, image, tmp_path) as server:
+        writer = qi.run([qi.QEMU_IO or "qemu-io", "-c", "write 0 512", image], ok=(1,))
+        reader = qi.run([qi.QEMU_IO or "qemu-io", "-r", "-c", "read 0 512", image], ok=(1,))
+        info = json.loads(qi.qemu_img("info", "-U", "--output=json", image).stdout)
+        assert server.running(), server.describe()
+        assert server.stop() == 0, server.describe()
+    assert 'Failed to get "write" lock' in writer.stderr, writer.stderr
+    assert 'Failed to get shared "write" lock' in reader.stderr, reader.stderr
+    assert info["virtual-size"] == SIZE
+    qi.qemu_io(image, "write -P 0x01 0 512")
+
+
+def test_a_read_only_export_shares_with_readers_only(tmp_path: Path, server_cmd: list[str]) -> None:
+    """Served with `-r`, the image still refuses a writer but lets readers in."""
+    image = _image(tmp_path, "disk.qcow2", "write -P 0x42 0 64k")
+    with nc.serving(server_cmd, image, tmp_path, "-r") as server:
+        writer = qi.run([qi.QEMU_IO or "qemu-io", "-c", "write 0 512", image], ok=(1,))
+        reader = qi.run([qi.QEMU_IO or "qemu-io", "-r", "-c", "read -P 0x42 0 64k", image])
+        assert server.running(), server.describe()
+    assert 'Failed to get "write" lock' in writer.stderr, writer.stderr
+    assert "read 65536/65536 bytes" in reader.stdout, reader.stdout
+
+
+# ---- 6. bad clients ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def persistent(tmp_path: Path, server_cmd: list[str]) -> Iterator[nc.Server]:
+    """A server with `-t -e 2` on a fresh image holding 0x5a in its first 64 KiB."""
+    image = _image(tmp_path, "disk.qcow2", "write -P 0x5a 0 64k")
+    with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "2") as server:
+        yield server
+
+
+def _works(server: nc.Server) -> None:
+    """A well-behaved client is served: a raw one reads the first 64 KiB, qemu-io too."""
+    assert server.sock is not None
+    with nc.RawClient(server.sock) as c:
+        assert c.go()[0] == SIZE
+        reply, data = c.read(0, 64 * KiB)
+        assert reply.error == 0 and data == b"\x5a" * (64 * KiB)
+        c.disconnect()
+    nc.qemu_io_nbd(server.uri(), "read -P 0x5a 0 64k")
+    assert server.running(), server.describe()
+
+
+def test_garbage_client_flags_close_only_that_connection(persistent: nc.Server) -> None:
+    """Bytes that are not client flags (unknown flag bits) after the greeting: the server
+    closes that connection and serves the next client."""
+    assert persistent.sock is not None
+    with nc.RawClient(persistent.sock) as c:
+        flags = c.greeting()
+        assert flags & nc.FLAG_FIXED_NEWSTYLE
+        c.send(b"\xde\xad\xbe\xef" * 4)
+        assert c.closed_by_server()
+    _works(persistent)
+
+
+@pytest.mark.parametrize("option", [nc.OPT_GO, 0x1234])
+def test_an_option_of_4_gib_closes_only_that_connection(persistent: nc.Server, option: int) -> None:
+    """An option header announcing 0xffffffff bytes of data: the server does not wait for
+    them; it closes the connection (any replies before that are errors) and serves the next."""
+    assert persistent.sock is not None
+    with nc.RawClient(persistent.sock) as c:
+        c.greeting()
+        c.send_client_flags()
+        c.send_option(option, b"", length=0xFFFFFFFF)
+        replies: list[nc.OptReply] = []
+        with pytest.raises(nc.Closed):
+            while True:
+                replies.append(c.opt_reply())
+        assert all(r.is_error for r in replies), replies
+    _works(persistent)
+
+
+def test_unknown_option_and_unknown_export_are_answered(persistent: nc.Server) -> None:
+    """An unknown option gets ERR_UNSUP, GO for a name not exported gets ERR_UNKNOWN, and the
+    negotiation goes on to a GO that works; ABORT is acknowledged."""
+    assert persistent.sock is not None
+    with nc.RawClient(persistent.sock) as c:
+        c.greeting()
+        c.send_client_flags()
+        c.send_option(0x1234, b"abc")
+        unsup = c.opt_reply()
+        c.send_option(nc.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))
+        unknown = c.opt_reply()
+        c.send_option(nc.OPT_ABORT)
+        ack = c.opt_reply()
+    assert (unsup.option, unsup.type) == (0x1234, nc.REP_ERR_BIT | 1), unsup
+    assert (unknown.option, unknown.type) == (nc.OPT_GO, nc.REP_ERR_BIT | 6), unknown
+    assert (ack.option, ack.type) == (nc.OPT_ABORT, nc.REP_ACK), ack
+    _works(persistent)
+
+
+def test_a_silent_client_does_not_block_another(persistent: nc.Server) -> None:
+    """With `-e 2`, a client that connects and sends nothing (it has had its greeting) holds
+    one slot; another client is served meanwhile."""
+    assert persistent.sock is not None
+    with nc.RawClient(persistent.sock) as idle:
+        idle.greeting()
+        _works(persistent)
+        nc.qemu_io_nbd(persistent.uri(), "write -P 0x61 1M 64k", "read -P 0x61 1M 64k")
+
+
+def test_a_client_gone_mid_payload_leaves_the_image_whole(
+    tmp_path: Path, persistent: nc.Server
+) -> None:
+    """A WRITE announcing 1 MiB whose client sends 100 bytes and closes: that write is not
+    carried out, the server keeps serving, and after it stops the image checks clean."""
+    assert persistent.sock is not None
+    with nc.RawClient(persistent.sock) as c:
+        c.go()
+        c.request(nc.CMD_WRITE, 0, MiB)
+        c.send(b"\x99" * 100)
+    _works(persistent)
+    assert persistent.stop() == 0, persistent.describe()
+    image = tmp_path / "disk.qcow2"
+    assert qi.check_is_clean(qi.qemu_check(image))
+    qi.qemu_io(image, "read -P 0x5a 0 64k", "read -P 0 64k 1M")
+
+
+def test_unknown_command_gets_einval_and_the_connection_goes_on(persistent: nc.Server) -> None:
+    """A request of an unknown type (99) and a read past the end, with simple replies, are
+    answered EINVAL; the connection then serves a read."""
+    assert persistent.sock is not None
+    with nc.RawClient(persistent.sock) as c:
+        c.go()
+        c.request(99, 0, 512, cookie=7)
+        unknown = c.simple_reply()
+        past, _ = c.read(SIZE, 512, cookie=8)
+        reply, data = c.read(0, 512, cookie=9)
+    assert unknown == nc.SimpleReply(nc.EINVAL, 7)
+    assert past == nc.SimpleReply(nc.EINVAL, 8)
+    assert reply == nc.SimpleReply(0, 9) and data == b"\x5a" * 512
+
+
+#: Requests out of bounds or with a wrong flag, sent by libnbd with its own checks off
+#: (structured replies); each result is the errno name, or "ok".
+LIBNBD_SCRIPT = r"""
+import errno, json, sys
+import nbd
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+out = {"structured": h.get_structured_replies_negotiated()}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = "ok"
+    except nbd.Error as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+attempt("read_past_end", lambda: h.pread(512, size))
+attempt("read_straddling_end", lambda: h.pread(1024, size - 512))
+attempt("block_status_past_end", lambda: h.block_status(512, size, lambda *a: 0))
+attempt("read_with_no_hole_flag", lambda: h.pread(512, 0, nbd.CMD_FLAG_NO_HOLE))
+attempt("write_past_end", lambda: h.pwrite(b"x" * 512, size))
+attempt("zero_past_end", lambda: h.zero(512, size))
+attempt("trim_past_end", lambda: h.trim(512, size))
+attempt("read_zero_length", lambda: h.pread(0, 0))
+h.pwrite(b"\x5b" * 4096, 8192)
+out["reads_back"] = h.pread(4096, 8192) == b"\x5b" * 4096
+h.shutdown()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not nc.have_libnbd_python(), reason="needs python3-libnbd (system Python)")
+def test_out_of_bounds_requests_from_libnbd(tmp_path: Path, persistent: nc.Server) -> None:
+    """Through libnbd with strict mode off (structured replies): reads and block status past
+    the end and a read with a write-only flag get EINVAL; writes, zeroes and trims past the
+    end get EINVAL (qemu-nbd) or ENOSPC (the specification's SHOULD for writes); a read of 0
+    bytes succeeds; the connection then writes and reads back; the image checks clean."""
+    out = json.loads(nc.run_libnbd(LIBNBD_SCRIPT, persistent.uri()))
+    einval, enospc = errno.errorcode[errno.EINVAL], errno.errorcode[errno.ENOSPC]
+    assert out["structured"] is True
+    for name in ("read_past_end", "read_straddling_end", "block_status_past_end"):
+        assert out[name] == einval, (name, out)
+    assert out["read_with_no_hole_flag"] == einval, out
+    for name in ("write_past_end", "zero_past_end", "trim_past_end"):
+        assert out[name] in (einval, enospc), (name, out)
+    assert out["read_zero_length"] == "ok" and out["reads_back"] is True, out
+    assert persistent.stop() == 0, persistent.describe()
+    assert qi.check_is_clean(qi.qemu_check(tmp_path / "disk.qcow2"))
+
+
+# ---- 7. stopping ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_cleanly(
+    tmp_path: Path, server_cmd: list[str], sig: signal.Signals
+) -> None:
+    """With `-t`, writes through qemu-io, then SIGTERM (or SIGINT): the server exits 0 and
+    removes its socket; the image checks clean (no leak either), holds the writes, and opens
+    for writing (the lock is released)."""
+    image = _image(tmp_path)
+    with nc.serving(server_cmd, image, tmp_path, "-t") as server:
+        nc.qemu_io_nbd(server.uri(), "write -P 0x71 0 1M", "write -z 256k 64k")
+        nc.qemu_io_nbd(server.uri(), "write -P 0x72 5M 300k")
+        assert server.stop(sig) == 0, server.describe()
+        assert server.sock is not None and not server.sock.exists()
+    report = qi.qemu_check(image)
+    assert qi.check_is_clean(report), report
+    qi.qemu_io(
+        image,
+        "read -P 0x71 0 256k",
+        "read -P 0 256k 64k",
+        "read -P 0x71 320k 704k",
+        "read -P 0x72 5M 300k",
+        "write -P 0x73 8M 4k",
+    )
+
+
+def test_without_persistent_the_last_client_ends_the_server(
+    tmp_path: Path, server_cmd: list[str]
+) -> None:
+    """Without `-t` the server exits 0 once the last client that negotiated leaves. Clients that
+    never reach the transmission phase (`nbdinfo --list`, an ABORT, garbage) do not count:
+    the server still serves the next one."""
+    image = _image(tmp_path)
+    with nc.serving(server_cmd, image, tmp_path) as server:
+        assert server.sock is not None
+        nc.nbdinfo(server.uri(), "--list")
+        with nc.RawClient(server.sock) as c:
+            c.greeting()
+            c.send_client_flags()
+            c.send_option(nc.OPT_ABORT)
+            assert c.opt_reply().type == nc.REP_ACK
+        with nc.RawClient(server.sock) as c:
+            c.greeting()
+            c.send(b"\xff" * 4)
+            assert c.closed_by_server()
+        assert server.running(), server.describe()
+        nc.qemu_io_nbd(server.uri(), "write -P 0x31 0 64k")
+        assert server.wait() == 0, server.describe()
+    assert qi.check_is_clean(qi.qemu_check(image))
+    qi.qemu_io(image, "read -P 0x31 0 64k")
+
+
+# ---- 8. killed -----------------------------------------------------------------------------
+
+
+def test_sigkill_mid_write_loses_nothing_that_was_flushed(
+    tmp_path: Path, server_cmd: list[str]
+) -> None:
+    """Writes acknowledged and flushed, more writes acknowledged but not flushed, and one
+    still in flight, then SIGKILL: `qemu-img check` finds no corruption (leaks allowed), the
+    flushed data is there, and the image opens for writing (the lock died with the process)."""
+    image = _image(tmp_path)
+    with nc.serving(server_cmd, image, tmp_path) as server:
+        assert server.sock is not None
+        with nc.RawClient(server.sock) as c:
+            c.go()
+            for i in range(4):
+                assert c.write(i * MiB, bytes([0x40 + i]) * MiB, cookie=i).error == 0
+            assert c.flush(cookie=10).error == 0
+            for i in range(4, 8):
+                assert c.write(i * MiB + 4 * KiB, bytes([0x40 + i]) * 60 * KiB).error == 0
+            c.request(nc.CMD_WRITE, 12 * MiB, MiB, cookie=20)
+            c.send(b"\x77" * MiB)
+            assert server.stop(signal.SIGKILL) == -signal.SIGKILL, server.describe()
+    _no_corruption(image)
+    qi.qemu_io(image, *(f"read -P {0x40 + i:#x} {i}M 1M" for i in range(4)))
+    qi.qemu_io(image, "write -P 0x01 15M 4k")
+
+
+# ---- the Python API ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["unix", "tcp"])
+def test_python_api_serves_while_the_block_runs(
+    tmp_path: Path, server_cmd: list[str], where: str
+) -> None:
+    """`qcow2ovl.serve(path, socket=...)` (or on TCP with port 0, a free port) yields a URI
+    that clients use while the block runs, with the image locked against other writers; when
+    the block ends the server is gone (no socket file), the image checks clean, holds what was
+    written, and opens for writing."""
+    if nc.server_kind() != "ours":
+        pytest.skip("qcow2ovl.serve() is our Python API; qemu-nbd has none")
+    import qcow2ovl
+
+    image = _image(tmp_path)
+    sock = tmp_path / "api.sock"
+    place: dict[str, Any] = {"socket": sock} if where == "unix" else {"port": 0}
+    with qcow2ovl.serve(image, **place) as uri:
+        (export,) = nc.nbdinfo(uri, "--no-content")["exports"]
+        nc.qemu_io_nbd(uri, "write -P 0x44 0 1M", "write -z 64k 64k")
+        nc.qemu_io_nbd(uri, "read -P 0x44 0 64k", "read -P 0 64k 64k")
+        writer = qi.run([qi.QEMU_IO or "qemu-io", "-c", "write 0 512", image], ok=(1,))
+    assert export["export-size"] == SIZE and export["is_read_only"] is False, export
+    assert 'Failed to get "write" lock' in writer.stderr, writer.stderr
+    assert not sock.exists()
+    with pytest.raises(nc.ToolError):
+        nc.nbdinfo(uri, "--no-content")
+    assert qi.check_is_clean(qi.qemu_check(image))
+    qi.qemu_io(image, "read -P 0x44 0 64k", "read -P 0 64k 64k", "write -P 0x45 2M 4k")
