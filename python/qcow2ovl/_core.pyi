@@ -119,8 +119,10 @@ class ExtentIterator(Iterator[tuple[int, int, MetadataType]]):
 
 @final
 class NbdServer:
-    def __init__(
-        self,
+    """An NBD server bound to its socket, serving one image (see ``qcow2ovl.serve``)."""
+
+    def __new__(
+        cls,
         image: Image,
         *,
         socket: str | None = None,
@@ -132,12 +134,13 @@ class NbdServer:
         persistent: bool = False,
         handshake_timeout: float = 10.0,
         allocation_depth: bool = False,
-    ) -> None: ...
+    ) -> NbdServer: ...
     @property
     def port(self) -> int | None: ...
     def serve(self) -> None: ...
     def stop(self) -> None: ...
 
+@final
 class Image:
     """An open image (wrapped by ``qcow2ovl.Image``)."""
 

@@ -26,7 +26,7 @@ impl PyNbdServer {
     /// unless the image was opened writable).
     #[new]
     #[pyo3(signature = (
-        image, *, socket = None, bind = "127.0.0.1".to_owned(), port = 10809, export_name = String::new(),
+        image, *, socket = None, bind = "127.0.0.1", port = 10809, export_name = "",
         description = None, shared = 1, persistent = false, handshake_timeout = 10.0,
         allocation_depth = false
     ))]
@@ -35,9 +35,9 @@ impl PyNbdServer {
         py: Python<'_>,
         image: &PyImage,
         socket: Option<PathBuf>,
-        bind: String,
+        bind: &str,
         port: u16,
-        export_name: String,
+        export_name: &str,
         description: Option<String>,
         shared: usize,
         persistent: bool,
@@ -47,9 +47,9 @@ impl PyNbdServer {
         let options = ServeOptions {
             listen: match socket {
                 Some(path) => Listen::Unix(path),
-                None => Listen::Tcp(bind, port),
+                None => Listen::Tcp(bind.to_owned(), port),
             },
-            export_name,
+            export_name: export_name.to_owned(),
             description,
             shared,
             persistent,
