@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import qemu_images as qi
+
 StrPath = Union[str, Path]
 
 #: Which server the tests run: ``ours`` (``qcow2ovl serve``, the default) or ``qemu-nbd``.
@@ -479,3 +481,28 @@ class RawClient:
 
     def disconnect(self) -> None:
         self.request(CMD_DISC, 0, 0)
+
+
+# ---- images for the serve tests ----------------------------------------------------------
+
+#: The size of the serve tests' images, and their cluster size.
+SIZE = 16 << 20
+CLUSTER = 64 << 10
+
+
+def image(tmp_path: Path, name: str = "disk.qcow2", *commands: str) -> Path:
+    path = tmp_path / name
+    qi.create(path, SIZE)
+    if commands:
+        qi.qemu_io(path, *commands)
+    return path
+
+
+def no_corruption(image: Path) -> dict[str, Any]:
+    """`qemu-img check`: no corruption and no check error (leaked clusters allowed: a server
+    killed mid-allocation may leak, which is harmless). Returns the report."""
+    report = qi.qemu_check(image)
+    assert report["_exit"] in (0, 3), report
+    assert report.get("check-errors", 0) == 0, report
+    assert report.get("corruptions", 0) == 0, report
+    return report

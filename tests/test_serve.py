@@ -8,7 +8,9 @@ ask only what qemu-nbd does. With ``ours`` and no ``serve`` command, every test 
 line saying so. Both offer the ``qemu:allocation-depth`` context only with ``-A``. The
 Python API, ``qcow2ovl.serve()``, is ours only (skipped with qemu-nbd).
 
-What qemu-nbd does that the tests pin (and ours must match): the export flags of
+Clients that misbehave, and stopping the server, are in ``test_serve_clients.py``; the guard
+behind the server in ``test_serve_guard.py``. What qemu-nbd does that the tests pin (and ours
+must match): the export flags of
 `EXPECTED_FLAGS`; ``CAN_MULTI_CONN`` exactly when ``-e`` is above 1; with ``-x NAME`` only
 NAME is served (a client asking for "" is refused); without ``-t`` only a client that reached
 the transmission phase ends the server when it leaves (``nbdinfo --list``, ``OPT_ABORT`` or
@@ -20,12 +22,8 @@ SIGTERM and SIGINT stop it with status 0, the socket file removed and the lock r
 
 from __future__ import annotations
 
-import errno
 import json
 import random
-import signal
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,7 @@ import pytest
 import qemu_images as qi
 
 KiB, MiB = 1024, 1 << 20
-SIZE = 16 * MiB
-CLUSTER = 64 * KiB
+SIZE, CLUSTER = nc.SIZE, nc.CLUSTER
 
 pytestmark = [
     pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io"),
@@ -74,39 +71,6 @@ EXPECTED_FLAGS: dict[str, dict[str, bool]] = {
 }
 
 
-@pytest.fixture(scope="session")
-def server_cmd() -> list[str]:
-    """The argv prefix of the server under test (see the module's docstring)."""
-    kind = nc.server_kind()
-    if kind == "ours":
-        why = nc.ours_missing()
-        if why is not None:
-            pytest.fail(
-                f"{nc.SERVE_WITH_ENV}=ours, but this qcow2ovl has no `serve` command: {why} "
-                f"({nc.SERVE_WITH_ENV}=qemu-nbd runs these tests against qemu-nbd)",
-                pytrace=False,
-            )
-    return nc.server_prefix(kind)
-
-
-def _image(tmp_path: Path, name: str = "disk.qcow2", *commands: str) -> Path:
-    path = tmp_path / name
-    qi.create(path, SIZE)
-    if commands:
-        qi.qemu_io(path, *commands)
-    return path
-
-
-def _no_corruption(image: Path) -> dict[str, Any]:
-    """`qemu-img check`: no corruption and no check error (leaked clusters allowed: a server
-    killed mid-allocation may leak, which is harmless). Returns the report."""
-    report = qi.qemu_check(image)
-    assert report["_exit"] in (0, 3), report
-    assert report.get("check-errors", 0) == 0, report
-    assert report.get("corruptions", 0) == 0, report
-    return report
-
-
 def _compare_identical(image: Path, raw: Path) -> None:
     """`qemu-img compare -f qcow2 -F raw`: the guest disk is byte for byte *raw*."""
     out = qi.qemu_img("compare", "-f", "qcow2", "-F", "raw", image, raw).stdout
@@ -130,7 +94,7 @@ def test_nbdinfo_shows_the_size_and_the_flags(
     flags qemu-nbd gives a qcow2 image (read-only with `-r`: no trim, no zeroing); one client at
     a time (the default `-e 1`) means no CAN_MULTI_CONN; only `base:allocation` is offered
     without `-A`; the block sizes are qemu-nbd's (1 / 4096 / 32 MiB)."""
-    image = _image(tmp_path, "disk.qcow2", "write -P 0x11 0 1M")
+    image = nc.image(tmp_path, "disk.qcow2", "write -P 0x11 0 1M")
     options = ["-r"] if mode == "read-only" else []
     with nc.serving(server_cmd, image, tmp_path, *options) as server:
         info = nc.nbdinfo(server.uri(), "--no-content")
@@ -154,7 +118,7 @@ def test_multi_conn_is_offered_when_more_than_one_client_may_connect(
 ) -> None:
     """CAN_MULTI_CONN (a flush on one connection covers writes on all of them) is advertised
     exactly when `-e` allows more than one client, writable or not, as qemu-nbd does."""
-    image = _image(tmp_path)
+    image = nc.image(tmp_path)
     for options in (["-e", str(shared)], ["-r", "-e", str(shared)]):
         with nc.serving(server_cmd, image, tmp_path, *options) as server:
             (export,) = nc.nbdinfo(server.uri(), "--no-content")["exports"]
@@ -163,7 +127,7 @@ def test_multi_conn_is_offered_when_more_than_one_client_may_connect(
 
 def test_allocation_depth_context_is_offered_with_A(tmp_path: Path, server_cmd: list[str]) -> None:
     """With `-A` the export lists `qemu:allocation-depth` beside `base:allocation`."""
-    image = _image(tmp_path)
+    image = nc.image(tmp_path)
     with nc.serving(server_cmd, image, tmp_path, "-A") as server:
         (export,) = nc.nbdinfo(server.uri(), "--no-content")["exports"]
     assert sorted(export["contexts"]) == ["base:allocation", "qemu:allocation-depth"], export
@@ -172,7 +136,7 @@ def test_allocation_depth_context_is_offered_with_A(tmp_path: Path, server_cmd: 
 def test_export_name_and_description(tmp_path: Path, server_cmd: list[str]) -> None:
     """`-x NAME -D TEXT`: the export answers to NAME (and not to the default name ""), shows
     TEXT as its description, and `nbdinfo --list` lists it with both."""
-    image = _image(tmp_path)
+    image = nc.image(tmp_path)
     name, text = "disk-one", "the first disk: 16 MiB"
     with nc.serving(server_cmd, image, tmp_path, "-t", "-x", name, "-D", text) as server:
         (export,) = nc.nbdinfo(server.uri(name))["exports"]
@@ -188,7 +152,7 @@ def test_export_name_and_description(tmp_path: Path, server_cmd: list[str]) -> N
 def test_tcp(tmp_path: Path, server_cmd: list[str]) -> None:
     """`-p PORT -b 127.0.0.1`: the export is served over TCP; a write through it reads back
     over a second connection and is in the image afterwards."""
-    image = _image(tmp_path)
+    image = nc.image(tmp_path)
     port = nc.free_tcp_port()
     with nc.serving(server_cmd, image, tmp_path, "-t", port=port) as server:
         uri = server.uri()
@@ -395,7 +359,7 @@ def test_nbdcopy_in_with_four_connections(tmp_path: Path, server_cmd: list[str])
     offers CAN_MULTI_CONN); what it copies in is then the guest disk, and the image checks
     clean."""
     src = _raw(tmp_path, _disk_content(3))
-    image = _image(tmp_path, "disk.qcow2", "write -P 0xee 0 16M")
+    image = nc.image(tmp_path, "disk.qcow2", "write -P 0xee 0 16M")
     with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4") as server:
         proc = nc.tool([nc.NBDCOPY or "nbdcopy", "-v", "-C", "4", "-T", "4", src, server.uri()])
         assert server.stop() == 0, server.describe()
@@ -407,7 +371,7 @@ def test_nbdcopy_in_with_four_connections(tmp_path: Path, server_cmd: list[str])
 def test_qemu_img_convert_out_of_and_into_the_export(tmp_path: Path, server_cmd: list[str]) -> None:
     """`qemu-img convert` from the export gives the guest disk; `qemu-img convert -n` into it
     writes a new one, which reads back through NBD and is the image's disk after the stop."""
-    image = _image(tmp_path, "disk.qcow2", "write -P 0x21 0 3M", "write -z 1M 64k")
+    image = nc.image(tmp_path, "disk.qcow2", "write -P 0x21 0 3M", "write -z 1M 64k")
     before = _guest_bytes(image, tmp_path)
     new = _raw(tmp_path, _disk_content(4))
     out = tmp_path / "out.raw"
@@ -430,7 +394,7 @@ def test_a_writable_export_holds_the_image_lock(tmp_path: Path, server_cmd: list
     """While the image is served writable QEMU can neither write it nor read it (qemu-nbd
     shares no write permission), `qemu-img info -U` still reads it; after the stop it opens
     for writing again."""
-    image = _image(tmp_path)
+    image = nc.image(tmp_path)
     with nc.serving(server_cmd, image, tmp_path) as server:
         writer = qi.run([qi.QEMU_IO or "qemu-io", "-c", "write 0 512", image], ok=(1,))
         reader = qi.run([qi.QEMU_IO or "qemu-io", "-r", "-c", "read 0 512", image], ok=(1,))
@@ -445,257 +409,13 @@ def test_a_writable_export_holds_the_image_lock(tmp_path: Path, server_cmd: list
 
 def test_a_read_only_export_shares_with_readers_only(tmp_path: Path, server_cmd: list[str]) -> None:
     """Served with `-r`, the image still refuses a writer but lets readers in."""
-    image = _image(tmp_path, "disk.qcow2", "write -P 0x42 0 64k")
+    image = nc.image(tmp_path, "disk.qcow2", "write -P 0x42 0 64k")
     with nc.serving(server_cmd, image, tmp_path, "-r") as server:
         writer = qi.run([qi.QEMU_IO or "qemu-io", "-c", "write 0 512", image], ok=(1,))
         reader = qi.run([qi.QEMU_IO or "qemu-io", "-r", "-c", "read -P 0x42 0 64k", image])
         assert server.running(), server.describe()
     assert 'Failed to get "write" lock' in writer.stderr, writer.stderr
     assert "read 65536/65536 bytes" in reader.stdout, reader.stdout
-
-
-# ---- 6. bad clients ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def persistent(tmp_path: Path, server_cmd: list[str]) -> Iterator[nc.Server]:
-    """A server with `-t -e 2` on a fresh image holding 0x5a in its first 64 KiB."""
-    image = _image(tmp_path, "disk.qcow2", "write -P 0x5a 0 64k")
-    with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "2") as server:
-        yield server
-
-
-def _works(server: nc.Server) -> None:
-    """A well-behaved client is served: a raw one reads the first 64 KiB, qemu-io too."""
-    assert server.sock is not None
-    with nc.RawClient(server.sock) as c:
-        assert c.go()[0] == SIZE
-        reply, data = c.read(0, 64 * KiB)
-        assert reply.error == 0 and data == b"\x5a" * (64 * KiB)
-        c.disconnect()
-    nc.qemu_io_nbd(server.uri(), "read -P 0x5a 0 64k")
-    assert server.running(), server.describe()
-
-
-def test_garbage_client_flags_close_only_that_connection(persistent: nc.Server) -> None:
-    """Bytes that are not client flags (unknown flag bits) after the greeting: the server
-    closes that connection and serves the next client."""
-    assert persistent.sock is not None
-    with nc.RawClient(persistent.sock) as c:
-        flags = c.greeting()
-        assert flags & nc.FLAG_FIXED_NEWSTYLE
-        c.send(b"\xde\xad\xbe\xef" * 4)
-        assert c.closed_by_server()
-    _works(persistent)
-
-
-@pytest.mark.parametrize("option", [nc.OPT_GO, 0x1234])
-def test_an_option_of_4_gib_closes_only_that_connection(persistent: nc.Server, option: int) -> None:
-    """An option header announcing 0xffffffff bytes of data: the server does not wait for
-    them; it closes the connection (any replies before that are errors) and serves the next."""
-    assert persistent.sock is not None
-    with nc.RawClient(persistent.sock) as c:
-        c.greeting()
-        c.send_client_flags()
-        c.send_option(option, b"", length=0xFFFFFFFF)
-        replies: list[nc.OptReply] = []
-        with pytest.raises(nc.Closed):
-            while True:
-                replies.append(c.opt_reply())
-        assert all(r.is_error for r in replies), replies
-    _works(persistent)
-
-
-def test_unknown_option_and_unknown_export_are_answered(persistent: nc.Server) -> None:
-    """An unknown option gets ERR_UNSUP, GO for a name not exported gets ERR_UNKNOWN, and the
-    negotiation goes on to a GO that works; ABORT is acknowledged."""
-    assert persistent.sock is not None
-    with nc.RawClient(persistent.sock) as c:
-        c.greeting()
-        c.send_client_flags()
-        c.send_option(0x1234, b"abc")
-        unsup = c.opt_reply()
-        c.send_option(nc.OPT_GO, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))
-        unknown = c.opt_reply()
-        c.send_option(nc.OPT_ABORT)
-        ack = c.opt_reply()
-    assert (unsup.option, unsup.type) == (0x1234, nc.REP_ERR_BIT | 1), unsup
-    assert (unknown.option, unknown.type) == (nc.OPT_GO, nc.REP_ERR_BIT | 6), unknown
-    assert (ack.option, ack.type) == (nc.OPT_ABORT, nc.REP_ACK), ack
-    _works(persistent)
-
-
-def test_a_silent_client_does_not_block_another(persistent: nc.Server) -> None:
-    """With `-e 2`, a client that connects and sends nothing (it has had its greeting) holds
-    one slot; another client is served meanwhile."""
-    assert persistent.sock is not None
-    with nc.RawClient(persistent.sock) as idle:
-        idle.greeting()
-        _works(persistent)
-        nc.qemu_io_nbd(persistent.uri(), "write -P 0x61 1M 64k", "read -P 0x61 1M 64k")
-
-
-def test_a_client_gone_mid_payload_leaves_the_image_whole(
-    tmp_path: Path, persistent: nc.Server
-) -> None:
-    """A WRITE announcing 1 MiB whose client sends 100 bytes and closes: that write is not
-    carried out, the server keeps serving, and after it stops the image checks clean."""
-    assert persistent.sock is not None
-    with nc.RawClient(persistent.sock) as c:
-        c.go()
-        c.request(nc.CMD_WRITE, 0, MiB)
-        c.send(b"\x99" * 100)
-    _works(persistent)
-    assert persistent.stop() == 0, persistent.describe()
-    image = tmp_path / "disk.qcow2"
-    assert qi.check_is_clean(qi.qemu_check(image))
-    qi.qemu_io(image, "read -P 0x5a 0 64k", "read -P 0 64k 1M")
-
-
-def test_unknown_command_gets_einval_and_the_connection_goes_on(persistent: nc.Server) -> None:
-    """A request of an unknown type (99) and a read past the end, with simple replies, are
-    answered EINVAL; the connection then serves a read."""
-    assert persistent.sock is not None
-    with nc.RawClient(persistent.sock) as c:
-        c.go()
-        c.request(99, 0, 512, cookie=7)
-        unknown = c.simple_reply()
-        past, _ = c.read(SIZE, 512, cookie=8)
-        reply, data = c.read(0, 512, cookie=9)
-    assert unknown == nc.SimpleReply(nc.EINVAL, 7)
-    assert past == nc.SimpleReply(nc.EINVAL, 8)
-    assert reply == nc.SimpleReply(0, 9) and data == b"\x5a" * 512
-
-
-#: Requests out of bounds or with a wrong flag, sent by libnbd with its own checks off
-#: (structured replies); each result is the errno name, or "ok".
-LIBNBD_SCRIPT = r"""
-import errno, json, sys
-import nbd
-h = nbd.NBD()
-h.set_strict_mode(0)
-h.connect_uri(sys.argv[1])
-size = h.get_size()
-out = {"structured": h.get_structured_replies_negotiated()}
-def attempt(name, f):
-    try:
-        f()
-        out[name] = "ok"
-    except nbd.Error as e:
-        out[name] = errno.errorcode.get(e.errno, str(e.errno))
-attempt("read_past_end", lambda: h.pread(512, size))
-attempt("read_straddling_end", lambda: h.pread(1024, size - 512))
-attempt("block_status_past_end", lambda: h.block_status(512, size, lambda *a: 0))
-attempt("read_with_no_hole_flag", lambda: h.pread(512, 0, nbd.CMD_FLAG_NO_HOLE))
-attempt("write_past_end", lambda: h.pwrite(b"x" * 512, size))
-attempt("zero_past_end", lambda: h.zero(512, size))
-attempt("trim_past_end", lambda: h.trim(512, size))
-attempt("read_zero_length", lambda: h.pread(0, 0))
-h.pwrite(b"\x5b" * 4096, 8192)
-out["reads_back"] = h.pread(4096, 8192) == b"\x5b" * 4096
-h.shutdown()
-print(json.dumps(out))
-"""
-
-
-@pytest.mark.skipif(not nc.have_libnbd_python(), reason="needs python3-libnbd (system Python)")
-def test_out_of_bounds_requests_from_libnbd(tmp_path: Path, persistent: nc.Server) -> None:
-    """Through libnbd with strict mode off (structured replies): reads and block status past
-    the end and a read with a write-only flag get EINVAL; writes, zeroes and trims past the
-    end get EINVAL (qemu-nbd) or ENOSPC (the specification's SHOULD for writes); a read of 0
-    bytes succeeds; the connection then writes and reads back; the image checks clean."""
-    out = json.loads(nc.run_libnbd(LIBNBD_SCRIPT, persistent.uri()))
-    einval, enospc = errno.errorcode[errno.EINVAL], errno.errorcode[errno.ENOSPC]
-    assert out["structured"] is True
-    for name in ("read_past_end", "read_straddling_end", "block_status_past_end"):
-        assert out[name] == einval, (name, out)
-    assert out["read_with_no_hole_flag"] == einval, out
-    for name in ("write_past_end", "zero_past_end", "trim_past_end"):
-        assert out[name] in (einval, enospc), (name, out)
-    assert out["read_zero_length"] == "ok" and out["reads_back"] is True, out
-    assert persistent.stop() == 0, persistent.describe()
-    assert qi.check_is_clean(qi.qemu_check(tmp_path / "disk.qcow2"))
-
-
-# ---- 7. stopping ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_server_cleanly(
-    tmp_path: Path, server_cmd: list[str], sig: signal.Signals
-) -> None:
-    """With `-t`, writes through qemu-io, then SIGTERM (or SIGINT): the server exits 0 and
-    removes its socket; the image checks clean (no leak either), holds the writes, and opens
-    for writing (the lock is released)."""
-    image = _image(tmp_path)
-    with nc.serving(server_cmd, image, tmp_path, "-t") as server:
-        nc.qemu_io_nbd(server.uri(), "write -P 0x71 0 1M", "write -z 256k 64k")
-        nc.qemu_io_nbd(server.uri(), "write -P 0x72 5M 300k")
-        assert server.stop(sig) == 0, server.describe()
-        assert server.sock is not None and not server.sock.exists()
-    report = qi.qemu_check(image)
-    assert qi.check_is_clean(report), report
-    qi.qemu_io(
-        image,
-        "read -P 0x71 0 256k",
-        "read -P 0 256k 64k",
-        "read -P 0x71 320k 704k",
-        "read -P 0x72 5M 300k",
-        "write -P 0x73 8M 4k",
-    )
-
-
-def test_without_persistent_the_last_client_ends_the_server(
-    tmp_path: Path, server_cmd: list[str]
-) -> None:
-    """Without `-t` the server exits 0 once the last client that negotiated leaves. Clients that
-    never reach the transmission phase (`nbdinfo --list`, an ABORT, garbage) do not count:
-    the server still serves the next one."""
-    image = _image(tmp_path)
-    with nc.serving(server_cmd, image, tmp_path) as server:
-        assert server.sock is not None
-        nc.nbdinfo(server.uri(), "--list")
-        with nc.RawClient(server.sock) as c:
-            c.greeting()
-            c.send_client_flags()
-            c.send_option(nc.OPT_ABORT)
-            assert c.opt_reply().type == nc.REP_ACK
-        with nc.RawClient(server.sock) as c:
-            c.greeting()
-            c.send(b"\xff" * 4)
-            assert c.closed_by_server()
-        assert server.running(), server.describe()
-        nc.qemu_io_nbd(server.uri(), "write -P 0x31 0 64k")
-        assert server.wait() == 0, server.describe()
-    assert qi.check_is_clean(qi.qemu_check(image))
-    qi.qemu_io(image, "read -P 0x31 0 64k")
-
-
-# ---- 8. killed -----------------------------------------------------------------------------
-
-
-def test_sigkill_mid_write_loses_nothing_that_was_flushed(
-    tmp_path: Path, server_cmd: list[str]
-) -> None:
-    """Writes acknowledged and flushed, more writes acknowledged but not flushed, and one
-    still in flight, then SIGKILL: `qemu-img check` finds no corruption (leaks allowed), the
-    flushed data is there, and the image opens for writing (the lock died with the process)."""
-    image = _image(tmp_path)
-    with nc.serving(server_cmd, image, tmp_path) as server:
-        assert server.sock is not None
-        with nc.RawClient(server.sock) as c:
-            c.go()
-            for i in range(4):
-                assert c.write(i * MiB, bytes([0x40 + i]) * MiB, cookie=i).error == 0
-            assert c.flush(cookie=10).error == 0
-            for i in range(4, 8):
-                assert c.write(i * MiB + 4 * KiB, bytes([0x40 + i]) * 60 * KiB).error == 0
-            c.request(nc.CMD_WRITE, 12 * MiB, MiB, cookie=20)
-            c.send(b"\x77" * MiB)
-            assert server.stop(signal.SIGKILL) == -signal.SIGKILL, server.describe()
-    _no_corruption(image)
-    qi.qemu_io(image, *(f"read -P {0x40 + i:#x} {i}M 1M" for i in range(4)))
-    qi.qemu_io(image, "write -P 0x01 15M 4k")
 
 
 # ---- the Python API ---------------------------------------------------------------------------
@@ -713,7 +433,7 @@ def test_python_api_serves_while_the_block_runs(
         pytest.skip("qcow2ovl.serve() is our Python API; qemu-nbd has none")
     import qcow2ovl
 
-    image = _image(tmp_path)
+    image = nc.image(tmp_path)
     sock = tmp_path / "api.sock"
     place: dict[str, Any] = {"socket": sock} if where == "unix" else {"port": 0}
     with qcow2ovl.serve(image, **place) as uri:
