@@ -111,6 +111,21 @@ def test_a_silent_client_does_not_block_another(persistent: nc.Server) -> None:
         nc.qemu_io_nbd(persistent.uri(), "write -P 0x61 1M 64k", "read -P 0x61 1M 64k")
 
 
+def test_a_client_that_stalls_its_handshake_is_cut_off(
+    tmp_path: Path, server_cmd: list[str]
+) -> None:
+    """`--handshake-limit 1`: a client that never sends its flags is disconnected by the
+    server (the socket's own timeout is far longer), and the next client is served."""
+    image = nc.image(tmp_path, "disk.qcow2", "write -P 0x5a 0 64k")
+    with nc.serving(server_cmd, image, tmp_path, "-t", "--handshake-limit", "1") as server:
+        assert server.sock is not None
+        with nc.RawClient(server.sock) as stalled:
+            stalled.greeting()
+            with pytest.raises(nc.Closed):
+                stalled.recv_exact(1)
+        _works(server)
+
+
 def test_a_client_gone_mid_payload_leaves_the_image_whole(
     tmp_path: Path, persistent: nc.Server
 ) -> None:

@@ -46,7 +46,7 @@ pub(super) fn run(
     };
     let mut reader = stream;
     let mut writer = writer;
-    if let Some(negotiated) = negotiate(&mut reader, &mut writer, config, handshake_timeout) {
+    if let Some(negotiated) = negotiate(&mut reader, &mut writer, config, handshake_timeout, stop) {
         served.store(true, Ordering::Release);
         let export = &config.exports()[negotiated.export];
         let session = Session::new(&negotiated, export);
@@ -66,27 +66,31 @@ pub(super) fn run(
     reader.shutdown();
 }
 
-/// The negotiation: the greeting, then every option answered, within `timeout` in all.
+/// The negotiation: the greeting, then every option answered, within `timeout` in all (and
+/// given up when the server stops).
 fn negotiate(
     reader: &mut Stream,
     writer: &mut Stream,
     config: &Arc<ServerConfig>,
     timeout: Duration,
+    stop: &AtomicBool,
 ) -> Option<Negotiated> {
     let deadline = Instant::now() + timeout;
     let mut handshake = Handshake::new(Arc::clone(config));
     writer.write_all(&handshake.greeting()).ok()?;
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
+        if stop.load(Ordering::Acquire) {
+            return None;
+        }
         let left = deadline.checked_duration_since(Instant::now())?;
-        reader
-            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .ok()?;
+        let wait = left.min(POLL).max(Duration::from_millis(1));
+        reader.set_read_timeout(Some(wait)).ok()?;
         let step = match reader.read(&mut buf) {
             Ok(0) => handshake.eof(),
             Ok(n) => handshake.feed(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // The deadline, or a dead socket.
+            // Look at the deadline and the stop flag again.
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return None,
         };
         if !step.reply().is_empty() && writer.write_all(step.reply()).is_err() {
