@@ -79,3 +79,22 @@ def test_an_image_in_use_cannot_be_served(tmp_path: Path) -> None:
     # Released when the block ends.
     with qcow2ovl.open(path, writable=True):
         pass
+
+
+def test_a_stale_socket_is_replaced_and_other_files_are_kept(tmp_path: Path) -> None:
+    """A socket left behind by an earlier server is replaced (as qemu-nbd replaces it); a
+    regular file at that path is refused with the bind error and left as it was."""
+    import socket
+
+    path = tmp_path / "a.qcow2"
+    qi.qemu_img("create", "-q", "-f", "qcow2", path, "16M")
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    with qcow2ovl.serve(path, socket=stale) as uri:
+        assert "read 512/512 bytes" in _qemu_io(uri, "read 0 512").stdout
+    kept = tmp_path / "notes.txt"
+    kept.write_text("mine")
+    with pytest.raises(OSError, match="Address already in use"), qcow2ovl.serve(path, socket=kept):
+        pass
+    assert kept.read_text() == "mine"

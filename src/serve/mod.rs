@@ -21,6 +21,7 @@ mod connection;
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -190,6 +191,11 @@ impl Server {
         let listener = match &options.listen {
             Listen::Unix(path) => {
                 let what = path.display().to_string();
+                // A socket left by an earlier server is replaced, as QEMU replaces it; any
+                // other file there is an error from bind.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(path);
+                }
                 let l = UnixListener::bind(path).map_err(|source| ServeError::Bind {
                     what: what.clone(),
                     source,
