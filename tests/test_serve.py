@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +344,36 @@ def test_block_status_maps_as_qemu_nbd(tmp_path: Path, server_cmd: list[str], ki
         assert extents[0]["offset"] == 0 and sum(e["length"] for e in extents) == SIZE
     depth_types = {e["type"] for e in maps["sut"]["qemu:allocation-depth"]}
     assert depth_types == ({0, 1} if kind == "compressed" else {0, 1, 2}), maps["sut"]
+
+
+@pytest.mark.parametrize("granularity", [None, 512, 1 << 20], ids=["default", "512", "1M"])
+def test_dirty_bitmap_context_as_qemu_nbd(
+    tmp_path: Path, server_cmd: list[str], granularity: int | None
+) -> None:
+    """`-B NAME` offers `qemu:dirty-bitmap:NAME`, whose map equals qemu-nbd's on the same image
+    (writes after the bitmap was added, some unaligned to its granularity); an unknown bitmap
+    is refused in qemu-nbd's words."""
+    image = nc.image(tmp_path)
+    qi.bitmap_add(image, "b0", granularity)
+    qi.qemu_io(image, "write 1M 64k", "write 5M 4k", "write 9437700 100", "write 15M 1M")
+    maps = {}
+    with nc.serving(server_cmd, image, tmp_path, "-t", "-r", "-B", "b0", name="sut") as sut:
+        with nc.serving(
+            [nc.QEMU_NBD or "qemu-nbd"], image, tmp_path, "-t", "-r", "-B", "b0", name="ref"
+        ) as ref:
+            for who, server in (("sut", sut), ("ref", ref)):
+                maps[who] = nc.nbdinfo_map(server.uri(), "qemu:dirty-bitmap:b0")
+    assert maps["sut"] == maps["ref"]
+    assert {e["type"] for e in maps["sut"]} == {0, 1}
+    assert sum(e["length"] for e in maps["sut"]) == SIZE
+    refused = subprocess.run(
+        [*server_cmd, "-f", "qcow2", "-B", "nope", "-k", str(tmp_path / "x.sock"), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert refused.returncode == 1 and "Bitmap 'nope' is not found" in refused.stderr, refused
 
 
 # ---- 4. copies in and out -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``qcow2ovl serve``: qemu-nbd's command line over :class:`qcow2ovl._core.NbdServer`.
 
 ``qcow2ovl serve [-k SOCKET | [-b ADDR] [-p PORT]] [-r] [-x NAME] [-D TEXT] [-e N] [-t]
-[--pid-file FILE] [-l SNAPSHOT] [-U] [-f qcow2] [--cache MODE] [--overlap-check SPEC] IMAGE``
+[-A] [-B BITMAP] [--pid-file FILE] [-l SNAPSHOT] [-U] [-f qcow2] [--cache MODE]
+[--overlap-check SPEC] IMAGE``
 serves IMAGE until the last client leaves (or, with ``-t``, until SIGTERM or SIGINT), then
 flushes it, releases its lock and exits 0.
 """
@@ -58,6 +59,12 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "--allocation-depth",
         action="store_true",
         help="also offer the qemu:allocation-depth metadata context",
+    )
+    p.add_argument(
+        "-B",
+        "--bitmap",
+        metavar="NAME",
+        help="also offer the persistent bitmap NAME as qemu:dirty-bitmap:NAME",
     )
     p.add_argument(
         "--handshake-limit",
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             persistent=args.persistent,
             handshake_timeout=float(args.handshake_limit),
             allocation_depth=args.allocation_depth,
+            bitmap=args.bitmap,
         )
         if args.pid_file:
             with open(args.pid_file, "w", encoding="ascii") as f:

@@ -134,6 +134,7 @@ class NbdServer:
         persistent: bool = False,
         handshake_timeout: float = 10.0,
         allocation_depth: bool = False,
+        bitmap: str | None = None,
     ) -> NbdServer: ...
     @property
     def port(self) -> int | None: ...

@@ -51,6 +51,7 @@ def serve(
     description: str | None = None,
     shared: int = 16,
     allocation_depth: bool = True,
+    bitmap: str | None = None,
     snapshot: str | None = None,
     force_share: bool = False,
     overlap_check: OverlapCheckSpec = "all",
@@ -65,8 +66,8 @@ def serve(
     locks, so no other writer can use it meanwhile; *force_share* (read-only only) shares it
     with writers. Up to *shared* clients are served at once, all through the one engine (so
     ``CAN_MULTI_CONN`` holds: a flush on any connection flushes everything). The metadata
-    contexts ``base:allocation`` and (with *allocation_depth*) ``qemu:allocation-depth`` are
-    offered. Writes the guard
+    contexts ``base:allocation``, (with *allocation_depth*) ``qemu:allocation-depth`` and (with
+    *bitmap*, a persistent bitmap's name) ``qemu:dirty-bitmap:NAME`` are offered. Writes the guard
     refuses are answered ``EIO``; the image is then marked corrupt, as for a direct write.
 
     Leaving the block stops the server: connections finish the requests they have read, the
@@ -95,6 +96,7 @@ def serve(
             shared=shared,
             persistent=True,
             allocation_depth=allocation_depth,
+            bitmap=bitmap,
         )
         failure: list[BaseException] = []
 

@@ -28,7 +28,7 @@ impl PyNbdServer {
     #[pyo3(signature = (
         image, *, socket = None, bind = "127.0.0.1", port = 10809, export_name = "",
         description = None, shared = 1, persistent = false, handshake_timeout = 10.0,
-        allocation_depth = false
+        allocation_depth = false, bitmap = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -43,6 +43,7 @@ impl PyNbdServer {
         persistent: bool,
         handshake_timeout: f64,
         allocation_depth: bool,
+        bitmap: Option<String>,
     ) -> PyResult<Self> {
         let options = ServeOptions {
             listen: match socket {
@@ -56,6 +57,7 @@ impl PyNbdServer {
             handshake_timeout: Duration::try_from_secs_f64(handshake_timeout)
                 .unwrap_or(Duration::from_secs(10)),
             allocation_depth,
+            bitmap,
         };
         let image = image.image()?;
         let server = py

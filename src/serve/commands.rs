@@ -30,12 +30,14 @@ pub(super) struct Contexts {
     selected: Vec<(u32, Context)>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Context {
     /// `base:allocation`: hole and zero flags.
     Allocation,
     /// `qemu:allocation-depth`: 0 unallocated, 1 this image, 2 its backing file, ...
     Depth,
+    /// `qemu:dirty-bitmap:NAME`: 1 where the persistent bitmap NAME is dirty.
+    Dirty(String),
 }
 
 impl Contexts {
@@ -48,7 +50,9 @@ impl Contexts {
                 match name.as_str() {
                     "base:allocation" => Some((m.id, Context::Allocation)),
                     "qemu:allocation-depth" => Some((m.id, Context::Depth)),
-                    _ => None,
+                    other => other
+                        .strip_prefix("qemu:dirty-bitmap:")
+                        .map(|b| (m.id, Context::Dirty(b.to_owned()))),
                 }
             })
             .collect();
@@ -282,41 +286,29 @@ fn block_status(
             return out;
         }
     };
-    let chosen: Vec<(u32, Context)> = contexts
+    let chosen: Vec<&(u32, Context)> = contexts
         .selected
         .iter()
-        .copied()
         .filter(|(id, _)| ids.map_or(true, |ids| ids.contains(id)))
         .collect();
     let count = chosen.len();
     for (i, (id, context)) in chosen.into_iter().enumerate() {
-        let mut extents: Vec<Extent> = Vec::new();
-        for e in &map {
-            let status = match context {
-                Context::Allocation => {
-                    (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
-                }
-                Context::Depth => {
-                    if e.present {
-                        u64::from(e.depth) + 1
-                    } else {
-                        0
+        let extents = match context {
+            Context::Dirty(name) => {
+                let end = map.last().map_or(offset, |e| e.start + e.length);
+                match dirty(image, name, offset, end, max) {
+                    Ok(extents) => extents,
+                    Err(e) => {
+                        out.clear();
+                        error_reply(&mut out, framing, request, &e);
+                        return out;
                     }
                 }
-            };
-            match extents.last_mut() {
-                Some(last) if last.status == status => last.length += e.length,
-                _ => extents.push(Extent {
-                    length: e.length,
-                    status,
-                }),
             }
-        }
-        if req_one {
-            extents.truncate(1);
-        }
+            _ => allocation(&map, context, req_one),
+        };
         if framing
-            .block_status(&mut out, to, i + 1 == count, id, &extents)
+            .block_status(&mut out, to, i + 1 == count, *id, &extents)
             .is_err()
         {
             out.clear();
@@ -333,4 +325,58 @@ fn block_status(
         );
     }
     out
+}
+
+/// The extents of an allocation context over the guest map's entries.
+fn allocation(map: &[GuestExtent], context: &Context, req_one: bool) -> Vec<Extent> {
+    let mut extents: Vec<Extent> = Vec::new();
+    for e in map {
+        let status = match context {
+            Context::Allocation => {
+                (if e.data { 0 } else { STATE_HOLE }) | (if e.zero { STATE_ZERO } else { 0 })
+            }
+            Context::Depth if e.present => u64::from(e.depth) + 1,
+            Context::Depth | Context::Dirty(_) => 0,
+        };
+        match extents.last_mut() {
+            Some(last) if last.status == status => last.length += e.length,
+            _ => extents.push(Extent {
+                length: e.length,
+                status,
+            }),
+        }
+    }
+    if req_one {
+        extents.truncate(1);
+    }
+    extents
+}
+
+/// The extents of `qemu:dirty-bitmap:NAME` over `[offset, end)`: 1 dirty, 0 clean; at most
+/// `max`.
+fn dirty(
+    image: &Image,
+    name: &str,
+    offset: u64,
+    end: u64,
+    max: usize,
+) -> Result<Vec<Extent>, ImageError> {
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut push = |length: u64, status: u64| {
+        if length > 0 && extents.len() < max {
+            extents.push(Extent { length, status });
+        }
+    };
+    let mut pos = offset;
+    for (start, len) in image.dirty_extents(name, offset, end - offset)? {
+        let (start, stop) = (start.max(pos), (start + len).min(end));
+        if stop <= start {
+            continue;
+        }
+        push(start - pos, 0);
+        push(stop - start, 1);
+        pos = stop;
+    }
+    push(end - pos, 0);
+    Ok(extents)
 }

@@ -60,6 +60,8 @@ pub struct ServeOptions {
     pub handshake_timeout: Duration,
     /// Offer the `qemu:allocation-depth` context (`-A`); `base:allocation` is always offered.
     pub allocation_depth: bool,
+    /// Offer the persistent bitmap of this name as `qemu:dirty-bitmap:NAME` (`-B`).
+    pub bitmap: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -72,6 +74,7 @@ impl Default for ServeOptions {
             persistent: false,
             handshake_timeout: Duration::from_secs(10),
             allocation_depth: false,
+            bitmap: None,
         }
     }
 }
@@ -341,6 +344,14 @@ fn export_config(image: &Image, options: &ServeOptions) -> Result<ServerConfig, 
     export.meta_contexts = vec!["base:allocation".into()];
     if options.allocation_depth {
         export.meta_contexts.push("qemu:allocation-depth".into());
+    }
+    if let Some(name) = &options.bitmap {
+        if !image.bitmap_list().iter().any(|(b, _)| &b.name == name) {
+            return Err(ServeError::Invalid(format!("Bitmap '{name}' is not found")));
+        }
+        export
+            .meta_contexts
+            .push(format!("qemu:dirty-bitmap:{name}"));
     }
     // No default export: a client asking for "" gets an export named "-x" only if it is
     // that one (qemu-nbd's rule).
