@@ -92,6 +92,19 @@ def run_qemu(verb: str, argv: list[str], cwd: Path) -> tuple[int, str, str]:
     return proc.returncode, out, err.replace("qemu-img", "qcow2ovl")
 
 
+def run_both(verb: str, argv: list[str], ours: Path, theirs: Path) -> int:
+    """Runs ``VERB ARGV`` with qemu-img in *theirs* and with ours in *ours*; asserts the same
+    exit status, stdout (progress lines aside: both print them or neither) and stderr.
+    Returns the status."""
+    theirs_rc, theirs_out, theirs_err = run_qemu(verb, argv, theirs)
+    ours_rc, ours_out, ours_err = run_ours(verb, argv, ours)
+    theirs_shares, theirs_rest = split_progress(theirs_out)
+    ours_shares, ours_rest = split_progress(ours_out)
+    assert (ours_rc, ours_rest, ours_err) == (theirs_rc, theirs_rest, theirs_err)
+    assert bool(ours_shares) == bool(theirs_shares)
+    return ours_rc
+
+
 def split_progress(out: str) -> tuple[list[float], str]:
     """The percentages of the ``-p`` lines at the start of *out* (which must end with
     ``(100.00/100%)`` and a newline when there are any), and the rest of *out*."""

@@ -464,6 +464,32 @@ pub(crate) mod testutil {
         (st, img)
     }
 
+    /// A new empty image of `size` bytes made by the create layer, in memory.
+    pub fn created(size: u64) -> std::sync::Arc<crate::storage::MemStorage> {
+        use crate::create::{plan, write_image, CreateOptions};
+        let storage = std::sync::Arc::new(crate::storage::MemStorage::new(Vec::new()));
+        let opts = CreateOptions {
+            size,
+            ..CreateOptions::default()
+        };
+        write_image(&plan(&opts).unwrap(), storage.as_ref(), None).unwrap();
+        storage
+    }
+
+    /// `storage` opened alone (no backing chain), writable or not.
+    pub fn open_alone(
+        writable: bool,
+        storage: &std::sync::Arc<crate::storage::MemStorage>,
+    ) -> crate::image::Image {
+        let options = crate::image::OpenOptions {
+            writable,
+            backing: crate::image::BackingChain::None,
+            ..crate::image::OpenOptions::default()
+        };
+        let storage = std::sync::Arc::clone(storage) as std::sync::Arc<dyn crate::storage::Storage>;
+        crate::image::Image::from_storage(storage, options).unwrap()
+    }
+
     /// A v3 image of `size` bytes: header, reftable at cluster 1, refblock at 2, L1 at 3, and
     /// the L2 table of L1 index 0 at cluster 4 (with `l2` entries), data clusters after that.
     pub fn image(size: u64, l2: &[u64], data: &[(u64, u8)]) -> Vec<u8> {

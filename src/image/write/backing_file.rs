@@ -62,28 +62,10 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use crate::create::{plan, write_image, CreateOptions};
-    use crate::image::{BackingChain, Image, OpenOptions};
-    use crate::storage::{MemStorage, Storage};
-    use std::sync::Arc;
+    use crate::image::testutil::{created, open_alone as image};
 
-    fn new_image() -> Arc<MemStorage> {
-        let storage = Arc::new(MemStorage::new(Vec::new()));
-        let opts = CreateOptions {
-            size: 1 << 20,
-            ..CreateOptions::default()
-        };
-        write_image(&plan(&opts).unwrap(), storage.as_ref(), None).unwrap();
-        storage
-    }
-
-    fn image(writable: bool, storage: &Arc<MemStorage>) -> Image {
-        let options = OpenOptions {
-            writable,
-            backing: BackingChain::None,
-            ..OpenOptions::default()
-        };
-        Image::from_storage(Arc::clone(storage) as Arc<dyn Storage>, options).unwrap()
+    fn new_image() -> std::sync::Arc<crate::storage::MemStorage> {
+        created(1 << 20)
     }
 
     #[test]

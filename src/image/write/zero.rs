@@ -206,29 +206,12 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use crate::create::{plan, write_image, CreateOptions};
     use crate::format::GuestOffset;
-    use crate::image::{BackingChain, Image, OpenOptions};
-    use crate::storage::{MemStorage, Storage};
-    use std::sync::Arc;
-
-    fn image(writable: bool, storage: &Arc<MemStorage>) -> Image {
-        let options = OpenOptions {
-            writable,
-            backing: BackingChain::None,
-            ..OpenOptions::default()
-        };
-        Image::from_storage(Arc::clone(storage) as Arc<dyn Storage>, options).unwrap()
-    }
+    use crate::image::testutil::{created, open_alone as image};
 
     #[test]
     fn an_emptied_image_allocates_nothing_and_checks_clean() {
-        let storage = Arc::new(MemStorage::new(Vec::new()));
-        let opts = CreateOptions {
-            size: 8 << 20,
-            ..CreateOptions::default()
-        };
-        write_image(&plan(&opts).unwrap(), storage.as_ref(), None).unwrap();
+        let storage = created(8 << 20);
         let img = image(true, &storage);
         for (at, len, byte) in [
             (0u64, 70_000usize, 1u8),
