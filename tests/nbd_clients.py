@@ -36,6 +36,7 @@ QEMU_NBD = shutil.which("qemu-nbd")
 QEMU_IO = shutil.which("qemu-io")
 NBDINFO = shutil.which("nbdinfo")
 NBDCOPY = shutil.which("nbdcopy")
+NBDKIT = shutil.which("nbdkit")
 #: libnbd's Python binding (Debian's python3-libnbd) is built for the system Python only.
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -234,6 +235,281 @@ def serving(
         yield server
     finally:
         server.kill()
+
+
+# ---- a server in the background (--fork) and socket activation -------------------------------
+
+
+def wait_gone(pid: int, timeout: float = TIMEOUT) -> None:
+    """Wait until process *pid* (not necessarily a child) has exited: its pidfd becomes
+    readable then. AssertionError if it is still running after *timeout*."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            raise AssertionError(f"process {pid} did not exit")
+    finally:
+        os.close(fd)
+
+
+def alive(pid: int) -> bool:
+    """Whether process *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class Daemon:
+    """A server that went to the background (``--fork``): its pid (from the pid file), its
+    socket, and what the foreground process printed."""
+
+    pid: int
+    sock: Path
+    pid_file: Path
+    foreground: subprocess.CompletedProcess[str]
+
+    def uri(self, name: str = "") -> str:
+        return unix_uri(self.sock, name)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Send *sig* and wait until the process is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+        wait_gone(self.pid)
+
+
+def run_server(
+    prefix: Sequence[str], *args: StrPath, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``PREFIX ARGS`` to its end (a server that fails, or the foreground of ``--fork``)."""
+    argv = [*prefix, *(str(a) for a in args)]
+    try:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=6 * TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the server's foreground did not exit: {' '.join(argv)}") from e
+
+
+@contextlib.contextmanager
+def forked(
+    prefix: Sequence[str], image: StrPath, directory: StrPath, *options: str
+) -> Iterator[Daemon]:
+    """``PREFIX --fork -f qcow2 -k DIR/fork.sock --pid-file DIR/fork.pid OPTIONS IMAGE``: the
+    foreground must exit 0 with nothing on stderr, leaving the server serving; it is killed (if
+    still running) after the block."""
+    d = Path(directory)
+    sock, pid_file = d / "fork.sock", d / "fork.pid"
+    fg = run_server(
+        prefix, "--fork", "-f", "qcow2", "-k", sock, "--pid-file", pid_file, *options, image
+    )
+    assert fg.returncode == 0 and fg.stderr == "", fg
+    daemon = Daemon(int(pid_file.read_text()), sock, pid_file, fg)
+    try:
+        yield daemon
+    finally:
+        if alive(daemon.pid):
+            daemon.stop(signal.SIGKILL)
+
+
+#: Puts the socket at descriptor ``$QCOW2OVL_TEST_FD`` on descriptor 3 (and another at
+#: ``$QCOW2OVL_TEST_FD2`` on 4), sets ``LISTEN_FDS`` and ``LISTEN_PID`` (``self``: this
+#: process's pid, which the program keeps), then execs ``argv[1:]``: what systemd does for a
+#: socket-activated service.
+ACTIVATE = r"""
+import os, sys
+for var, target in (("QCOW2OVL_TEST_FD", 3), ("QCOW2OVL_TEST_FD2", 4)):
+    fd = os.environ.pop(var, None)
+    if fd is None:
+        continue
+    fd = int(fd)
+    if fd == target:
+        os.set_inheritable(fd, True)
+    else:
+        os.dup2(fd, target)
+        os.close(fd)
+pid = os.environ["LISTEN_PID"]
+os.environ["LISTEN_PID"] = str(os.getpid()) if pid == "self" else pid
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def activation_env(
+    fds: Sequence[int], listen_fds: int | None = None, listen_pid: str = "self"
+) -> dict[str, str]:
+    """The environment for ACTIVATE: the sockets *fds* go to 3 (and 4), ``LISTEN_FDS`` is
+    *listen_fds* (default: how many)."""
+    env = dict(os.environ)
+    for var, fd in zip(("QCOW2OVL_TEST_FD", "QCOW2OVL_TEST_FD2"), fds):
+        env[var] = str(fd)
+    env["LISTEN_FDS"] = str(len(fds) if listen_fds is None else listen_fds)
+    env["LISTEN_PID"] = listen_pid
+    return env
+
+
+def activate_argv(prefix: Sequence[str], *args: StrPath) -> list[str]:
+    """The argv that runs ``PREFIX ARGS`` through ACTIVATE."""
+    return [sys.executable, "-c", ACTIVATE, *prefix, *(str(a) for a in args)]
+
+
+def listening_socket(
+    kind: str, directory: StrPath
+) -> tuple[socket.socket, Path | None, int | None]:
+    """A listening socket as systemd would make it: Unix at DIR/activated.sock, or TCP on a
+    free loopback port. Returns it with its path or port."""
+    if kind == "unix":
+        path = Path(directory) / "activated.sock"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        s.listen(16)
+        return s, path, None
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s, None, int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def activated(
+    prefix: Sequence[str], image: StrPath, directory: StrPath, *options: str, kind: str = "unix"
+) -> Iterator[Server]:
+    """A server started with a listening socket on descriptor 3 (socket activation) and no
+    socket option of its own, ready once its pid file is written (the socket accepts
+    connections from the start: the kernel queues them). The test's copy of the socket is
+    closed once the server has it. Killed (if still running) after the block."""
+    d = Path(directory)
+    pid_file, log = d / "activated.pid", d / "activated.log"
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+    sock, path, port = listening_socket(kind, d)
+    argv = activate_argv(prefix, "-f", "qcow2", "--pid-file", pid_file, *options, image)
+    with sock, open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            pass_fds=(sock.fileno(),),
+            env=activation_env([sock.fileno()]),
+        )
+    server = Server(proc, argv, log, pid_file, sock=path, port=port)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _pid_written(pid_file, proc.pid):
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited before serving\n{server.describe()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server was not ready in time\n{server.describe()}")
+            time.sleep(0.02)
+        yield server
+    finally:
+        server.kill()
+
+
+# ---- a source that can be held still: nbdkit's pause filter ---------------------------------
+
+
+@dataclass
+class PausableSource:
+    """A file served by nbdkit through its pause filter: :meth:`pause` returns once every
+    request it had received is answered, and holds every later one until :meth:`resume`."""
+
+    uri: str
+    control: socket.socket
+
+    def _say(self, command: bytes) -> None:
+        self.control.sendall(command)
+        assert self.control.recv(1) == command.upper(), command
+
+    def pause(self) -> None:
+        self._say(b"p")
+
+    def resume(self) -> None:
+        self._say(b"r")
+
+
+@contextlib.contextmanager
+def pausable_source(path: StrPath, directory: StrPath) -> Iterator[PausableSource]:
+    """nbdkit serving *path* (read-only) on DIR/source.sock with the pause filter, ready once its
+    pid file is written (it writes it once it listens); stopped after the block."""
+    assert NBDKIT is not None, "nbdkit is not installed"
+    d = Path(directory)
+    sock, ctl, pid_file = d / "source.sock", d / "source.ctl", d / "source.pid"
+    argv = [NBDKIT, "-f", "-r", "-U", str(sock), "-P", str(pid_file), "--filter=pause"]
+    argv += ["file", str(path), f"pause-control={ctl}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not _pid_written(pid_file, proc.pid):
+            assert proc.poll() is None, f"nbdkit exited: {argv}"
+            assert time.monotonic() < deadline, f"nbdkit was not ready in time: {argv}"
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(TIMEOUT)
+            control.connect(str(ctl))
+            yield PausableSource(unix_uri(sock), control)
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=TIMEOUT)
+
+
+@dataclass
+class Copy:
+    """A running ``nbdcopy`` and the pipe it reports its progress on."""
+
+    proc: subprocess.Popen[bytes]
+    progress: Any
+
+    def reach(self, percent: int) -> None:
+        """Wait until nbdcopy reports at least *percent* per cent copied (its ``N/100`` lines)."""
+        while True:
+            line = self.progress.readline()
+            assert line, f"nbdcopy ended before {percent}%: exit {self.proc.wait()}"
+            if int(line.split(b"/")[0]) >= percent:
+                return
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=6 * TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("nbdcopy hung") from None
+
+
+@contextlib.contextmanager
+def copying(source: str, destination: str, connections: int = 4) -> Iterator[Copy]:
+    """``nbdcopy -C N -T N --progress=FD SOURCE DESTINATION`` in the background; killed (if still
+    running) after the block."""
+    assert NBDCOPY is not None, "nbdcopy is not installed"
+    read_end, write_end = os.pipe()
+    n = str(connections)
+    argv = [NBDCOPY, "-C", n, "-T", n, f"--progress={write_end}", source, destination]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(write_end,)
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as progress:
+        try:
+            yield Copy(proc, progress)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
 
 
 # ---- NBD tools as clients ------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """`qcow2ovl serve` against clients that misbehave, and against being stopped: garbage,
 over-long options, silent clients, clients gone mid-payload, unknown commands and requests out
 of bounds (raw sockets and libnbd in strict mode 0); SIGTERM, SIGINT, the last client leaving
-without ``-t``, and kill -9 mid-write. As in ``test_serve.py``, ``QCOW2OVL_SERVE_WITH=qemu-nbd``
-runs the same tests against qemu-nbd, which proves they ask only what qemu-nbd does.
+without ``-t``, and kill -9 mid-write; kill -9 of the server, and of the client, half-way
+through an ``nbdcopy`` of four connections (its source, nbdkit with the pause filter, is held
+still first, so the copy is caught in the middle every time). As in ``test_serve.py``,
+``QCOW2OVL_SERVE_WITH=qemu-nbd`` runs the same tests against qemu-nbd, which proves they ask only
+what qemu-nbd does.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import struct
 from collections.abc import Iterator
@@ -287,3 +291,66 @@ def test_sigkill_mid_write_loses_nothing_that_was_flushed(
     nc.no_corruption(image)
     qi.qemu_io(image, *(f"read -P {0x40 + i:#x} {i}M 1M" for i in range(4)))
     qi.qemu_io(image, "write -P 0x01 15M 4k")
+
+
+def _random_raw(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / "random.raw"
+    with open(path, "wb") as f:
+        for _ in range(size // (16 * MiB)):
+            f.write(os.urandom(16 * MiB))
+    return path
+
+
+#: The size of the copies below: long enough that a copy is caught half-way.
+COPY_SIZE = 256 * MiB
+
+
+@pytest.mark.skipif(nc.NBDKIT is None, reason="needs nbdkit (its pause filter holds the source)")
+def test_sigkill_during_an_nbdcopy_with_four_connections(
+    tmp_path: Path, server_cmd: list[str]
+) -> None:
+    """`nbdcopy` writes 256 MiB of random data over four connections; a quarter in, its source
+    is held still (every read it had asked for answered, so its writes are on their way) and the
+    server is killed with SIGKILL. nbdcopy fails; `qemu-img check` finds no corruption (exit 0,
+    or 3: leaked clusters only); the image opens for writing and reads back what it holds."""
+    raw = _random_raw(tmp_path, COPY_SIZE)
+    image = tmp_path / "disk.qcow2"
+    qi.create(image, COPY_SIZE)
+    with nc.pausable_source(raw, tmp_path) as source:
+        with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4") as server:
+            with nc.copying(source.uri, server.uri()) as copy:
+                copy.reach(25)
+                source.pause()
+                assert server.stop(signal.SIGKILL) == -signal.SIGKILL, server.describe()
+                source.resume()
+                assert copy.wait() != 0
+    report = nc.no_corruption(image)
+    assert report["_exit"] in (0, 3), report
+    qi.qemu_io(image, "read 0 1M", "write -P 0x01 0 4k", "read -P 0x01 0 4k")
+
+
+@pytest.mark.skipif(nc.NBDKIT is None, reason="needs nbdkit (its pause filter holds the source)")
+def test_a_killed_nbdcopy_leaves_the_server_serving(tmp_path: Path, server_cmd: list[str]) -> None:
+    """`nbdcopy -C 4` (four connections, all that `-e 4` allows, as
+    `test_nbdcopy_in_with_four_connections` shows) is killed with SIGKILL a quarter in: the
+    server frees its connections and serves the next client; a second `nbdcopy -C 4` then
+    copies the whole disk, and after a clean stop the image is the source byte for byte and
+    checks clean."""
+    raw = _random_raw(tmp_path, COPY_SIZE)
+    image = tmp_path / "disk.qcow2"
+    qi.create(image, COPY_SIZE)
+    with nc.pausable_source(raw, tmp_path) as source:
+        with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4") as server:
+            with nc.copying(source.uri, server.uri()) as copy:
+                copy.reach(25)
+                source.pause()
+                copy.proc.kill()
+                assert copy.wait() == -signal.SIGKILL
+                source.resume()
+            nc.qemu_io_nbd(server.uri(), "write -P 0x3d 0 64k", "read -P 0x3d 0 64k")
+            assert server.running(), server.describe()
+            with nc.copying(source.uri, server.uri()) as again:
+                assert again.wait() == 0
+            assert server.stop() == 0, server.describe()
+    qi.qemu_img("compare", "-f", "qcow2", "-F", "raw", image, raw)
+    assert qi.check_is_clean(qi.qemu_check(image))

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from qcow2ovl.options import OverlapCheckSpec
 
     CacheMode = Literal["writeback", "writethrough", "unsafe", "none", "directsync"]
+    Discard = Literal["ignore", "unmap"]
+    DetectZeroes = Literal["off", "on", "unmap"]
 
 
 def uri(
@@ -52,10 +54,13 @@ def serve(
     shared: int = 16,
     allocation_depth: bool = True,
     bitmap: str | None = None,
+    discard: Discard = "ignore",
+    detect_zeroes: DetectZeroes = "off",
     snapshot: str | None = None,
     force_share: bool = False,
     overlap_check: OverlapCheckSpec = "all",
     cache_mode: CacheMode = "writeback",
+    secret: str | bytes | None = None,
 ) -> Iterator[str]:
     """Serve the qcow2 image at *path* over NBD while the ``with`` block runs; yields the URI
     clients connect to.
@@ -70,9 +75,19 @@ def serve(
     *bitmap*, a persistent bitmap's name) ``qemu:dirty-bitmap:NAME`` are offered. Writes the guard
     refuses are answered ``EIO``; the image is then marked corrupt, as for a direct write.
 
+    *discard* and *detect_zeroes* are qemu-nbd's ``--discard`` and ``--detect-zeroes``, with its
+    defaults: trims are answered and ignored, and zero writes keep their clusters allocated,
+    unless *discard* is ``"unmap"``; with *detect_zeroes* ``"on"`` a write whose data is all
+    zeros is made a zero write (``"unmap"``, which needs *discard* ``"unmap"``: one that may free
+    the clusters). Bad values raise ``ValueError``.
+
+    *secret* unlocks an encrypted image (see :func:`qcow2ovl.open`): clients read and write
+    plaintext, and every write is enciphered before it reaches the file.
+
     Leaving the block stops the server: connections finish the requests they have read, the
-    image is flushed and closed, and its lock released. Errors of :func:`qcow2ovl.open` and
-    ``OSError`` (the socket) are raised before the block runs.
+    image is flushed and closed, and its lock released. Errors of :func:`qcow2ovl.open`,
+    ``OSError`` (the socket) and ``ValueError`` (options that do not fit, an unknown *bitmap*)
+    are raised before the block runs.
     """
     from qcow2ovl.image import open as open_image
 
@@ -84,6 +99,7 @@ def serve(
         force_share=force_share,
         overlap_check=overlap_check,
         cache_mode=cache_mode,
+        secret=secret,
     )
     try:
         server = _core.NbdServer(
@@ -97,6 +113,8 @@ def serve(
             persistent=True,
             allocation_depth=allocation_depth,
             bitmap=bitmap,
+            discard=discard,
+            detect_zeroes=detect_zeroes,
         )
         failure: list[BaseException] = []
 

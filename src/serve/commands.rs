@@ -1,11 +1,14 @@
 //! One NBD request carried out on the image, and the bytes of its reply.
 //!
 //! Writes, zeroes and trims go through the same engine calls as the Python API
-//! (`write_at`, `write_zeroes`, `discard`), so the guard checks each of them; a write the
+//! (`write_at`, `write_zeroes`, `discard`), so the guard checks each of them. As in qemu-nbd,
+//! `--discard=ignore` (the default) answers a trim without doing it and keeps zeroed clusters
+//! allocated; `--detect-zeroes` turns a write of zeros into an engine zero write. A write the
 //! guard refuses is answered `EIO` with the engine's message (the image is then marked corrupt
 //! by the engine, as for a direct write), and the server logs one line and goes on serving.
 //! With structured replies, reads send the runs of whole zero 4 KiB granules they read as holes.
 
+use super::{DetectZeroes, Discard, WriteModes};
 use crate::convert::is_zero;
 use crate::format::GuestOffset;
 use crate::image::{ErrorKind, GuestExtent, Image, ImageError};
@@ -13,8 +16,9 @@ use crate::nbd::{Command, ExportConfig, Extent, Framing, NbdError, Negotiated, R
 
 /// Guest map entries asked for at a time.
 const MAP_BATCH: usize = 1024;
-/// The most extents one block status reply describes per context.
-const MAX_REPLY_EXTENTS: usize = 16 * 1024;
+/// The most extents one block status reply describes per context: qemu-nbd's 1 MiB of 8-byte
+/// extents.
+const MAX_REPLY_EXTENTS: usize = (1 << 20) / 8;
 
 /// Reads send runs of zeros this long (and aligned) as holes.
 const HOLE_GRANULE: u64 = 4096;
@@ -63,6 +67,7 @@ impl Contexts {
 /// Carries out `request` (with its write `payload`) and returns the reply's bytes.
 pub(super) fn execute(
     image: &Image,
+    writes: WriteModes,
     session: &Session,
     contexts: &Contexts,
     request: &Request,
@@ -75,17 +80,29 @@ pub(super) fn execute(
         Command::Read { offset, length, df } => {
             return read(image, framing, request, *offset, *length, *df);
         }
-        Command::Write { offset, fua, .. } => image
-            .write_at(GuestOffset(*offset), payload)
-            .and_then(|()| flush_if(image, *fua)),
+        Command::Write { offset, fua, .. } => {
+            let at = GuestOffset(*offset);
+            let written = match writes.detect_zeroes {
+                DetectZeroes::Off => image.write_at(at, payload),
+                _ if !is_zero(payload) => image.write_at(at, payload),
+                DetectZeroes::On => image.write_zeroes(at, payload.len() as u64, false),
+                DetectZeroes::Unmap => {
+                    image.write_zeroes(at, payload.len() as u64, writes.discard == Discard::Unmap)
+                }
+            };
+            written.and_then(|()| flush_if(image, *fua))
+        }
         Command::Flush => image.flush(),
         Command::Trim {
             offset,
             length,
             fua,
-        } => image
-            .discard(GuestOffset(*offset), *length)
-            .and_then(|()| flush_if(image, *fua)),
+        } => match writes.discard {
+            // Answered as done: a trim is only a hint (qemu-nbd's default).
+            Discard::Ignore => Ok(()),
+            Discard::Unmap => image.discard(GuestOffset(*offset), *length),
+        }
+        .and_then(|()| flush_if(image, *fua)),
         Command::WriteZeroes {
             offset,
             length,
@@ -97,8 +114,10 @@ pub(super) fn execute(
                 framing.error_reply(&mut out, to, NbdError::NotSup, "zeroing is not fast here");
                 return out;
             }
+            // Clusters are freed only where the client allows it and discards are carried out.
+            let unmap = !*no_hole && writes.discard == Discard::Unmap;
             image
-                .write_zeroes(GuestOffset(*offset), *length, !*no_hole)
+                .write_zeroes(GuestOffset(*offset), *length, unmap)
                 .and_then(|()| flush_if(image, *fua))
         }
         Command::Cache { .. } => Ok(()),

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::commands::{execute, Contexts};
-use super::{Stream, POLL};
+use super::{Stream, WriteModes, POLL};
 use crate::image::Image;
 use crate::nbd::{
     parse_request, Command, Handshake, Negotiated, Parse, Request, ServerConfig, Session, Step,
@@ -32,15 +32,26 @@ const BUDGET: u64 = 64 << 20;
 /// Bytes read from the socket at a time while parsing headers.
 const READ_CHUNK: usize = 64 << 10;
 
-/// Serves one connection to its end; `served` is set once it reaches the transmission phase.
-pub(super) fn run(
-    stream: Stream,
-    image: &Image,
-    config: &Arc<ServerConfig>,
-    stop: &AtomicBool,
-    handshake_timeout: Duration,
-    served: &AtomicBool,
-) {
+/// What every connection of a server shares.
+pub(super) struct Shared<'a> {
+    pub(super) image: &'a Image,
+    pub(super) config: &'a Arc<ServerConfig>,
+    /// Set when the server stops.
+    pub(super) stop: &'a AtomicBool,
+    /// Set once a connection reaches the transmission phase.
+    pub(super) served: &'a AtomicBool,
+    pub(super) writes: WriteModes,
+}
+
+/// Serves one connection to its end.
+pub(super) fn run(stream: Stream, shared: &Shared<'_>, handshake_timeout: Duration) {
+    let Shared {
+        image,
+        config,
+        stop,
+        served,
+        writes,
+    } = *shared;
     let Ok(writer) = stream.try_clone() else {
         return;
     };
@@ -53,6 +64,7 @@ pub(super) fn run(
         let contexts = Contexts::new(&negotiated, export);
         let conn = Connection {
             image,
+            writes,
             session,
             contexts,
             writer: Mutex::new(writer),
@@ -124,6 +136,7 @@ struct Work {
 /// The transmission phase of one connection.
 struct Connection<'a> {
     image: &'a Image,
+    writes: WriteModes,
     session: Session,
     contexts: Contexts,
     writer: Mutex<Stream>,
@@ -250,6 +263,7 @@ impl Connection<'_> {
             };
             let reply = execute(
                 self.image,
+                self.writes,
                 &self.session,
                 &self.contexts,
                 &work.request,

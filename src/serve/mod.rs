@@ -10,6 +10,11 @@
 //! so `CAN_MULTI_CONN` is honest: a FLUSH on any connection flushes every write that any of
 //! them had replied to.
 //!
+//! The socket is bound here ([`Listen::Unix`], [`Listen::Tcp`]) or handed over
+//! ([`Listen::Inherited`]: socket activation); `--fork`, the pid file and reading the
+//! activation variables are the command line's (`python/qcow2ovl/_cli_serve.py`), before any
+//! thread exists. [`WriteModes`] are qemu-nbd's `--discard` and `--detect-zeroes`.
+//!
 //! | file | concern |
 //! |---|---|
 //! | `mod.rs` | options, the listening socket, the accept loop, shutdown |
@@ -21,6 +26,7 @@ mod connection;
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -41,6 +47,42 @@ pub enum Listen {
     Unix(PathBuf),
     /// TCP on this address and port.
     Tcp(String, u16),
+    /// A listening socket the server was handed (systemd's socket activation: descriptor 3),
+    /// Unix or TCP as it is. The server owns it from then on, and leaves a Unix socket's file
+    /// where it is at exit (it did not make it).
+    Inherited(RawFd),
+}
+
+/// What a client's `TRIM` does (qemu-nbd's `--discard`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Discard {
+    /// Answered, and nothing is done (qemu-nbd's default); zero writes keep their clusters
+    /// allocated.
+    #[default]
+    Ignore,
+    /// Discarded as the engine's `discard` does; zero writes may free their clusters.
+    Unmap,
+}
+
+/// What happens to a `WRITE` whose payload is all zeros (qemu-nbd's `--detect-zeroes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Written as data (the default).
+    #[default]
+    Off,
+    /// Made an engine zero write that keeps the clusters allocated.
+    On,
+    /// Made an engine zero write that may free them (only with [`Discard::Unmap`]).
+    Unmap,
+}
+
+/// How writes are carried out: the export's discard and zero-detection modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteModes {
+    /// `--discard`.
+    pub discard: Discard,
+    /// `--detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
 }
 
 /// How to serve.
@@ -62,6 +104,8 @@ pub struct ServeOptions {
     pub allocation_depth: bool,
     /// Offer the persistent bitmap of this name as `qemu:dirty-bitmap:NAME` (`-B`).
     pub bitmap: Option<String>,
+    /// `--discard` and `--detect-zeroes`.
+    pub writes: WriteModes,
 }
 
 impl Default for ServeOptions {
@@ -75,6 +119,7 @@ impl Default for ServeOptions {
             handshake_timeout: Duration::from_secs(10),
             allocation_depth: false,
             bitmap: None,
+            writes: WriteModes::default(),
         }
     }
 }
@@ -99,6 +144,9 @@ pub enum ServeError {
     /// Accepting connections failed.
     #[error("accept: {0}")]
     Accept(io::Error),
+    /// The inherited socket is not one the server can listen on (qemu-nbd's words).
+    #[error("Failed to use socket activation: {0}")]
+    Activation(String),
 }
 
 /// The system's words for `e`, without Rust's ` (os error N)`.
@@ -110,9 +158,9 @@ fn strerror(e: &io::Error) -> String {
     }
 }
 
-/// A bound listening socket.
+/// A bound listening socket; a Unix one with the path to remove at exit (none when inherited).
 enum Listener {
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, Option<PathBuf>),
     Tcp(TcpListener),
 }
 
@@ -190,6 +238,15 @@ impl Server {
                 "Invalid shared device number '0'".into(),
             ));
         }
+        if options.writes.detect_zeroes == DetectZeroes::Unmap
+            && options.writes.discard != Discard::Unmap
+        {
+            return Err(ServeError::Invalid(
+                "setting detect-zeroes to unmap is not allowed without setting discard \
+                 operation to unmap"
+                    .into(),
+            ));
+        }
         let config = Arc::new(export_config(&image, &options)?);
         let listener = match &options.listen {
             Listen::Unix(path) => {
@@ -203,7 +260,7 @@ impl Server {
                     what: what.clone(),
                     source,
                 })?;
-                Listener::Unix(l, path.clone())
+                Listener::Unix(l, Some(path.clone()))
             }
             Listen::Tcp(addr, port) => {
                 let what = format!("{addr}:{port}");
@@ -211,6 +268,7 @@ impl Server {
                     .map_err(|source| ServeError::Bind { what, source })?;
                 Listener::Tcp(l)
             }
+            Listen::Inherited(fd) => inherited(*fd)?,
         };
         let nonblocking = match &listener {
             Listener::Unix(l, _) => l.set_nonblocking(true),
@@ -266,8 +324,16 @@ impl Server {
                         let active = Arc::clone(&active);
                         let (image, config, served) = (&self.image, &self.config, &served);
                         let (stop, timeout) = (&self.stop, self.options.handshake_timeout);
+                        let writes = self.options.writes;
                         scope.spawn(move || {
-                            connection::run(stream, image, config, stop, timeout, served);
+                            let conn = connection::Shared {
+                                image,
+                                config,
+                                stop,
+                                served,
+                                writes,
+                            };
+                            connection::run(stream, &conn, timeout);
                             active.fetch_sub(1, Ordering::AcqRel);
                         });
                     }
@@ -279,7 +345,7 @@ impl Server {
             self.stop.store(true, Ordering::Release);
             result
         });
-        if let Listener::Unix(_, path) = &self.listener {
+        if let Listener::Unix(_, Some(path)) = &self.listener {
             let _ = std::fs::remove_file(path);
         }
         if let Err(e) = self.image.flush() {
@@ -310,6 +376,48 @@ impl Server {
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The listening socket at `fd`, checked as qemu-nbd checks an activated one (its peer, then
+/// its own address), Unix or TCP by its family. It is taken over: closed with the server.
+fn inherited(fd: RawFd) -> Result<Listener, ServeError> {
+    // SAFETY: both calls write at most `len` bytes into the zeroed `sockaddr_storage` and
+    // update `len`; an invalid descriptor only makes them fail.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let ptr = (&mut addr as *mut libc::sockaddr_storage).cast::<libc::sockaddr>();
+    let mut len = size;
+    if unsafe { libc::getpeername(fd, ptr, &mut len) } < 0 {
+        let e = io::Error::last_os_error();
+        // A listening socket has no peer.
+        if e.raw_os_error() != Some(libc::ENOTCONN) {
+            return Err(ServeError::Activation(format!(
+                "Unable to query remote socket address: {}",
+                strerror(&e)
+            )));
+        }
+    }
+    len = size;
+    if unsafe { libc::getsockname(fd, ptr, &mut len) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(ServeError::Activation(format!(
+            "Unable to query local socket address: {}",
+            strerror(&e)
+        )));
+    }
+    // SAFETY: `fd` is an open socket (both queries succeeded), handed to the server to own.
+    match i32::from(addr.ss_family) {
+        libc::AF_UNIX => Ok(Listener::Unix(
+            unsafe { UnixListener::from_raw_fd(fd) },
+            None,
+        )),
+        libc::AF_INET | libc::AF_INET6 => {
+            Ok(Listener::Tcp(unsafe { TcpListener::from_raw_fd(fd) }))
+        }
+        family => Err(ServeError::Activation(format!(
+            "socket family {family} is neither Unix nor TCP"
+        ))),
     }
 }
 
