@@ -6,14 +6,17 @@
 //! every file the engine opens, [`overlap`] holds the metadata map and QEMU's naive reference
 //! checker, [`scan`] reads an image's metadata into a map (and [`problem`] holds what it
 //! reports), [`image`] is the open image (reads, guarded writes, snapshots, check and repair),
-//! [`create`] makes new images, [`convert`] copies a disk from one image to another, and `python` (behind the `python` feature) exposes all of it to
-//! Python.
+//! [`create`] makes new images, [`convert`] copies a disk from one image to another, [`crypto`]
+//! reads, unlocks and makes LUKS headers and ciphers encrypted guest data, and `python` (behind
+//! the `python` feature) exposes all of it to Python.
 
 #![deny(missing_docs)]
 
 pub mod chain;
 pub mod convert;
 pub mod create;
+/// LUKS encryption from bytes: headers parsed and made, key slots unlocked, sectors ciphered.
+pub mod crypto;
 pub mod format;
 pub mod image;
 pub mod lock;

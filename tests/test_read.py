@@ -16,8 +16,8 @@ QEMU's back; preallocation; 512 B and 2 MiB clusters; v2 images) is converted on
 - `guest_map()` equals `qemu-img map --output=json` (depth included, `offset` dropped when None);
 - `host_offset()` agrees with qemu-img map's offsets of this image's own data, and the file
   (the external data file if any) holds the guest's bytes there;
-- encrypted images open, but reads raise `UnsupportedError` and never hand out ciphertext, also
-  when only the backing file is encrypted.
+- encrypted images open without their secret, but reads raise `EncryptionError` and never hand
+  out ciphertext, also when only the backing file is encrypted.
 
 Then the edge cases: zero-length and out-of-range reads, negative offsets, buffers of every
 kind, the stream's seek/tell/EOF behaviour, reads after close, 8 threads reading one image and
@@ -376,25 +376,25 @@ def test_host_offset(kind: str, registry: Registry) -> None:
 
 
 @pytest.mark.parametrize("kind", ENCRYPTED)
-def test_encrypted_read_unsupported(kind: str, registry: Registry) -> None:
+def test_encrypted_read_without_secret(kind: str, registry: Registry) -> None:
     o = registry.get(kind)
     with qcow2ovl.open(o.path) as img:
         assert img.info.encrypted
         for off, n in ((0, 4096), (5 * MiB + 1536, 100), (20 * MiB, 512), (o.vsize - 1, 1)):
-            with pytest.raises(qcow2ovl.UnsupportedError):
+            with pytest.raises(qcow2ovl.EncryptionError, match="needs its secret"):
                 img.read(off, n)
             buf = bytearray(b"\xee" * n)
-            with pytest.raises(qcow2ovl.UnsupportedError):
+            with pytest.raises(qcow2ovl.EncryptionError):
                 img.readinto(off, buf)
             assert set(buf) <= {0xEE, 0}, f"{kind}: a failed readinto left file bytes in the buffer"
-        with pytest.raises(qcow2ovl.UnsupportedError):
+        with pytest.raises(qcow2ovl.EncryptionError):
             stream = img.stream()
             stream.read(4096)
 
 
 def test_plain_image_over_encrypted_backing(tmp_path: Path) -> None:
     """The top's own clusters read as QEMU reads them; whatever comes from the encrypted backing
-    file raises UnsupportedError (never its ciphertext); guest_map equals qemu-img map."""
+    file raises EncryptionError (never its ciphertext); guest_map equals qemu-img map."""
     top, opts = ri.build_plain_over_encrypted(tmp_path)
     raw = tmp_path / "top.raw"
     secret = ["--object", qi.SECRET_OBJECT, "--image-opts", opts]
@@ -405,7 +405,7 @@ def test_plain_image_over_encrypted_backing(tmp_path: Path) -> None:
         assert img.read(512 * KiB, 64 * KiB) == want[512 * KiB : 576 * KiB]
         assert img.read(520 * KiB, 100) == want[520 * KiB : 520 * KiB + 100]
         for off, n in ((0, 4096), (500 * KiB, 30 * KiB), (570 * KiB, 10 * KiB), (1 * MiB - 1, 1)):
-            with pytest.raises(qcow2ovl.UnsupportedError):
+            with pytest.raises(qcow2ovl.EncryptionError):
                 img.read(off, n)
         got_map = [extent_dict(e) for e in img.guest_map()]
     assert got_map == want_map, describe_map_diff(got_map, want_map)

@@ -16,6 +16,7 @@ from qcow2ovl.create import create
 from qcow2ovl.errors import (
     BitmapError,
     CorruptImageError,
+    EncryptionError,
     FormatError,
     InconsistentImageError,
     LockError,
@@ -51,6 +52,7 @@ __all__ = [
     "CommitResult",
     "ConvertResult",
     "CorruptImageError",
+    "EncryptionError",
     "FormatError",
     "GuestExtent",
     "GuestStream",

@@ -65,9 +65,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"qcow2ovl: Invalid source cache option: {args.cache}", file=sys.stderr)
             return 2
         try:
+            from qcow2ovl._cli_secrets import resolve
+
+            a, b = resolve(args, args.files[0]), resolve(args, args.files[1])
             found = compare_outcome(
-                args.files[0],
-                args.files[1],
+                a.filename,
+                b.filename,
+                a_secret=a.secret,
+                b_secret=b.secret,
                 a_format=args.a_format,
                 b_format=args.b_format,
                 strict=args.strict,
@@ -126,6 +131,9 @@ def add_parser(sub: Any) -> None:
         help="the images' cache mode (accepted; reads go through the page cache)",
     )
     add_force_share(p)
+    from qcow2ovl._cli_secrets import add_arguments
+
+    add_arguments(p)
     p.add_argument("files", nargs="*", metavar="FILE", help="FILE1 FILE2")
     p.set_defaults(func=run)
 

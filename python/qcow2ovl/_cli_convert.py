@@ -25,13 +25,18 @@ _QCOW2_OPTIONS = {
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
-def qcow2_options(specs: list[str]) -> dict[str, Any]:
-    """create()'s keywords from ``-o key=value,...`` (qemu-img's syntax and names)."""
+def qcow2_options(specs: list[str], objects: list[str] | None = None) -> dict[str, Any]:
+    """create()'s keywords from ``-o key=value,...`` (qemu-img's syntax and names); the
+    ``encrypt.*`` ones become ``encrypt``, its secret looked up among the ``--object`` ones."""
     from qcow2ovl import _cli_create as c
 
     kwargs: dict[str, Any] = {}
+    encrypt: dict[str, str] = {}
     for spec in specs:
         for key, value in c._split_options(spec):
+            if key.startswith("encrypt.") and key in c._KNOWN:
+                encrypt[key] = value
+                continue
             if key not in _QCOW2_OPTIONS:
                 if key in c._KNOWN:
                     raise ValueError(f"convert: option '{key}' is not supported yet")
@@ -44,6 +49,8 @@ def qcow2_options(specs: list[str]) -> dict[str, Any]:
                 kwargs[key] = c._bool(key, value)
             else:
                 kwargs[_QCOW2_OPTIONS[key]] = value
+    if encrypt:
+        kwargs["encrypt"] = c.encrypt_options(objects or [], encrypt)
     return kwargs
 
 
@@ -82,7 +89,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("Invalid number of coroutines specified. Must be between 1 and 16.")
     _cache(args.source_cache)
     cache = _cache(args.target_cache)
-    options = qcow2_options(args.options) if args.output_format == "qcow2" else {}
+    options = qcow2_options(args.options, args.objects) if args.output_format == "qcow2" else {}
+    from qcow2ovl._cli_secrets import OptionsError, image_opts, secrets
+
+    found = secrets(args.objects)
+    source_secret = output_secret = None
+    if args.image_opts:
+        opts = image_opts(source, found)
+        source, source_secret = opts.filename, opts.secret
+    if args.target_image_opts:
+        if not args.no_create:
+            raise OptionsError("--target-image-opts requires use of -n flag")
+        opts = image_opts(output, found)
+        output, output_secret = opts.filename, opts.secret
     if args.options and args.output_format != "qcow2":
         raise ValueError("convert: -o applies to -O qcow2 only")
     backing = args.backing_file or options.pop("backing_file", None)
@@ -113,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         bitmaps=args.bitmaps,
         skip_broken_bitmaps=args.skip_broken_bitmaps,
         progress=progress,
+        source_secret=source_secret,
+        output_secret=output_secret,
     )
     if progress is not None:
         progress.end()
@@ -215,8 +236,16 @@ def add_parser(sub: Any) -> None:
         help="with --bitmaps: skip inconsistent bitmaps instead of failing",
     )
     from qcow2ovl._cli_options import add_force_share
+    from qcow2ovl._cli_secrets import add_arguments
 
     add_force_share(p)
+    add_arguments(p)
+    p.add_argument(
+        "--target-image-opts",
+        dest="target_image_opts",
+        action="store_true",
+        help="with -n: OUTPUT is an options string (driver=qcow2,file.filename=...,...)",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="SOURCE OUTPUT")
     p.set_defaults(func=run)
 

@@ -32,6 +32,14 @@ _FALSE = ("off", "no", "false", "n")
 #: Options qemu-img's qcow2 driver takes, in the order its ``Formatting`` line prints them,
 #: with the value printed when the option is not given (None: not printed).
 _PRINT_ORDER: tuple[tuple[str, str | None], ...] = (
+    ("encrypt.format", None),
+    ("encrypt.key-secret", None),
+    ("encrypt.cipher-alg", None),
+    ("encrypt.cipher-mode", None),
+    ("encrypt.ivgen-alg", None),
+    ("encrypt.ivgen-hash-alg", None),
+    ("encrypt.hash-alg", None),
+    ("encrypt.iter-time", None),
     ("cluster_size", "65536"),
     ("extended_l2", "off"),
     ("preallocation", None),
@@ -154,6 +162,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("-b", dest="backing_file", help="backing file")
     p.add_argument("-F", dest="backing_fmt", help="backing file format")
     p.add_argument("-q", dest="quiet", action="store_true", help="do not print the summary")
+    from qcow2ovl._cli_secrets import add_arguments
+
+    add_arguments(p, image_opts=False)
     p.add_argument("image", help="path of the new image")
     p.add_argument("size", nargs="?", help="virtual size, with optional suffix k M G T P E")
     p.set_defaults(func=run)
@@ -228,11 +239,47 @@ def _create(args: argparse.Namespace) -> None:
         "data_file": opts.get("data_file"),
         "data_file_raw": _bool("data_file_raw", opts.get("data_file_raw", "off")),
         "preallocation": opts.get("preallocation", "off"),
+        "encrypt": _encrypt(args, opts),
     }
     if not args.quiet:
         print(_formatting_line(args.image, opts, size), flush=True)
     # An existing image (and data file) is replaced, as qemu-img create replaces it.
     create(args.image, size, overwrite=True, **kwargs)
+
+
+def _encrypt(args: argparse.Namespace, opts: dict[str, str]) -> dict[str, object] | None:
+    """:func:`qcow2ovl.create`'s *encrypt* from the ``encrypt.*`` options (``None`` without
+    any)."""
+    given = {k: v for k, v in opts.items() if k.startswith("encrypt.")}
+    return encrypt_options(args.objects, given) if given else None
+
+
+def encrypt_options(objects: list[str], given: dict[str, str]) -> dict[str, object]:
+    """:func:`qcow2ovl.create`'s *encrypt* from ``encrypt.*`` options, the secret looked up
+    among the ``--object`` definitions *objects*; errors in qemu-img's words."""
+    from qcow2ovl._cli_secrets import OptionsError, secret_by_id, secrets
+
+    rest = {k.removeprefix("encrypt."): v for k, v in given.items()}
+    try:
+        found = secrets(objects)
+    except OptionsError as exc:
+        raise CreateUsageError(str(exc), image=False) from None
+    fmt = rest.pop("format", None)
+    if fmt is None:
+        raise CreateUsageError("Parameter 'encrypt.format' is missing")
+    encrypt: dict[str, object] = {"format": fmt}
+    ident = rest.pop("key-secret", None)
+    if ident is not None:
+        try:
+            encrypt["key_secret"] = secret_by_id(found, ident)
+        except OptionsError as exc:
+            raise CreateUsageError(str(exc)) from None
+    iter_time = rest.pop("iter-time", None)
+    if iter_time is not None:
+        encrypt["iter_time"] = _number("encrypt.iter-time", iter_time)
+    for key, value in rest.items():
+        encrypt[key.replace("-", "_")] = value
+    return encrypt
 
 
 def _data_files(args: argparse.Namespace) -> list[str]:

@@ -231,17 +231,29 @@ def needs_writable(commands: Sequence[str]) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``qcow2ovl io``; returns 0 when every command succeeded, else 1."""
+    from qcow2ovl._cli_secrets import ImageOpts, OptionsError, image_opts, secrets
     from qcow2ovl.errors import CorruptImageError, Qcow2Error
     from qcow2ovl.image import open as open_image
 
     if args.fmt != "qcow2":
         print(f"qcow2ovl: Unknown driver '{args.fmt}'", file=sys.stderr)
         return 1
+    # qemu-io names the device in its open errors, but not one given by --image-opts.
+    device = "" if args.image_opts else f" device {args.image}"
+    try:
+        found = secrets(args.objects)
+    except OptionsError as exc:
+        print(f"qcow2ovl: {exc}", file=sys.stderr)
+        return 1
+    try:
+        target = image_opts(args.image, found) if args.image_opts else ImageOpts(args.image)
+    except OptionsError as exc:
+        print(f"qcow2ovl: can't open{device}: {exc}", file=sys.stderr)
+        return 1
     if args.force_share and not args.read_only:
         # qemu-io opens read-write without -r, and -U cannot share a writer's image.
         print(
-            f"qcow2ovl: can't open device {args.image}: force-share=on can only be used with "
-            "read-only images",
+            f"qcow2ovl: can't open{device}: force-share=on can only be used with read-only images",
             file=sys.stderr,
         )
         return 1
@@ -257,20 +269,29 @@ def run(args: argparse.Namespace) -> int:
         logger.propagate = False
     try:
         image = open_image(
-            args.image,
+            target.filename,
             writable=writable,
             overlap_check=args.overlap_check,
             force_share=args.force_share,
+            secret=target.secret,
         )
     except (Qcow2Error, OSError, ValueError) as exc:
         text = str(exc)
         if isinstance(exc, Qcow2Error):
-            text = text.removeprefix(f"{args.image}: ")
+            text = text.removeprefix(f"{target.filename}: ")
             if isinstance(exc, CorruptImageError):
                 text = f"qcow2: {text}"  # the driver's name, as QEMU prefixes this one
         elif isinstance(exc, OSError) and exc.strerror:
-            text = f"Could not open '{args.image}': {exc.strerror}"
-        print(f"qcow2ovl: can't open device {args.image}: {text}", file=sys.stderr)
+            text = f"Could not open '{target.filename}': {exc.strerror}"
+        print(f"qcow2ovl: can't open{device}: {text}", file=sys.stderr)
+        return 1
+    if image.info.encrypted and target.secret is None:
+        # qemu-io opens no encrypted image without its secret.
+        image.close()
+        print(
+            f"qcow2ovl: can't open{device}: Parameter 'encrypt.key-secret' is required for cipher",
+            file=sys.stderr,
+        )
         return 1
     ok = True
     with image:
@@ -335,12 +356,15 @@ def add_parser(subparsers: Any) -> None:
     from qcow2ovl._cli_options import add_force_share
 
     add_force_share(p)
+    from qcow2ovl._cli_secrets import add_arguments
+
+    add_arguments(p)
     p.add_argument(
         "--overlap-check",
         default="all",
         help="metadata types writes are checked against (QEMU's syntax; default: all)",
     )
-    p.add_argument("image", help="path of the qcow2 image")
+    p.add_argument("image", help="path of the qcow2 image (an options string with --image-opts)")
     p.set_defaults(func=run)
 
 

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from os import PathLike
-from typing import Any, final, overload
+from typing import Any, Literal, final, overload
 
 from typing_extensions import Buffer
 
@@ -135,6 +135,9 @@ class NbdServer:
         handshake_timeout: float = 10.0,
         allocation_depth: bool = False,
         bitmap: str | None = None,
+        discard: Literal["ignore", "unmap"] = "ignore",
+        detect_zeroes: Literal["off", "on", "unmap"] = "off",
+        listen_fd: int | None = None,
     ) -> NbdServer: ...
     @property
     def port(self) -> int | None: ...
@@ -197,6 +200,7 @@ def open_image(
     force_share: bool = False,
     metadata_only: bool = False,
     cache_mode: str = "writeback",
+    secret: str | bytes | None = None,
 ) -> Image: ...
 def locking_notice(mode: str) -> str | None: ...
 def convert_disk(
@@ -247,6 +251,7 @@ def open_image_fd(
     snapshot: str | None = None,
     locking: str = "auto",
     force_share: bool = False,
+    secret: str | bytes | None = None,
 ) -> Image: ...
 def open_image_fileobj(
     file: object,
@@ -259,6 +264,7 @@ def open_image_fileobj(
     snapshot: str | None = None,
     locking: str = "auto",
     force_share: bool = False,
+    secret: str | bytes | None = None,
 ) -> Image: ...
 def create_image(
     path: str | PathLike[str],
@@ -277,6 +283,7 @@ def create_image(
     preallocation: str = "off",
     overwrite: bool = False,
     locking: str = "auto",
+    encrypt: dict[str, object] | None = None,
 ) -> None: ...
 def check_image(
     image: Image, progress: Callable[[int, int], object] | None = None, details: bool = True

@@ -70,7 +70,9 @@ class CompareReadError(OSError):
 class _Disk:
     """One side of the comparison: reads, zero facts and (strict mode) block status."""
 
-    def __init__(self, path: str, fmt: str | None, force_share: bool) -> None:
+    def __init__(
+        self, path: str, fmt: str | None, force_share: bool, secret: str | bytes | None = None
+    ) -> None:
         if fmt is None:
             from qcow2ovl._format import probe_format
 
@@ -84,14 +86,17 @@ class _Disk:
         if fmt == "qcow2":
             from qcow2ovl.image import open as open_image
 
-            self.image = open_image(path, overlap_check="none", force_share=force_share)
-            if self.image.info.encrypted:
-                from qcow2ovl.errors import UnsupportedError
+            self.image = open_image(
+                path, overlap_check="none", force_share=force_share, secret=secret
+            )
+            if self.image.info.encrypted and secret is None:
+                from qcow2ovl.errors import EncryptionError
 
                 self.image.close()
-                raise UnsupportedError(
-                    f"Could not open '{path}': guest data of encrypted images cannot be read: "
-                    "decryption is not supported"
+                # qemu-img's words: it cannot open an encrypted image without its secret.
+                raise EncryptionError(
+                    f"Could not open '{path}': Parameter 'encrypt.key-secret' is required for "
+                    "cipher"
                 )
             self.size = self.image.virtual_size
             self.file_size = self.size
@@ -384,13 +389,15 @@ def compare_outcome(
     force_share: bool = False,
     progress: Callable[[int, int], object] | None = None,
     on_tail: Callable[[], object] | None = None,
+    a_secret: str | bytes | None = None,
+    b_secret: str | bytes | None = None,
 ) -> CompareOutcome:
     """:func:`compare`, with what was found in detail (:class:`CompareOutcome`). *on_tail* is
     called when the disks' sizes differ and their common part compared equal, before the
     rest of the longer disk is checked for zeros (where qemu-img prints its size warning)."""
-    disk_a = _Disk(os.fspath(a), a_format, force_share)
+    disk_a = _Disk(os.fspath(a), a_format, force_share, a_secret)
     try:
-        disk_b = _Disk(os.fspath(b), b_format, force_share)
+        disk_b = _Disk(os.fspath(b), b_format, force_share, b_secret)
         try:
             return _compare_disks(disk_a, disk_b, strict, progress, on_tail)
         finally:
@@ -408,6 +415,8 @@ def compare(
     strict: bool = False,
     force_share: bool = False,
     progress: Callable[[int, int], object] | None = None,
+    a_secret: str | bytes | None = None,
+    b_secret: str | bytes | None = None,
 ) -> int | None:
     """Compare the guest disks of *a* and *b* (qcow2 images with their backing chains, or raw
     files; *a_format* and *b_format* ``"qcow2"`` or ``"raw"``, probed by default), as
@@ -421,6 +430,7 @@ def compare(
     unallocated, or one reads a range as zeros the other holds as data, ...): at the first
     offset where it does, unless their bytes differ before it.
 
+    *a_secret* and *b_secret* unlock encrypted images (see :func:`qcow2ovl.open`).
     *force_share* (``-U``) opens them beside a writer. *progress* is called as
     ``progress(done, total)`` with rising guest byte counts, *total* being the larger size,
     from 0, ending at *total* when the disks were compared to the end (a difference stops the
@@ -438,6 +448,8 @@ def compare(
         strict=strict,
         force_share=force_share,
         progress=progress,
+        a_secret=a_secret,
+        b_secret=b_secret,
     )
     return found.offset
 

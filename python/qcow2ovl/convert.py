@@ -105,6 +105,8 @@ def convert(
     bitmaps: bool = False,
     skip_broken_bitmaps: bool = False,
     progress: Callable[[int, int], object] | None = None,
+    source_secret: str | bytes | None = None,
+    output_secret: str | bytes | None = None,
 ) -> ConvertResult:
     """Copy the guest disk of *source* (a qcow2 image with its backing chain, or a raw file;
     *source_format* ``"qcow2"`` or ``"raw"``, probed by default) to *output*, as
@@ -130,6 +132,12 @@ def convert(
     *snapshot* reads that internal snapshot of a qcow2 source; *force_share* (``-U``) opens the
     source beside a writer. *bitmaps* copies the source's persistent bitmaps (qcow2 to qcow2),
     failing on an inconsistent one unless *skip_broken_bitmaps*.
+
+    Encrypted images: *source_secret* unlocks an encrypted source (see :func:`qcow2ovl.open`).
+    An ``encrypt`` entry in *options* (see :func:`qcow2ovl.create`) makes a new encrypted
+    output, written with its ``key_secret``; *output_secret* unlocks an existing encrypted
+    output (``create=False``). Compressed output is refused for an encrypted image (QEMU would
+    store the compressed clusters in plaintext).
 
     *cache_mode* is the output's ``cache=`` mode (see :func:`qcow2ovl.open`): with the
     default ``"writeback"`` every byte is on disk when this returns; ``"unsafe"`` skips the
@@ -166,9 +174,23 @@ def convert(
         raise ValueError("Use of --skip-broken-bitmaps requires --bitmaps")
     if bitmaps and output_format != "qcow2":
         raise ValueError(f"Format driver '{output_format}' does not support bitmaps")
+    encrypt = (options or {}).get("encrypt")
+    if output_secret is None and encrypt is not None:
+        output_secret = encrypt.get("key_secret")
+    if compress and (encrypt is not None or output_secret is not None):
+        raise ValueError(
+            "Compressed writes into encrypted images are refused: compressed clusters are "
+            "stored unencrypted"
+        )
 
     src_image = (
-        open_image(src_path, overlap_check="none", snapshot=snapshot, force_share=force_share)
+        open_image(
+            src_path,
+            overlap_check="none",
+            snapshot=snapshot,
+            force_share=force_share,
+            secret=source_secret,
+        )
         if fmt == "qcow2"
         else None
     )
@@ -196,7 +218,9 @@ def convert(
                 progress=progress,
             )
         else:
-            with open_image(out_path, writable=True, cache_mode=cache_mode) as target:
+            with open_image(
+                out_path, writable=True, cache_mode=cache_mode, secret=output_secret
+            ) as target:
                 if target.virtual_size < size:
                     raise ValueError("output file is smaller than input file")
                 has_backing = target.info.backing_file is not None

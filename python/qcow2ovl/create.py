@@ -9,6 +9,7 @@ from qcow2ovl import _core
 # Startup time: typing is for type checkers only (see qcow2ovl.image).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Literal, Union
 
     #: Accepted ``version`` values: the format version, or qemu-img's ``compat`` names.
@@ -75,6 +76,7 @@ def create(
     preallocation: Preallocation = "off",
     overwrite: bool = False,
     locking: Locking = "auto",
+    encrypt: Mapping[str, object] | None = None,
 ) -> None:
     """Create a qcow2 image at *path*, as ``qemu-img create -f qcow2`` would.
 
@@ -96,6 +98,16 @@ def create(
     ``qemu-io``, a qcow2ovl handle — is refused with :class:`~qcow2ovl.LockError` and left
     byte for byte as it was, even with *overwrite* (which empties a file only once it is
     locked).
+
+    *encrypt* makes a LUKS-encrypted image, as qemu-img's ``encrypt.*`` options do:
+    ``{"format": "luks", "key_secret": SECRET}`` with, optionally, ``cipher_alg``
+    (``"aes-128"``, ``"aes-192"``, ``"aes-256"``: the default), ``cipher_mode`` (``"xts"``: the
+    default, ``"cbc"``, ``"ecb"``, ``"ctr"``), ``ivgen_alg`` (``"plain64"``: the default,
+    ``"plain"``, ``"essiv"``), ``ivgen_hash_alg`` and ``hash_alg`` (``"sha256"`` by default;
+    ``md5``, ``sha1``, ``sha224``, ``sha384``, ``sha512``, ``ripemd160``), and ``iter_time``
+    (milliseconds of key derivation per unlock, 2000 by default). *SECRET* is the passphrase
+    itself (``str``, encoded as UTF-8, or ``bytes``), not the id of a secret object. Legacy
+    AES (``"format": "aes"``) is refused: it is insecure, and QEMU no longer writes it.
 
     Raises :class:`FileExistsError` if *path* (or the data file) exists, unless *overwrite*;
     :class:`ValueError` with QEMU's message for an invalid option or combination;
@@ -123,6 +135,7 @@ def create(
             )
     if size is None:
         raise ValueError("Image creation needs a size parameter")
+    luks = _encrypt_options(encrypt) if encrypt is not None else None
     _core.create_image(
         fspath,
         size,
@@ -139,4 +152,46 @@ def create(
         preallocation=preallocation,
         overwrite=overwrite,
         locking=locking,
+        encrypt=luks,
     )
+
+
+#: ``encrypt`` keys of :func:`create`, with the names qemu-img gives them.
+_ENCRYPT_KEYS = {
+    "format": "format",
+    "key_secret": "key-secret",
+    "cipher_alg": "cipher-alg",
+    "cipher_mode": "cipher-mode",
+    "ivgen_alg": "ivgen-alg",
+    "ivgen_hash_alg": "ivgen-hash-alg",
+    "hash_alg": "hash-alg",
+    "iter_time": "iter-time",
+}
+
+
+def _encrypt_options(encrypt: Mapping[str, object]) -> dict[str, object]:
+    """*encrypt* checked as qemu-img checks its ``encrypt.*`` options, for the core."""
+    unknown = [k for k in encrypt if k not in _ENCRYPT_KEYS]
+    if unknown:
+        raise ValueError(f"Invalid parameter 'encrypt.{_ENCRYPT_KEYS.get(unknown[0], unknown[0])}'")
+    fmt = encrypt.get("format", "luks")
+    if fmt == "aes":
+        raise ValueError(
+            "Creating images with legacy AES encryption is not supported (it is insecure): "
+            "use format 'luks'"
+        )
+    if fmt != "luks":
+        raise _not_accepted("format", fmt)
+    secret = encrypt.get("key_secret")
+    if secret is None:
+        raise ValueError("Parameter 'encrypt.key-secret' is required for cipher")
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, (bytes, bytearray, memoryview)):
+        raise TypeError("encrypt['key_secret'] must be str or bytes")
+    out: dict[str, object] = {k: v for k, v in encrypt.items() if k not in ("format", "key_secret")}
+    iter_time = out.get("iter_time")
+    if iter_time is not None and (isinstance(iter_time, bool) or not isinstance(iter_time, int)):
+        raise _not_accepted("iter-time", iter_time)
+    out["key_secret"] = bytes(secret)
+    return out

@@ -112,9 +112,16 @@ class BitmapError(Qcow2Error):
     (in use when the image was opened: a writer stopped without storing it)."""
 
 
+class EncryptionError(Qcow2Error):
+    """An encrypted image's secret is wrong (``Invalid password, cannot unlock any keyslot``)
+    or missing (its guest data was read or written without one; metadata needs none), or its
+    encryption cannot be used as asked. The message never holds the secret."""
+
+
 __all__ = [
     "BitmapError",
     "CorruptImageError",
+    "EncryptionError",
     "FormatError",
     "InconsistentImageError",
     "LockError",

@@ -545,6 +545,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     force_share: bool = False,
     locking: Locking = "auto",
     cache_mode: CacheMode = "writeback",
+    secret: str | bytes | None = None,
 ) -> Image:
     """Open the qcow2 image at *path*, validate its header and tables, and map its metadata.
 
@@ -559,8 +560,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     With *writable*, the image can be written (:meth:`Image.write` and friends); every host
     write is checked against the metadata map first, with every check on by default.
     *on_corruption* is called as ``on_corruption(message, offset, size, fatal)`` when a write is
-    refused for landing on metadata. A writable open refuses images marked corrupt, images
-    whose metadata overlaps and encrypted images. An image left dirty by a writer that used
+    refused for landing on metadata. A writable open refuses images marked corrupt and images
+    whose metadata overlaps. An image left dirty by a writer that used
     lazy refcounts is repaired first, as QEMU does at open (refcounts recomputed, the dirty bit
     cleared); if that leaves anything wrong the open fails with
     :class:`~qcow2ovl.CorruptImageError` naming ``qcow2ovl check -r all``. To repair an image
@@ -596,6 +597,15 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     ``"none"`` and ``"directsync"`` are accepted with the durability of ``"writeback"`` and
     ``"writethrough"``; the page cache is not bypassed. File objects take ``"writeback"`` only.
 
+    *secret* unlocks an encrypted image's guest data (QEMU's ``encrypt.key-secret``: the
+    passphrase as ``str``, encoded as UTF-8, or as ``bytes``). LUKS images are read and written
+    with it; legacy AES images only read (with a warning: that cipher is insecure). Without it
+    an encrypted image opens for its metadata only (``info``, ``check``, snapshots, bitmaps,
+    resize), and guest reads and writes raise :class:`~qcow2ovl.EncryptionError`. A wrong
+    secret raises :class:`~qcow2ovl.EncryptionError` (``Invalid password, cannot unlock any
+    keyslot``) before anything is changed. The secret is not kept on the :class:`Image`, and no
+    message names it. Backing files are opened without it.
+
     Opening reads metadata only. The backing chain and an external data file of a read-only
     image are opened (and locked) at the first guest read (or :meth:`Image.guest_map`), so an
     image can be inspected without them; missing files then raise :class:`FileNotFoundError`, a
@@ -605,7 +615,8 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
     Raises :class:`~qcow2ovl.FormatError` for a malformed image, :class:`~qcow2ovl.UnsupportedError`
     for a valid one using unsupported features, :class:`~qcow2ovl.CorruptImageError` for a
     read-write open of an image marked corrupt, with overlapping metadata, or left dirty by lazy
-    refcounts beyond what the repair at open can fix, :class:`~qcow2ovl.SnapshotNotFoundError`
+    refcounts beyond what the repair at open can fix, :class:`~qcow2ovl.EncryptionError` for a
+    wrong *secret*, :class:`~qcow2ovl.SnapshotNotFoundError`
     for a *snapshot* that does not exist, :class:`~qcow2ovl.LockError` when another user's
     locks conflict, :class:`ValueError` for *force_share* with *writable* or an unknown
     *locking*, and :class:`OSError` when the file cannot be read. See :mod:`qcow2ovl.errors`
@@ -622,6 +633,7 @@ def open(  # noqa: A001 - mirrors the builtin on purpose, like gzip.open
         force_share=force_share,
         locking=locking,
         cache_mode=cache_mode,
+        secret=secret,
     )
 
 
@@ -642,6 +654,7 @@ def _open(
     locking: Locking = "auto",
     metadata_only: bool = False,
     cache_mode: CacheMode = "writeback",
+    secret: str | bytes | None = None,
 ) -> Image:
     """:func:`open`, and for the command line *metadata_only*: an open that reads the header
     and tables only (``qemu-img info``'s locks: it holds no permission but still refuses to
@@ -668,6 +681,7 @@ def _open(
             snapshot=snapshot,
             locking=locking,
             force_share=force_share,
+            secret=secret,
         )
     else:
         fspath = os.fspath(path)
@@ -685,9 +699,18 @@ def _open(
             force_share=force_share,
             metadata_only=metadata_only,
             cache_mode=cache_mode,
+            secret=secret,
         )
     image = Image(core, name, check, on_corruption)
     _log_open(image, limit, snapshot)
+    if secret is not None and image.info.crypt_method == 1:
+        import logging
+
+        logging.getLogger("qcow2ovl").warning(
+            "%s: legacy AES encryption is insecure (its key is the passphrase itself and its IVs "
+            "are predictable); the image is read-only here: convert it to a LUKS-encrypted one",
+            name,
+        )
     return image
 
 

@@ -12,6 +12,7 @@
 //! | `preallocation=metadata` | each L2 table followed by the data clusters it maps |
 //! | `falloc` / `full` | every L2 table, then every data cluster in guest order |
 //! | external data file | every L2 table; guest cluster *n* is cluster *n* of the data file |
+//! | LUKS header area (encrypted images) | after all of the above, in whole clusters (QEMU sets up encryption once the disk is sized and preallocated) |
 //!
 //! Every cluster from 0 to the end of the layout is in use exactly once, so every refcount is 1
 //! and the refcount blocks are "ones up to the end". The refcount structures must count
@@ -26,7 +27,7 @@
 //!
 //! Write order (nothing points at a structure before it is complete, the header goes last):
 //! the file length, refcount blocks, refcount table, L2 tables, L1 table, zeros for `full`,
-//! the external data file, then the header, then a flush.
+//! the external data file, the LUKS header area, then the header, then a flush.
 //!
 //! | file | concern |
 //! |---|---|

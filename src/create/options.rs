@@ -57,6 +57,20 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// Preallocation mode.
     pub preallocation: Preallocation,
+    /// LUKS encryption: the header area to store (made by [`crate::crypto::Luks::create`]
+    /// with the secret); the image gets `crypt_method` 2 and the extension pointing at it.
+    pub encryption: Option<CryptoArea>,
+}
+
+/// The bytes of a new image's LUKS header area (the LUKS header and its key slots, which hold
+/// the volume key enciphered with the secret). `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CryptoArea(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for CryptoArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CryptoArea({} bytes)", self.0.len())
+    }
 }
 
 impl Default for CreateOptions {
@@ -74,6 +88,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             preallocation: Preallocation::Off,
+            encryption: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::format::offsets::{MAX_CLUSTER_BITS, MAX_HOST_OFFSET, MIN_CLUSTER_BITS
 use crate::format::refcount::MAX_REFCOUNT_ORDER;
 use crate::format::{
     write_extended_l2_table, write_u64_table, ClusterCount, ClusterIndex, FormatError, Geometry,
-    GuestOffset, Header, HostOffset,
+    GuestOffset, Header, HeaderExtension, HostOffset,
 };
 
 use super::options::*;
@@ -69,6 +69,8 @@ pub struct Plan {
     pub file_len: u64,
     /// Length of the external data file, if there is one (the virtual size).
     pub data_file_len: Option<u64>,
+    /// The LUKS header area of an encrypted image: its first cluster and its bytes.
+    pub crypto_area: Option<(ClusterIndex, CryptoArea)>,
 }
 
 /// Number of `(refcount blocks, refcount table clusters)` needed so that `clusters` other
@@ -194,6 +196,7 @@ pub fn plan(opts: &CreateOptions) -> Result<Plan, CreateError> {
         backing_format: opts.backing_format.clone(),
         data_file: opts.data_file.clone(),
         data_file_raw: opts.data_file_raw,
+        crypto_area_len: opts.encryption.as_ref().map(|a| a.0.len() as u64),
     })?;
     // A header larger than the cluster is refused by the serializer; QEMU words that case
     // differently with and without a backing file, so it is told apart here.
@@ -232,8 +235,13 @@ pub fn plan(opts: &CreateOptions) -> Result<Plan, CreateError> {
         DataPlacement::Interleaved | DataPlacement::Contiguous => data_clusters,
         DataPlacement::None | DataPlacement::External => 0,
     };
-    // Everything but the refcount structures: header, L1, L2 tables, data in the file.
-    let others = 1 + l1_clusters.0 + l2_tables + in_file_data;
+    // As QEMU places it: the LUKS header area after everything else (it sets up encryption
+    // once the disk is sized and preallocated).
+    let crypto_len = opts.encryption.as_ref().map_or(0, |a| a.0.len() as u64);
+    let crypto_clusters = crypto_len.div_ceil(cs);
+    // Everything but the refcount structures: header, L1, L2 tables, data in the file, the
+    // encryption header.
+    let others = 1 + l1_clusters.0 + l2_tables + in_file_data + crypto_clusters;
     let (blocks, table) =
         refcount_fixpoint(others, cs, refcount_order).ok_or(CreateError::TooLarge)?;
     if table.saturating_mul(cs) > MAX_REFTABLE_BYTES {
@@ -252,8 +260,19 @@ pub fn plan(opts: &CreateOptions) -> Result<Plan, CreateError> {
     header.refcount_table_clusters = u32::try_from(table).map_err(|_| CreateError::TooLarge)?;
     header.l1_size = u32::try_from(l1_entries).map_err(|_| CreateError::TooLarge)?;
     header.l1_table_offset = if l1_entries == 0 { 0 } else { l1.0 * cs };
+    let crypto_area = opts.encryption.as_ref().map(|area| {
+        let first = ClusterIndex(l1.0 + l1_clusters.0 + l2_tables + in_file_data);
+        (first, area.clone())
+    });
+    if let Some((first, _)) = &crypto_area {
+        for ext in &mut header.extensions {
+            if let HeaderExtension::CryptoHeader { offset, .. } = ext {
+                *offset = first.0 * cs;
+            }
+        }
+    }
 
-    let file_len = if placement == DataPlacement::None && l1_entries > 0 {
+    let file_len = if placement == DataPlacement::None && l1_entries > 0 && crypto_area.is_none() {
         // Like QEMU: the file ends right after the L1 table's entries.
         l1.0 * cs + l1_entries * L1_ENTRY_SIZE
     } else {
@@ -277,6 +296,7 @@ pub fn plan(opts: &CreateOptions) -> Result<Plan, CreateError> {
         used_clusters: ClusterCount(used),
         file_len,
         data_file_len: external.then_some(size),
+        crypto_area,
     })
 }
 

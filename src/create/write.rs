@@ -139,6 +139,13 @@ pub fn write_image(
             .map_err(CreateError::io("could not flush", dpath))?;
     }
 
+    // The LUKS header area before the header that points at it.
+    if let Some((first, area)) = &plan.crypto_area {
+        image
+            .write_at(plan.offset(*first)?.0, &area.0)
+            .map_err(CreateError::io("could not write", path))?;
+    }
+
     // The header last: until it is written the file is not a qcow2 image at all.
     image
         .write_at(0, &plan.header.serialize()?)

@@ -12,8 +12,8 @@ use super::extension::{
 };
 use super::header::{
     AutoclearFeatures, CompatibleFeatures, Header, IncompatibleFeatures, COMPRESSION_DEFLATE,
-    COMPRESSION_TYPE_OFFSET, COMPRESSION_ZSTD, CRYPT_NONE, QCOW2_MAGIC, V2_HEADER_LENGTH,
-    V2_REFCOUNT_ORDER,
+    COMPRESSION_TYPE_OFFSET, COMPRESSION_ZSTD, CRYPT_LUKS, CRYPT_NONE, QCOW2_MAGIC,
+    V2_HEADER_LENGTH, V2_REFCOUNT_ORDER,
 };
 use super::limits::MAX_BACKING_FILE_NAME;
 use super::offsets::HostOffset;
@@ -98,6 +98,9 @@ pub struct NewHeaderFields {
     pub data_file: Option<String>,
     /// Autoclear bit "raw external data" (needs a data file).
     pub data_file_raw: bool,
+    /// LUKS encryption with a header area of this many bytes (`crypt_method` 2). The
+    /// extension's offset is left 0 for the caller, which places the area.
+    pub crypto_area_len: Option<u64>,
 }
 
 /// Builds the header of a new image: features and extensions as QEMU writes them (backing
@@ -133,6 +136,10 @@ pub fn new_header(f: &NewHeaderFields) -> Result<Header, FormatError> {
     if let Some(name) = &f.data_file {
         extensions.push(HeaderExtension::ExternalDataFile(name.clone()));
     }
+    // QEMU's order: backing format, data file, the encryption header, the feature table.
+    if let Some(length) = f.crypto_area_len {
+        extensions.push(HeaderExtension::CryptoHeader { offset: 0, length });
+    }
     let cluster_size = 1u64.checked_shl(f.cluster_bits).unwrap_or(0);
     if v3 && cluster_size > FEATURE_TABLE_MIN_CLUSTER_SIZE {
         extensions.push(HeaderExtension::FeatureNameTable(standard_feature_names()));
@@ -153,7 +160,11 @@ pub fn new_header(f: &NewHeaderFields) -> Result<Header, FormatError> {
         backing_file_size: 0,
         cluster_bits: f.cluster_bits,
         size: f.size,
-        crypt_method: CRYPT_NONE,
+        crypt_method: if f.crypto_area_len.is_some() {
+            CRYPT_LUKS
+        } else {
+            CRYPT_NONE
+        },
         l1_size: 0,
         l1_table_offset: 0,
         refcount_table_offset: 0,

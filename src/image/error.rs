@@ -39,6 +39,9 @@ pub enum ErrorKind {
     /// A persistent bitmap cannot do what was asked: it is not there, it is inconsistent, its
     /// name is taken (`BitmapError`).
     Bitmap,
+    /// An encrypted image's secret is wrong or missing, or its cipher cannot be used
+    /// (`EncryptionError`).
+    Encryption,
     /// An operating system error with this errno (`OSError` and its subclasses).
     Os(i32),
 }
@@ -94,6 +97,10 @@ pub enum ImageError {
     /// read, ...).
     #[error("{0}")]
     Unsupported(String),
+    /// The secret of an encrypted image is wrong or missing, or its encryption cannot be used
+    /// as asked (QEMU's words where it has them).
+    #[error("{0}")]
+    Encryption(String),
     /// A persistent bitmap cannot do what was asked (QEMU's words).
     #[error("{0}")]
     Bitmap(String),
@@ -166,6 +173,7 @@ impl ImageError {
             | ImageError::Cancelled => ErrorKind::InvalidArgument,
             ImageError::Unsupported(_) => ErrorKind::Unsupported,
             ImageError::Bitmap(_) => ErrorKind::Bitmap,
+            ImageError::Encryption(_) => ErrorKind::Encryption,
             ImageError::Corruption(_) => ErrorKind::Corruption,
             ImageError::MetadataOverlap { .. } => ErrorKind::MetadataOverlap,
             ImageError::BackingLoop(_) => ErrorKind::Format,

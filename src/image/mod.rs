@@ -16,6 +16,7 @@
 
 mod bitmaps;
 mod check;
+mod crypt;
 mod error;
 mod read;
 mod snapshot;
@@ -23,6 +24,8 @@ mod write;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod crypt_tests;
 #[cfg(test)]
 mod retry_tests;
 
@@ -34,6 +37,7 @@ pub use check::{
     CheckReport, Finding, FindingKind, L2EntryAt, L2Position, Overlap, Owner, Repair, Severity,
     NEED_REBUILD,
 };
+pub use crypt::{DataCipher, IvFrom, Secret, SECTOR_SIZE};
 pub use error::{ErrorKind, ImageError};
 pub(crate) use read::backing::{
     is_protocol, probe as probe_backing_format, resolve as resolve_backing,
@@ -87,6 +91,10 @@ pub struct OpenOptions {
     pub cache: CacheMode,
     /// How far down the backing chain the open goes (the whole chain by default).
     pub backing: BackingChain,
+    /// The secret that unlocks an encrypted image's guest data (QEMU's `encrypt.key-secret`).
+    /// Without it an encrypted image still opens, for its metadata only. Backing files are
+    /// opened without it.
+    pub secret: Option<Secret>,
 }
 
 /// How far down its backing chain an image is opened. Where the chain is cut, the image above
@@ -119,6 +127,7 @@ impl Default for OpenOptions {
             metadata_only: false,
             cache: CacheMode::Writeback,
             backing: BackingChain::Whole,
+            secret: None,
         }
     }
 }
@@ -160,6 +169,8 @@ pub struct Image {
     writer: Option<Mutex<write::Writer>>,
     /// The backing chain and data file, opened on first use (see `read/backing.rs`).
     chain: Mutex<Option<Arc<read::backing::Chain>>>,
+    /// Whether guest data is encrypted, and the cipher when it was unlocked at open.
+    encryption: crypt::Encryption,
     /// The most recently decompressed cluster: `(L2 entry, bytes)`.
     last_decompressed: Mutex<Option<(u64, Arc<[u8]>)>>,
     /// Whether QEMU would call this image metadata-preallocated (`guest_map` only).
@@ -279,6 +290,7 @@ impl Image {
                 .map_err(|e| ImageError::Unsupported(e.to_string()))?,
             )
         };
+        let encryption = crypt::unlock(&scanned, storage.as_ref(), options.secret.as_ref())?;
         let l2_cache = TableCache::new(cache_tables(&scanned.header, geometry, options.cache_size));
         let writer = if options.writable {
             Some(Mutex::new(write::Writer::new(&scanned, geometry)?))
@@ -302,6 +314,7 @@ impl Image {
             map: RwLock::new(map),
             writer,
             chain: Mutex::new(None),
+            encryption,
             last_decompressed: Mutex::new(None),
             preallocated: OnceLock::new(),
             fallback: RwLock::new(fallback),

@@ -4,10 +4,15 @@ use std::path::PathBuf;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use super::args::u64_obj;
 use super::errors::LockError;
-use crate::create::{create_file, CompressionType, CreateError, CreateOptions, Preallocation};
+use crate::create::{
+    create_file, CompressionType, CreateError, CreateOptions, CryptoArea, Preallocation,
+};
+use crate::crypto::{CipherAlg, CipherMode, HashAlg, IvGenAlg, Luks, LuksCreateOptions};
+use crate::image::Secret;
 
 /// Maps a creation error: option errors are `ValueError` with QEMU's message, I/O errors the
 /// `OSError` subclass of their errno (`FileExistsError` for an existing file), with the path.
@@ -53,13 +58,85 @@ fn preallocation_arg(name: &str) -> PyResult<Preallocation> {
     }
 }
 
+/// Names QEMU's `cipher-alg` takes that this engine has no cipher for.
+const QEMU_ONLY_CIPHERS: &[&str] = &[
+    "des",
+    "3des",
+    "cast5-128",
+    "serpent-128",
+    "serpent-192",
+    "serpent-256",
+    "twofish-128",
+    "twofish-192",
+    "twofish-256",
+    "sm4",
+];
+
+/// QEMU's refusal of `value` for the creation option `encrypt.NAME`.
+fn not_accepted(name: &str, value: &str) -> PyErr {
+    PyValueError::new_err(format!(
+        "Parameter '{name}' does not accept value '{value}'"
+    ))
+}
+
+/// The LUKS creation options and secret of `qcow2ovl.create(encrypt=...)`, checked in Python
+/// for their keys: `key_secret` (bytes) and the optional algorithm names and `iter_time`.
+fn luks_options(encrypt: &Bound<'_, PyDict>) -> PyResult<(LuksCreateOptions, Secret)> {
+    let mut opts = LuksCreateOptions::default();
+    let text = |key: &str| -> PyResult<Option<String>> {
+        encrypt
+            .get_item(key)?
+            .map(|v| v.extract::<String>())
+            .transpose()
+    };
+    if let Some(name) = text("cipher_alg")? {
+        opts.cipher_alg = match CipherAlg::from_name(&name) {
+            Some(alg) => alg,
+            None if QEMU_ONLY_CIPHERS.contains(&name.as_str()) => {
+                return Err(PyValueError::new_err(format!(
+                    "Cipher algorithm '{name}' is not supported here (only aes-128, aes-192 and \
+                     aes-256)"
+                )))
+            }
+            None => return Err(not_accepted("cipher-alg", &name)),
+        };
+    }
+    if let Some(name) = text("cipher_mode")? {
+        opts.cipher_mode =
+            CipherMode::from_name(&name).map_err(|_| not_accepted("cipher-mode", &name))?;
+    }
+    if let Some(name) = text("ivgen_alg")? {
+        opts.ivgen_alg =
+            IvGenAlg::from_name(&name).map_err(|_| not_accepted("ivgen-alg", &name))?;
+    }
+    if let Some(name) = text("ivgen_hash_alg")? {
+        opts.ivgen_hash_alg =
+            Some(HashAlg::from_name(&name).map_err(|_| not_accepted("ivgen-hash-alg", &name))?);
+    }
+    if let Some(name) = text("hash_alg")? {
+        opts.hash_alg = HashAlg::from_name(&name).map_err(|_| not_accepted("hash-alg", &name))?;
+    }
+    if let Some(ms) = encrypt.get_item("iter_time")? {
+        opts.iter_time_ms = u64_obj("iter_time", &ms)?;
+    }
+    let secret = match encrypt.get_item("key_secret")? {
+        Some(v) => Secret::new(v.extract::<Vec<u8>>()?),
+        None => {
+            return Err(PyValueError::new_err(
+                "Parameter 'encrypt.key-secret' is required for cipher",
+            ))
+        }
+    };
+    Ok((opts, secret))
+}
+
 /// Creates a qcow2 image at `path` (see `qcow2ovl.create`). Releases the GIL while writing.
 #[pyfunction]
 #[pyo3(signature = (
     path, size, *, cluster_size = None, version = 3, refcount_bits = None, extended_l2 = false,
     lazy_refcounts = false, compression_type = "zlib", backing_file = None, backing_format = None,
     data_file = None, data_file_raw = false, preallocation = "off", overwrite = false,
-    locking = "auto"
+    locking = "auto", encrypt = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn create_image(
@@ -79,9 +156,11 @@ pub(crate) fn create_image(
     preallocation: &str,
     overwrite: bool,
     locking: &str,
+    encrypt: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<()> {
     let locking = super::image::locking_arg(locking)?;
-    let opts = CreateOptions {
+    let luks = encrypt.map(luks_options).transpose()?;
+    let mut opts = CreateOptions {
         size: u64_obj("size", size)?,
         cluster_size: cluster_size.map_or(Ok(65536), |v| u64_obj("cluster_size", v))?,
         version,
@@ -94,7 +173,15 @@ pub(crate) fn create_image(
         data_file,
         data_file_raw,
         preallocation: preallocation_arg(preallocation)?,
+        encryption: None,
     };
-    py.detach(|| create_file(&path, &opts, overwrite, locking))
-        .map_err(create_err)
+    py.detach(|| {
+        if let Some((luks, secret)) = &luks {
+            // The key derivation takes `iter_time` of CPU: without the GIL.
+            let (area, _) = Luks::create(luks, secret.bytes())
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            opts.encryption = Some(CryptoArea(area.into()));
+        }
+        create_file(&path, &opts, overwrite, locking).map_err(create_err)
+    })
 }

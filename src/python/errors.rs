@@ -14,6 +14,7 @@ pyo3::import_exception!(qcow2ovl.errors, InconsistentImageError);
 pyo3::import_exception!(qcow2ovl.errors, ReadOnlyImageError);
 pyo3::import_exception!(qcow2ovl.errors, SnapshotNotFoundError);
 pyo3::import_exception!(qcow2ovl.errors, BitmapError);
+pyo3::import_exception!(qcow2ovl.errors, EncryptionError);
 /// [`image_err`] for an error met while using an open image named `name`: errors from the disk
 /// and refused writes name the image's file (`OSError.filename`) unless they name one already
 /// (a backing file's).
@@ -28,7 +29,7 @@ pub(crate) fn image_err_in(e: ImageError, name: Option<&str>) -> PyErr {
 
 /// Maps an image error to its Python exception: `FormatError`, `UnsupportedError`,
 /// `CorruptImageError`, `LockError`, `ReadOnlyImageError`, `SnapshotNotFoundError`,
-/// `BitmapError`, `ValueError`,
+/// `BitmapError`, `EncryptionError`, `ValueError`,
 /// `MemoryError`, or `OSError` with the errno (Python picks
 /// the subclass: `FileNotFoundError`, `IsADirectoryError`, ...) and the file name.
 pub(crate) fn image_err(e: ImageError) -> PyErr {
@@ -60,6 +61,7 @@ pub(crate) fn image_err(e: ImageError) -> PyErr {
         ErrorKind::InvalidArgument => PyValueError::new_err(e.message()),
         ErrorKind::SnapshotNotFound => SnapshotNotFoundError::new_err(e.message()),
         ErrorKind::Bitmap => BitmapError::new_err(e.message()),
+        ErrorKind::Encryption => EncryptionError::new_err(e.to_string()),
         ErrorKind::ReadOnly => match e.path() {
             Some(path) => ReadOnlyImageError::new_err((libc::EBADF, e.message(), path.to_string())),
             None => ReadOnlyImageError::new_err((libc::EBADF, e.message())),

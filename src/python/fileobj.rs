@@ -191,7 +191,7 @@ impl Storage for PyFileStorage {
 /// Opens the image in a Python binary file object without a usable `fileno()` (see the
 /// module documentation); `name` names it in errors.
 #[pyfunction]
-#[pyo3(signature = (file, name, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None, snapshot = None, locking = "auto", force_share = false))]
+#[pyo3(signature = (file, name, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None, snapshot = None, locking = "auto", force_share = false, secret = None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open_image_fileobj(
     py: Python<'_>,
@@ -204,6 +204,7 @@ pub(crate) fn open_image_fileobj(
     snapshot: Option<String>,
     locking: &str,
     force_share: bool,
+    secret: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyImage> {
     let options = super::image::open_options(
         writable,
@@ -213,6 +214,7 @@ pub(crate) fn open_image_fileobj(
         snapshot,
         locking,
         force_share,
+        secret,
     )?;
     let storage = Arc::new(PyFileStorage::new(file, writable));
     let image = py
@@ -226,7 +228,7 @@ pub(crate) fn open_image_fileobj(
 /// documentation); `name` names it in errors. A writable open needs a descriptor open for
 /// writing and not in append mode (which would send every write to the end).
 #[pyfunction]
-#[pyo3(signature = (fd, name, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None, snapshot = None, locking = "auto", force_share = false))]
+#[pyo3(signature = (fd, name, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None, snapshot = None, locking = "auto", force_share = false, secret = None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open_image_fd(
     py: Python<'_>,
@@ -239,6 +241,7 @@ pub(crate) fn open_image_fd(
     snapshot: Option<String>,
     locking: &str,
     force_share: bool,
+    secret: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyImage> {
     let options = super::image::open_options(
         writable,
@@ -248,6 +251,7 @@ pub(crate) fn open_image_fd(
         snapshot,
         locking,
         force_share,
+        secret,
     )?;
     let storage = duplicate(fd, writable).map_err(|e| image_err(e.in_file(&name)))?;
     // Locked as a path is: the duplicate shares the caller's open file description.

@@ -26,7 +26,7 @@ use super::errors::{image_err, image_err_in};
 use super::extents::PyExtentList;
 use crate::format::features::{compression_name, feature_names};
 use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
-use crate::image::{Image, ImageError, NoteLevel, OpenOptions};
+use crate::image::{Image, ImageError, NoteLevel, OpenOptions, Secret};
 use crate::lock::Locking;
 use crate::storage::CacheMode;
 
@@ -156,7 +156,7 @@ impl PyImage {
 #[pyo3(signature = (
     path, *, writable = false, enabled = None, map_memory_limit = None, cache_size = None,
     snapshot = None, locking = "auto", force_share = false, metadata_only = false,
-    cache_mode = "writeback"
+    cache_mode = "writeback", secret = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open_image(
@@ -171,6 +171,7 @@ pub(crate) fn open_image(
     force_share: bool,
     metadata_only: bool,
     cache_mode: &str,
+    secret: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyImage> {
     let options = OpenOptions {
         metadata_only,
@@ -183,6 +184,7 @@ pub(crate) fn open_image(
             snapshot,
             locking,
             force_share,
+            secret,
         )?
     };
     let image = py
@@ -201,8 +203,10 @@ pub(super) fn open_options(
     snapshot: Option<String>,
     locking: &str,
     force_share: bool,
+    secret: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<OpenOptions> {
     let options = OpenOptions {
+        secret: secret.map(secret_arg).transpose()?,
         writable,
         locking: locking_arg(locking)?,
         force_share,
@@ -218,6 +222,21 @@ pub(super) fn open_options(
     // Refused before the file is touched, in QEMU's words.
     options.lock_set().map_err(image_err)?;
     Ok(options)
+}
+
+/// The secret of an encrypted image from a `str` (its UTF-8 bytes, as QEMU's `data=` takes
+/// it) or a bytes-like object; its value never appears in an error.
+pub(crate) fn secret_arg(secret: &Bound<'_, PyAny>) -> PyResult<Secret> {
+    if let Ok(text) = secret.extract::<String>() {
+        return Ok(Secret::new(text.into_bytes()));
+    }
+    match secret.extract::<Vec<u8>>() {
+        Ok(bytes) if !secret.is_instance_of::<pyo3::types::PyList>() => Ok(Secret::new(bytes)),
+        _ => Err(PyTypeError::new_err(format!(
+            "secret must be str or bytes, not {}",
+            secret.get_type().name()?
+        ))),
+    }
 }
 
 /// The cache mode for one of QEMU's `cache=` names; anything else is QEMU's error.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::format::header::{COMPRESSION_DEFLATE, COMPRESSION_ZSTD, CRYPT_AES, CRYPT_LUKS};
+use crate::format::header::{COMPRESSION_DEFLATE, COMPRESSION_ZSTD};
 use crate::format::{CompressedDescriptor, GuestOffset, L2Mapping};
 use crate::image::{Image, ImageError};
 
@@ -16,7 +16,7 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
-        self.refuse_encrypted()?;
+        self.refuse_locked(false)?;
         let chain = self.chain()?;
         let mut done = 0usize;
         while done < buf.len() {
@@ -25,7 +25,7 @@ impl Image {
             let n = extent.len as usize;
             let out = &mut buf[done..done + n];
             match extent.mapping {
-                L2Mapping::Data { host } => super::reader::read_run(&chain.data, host.0, out)?,
+                L2Mapping::Data { host } => self.read_data(&chain.data, host.0, at.0, out)?,
                 L2Mapping::Zero { .. } => out.fill(0),
                 L2Mapping::Unallocated { .. } => match &chain.backing {
                     Some(backing) => backing.read(at.0, out)?,
@@ -40,20 +40,6 @@ impl Image {
             done += n;
         }
         Ok(())
-    }
-
-    /// Guest data of encrypted images is ciphertext: never hand it out as data.
-    fn refuse_encrypted(&self) -> Result<(), ImageError> {
-        let method = match self.scanned.header.crypt_method {
-            0 => return Ok(()),
-            CRYPT_AES => "AES",
-            CRYPT_LUKS => "LUKS",
-            _ => "unknown",
-        };
-        Err(ImageError::Unsupported(format!(
-            "Guest data of encrypted images ({method}) cannot be read: decryption is not \
-             supported"
-        )))
     }
 
     /// The decompressed bytes of the compressed cluster `d` (one cluster), from a one-entry
@@ -213,12 +199,16 @@ mod tests {
     }
 
     #[test]
-    fn encrypted_images_refuse_guest_reads() {
+    fn encrypted_images_opened_without_a_secret_refuse_guest_reads() {
         let mut bytes = image(1 << 30, &[], &[]);
         bytes[35] = 1; // crypt_method = AES
         let img = open(bytes);
         let err = img.read_at(GuestOffset(0), &mut [0u8; 1]).unwrap_err();
-        assert_eq!(err.kind(), crate::image::ErrorKind::Unsupported);
-        assert!(err.to_string().contains("AES"), "{err}");
+        assert_eq!(err.kind(), crate::image::ErrorKind::Encryption);
+        assert!(err.to_string().contains("AES-encrypted"), "{err}");
+        assert!(
+            err.to_string().contains("'encrypt.key-secret' is required"),
+            "{err}"
+        );
     }
 }

@@ -15,7 +15,7 @@ pub(crate) mod cache;
 mod data;
 mod guest_map;
 mod mapping;
-mod reader;
+pub(in crate::image) mod reader;
 
 pub use backing::Backing;
 pub use cache::{Table, TableCache};

@@ -84,10 +84,20 @@ impl Image {
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
-    /// A compressed write covers one whole, aligned cluster (or the disk's last part).
+    /// A compressed write covers one whole, aligned cluster (or the disk's last part), and never
+    /// goes into an encrypted image.
     fn check_compressed_write(&self, guest: GuestOffset, data: &[u8]) -> Result<(), ImageError> {
         let g = self.geometry;
         let cs = g.cluster_size();
+        if self.is_encrypted() {
+            // QEMU stores compressed clusters without the cipher: the guest's data would reach
+            // the disk in plaintext.
+            return Err(ImageError::Encryption(
+                "Compressed writes into encrypted images are refused: compressed clusters are \
+                 stored unencrypted"
+                    .into(),
+            ));
+        }
         self.check_range("write_compressed", guest.0, data.len() as u64)?;
         let end = guest.0 + data.len() as u64;
         if !g.is_aligned(HostOffset(guest.0))

@@ -49,8 +49,17 @@ impl Image {
         Ok(true)
     }
 
-    /// Writes one piece of guest data (inside one cluster).
+    /// Writes one piece of guest data (inside one cluster); for an encrypted image, widened to
+    /// whole sectors first.
     pub(crate) fn write_piece(&self, w: &mut Writer, p: &Piece<'_>) -> Result<(), ImageError> {
+        if let Some((at, bytes)) = self.widen_to_sectors(p.cluster, p.at, p.bytes)? {
+            let whole = Piece {
+                cluster: p.cluster,
+                at,
+                bytes: &bytes,
+            };
+            return self.write_piece(w, &whole);
+        }
         let g = self.geometry;
         let guest = GuestOffset(p.cluster);
         if !g.is_extended_l2() && self.overwrite_in_place(w, p)? {
@@ -162,7 +171,8 @@ impl Image {
                 bitmap = 0xffff_ffff;
             } else if old_host != 0 && bitmap & 0xffff_ffff != 0 {
                 let mut buf = vec![0u8; g.cluster_size() as usize];
-                data_storage.read_padded(old_host, &mut buf)?;
+                // Deciphered at the old place; the write below enciphers it for the new one.
+                self.read_data(&data_storage, old_host, p.cluster, &mut buf)?;
                 self.guarded_write(w, WriteKind::GuestData, data_storage.as_ref(), host, &buf)?;
             }
         }
@@ -179,7 +189,12 @@ impl Image {
             }
             let part = &mut buf[lo - span_start..hi - span_start];
             if bitmap & (1 << s) != 0 {
-                data_storage.read_padded(host.0 + lo as u64, part)?;
+                self.read_data(
+                    &data_storage,
+                    host.0 + lo as u64,
+                    p.cluster + lo as u64,
+                    part,
+                )?;
             } else {
                 self.read_old(p.cluster + lo as u64, part)?;
             }

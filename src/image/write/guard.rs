@@ -119,7 +119,12 @@ impl Image {
                 return Err(self.refuse_overlap(w, message, offset, bytes.len() as u64, hit));
             }
         }
-        storage.write_at(offset, bytes)?;
+        // An encrypted image's guest data leaves memory only enciphered.
+        let ciphered = match kind {
+            WriteKind::GuestData => self.cipher_for_disk(offset, bytes, true)?,
+            _ => None,
+        };
+        storage.write_at(offset, ciphered.as_deref().unwrap_or(bytes))?;
         Ok(())
     }
 

@@ -94,11 +94,6 @@ impl Writer {
     /// The writer for a freshly scanned image.
     pub fn new(scanned: &ScannedImage, geometry: Geometry) -> Result<Self, ImageError> {
         let h = &scanned.header;
-        if h.crypt_method != 0 {
-            return Err(ImageError::Unsupported(
-                "Writing to encrypted images is not supported".into(),
-            ));
-        }
         Ok(Writer {
             header: h.clone(),
             refcounts: Refcounts::new(
@@ -221,6 +216,8 @@ impl Image {
         offset: u64,
         len: u64,
     ) -> Result<(), ImageError> {
+        // Guest changes of an encrypted image need its cipher (metadata changes do not).
+        self.refuse_locked(true)?;
         self.open_for_change(w)?;
         self.mark_bitmaps(&mut w.bitmaps, offset, len)
     }

@@ -103,7 +103,10 @@ impl Image {
             let message = format!("Preventing invalid write on metadata (overlaps with {name})");
             return Err(self.refuse_overlap(&mut w, message, r.host, data.len() as u64, hit));
         }
-        self.storage.write_at(r.host, data)?;
+        // Enciphered here, on the calling copy thread (one per core already).
+        let ciphered = self.cipher_for_disk(r.host, data, false)?;
+        self.storage
+            .write_at(r.host, ciphered.as_deref().unwrap_or(data))?;
         Ok(())
     }
 
