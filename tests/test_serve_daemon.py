@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -297,3 +298,31 @@ def test_activation_removes_its_variables_from_the_environment() -> None:
     kept = dict(other)
     socket_activation(kept)
     assert kept == other
+
+
+# ---- the chain is opened before serving ---------------------------------------------------------
+
+
+def test_a_missing_backing_file_fails_at_startup_as_in_qemu_nbd(tmp_path: Path) -> None:
+    """qemu-nbd opens the whole backing chain before it listens: a missing backing file is an
+    error at startup, in its words, not at a client's first read."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    qi.qemu_img("create", "-q", "-f", "qcow2", sub / "base.qcow2", "1M")
+    qi.qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", sub / "top.qcow2")
+    (sub / "base.qcow2").unlink()
+    results = []
+    for exe in ([sys.executable, "-m", "qcow2ovl", "serve"], [str(qi.QEMU_NBD)]):
+        proc = subprocess.run(
+            [*exe, "-r", "-k", str(tmp_path / "s.sock"), "sub/top.qcow2"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            check=False,
+        )
+        results.append((proc.returncode, proc.stderr.split(": ", 1)[-1]))
+    assert results[0] == results[1]
+    assert results[0][1].startswith(
+        "Failed to blk_new_open 'sub/top.qcow2': Could not open backing"
+    )

@@ -366,6 +366,18 @@ def _serve(args: argparse.Namespace, cache: str, read_only: bool, activated: boo
         cache_mode=cache,  # type: ignore[arg-type]  # checked by _cache
         secret=target.secret,
     )
+    try:
+        # qemu-nbd opens the whole chain before it serves: a missing backing file is an error
+        # at startup, not at the first read.
+        image._core.open_backing_chain()
+    except OSError as exc:
+        from qcow2ovl._cli_errors import missing_file
+
+        image.close()
+        reason = missing_file(target.filename, exc).removeprefix(
+            f"Could not open '{target.filename}': "
+        )
+        raise _Refused(f"Failed to blk_new_open '{args.image}': {reason}") from None
     if image.info.encrypted and target.secret is None:
         # qemu-nbd serves no encrypted image without its secret.
         image.close()

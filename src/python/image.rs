@@ -520,6 +520,13 @@ impl PyImage {
         self.detached(py, |img| img.resize(size))
     }
 
+    /// Opens the backing chain and data file now (see `Image::open_backing_chain`).
+    fn open_backing_chain(&self, py: Python<'_>) -> PyResult<()> {
+        let image = self.image()?;
+        py.detach(|| image.open_backing_chain())
+            .map_err(|e| self.err(e))
+    }
+
     /// Writes everything back in order and makes it durable.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         self.detached(py, Image::flush)

@@ -95,6 +95,13 @@ pub(crate) fn is_protocol(name: &str) -> bool {
 }
 
 impl Image {
+    /// Opens (and locks) the backing chain and data file now rather than at the first guest
+    /// read, so that a missing or locked file is reported at once (a writable image did so at
+    /// open already); a server does this before it accepts a client, as qemu-nbd does.
+    pub fn open_backing_chain(&self) -> Result<(), ImageError> {
+        self.chain().map(|_| ())
+    }
+
     /// The opened chain, opening it on first use.
     pub(in crate::image) fn chain(&self) -> Result<Arc<Chain>, ImageError> {
         let mut slot = self.chain.lock().unwrap_or_else(|e| e.into_inner());
