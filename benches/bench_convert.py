@@ -151,6 +151,26 @@ def bench_parser(doc: str, modes: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def bench_start(
+    doc: str, modes: list[str], tools: tuple[str, ...], prefix: str
+) -> tuple[argparse.Namespace, pathlib.Path] | None:
+    """A side-by-side bench's start: its options parsed (unknown modes refused), the *tools* it
+    runs found on PATH (else None, with a message), and its work directory (``--work-dir``, or
+    a new one under /var/tmp named *prefix*)."""
+    parser = bench_parser(doc, modes)
+    args = parser.parse_args()
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        print(f"{', '.join(missing)} needed", file=sys.stderr)
+        return None
+    unknown = [m for m in args.modes if m not in modes]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {modes}")
+    work = args.work_dir or pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    return args, work
+
+
 def main() -> int:
     parser = bench_parser(__doc__, list(MODES))
     args = parser.parse_args()

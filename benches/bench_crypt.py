@@ -25,13 +25,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-from bench_convert import GiB, MiB, bench_parser, ours_command, print_table, side_by_side
+from bench_convert import GiB, MiB, bench_start, ours_command, print_table, side_by_side
 
 SECRET = ["--object", "secret,id=sec0,data=bench-secret"]
 CIPHERS = {
@@ -112,16 +110,10 @@ def check_outputs(work: pathlib.Path) -> None:
 
 
 def main() -> int:
-    parser = bench_parser(__doc__, MODES)
-    args = parser.parse_args()
-    if shutil.which("qemu-img") is None:
-        print("qemu-img is needed", file=sys.stderr)
+    start = bench_start(__doc__, MODES, ("qemu-img",), "bench-crypt-")
+    if start is None:
         return 1
-    unknown = [m for m in args.modes if m not in MODES]
-    if unknown:
-        parser.error(f"unknown modes {unknown}; choose from {MODES}")
-    work = args.work_dir or pathlib.Path(tempfile.mkdtemp(prefix="bench-crypt-", dir="/var/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = start
     started = time.perf_counter()
     prepare(work, args.size)
     print(f"prepared in {time.perf_counter() - started:.1f} s", flush=True)

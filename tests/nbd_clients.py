@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import pytest
 import qemu_images as qi
 
 StrPath = Union[str, Path]
@@ -37,6 +38,15 @@ QEMU_IO = shutil.which("qemu-io")
 NBDINFO = shutil.which("nbdinfo")
 NBDCOPY = shutil.which("nbdcopy")
 NBDKIT = shutil.which("nbdkit")
+
+#: The marks of a test module that runs real NBD clients beside qemu-nbd.
+NEEDS_CLIENTS = [
+    pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io"),
+    pytest.mark.skipif(QEMU_NBD is None, reason="needs qemu-nbd (the reference server)"),
+    pytest.mark.skipif(
+        NBDINFO is None or NBDCOPY is None, reason="needs nbdinfo and nbdcopy (libnbd-bin)"
+    ),
+]
 #: libnbd's Python binding (Debian's python3-libnbd) is built for the system Python only.
 SYSTEM_PYTHON = "/usr/bin/python3"
 

@@ -38,13 +38,7 @@ import qemu_images as qi
 KiB, MiB = 1024, 1 << 20
 SIZE, CLUSTER = nc.SIZE, nc.CLUSTER
 
-pytestmark = [
-    pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io"),
-    pytest.mark.skipif(nc.QEMU_NBD is None, reason="needs qemu-nbd (the reference server)"),
-    pytest.mark.skipif(
-        nc.NBDINFO is None or nc.NBDCOPY is None, reason="needs nbdinfo and nbdcopy (libnbd-bin)"
-    ),
-]
+pytestmark = nc.NEEDS_CLIENTS
 
 #: The flags `nbdinfo --json` shows for a qcow2 image on a file, as qemu-nbd exports it.
 #: Writable: everything a writable export can offer (``can_cache``: NBD_CMD_CACHE; ``can_df``:

@@ -10,6 +10,7 @@ what qemu-nbd does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -25,13 +26,7 @@ import qemu_images as qi
 KiB, MiB = 1024, 1 << 20
 SIZE = nc.SIZE
 
-pytestmark = [
-    pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io"),
-    pytest.mark.skipif(nc.QEMU_NBD is None, reason="needs qemu-nbd (the reference server)"),
-    pytest.mark.skipif(
-        nc.NBDINFO is None or nc.NBDCOPY is None, reason="needs nbdinfo and nbdcopy (libnbd-bin)"
-    ),
-]
+pytestmark = nc.NEEDS_CLIENTS
 
 
 # ---- 6. bad clients ---------------------------------------------------------------------------
@@ -305,6 +300,18 @@ def _random_raw(tmp_path: Path, size: int) -> Path:
 COPY_SIZE = 256 * MiB
 
 
+def _source_and_server(
+    stack: contextlib.ExitStack, tmp_path: Path, server_cmd: list[str], image: Path
+) -> tuple[Path, nc.PausableSource, nc.Server]:
+    """A pausable nbdkit source of COPY_SIZE random bytes and a server (`-t -e 4`) of a new
+    *image* as large, both kept running by *stack*; returns the raw file, source and server."""
+    raw = _random_raw(tmp_path, COPY_SIZE)
+    qi.create(image, COPY_SIZE)
+    source = stack.enter_context(nc.pausable_source(raw, tmp_path))
+    server = stack.enter_context(nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4"))
+    return raw, source, server
+
+
 @pytest.mark.skipif(nc.NBDKIT is None, reason="needs nbdkit (its pause filter holds the source)")
 def test_sigkill_during_an_nbdcopy_with_four_connections(
     tmp_path: Path, server_cmd: list[str]
@@ -313,17 +320,15 @@ def test_sigkill_during_an_nbdcopy_with_four_connections(
     is held still (every read it had asked for answered, so its writes are on their way) and the
     server is killed with SIGKILL. nbdcopy fails; `qemu-img check` finds no corruption (exit 0,
     or 3: leaked clusters only); the image opens for writing and reads back what it holds."""
-    raw = _random_raw(tmp_path, COPY_SIZE)
     image = tmp_path / "disk.qcow2"
-    qi.create(image, COPY_SIZE)
-    with nc.pausable_source(raw, tmp_path) as source:
-        with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4") as server:
-            with nc.copying(source.uri, server.uri()) as copy:
-                copy.reach(25)
-                source.pause()
-                assert server.stop(signal.SIGKILL) == -signal.SIGKILL, server.describe()
-                source.resume()
-                assert copy.wait() != 0
+    with contextlib.ExitStack() as stack:
+        _, source, server = _source_and_server(stack, tmp_path, server_cmd, image)
+        with nc.copying(source.uri, server.uri()) as copy:
+            copy.reach(25)
+            source.pause()
+            assert server.stop(signal.SIGKILL) == -signal.SIGKILL, server.describe()
+            source.resume()
+            assert copy.wait() != 0
     report = nc.no_corruption(image)
     assert report["_exit"] in (0, 3), report
     qi.qemu_io(image, "read 0 1M", "write -P 0x01 0 4k", "read -P 0x01 0 4k")
@@ -336,21 +341,19 @@ def test_a_killed_nbdcopy_leaves_the_server_serving(tmp_path: Path, server_cmd: 
     server frees its connections and serves the next client; a second `nbdcopy -C 4` then
     copies the whole disk, and after a clean stop the image is the source byte for byte and
     checks clean."""
-    raw = _random_raw(tmp_path, COPY_SIZE)
     image = tmp_path / "disk.qcow2"
-    qi.create(image, COPY_SIZE)
-    with nc.pausable_source(raw, tmp_path) as source:
-        with nc.serving(server_cmd, image, tmp_path, "-t", "-e", "4") as server:
-            with nc.copying(source.uri, server.uri()) as copy:
-                copy.reach(25)
-                source.pause()
-                copy.proc.kill()
-                assert copy.wait() == -signal.SIGKILL
-                source.resume()
-            nc.qemu_io_nbd(server.uri(), "write -P 0x3d 0 64k", "read -P 0x3d 0 64k")
-            assert server.running(), server.describe()
-            with nc.copying(source.uri, server.uri()) as again:
-                assert again.wait() == 0
-            assert server.stop() == 0, server.describe()
+    with contextlib.ExitStack() as stack:
+        raw, source, server = _source_and_server(stack, tmp_path, server_cmd, image)
+        with nc.copying(source.uri, server.uri()) as copy:
+            copy.reach(25)
+            source.pause()
+            copy.proc.kill()
+            assert copy.wait() == -signal.SIGKILL
+            source.resume()
+        nc.qemu_io_nbd(server.uri(), "write -P 0x3d 0 64k", "read -P 0x3d 0 64k")
+        assert server.running(), server.describe()
+        with nc.copying(source.uri, server.uri()) as again:
+            assert again.wait() == 0
+        assert server.stop() == 0, server.describe()
     qi.qemu_img("compare", "-f", "qcow2", "-F", "raw", image, raw)
     assert qi.check_is_clean(qi.qemu_check(image))

@@ -30,13 +30,7 @@ import qemu_images as qi
 
 SIZE = nc.SIZE
 
-pytestmark = [
-    pytest.mark.skipif(not qi.env_has_qemu(), reason="needs qemu-img and qemu-io"),
-    pytest.mark.skipif(nc.QEMU_NBD is None, reason="needs qemu-nbd (the reference server)"),
-    pytest.mark.skipif(
-        nc.NBDINFO is None or nc.NBDCOPY is None, reason="needs nbdinfo and nbdcopy (libnbd-bin)"
-    ),
-]
+pytestmark = nc.NEEDS_CLIENTS
 
 
 def _message(proc: subprocess.CompletedProcess[str]) -> str:
