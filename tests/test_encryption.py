@@ -552,3 +552,13 @@ def run_qemu_nbd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [qi.QEMU_NBD, *args], capture_output=True, text=True, timeout=30, check=False
     )
+
+
+@pytest.mark.parametrize("verb", [["check"], ["snapshot", "-l"]])
+def test_metadata_verbs_take_image_opts_as_qemu_img(
+    verb: list[str], made: dict[str, qi.ImageRef]
+) -> None:
+    """`check` and `snapshot -l` accept qemu-img's `--object`/`--image-opts` form (they need no
+    secret here, and print what qemu-img prints with one)."""
+    args = [*verb, *OBJ, "--image-opts", opts_for(made[IMAGE_KEYS[0]].path)]
+    same_words(run_ours(*args), run_qemu("img", *args), "img")

@@ -23,6 +23,9 @@ _HELP = "check an image's refcounts and metadata, as `qemu-img check` does, nami
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``check`` command to the ``qcow2ovl`` parser."""
     p = sub.add_parser("check", help=_HELP, description=_HELP)
+    from qcow2ovl._cli_secrets import add_metadata_arguments
+
+    add_metadata_arguments(p)
     p.add_argument("image", help="path of the qcow2 image (opened read-only unless -r)")
     p.add_argument("--output", choices=("human", "json"), default="human")
     p.add_argument("-p", "--progress", action="store_true", help="show progress (on a terminal)")

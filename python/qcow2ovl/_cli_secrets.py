@@ -189,6 +189,14 @@ def add_arguments(p: argparse.ArgumentParser, *, image_opts: bool = True) -> Non
         )
 
 
+def add_metadata_arguments(p: argparse.ArgumentParser) -> None:
+    """``--object`` and ``--image-opts`` on a command that reads metadata only (``info``,
+    ``map``, ``check``, ``snapshot``): accepted as qemu-img accepts them, the image argument
+    resolved to its file before the command runs; no secret is needed."""
+    add_arguments(p)
+    p.set_defaults(metadata_image_opts=True)
+
+
 def resolve(args: Any, image: str) -> ImageOpts:
     """The image a command line names: *image* itself, or the options string it is when
     ``--image-opts`` was given."""

@@ -23,6 +23,9 @@ _ACTIONS = {"create": "create", "apply": "apply", "delete": "delete"}
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``snapshot`` command to the ``qcow2ovl`` parser."""
     p = sub.add_parser("snapshot", help=_HELP, description=_HELP)
+    from qcow2ovl._cli_secrets import add_metadata_arguments
+
+    add_metadata_arguments(p)
     p.add_argument("image", help="path of the qcow2 image")
     p.add_argument("-l", dest="list", action="store_true", help="list the snapshots (default)")
     p.add_argument("-c", dest="create", metavar="NAME", help="create a snapshot named NAME")

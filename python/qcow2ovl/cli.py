@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="qcow2 metadata maps and constant-time metadata overlap checks",
     )
     parser.add_argument("--version", action="version", version=f"qcow2ovl {__version__}")
-    from qcow2ovl import _cli_options
+    from qcow2ovl import _cli_options, _cli_secrets
 
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=SubcommandParser
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="look at this internal snapshot's disk (guest size and map) instead of the "
             "active one",
         )
+        _cli_secrets.add_metadata_arguments(p)
         p.set_defaults(func=func)
     from qcow2ovl import (
         _cli_bitmap,
@@ -268,6 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = fast_parse(args_list) or build_parser().parse_args(args_list)
     from qcow2ovl.errors import LockError, Qcow2Error
+
+    if getattr(args, "metadata_image_opts", False):
+        from qcow2ovl._cli_secrets import OptionsError, resolve
+
+        try:
+            args.image = resolve(args, args.image).filename
+        except OptionsError as exc:
+            print(f"qcow2ovl: {exc}", file=sys.stderr)
+            return 1
 
     try:
         return int(args.func(args))
