@@ -5,7 +5,7 @@ use super::guard::WriteKind;
 use super::l2::Slot;
 use super::{Piece, Writer};
 use crate::format::entry::L2Entry;
-use crate::format::GuestOffset;
+use crate::format::{GuestOffset, L2Mapping};
 use crate::image::{Image, ImageError};
 
 impl Image {
@@ -30,9 +30,13 @@ impl Image {
                 len,
                 |img, w, cluster, at, n| {
                     if v3 && n == cs {
-                        img.zero_cluster(w, cluster, unmap, false)
+                        img.zero_cluster(w, cluster, unmap, false, false)
                     } else if v3 && img.geometry.is_extended_l2() {
                         img.zero_subclusters(w, cluster, at, n)
+                    } else if v3 && img.reads_zeros_without_data(w, cluster)? {
+                        // As QEMU does: the rest of the cluster reads zeros already, so the
+                        // whole of it is zeroed by its flag instead of written.
+                        img.zero_cluster(w, cluster, unmap, false, false)
                     } else {
                         let piece = Piece {
                             cluster,
@@ -64,7 +68,7 @@ impl Image {
                 len,
                 |img, w, cluster, _at, n| {
                     if n == cs || (at_end && cluster + n as u64 == img.virtual_size()) {
-                        img.zero_cluster(w, cluster, true, !v3)
+                        img.zero_cluster(w, cluster, true, !v3, true)
                     } else {
                         Ok(())
                     }
@@ -94,7 +98,7 @@ impl Image {
             self.for_each_piece(
                 start,
                 len,
-                |img, w, cluster, _at, _n| img.zero_cluster(w, cluster, true, true),
+                |img, w, cluster, _at, _n| img.zero_cluster(w, cluster, true, true, false),
                 &mut w,
             )?;
             self.bound_pending_writes(&mut w)
@@ -102,26 +106,47 @@ impl Image {
         r.map_err(|e| self.poison_if_inconsistent(&mut w, e))
     }
 
-    /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated).
+    /// Whether guest cluster `cluster` reads as zeros from its metadata alone, with nothing
+    /// showing through from a backing file: unallocated without a backing file, or a zero
+    /// cluster (standard L2 entries; QEMU's test before zeroing a partial cluster by its flag).
+    fn reads_zeros_without_data(&self, w: &Writer, cluster: u64) -> Result<bool, ImageError> {
+        if self.scanned.header.backing_file.is_some() || w.external_data {
+            return Ok(false);
+        }
+        let cs = self.geometry.cluster_size();
+        let extent = self.mapping(GuestOffset(cluster), cs)?;
+        Ok(matches!(
+            extent.mapping,
+            L2Mapping::Unallocated { .. } | L2Mapping::Zero { .. }
+        ))
+    }
+
+    /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated), as
+    /// QEMU does: a zero write sets the zero flag (allocating the L2 table if need be); a
+    /// `discard` leaves a cluster without data of its own alone when no backing file shows
+    /// through it (it reads zeros already).
     pub(in crate::image) fn zero_cluster(
         &self,
         w: &mut Writer,
         cluster: u64,
         unmap: bool,
         unallocate: bool,
+        discard: bool,
     ) -> Result<(), ImageError> {
         let g = self.geometry;
         let guest = GuestOffset(cluster);
-        // Nothing to do for an unallocated cluster that already reads zeros.
         let l1_index = g.l1_index(guest);
         let has_backing = self.scanned.header.backing_file.is_some();
-        if self.l2_table(l1_index)?.is_none() && (!has_backing || unallocate) {
+        if self.l2_table(l1_index)?.is_none() && (unallocate || (discard && !has_backing)) {
             return Ok(());
         }
         let l2_offset = self.l2_for_write(w, l1_index)?;
         let i = g.l2_index(guest) as usize;
         let ext = g.is_extended_l2();
         let entry = self.l2_slot(l2_offset, i)?.entry;
+        if discard && !has_backing && !entry.is_compressed() && entry.host_offset().0 == 0 {
+            return Ok(());
+        }
         // A preallocated cluster this image owns stays allocated, reading as zeros.
         let kept = match entry.owned_host(false) {
             Some(host) if !unmap && !unallocate && !w.external_data => Some(host),
