@@ -215,13 +215,7 @@ pub(super) fn qemu_check(
     tag: &str,
     keep: bool,
 ) -> (u64, u64) {
-    // One file per call: tests run in parallel threads of one process.
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!(
-        "qcow2ovl-crash-{}-{call}-{tag}.qcow2",
-        std::process::id()
-    ));
+    let path = temp_image(tag);
     std::fs::File::create(&path)
         .unwrap()
         .write_all(bytes)
@@ -253,11 +247,19 @@ pub(super) fn qemu_check(
 }
 
 /// The `ERROR` lines of `qemu-img check` after `qemu-img check -r leaks`, and the check errors.
-fn qemu_check_after_leak_repair(qemu: &std::path::Path, bytes: &[u8], tag: &str) -> Vec<String> {
-    let path = std::env::temp_dir().join(format!(
-        "qcow2ovl-crash-{}-{tag}-leaks.qcow2",
+/// A temporary file name of its own for one call: the crash suites run in parallel threads of
+/// one process (the plain and the encrypted one), so a name must not repeat.
+fn temp_image(tag: &str) -> std::path::PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "qcow2ovl-crash-{}-{call}-{tag}.qcow2",
         std::process::id()
-    ));
+    ))
+}
+
+fn qemu_check_after_leak_repair(qemu: &std::path::Path, bytes: &[u8], tag: &str) -> Vec<String> {
+    let path = temp_image(&format!("{tag}-leaks"));
     std::fs::File::create(&path)
         .unwrap()
         .write_all(bytes)

@@ -121,6 +121,18 @@ impl Image {
         ))
     }
 
+    /// Whether the whole guest cluster `cluster` is unallocated or zero, with no host cluster
+    /// of its own (read from the tables as they are: nothing is allocated or copied to learn it).
+    fn reads_zeros_without_host(&self, cluster: u64) -> Result<bool, ImageError> {
+        let cs = self.geometry.cluster_size();
+        let extent = self.mapping(GuestOffset(cluster), cs)?;
+        Ok(extent.len >= cs
+            && matches!(
+                extent.mapping,
+                L2Mapping::Unallocated { host: None } | L2Mapping::Zero { host: None }
+            ))
+    }
+
     /// Sets one whole cluster to read as zeros (or, with `unallocate`, to unallocated), as
     /// QEMU does: a zero write sets the zero flag (allocating the L2 table if need be); a
     /// `discard` leaves a cluster without data of its own alone when no backing file shows
@@ -140,13 +152,13 @@ impl Image {
         if self.l2_table(l1_index)?.is_none() && (unallocate || (discard && !has_backing)) {
             return Ok(());
         }
+        if discard && !has_backing && self.reads_zeros_without_host(cluster)? {
+            return Ok(());
+        }
         let l2_offset = self.l2_for_write(w, l1_index)?;
         let i = g.l2_index(guest) as usize;
         let ext = g.is_extended_l2();
         let entry = self.l2_slot(l2_offset, i)?.entry;
-        if discard && !has_backing && !entry.is_compressed() && entry.host_offset().0 == 0 {
-            return Ok(());
-        }
         // A preallocated cluster this image owns stays allocated, reading as zeros.
         let kept = match entry.owned_host(false) {
             Some(host) if !unmap && !unallocate && !w.external_data => Some(host),
