@@ -302,6 +302,14 @@ def run_server(
 ) -> subprocess.CompletedProcess[str]:
     """``PREFIX ARGS`` to its end (a server that fails, or the foreground of ``--fork``)."""
     argv = [*prefix, *(str(a) for a in args)]
+    return _run_to_end(argv, env, f"the server's foreground did not exit: {' '.join(argv)}")
+
+
+def _run_to_end(
+    argv: list[str], env: dict[str, str] | None, hung: str
+) -> subprocess.CompletedProcess[str]:
+    """*argv* run to its end with its output captured; *hung* is the failure past the time
+    limit."""
     try:
         return subprocess.run(
             argv,
@@ -313,7 +321,7 @@ def run_server(
             check=False,
         )
     except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"the server's foreground did not exit: {' '.join(argv)}") from e
+        raise AssertionError(hung) from e
 
 
 @contextlib.contextmanager
@@ -607,17 +615,7 @@ def run_libnbd(script: str, *args: str) -> str:
     ``sys.argv[1:]``; its stdout, or ToolError."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     argv = [SYSTEM_PYTHON, "-c", script, *args]
-    try:
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=6 * TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError("libnbd script hung") from e
+    proc = _run_to_end(argv, env, "libnbd script hung")
     if proc.returncode != 0:
         raise ToolError(argv[:2] + ["<script>", *args], proc.returncode, proc.stdout, proc.stderr)
     return proc.stdout
