@@ -239,6 +239,10 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
 
     values["snapshot"] = None
     values["force_share"] = False
+    # What `_cli_secrets.add_metadata_arguments` gives the parsed forms (no --object here).
+    values["objects"] = []
+    values["image_opts"] = False
+    values["metadata_image_opts"] = True
     if argv[0] == "info":
         values.setdefault("backing_chain", False)
     if argv[0] == "map":
@@ -270,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = fast_parse(args_list) or build_parser().parse_args(args_list)
     from qcow2ovl.errors import LockError, Qcow2Error
 
-    if getattr(args, "metadata_image_opts", False):
+    if getattr(args, "metadata_image_opts", False) and (args.image_opts or args.objects):
+        # (Imported only then: plain `info` and `map` start in about the time Python does.)
         from qcow2ovl._cli_secrets import OptionsError, resolve
 
         try:
