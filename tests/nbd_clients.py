@@ -460,6 +460,12 @@ class PausableSource:
     def resume(self) -> None:
         self._say(b"r")
 
+    def resume_if_alive(self) -> None:
+        """:meth:`resume`, unless nbdkit is gone: it aborts on an assertion when it answers a
+        client that went away while paused (nbdkit's bug, not the server's under test)."""
+        with contextlib.suppress(ConnectionError, AssertionError):
+            self.resume()
+
 
 @contextlib.contextmanager
 def pausable_source(path: StrPath, directory: StrPath) -> Iterator[PausableSource]:
