@@ -1,4 +1,8 @@
-"""Test-wide settings."""
+"""Test-wide settings and fixtures."""
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -23,3 +27,18 @@ def server_cmd() -> list[str]:
                 pytrace=False,
             )
     return nc.server_prefix(kind)
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """A folder for the files a test module's tests share, removed once they are done unless
+    one of them failed: the module-wide counterpart of `tmp_path` under the
+    `tmp_path_retention_policy = "failed"` of pyproject.toml (the suite writes tens of GB in all,
+    and a CI machine may have little disk)."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

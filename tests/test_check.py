@@ -122,12 +122,12 @@ def qemu_check_any(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base(module_tmp_path: Path) -> Path:
     """1 GiB, 64 KiB clusters, two L2 tables: data written, one snapshot, then more writes (so
     some clusters are shared with the snapshot and some are not)."""
     if not qi.HAVE_QEMU:
         pytest.skip("qemu-img/qemu-io not installed")
-    d = tmp_path_factory.mktemp("check-base")
+    d = module_tmp_path
     ref = qi.create(d / "base.qcow2", 1024 * MiB)
     qi.write(ref, [(0, 1 * MiB, 0x11), (4 * MiB, 1 * MiB, 0x22), (600 * MiB, 1 * MiB, 0x33)])
     qi.snapshot_create(ref.path, "s1")

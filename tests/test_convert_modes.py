@@ -69,10 +69,10 @@ def mixed_raw(path: Path, size: int = 24 * MiB) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def sources(module_tmp_path: Path) -> dict[str, Path]:
     """A mixed raw file, and qcow2 sources made by qemu-img from it: plain, compressed,
     extended L2 with 4 KiB subclusters, and the top of a backing chain."""
-    d = tmp_path_factory.mktemp("sources")
+    d = module_tmp_path
     raw = mixed_raw(d / "mixed.raw")
     out = {"raw": raw}
     qi.qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, d / "plain.qcow2")

@@ -59,8 +59,8 @@ def _fill(path: Path, size: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("templates")
+def templates(module_tmp_path: Path) -> dict[str, Path]:
+    folder = module_tmp_path
     made = {}
     for name, (opts, size) in TEMPLATES.items():
         path = folder / f"{name}.qcow2"

@@ -138,7 +138,7 @@ def test_readme_examples_run_and_print_names(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) >= 2
     image = tmp_path / "disk.qcow2"
-    qi.qemu_img("create", "-q", "-f", "qcow2", image, "1G")
+    qi.qemu_img("create", "-q", "-f", "qcow2", image, "64M")
     qi.qemu_io(image, "write 0 64k")
     out = subprocess.run(
         [sys.executable, "-c", "\n".join(blocks)],

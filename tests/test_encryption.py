@@ -88,9 +88,9 @@ def pattern_writes(size: int, seed: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, qi.ImageRef]:
+def made(module_tmp_path: Path) -> dict[str, qi.ImageRef]:
     """One qemu-made image per cipher and cluster layout, with data written by qemu-io."""
-    d = tmp_path_factory.mktemp("luks")
+    d = module_tmp_path
     refs: dict[str, qi.ImageRef] = {}
     layouts: list[tuple[str, dict[str, object]]] = [
         ("64k", {}),

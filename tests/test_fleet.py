@@ -40,8 +40,8 @@ QEMU_RANK = {1: 3, 2: 2, 3: 1, 0: 0}
 
 
 @pytest.fixture(scope="module")
-def fleet_dir(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fleet(base, tmp_path_factory.mktemp("fleet"))
+def fleet_dir(base: Path, module_tmp_path: Path) -> Path:
+    return build_fleet(base, module_tmp_path)
 
 
 def run_cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:

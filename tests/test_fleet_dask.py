@@ -79,8 +79,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def fleet_dir(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_fleet(base, tmp_path_factory.mktemp("fleet-dask"))
+def fleet_dir(base: Path, module_tmp_path: Path) -> Path:
+    return build_fleet(base, module_tmp_path)
 
 
 @needs_qemu

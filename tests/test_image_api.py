@@ -17,9 +17,9 @@ from qcow2ovl.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
-def snap_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def snap_image(module_tmp_path: Path) -> Path:
     """A 2 GiB image with data in two L2 ranges, two snapshots and a bitmap."""
-    d = tmp_path_factory.mktemp("api")
+    d = module_tmp_path
     path = d / "snap.qcow2"
     qi.create(path, 2 * qi.MiB * 1024)
     qi.write(path, [(0, 65536, 0xAB), (1536 * qi.MiB, 65536, 0xCD)])
