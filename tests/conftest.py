@@ -1,5 +1,6 @@
 """Test-wide settings and fixtures."""
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,19 @@ from hypothesis import settings
 # Timing is never part of a test here (machines differ, CI shares cores): no hypothesis deadline.
 settings.register_profile("qcow2ovl", deadline=None)
 settings.load_profile("qcow2ovl")
+
+
+@pytest.fixture(autouse=True)
+def _keeps_the_working_directory() -> Iterator[None]:
+    """Fail a test that leaves the process in another working directory: the folder it left us
+    in is removed with its `tmp_path`, and every later `os.getcwd()` would fail far from the
+    cause (use `monkeypatch.chdir`)."""
+    before = os.getcwd()
+    yield
+    after = os.getcwd()
+    if after != before:
+        os.chdir(before)
+        pytest.fail(f"the test left the working directory at {after} (use monkeypatch.chdir)")
 
 
 @pytest.fixture(scope="session")

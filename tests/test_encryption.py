@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import random
 import re
 import shutil
@@ -370,8 +369,10 @@ def opts_for(path: Path, secret_id: str = qi.SECRET_ID) -> str:
     return f"driver=qcow2,file.filename={path},encrypt.key-secret={secret_id}"
 
 
-def test_cli_create_prints_and_makes_what_qemu_img_does(tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_cli_create_prints_and_makes_what_qemu_img_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     extra = ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv"
     for o in (ENC, ENC + extra):
         ours = run_ours("create", "-f", "qcow2", *OBJ, "-o", o, "x.qcow2", "8M")
@@ -402,9 +403,9 @@ def test_cli_create_prints_and_makes_what_qemu_img_does(tmp_path: Path) -> None:
     ],
 )
 def test_cli_create_refusals_in_qemu_img_words(
-    objects: list[str], options: str, tmp_path: Path
+    objects: list[str], options: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     ours = run_ours("create", "-f", "qcow2", *objects, "-o", options, "x.qcow2", "1M")
     theirs = run_qemu(
         "img", "create", "-q", "-f", "qcow2", *objects, "-o", options, "x.qcow2", "1M"
