@@ -485,10 +485,11 @@ def test_discard_and_detect_zeroes_as_qemu_nbd(
     """The same trims, zeroes and writes of zeros sent to the server under test and to qemu-nbd
     with the same `--discard`/`--detect-zeroes`, each on its copy of one image: afterwards the
     two images have the same `qemu-img map` (which clusters stay allocated, which are zero or
-    freed) and the same disk, and check clean; both export the flags of a writable image (a
-    trim is offered even when it is ignored). By default (`--discard=ignore`) the trimmed data
-    is still there."""
-    maps, flags = {}, {}
+    freed), the same holes in the file (freed clusters punched out with `--discard=unmap`) and
+    the same disk, and check clean; both export the flags of a writable image (a trim is
+    offered even when it is ignored). By default (`--discard=ignore`) the trimmed data is still
+    there."""
+    maps, flags, held = {}, {}, {}
     for who in ("sut", "ref"):
         image = nc.image(tmp_path, f"{who}.qcow2", "write -P 0x11 0 2M")
         cmd = server_cmd if who == "sut" else [nc.QEMU_NBD or "qemu-nbd"]
@@ -501,7 +502,9 @@ def test_discard_and_detect_zeroes_as_qemu_nbd(
             assert server.stop() == 0, server.describe()
         assert qi.check_is_clean(qi.qemu_check(image))
         maps[who] = json.loads(qi.qemu_img("map", "--output=json", image).stdout)
+        held[who] = qi.allocated_clusters(image)
     assert maps["sut"] == maps["ref"]
+    assert held["sut"] == held["ref"]
     assert flags["sut"] == flags["ref"] == EXPECTED_FLAGS["writable"]
     _compare_identical_qcow2(tmp_path / "sut.qcow2", tmp_path / "ref.qcow2")
 

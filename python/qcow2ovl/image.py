@@ -322,8 +322,9 @@ class Image:
 
     def discard(self, offset: int, length: int) -> None:
         """Discard the whole clusters of ``[offset, offset + length)`` and free them: they then
-        read as zeros (version 3) or from the backing file (version 2). Partial clusters are
-        left alone, as QEMU does."""
+        read as zeros (version 3) or from the backing file (version 2), and the host clusters
+        no snapshot shares give their space back to the file system (holes punched, as QEMU
+        does). Partial clusters are left alone, as QEMU does."""
         with self._reporting():
             self._core.discard(offset, length)
 

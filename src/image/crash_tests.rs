@@ -69,6 +69,11 @@ impl Storage for Recording {
         self.log.lock().unwrap().push(Op::SetLen(len));
         self.inner.set_len(len)
     }
+    /// A discard is recorded as zeros written (the worst a hole can read as): a cluster freed
+    /// too early would lose bytes a crash image must still hold.
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.write_at(offset, &vec![0; len as usize])
+    }
 }
 
 /// What the disk may hold after a crash at op `n` of `log` (a write), under the three crash

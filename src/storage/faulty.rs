@@ -153,6 +153,10 @@ impl<S: Storage> Storage for FaultyStorage<S> {
         self.tick(StorageOp::SetLen)?;
         self.inner.set_len(len)
     }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -109,24 +109,11 @@ impl FileStorage {
     /// Makes `[offset, offset + len)` read as zeros: a hole punched where the file system
     /// can, zeros written where it cannot. The length of the file does not change.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        if !self.writable {
-            return Err(read_only_error());
-        }
-        let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        };
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: fallocate on an open descriptor has no memory effects.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, at, n) } == 0 {
-            return if self.cache == CacheMode::Writethrough {
-                self.file.sync_data()
-            } else {
-                Ok(())
-            };
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(err);
+        match self.punch_hole(offset, len) {
+            Ok(()) if self.cache == CacheMode::Writethrough => return self.file.sync_data(),
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(e),
+            Err(_) => {}
         }
         const STEP: u64 = 1 << 20;
         let zeros = vec![0u8; STEP.min(len) as usize];
@@ -137,6 +124,24 @@ impl FileStorage {
             done += n as u64;
         }
         Ok(())
+    }
+
+    /// Punches a hole over `[offset, offset + len)`, keeping the file's length; `EOPNOTSUPP`
+    /// where the file system cannot.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(read_only_error());
+        }
+        let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on an open descriptor has no memory effects.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, at, n) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     /// The open file (for locks on its open file description).
@@ -197,6 +202,11 @@ impl Storage for FileStorage {
             return Err(read_only_error());
         }
         self.file.set_len(len)
+    }
+
+    /// A hole punched where the file system can; no barrier (nothing depends on it).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.punch_hole(offset, len)
     }
 
     fn read_padded(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -352,6 +362,18 @@ mod tests {
         assert!(start <= 4 << 20 && end >= (4 << 20) + 4096, "{start} {end}");
         assert_eq!(f.next_data(9 << 20).unwrap(), None);
         assert!(f.allocated_bytes().unwrap() <= 8 << 20);
+        // A discarded range reads as zeros (a hole, or the old bytes where holes cannot be
+        // punched: then the error says so); the length stays.
+        f.write_at(1 << 20, &[3u8; 1 << 16]).unwrap();
+        match f.discard(1 << 20, 1 << 16) {
+            Ok(()) => {
+                let mut back = vec![1u8; 1 << 16];
+                f.read_at(1 << 20, &mut back).unwrap();
+                assert!(back.iter().all(|&b| b == 0));
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP)),
+        }
+        assert_eq!(f.len().unwrap(), 8 << 20);
         let m = MemStorage::new(vec![5; 10]);
         let mut buf = [1u8; 6];
         m.read_padded(7, &mut buf).unwrap();

@@ -95,6 +95,18 @@ impl Storage for MemStorage {
             .resize(len, 0);
         Ok(())
     }
+
+    /// Zeros over the part of the range inside the storage, as a punched hole reads.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(read_only_error());
+        }
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        let size = data.len() as u64;
+        let (start, end) = (offset.min(size), offset.saturating_add(len).min(size));
+        data[start as usize..end as usize].fill(0);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +120,10 @@ mod tests {
         exercise(&s);
         s.write_at(0, &[7]).unwrap();
         assert_eq!(s.snapshot()[0], 7);
+        s.write_at(0, &[9; 10]).unwrap();
+        s.discard(2, 3).unwrap();
+        s.discard(8, u64::MAX).unwrap();
+        assert_eq!(s.snapshot(), [9, 9, 0, 0, 0, 9, 9, 9, 0, 0]);
         assert_eq!(s.into_inner().len(), 10);
     }
 

@@ -77,6 +77,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok((offset < len).then_some((offset, len)))
     }
 
+    /// A hint that nothing reads `[offset, offset + len)` before it is written again: the
+    /// storage may give that space back (a hole punched in a file). Afterwards the range reads
+    /// as zeros or as its old bytes; the length does not change. Callers may ignore an error:
+    /// nothing depends on the space coming back. The default keeps the bytes.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// Bytes the storage really holds (a sparse file's allocated blocks); the length by default.
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()

@@ -44,6 +44,9 @@ impl Image {
         self.write_active_l1(w, &l1, &active)?;
         self.forget_freed(freed)?;
         self.write_refcounts(w)?;
+        // What the snapshot alone referenced is free on disk now: the host file gets its space
+        // back (QEMU's `pass-discard-snapshot`).
+        self.discard_free_clusters(&mut freed.to_vec());
         self.l2_cache.clear();
         self.flush_locked(w)
     }

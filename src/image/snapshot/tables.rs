@@ -97,8 +97,10 @@ impl Image {
             let first = old_offset / cs;
             let last = (old_offset + old_bytes - 1) / cs;
             self.map_remove(first * cs, last - first + 1, MetadataType::SNAPSHOT_TABLE)?;
+            // The old table's space goes back to the host file, as QEMU gives it back.
             for c in first..=last {
                 w.refcounts.free_later(c);
+                w.discard_when_free.push(c);
             }
             self.apply_decrements(w)?;
         }

@@ -12,11 +12,15 @@
 //! 5. the L1 table (entries, or a whole new table and then the header) and other header fields:
 //!    it references L2 tables (4);
 //! 6. decrements: a cluster's refcount drops only after no table on disk references it (4, 5),
-//!    so a crash before this phase leaks it and never frees it early;
+//!    so a crash before this phase leaks it and never frees it early; then the clusters a
+//!    guest discard freed give their space back to the host file (holes punched), which only
+//!    clusters free on disk may do;
 //! 7. the dirty bit of lazy refcounts is cleared last, once the refcounts on disk are exact.
 //!
 //! A crash between phases leaves, at worst, clusters with a refcount that nothing references
 //! (leaks), which `qemu-img check -r leaks` reclaims.
+
+use std::collections::HashSet;
 
 use super::guard::WriteKind;
 use super::Writer;
@@ -182,6 +186,7 @@ impl Image {
             return Ok(());
         }
         let (freed, underflow) = w.refcounts.apply_pending(self.storage.as_ref())?;
+        let discarded = std::mem::take(&mut w.discard_when_free);
         self.forget_freed(&freed)?;
         w.refcounts.old_table = None;
         self.write_dirty_blocks(w)?;
@@ -191,7 +196,28 @@ impl Image {
             Some(cluster) => Err(ImageError::Corruption(format!(
                 "refcount of cluster {cluster:#x} is already 0; cannot free it"
             ))),
-            None => Ok(()),
+            None => {
+                let discarded: HashSet<u64> = discarded.into_iter().collect();
+                let mut gone: Vec<u64> = freed
+                    .into_iter()
+                    .filter(|c| discarded.contains(c))
+                    .collect();
+                self.discard_free_clusters(&mut gone);
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives the space of `clusters` back to the host file, in runs of adjacent clusters
+    /// (sorting `clusters`). They must be free on disk already, past the barrier after their
+    /// refcount blocks: a crash then finds them free, whatever the holes read as. A failed
+    /// discard only leaves the space in use, as in QEMU.
+    pub(in crate::image) fn discard_free_clusters(&self, clusters: &mut [u64]) {
+        clusters.sort_unstable();
+        let cs = self.geometry.cluster_size();
+        let mut runs = clusters.chunk_by(|a, b| a + 1 == *b);
+        for run in &mut runs {
+            let _ = self.storage.discard(run[0] * cs, run.len() as u64 * cs);
         }
     }
 

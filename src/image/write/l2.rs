@@ -51,6 +51,13 @@ impl Replaced {
             w.refcounts.free_later(c.0);
         }
     }
+
+    /// [`Replaced::release`] for a guest discard or zero write: the clusters this frees are
+    /// also given back to the host file once their refcount of 0 is on disk.
+    pub fn release_discarding(self, w: &mut Writer) {
+        w.discard_when_free.extend(self.orphans.iter().map(|c| c.0));
+        self.release(w);
+    }
 }
 
 impl Image {

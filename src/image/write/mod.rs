@@ -88,6 +88,9 @@ pub(crate) struct Writer {
     pub notes: Vec<Note>,
     /// The persistent bitmaps this handle keeps true.
     pub bitmaps: Bitmaps,
+    /// Clusters whose queued refcount drop a guest discard or zero write made: the host file
+    /// gives their space back once they are free on disk (QEMU's `pass-discard-request`).
+    pub discard_when_free: Vec<u64>,
 }
 
 impl Writer {
@@ -115,6 +118,7 @@ impl Writer {
             compressed_cursor: None,
             notes: Vec::new(),
             bitmaps: Bitmaps::new(&scanned.bitmaps, geometry.cluster_size(), h.size),
+            discard_when_free: Vec::new(),
         })
     }
 

@@ -179,7 +179,7 @@ impl Image {
             (false, false, Some(host)) => Slot::plain(L2Entry::owned_zero(host)),
             (false, false, None) => Slot::plain(L2Entry::ZERO),
         };
-        self.l2_replace(w, l2_offset, i, new)?.release(w);
+        self.l2_replace(w, l2_offset, i, new)?.release_discarding(w);
         Ok(())
     }
 
@@ -244,7 +244,7 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use crate::format::GuestOffset;
-    use crate::image::testutil::{created, open_alone as image};
+    use crate::image::testutil::{created, open_alone as image, CS};
 
     #[test]
     fn an_emptied_image_allocates_nothing_and_checks_clean() {
@@ -271,5 +271,57 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         let report = img.check().unwrap();
         assert_eq!(report.exit_code(), 0, "{report:?}");
+    }
+
+    /// The bytes of host cluster `host` as the storage holds them.
+    fn host_bytes(storage: &crate::storage::MemStorage, host: u64) -> Vec<u8> {
+        storage.snapshot()[host as usize..(host + CS) as usize].to_vec()
+    }
+
+    #[test]
+    fn discards_and_snapshot_deletion_give_freed_space_back_other_frees_do_not() {
+        let storage = created(8 << 20);
+        let img = image(true, &storage);
+        let host = |g: u64| img.host_offset(GuestOffset(g)).unwrap().unwrap().0;
+        img.write_at(GuestOffset(0), &vec![0xab; 4 * CS as usize])
+            .unwrap();
+        img.write_at(GuestOffset(1 << 20), &vec![0xcd; CS as usize])
+            .unwrap();
+        img.write_at(GuestOffset(2 << 20), &vec![0x11; CS as usize])
+            .unwrap();
+        img.flush().unwrap();
+        let (discarded, kept, shared) = (host(CS), host(1 << 20), host(2 << 20));
+
+        // A guest discard: the freed cluster's space goes back (MemStorage reads it as zeros).
+        img.discard(GuestOffset(CS), CS).unwrap();
+        img.flush().unwrap();
+        assert_eq!(host_bytes(&storage, discarded), vec![0; CS as usize]);
+        assert_eq!(host_bytes(&storage, kept), vec![0xcd; CS as usize]);
+
+        // A copy-on-write leaves the snapshot's cluster alone; deleting the snapshot frees it
+        // and gives it back.
+        img.create_snapshot("s", None, 0).unwrap();
+        img.write_at(GuestOffset(2 << 20), &vec![0x22; CS as usize])
+            .unwrap();
+        img.flush().unwrap();
+        assert_ne!(host(2 << 20), shared);
+        assert_eq!(host_bytes(&storage, shared), vec![0x11; CS as usize]);
+        img.delete_snapshot("s").unwrap();
+        assert_eq!(host_bytes(&storage, shared), vec![0; CS as usize]);
+
+        // Other frees keep their bytes (QEMU's pass-discard-other is off): the L1 table a
+        // resize moved away from.
+        let old_l1 = img.header().l1_table_offset;
+        img.resize(1 << 40).unwrap();
+        img.flush().unwrap();
+        assert_ne!(host_bytes(&storage, old_l1), vec![0; CS as usize]);
+
+        let report = img.check().unwrap();
+        assert_eq!(report.exit_code(), 0, "{report:?}");
+        let mut buf = vec![0u8; 4 * CS as usize];
+        img.read_at(GuestOffset(0), &mut buf).unwrap();
+        assert!(buf[..CS as usize].iter().all(|&b| b == 0xab));
+        assert!(buf[CS as usize..2 * CS as usize].iter().all(|&b| b == 0));
+        assert!(buf[2 * CS as usize..].iter().all(|&b| b == 0xab));
     }
 }
