@@ -286,12 +286,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"qcow2ovl: can't open{device}: {text}", file=sys.stderr)
         return 1
     if image.info.encrypted and target.secret is None:
+        from qcow2ovl._core import KEY_SECRET_REQUIRED
+
         # qemu-io opens no encrypted image without its secret.
         image.close()
-        print(
-            f"qcow2ovl: can't open{device}: Parameter 'encrypt.key-secret' is required for cipher",
-            file=sys.stderr,
-        )
+        print(f"qcow2ovl: can't open{device}: {KEY_SECRET_REQUIRED}", file=sys.stderr)
         return 1
     ok = True
     with image:

@@ -381,10 +381,7 @@ def _serve(args: argparse.Namespace, cache: str, read_only: bool, activated: boo
     if image.info.encrypted and target.secret is None:
         # qemu-nbd serves no encrypted image without its secret.
         image.close()
-        raise _Refused(
-            f"Failed to blk_new_open '{args.image}': Parameter 'encrypt.key-secret' is "
-            "required for cipher"
-        )
+        raise _Refused(f"Failed to blk_new_open '{args.image}': {_core.KEY_SECRET_REQUIRED}")
     with contextlib.ExitStack() as held, image:
         server = _core.NbdServer(
             image._core,

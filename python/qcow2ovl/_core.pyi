@@ -9,6 +9,7 @@ from typing_extensions import Buffer
 from qcow2ovl.types import MetadataType
 
 __all__ = [
+    "KEY_SECRET_REQUIRED",
     "ExtentIterator",
     "ExtentList",
     "Image",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 __version__: str
+KEY_SECRET_REQUIRED: str
 
 @final
 class MetadataMap:

@@ -90,14 +90,12 @@ class _Disk:
                 path, overlap_check="none", force_share=force_share, secret=secret
             )
             if self.image.info.encrypted and secret is None:
+                from qcow2ovl._core import KEY_SECRET_REQUIRED
                 from qcow2ovl.errors import EncryptionError
 
                 self.image.close()
                 # qemu-img's words: it cannot open an encrypted image without its secret.
-                raise EncryptionError(
-                    f"Could not open '{path}': Parameter 'encrypt.key-secret' is required for "
-                    "cipher"
-                )
+                raise EncryptionError(f"Could not open '{path}': {KEY_SECRET_REQUIRED}")
             self.size = self.image.virtual_size
             self.file_size = self.size
         else:

@@ -184,7 +184,7 @@ def _encrypt_options(encrypt: Mapping[str, object]) -> dict[str, object]:
         raise _not_accepted("format", fmt)
     secret = encrypt.get("key_secret")
     if secret is None:
-        raise ValueError("Parameter 'encrypt.key-secret' is required for cipher")
+        raise ValueError(_core.KEY_SECRET_REQUIRED)
     if isinstance(secret, str):
         secret = secret.encode()
     if not isinstance(secret, (bytes, bytearray, memoryview)):

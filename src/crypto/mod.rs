@@ -61,6 +61,10 @@ pub mod luks;
 pub mod luks_header;
 
 pub use af::HashAlg;
+
+/// QEMU's words for an encrypted image opened, or created, without the secret of its key
+/// (`qcow2ovl._core.KEY_SECRET_REQUIRED` to Python, which says it in the same words).
+pub const KEY_SECRET_REQUIRED: &str = "Parameter 'encrypt.key-secret' is required for cipher";
 pub use cipher::{CipherAlg, CipherMode, IvGenAlg, SectorCipher, SECTOR_SIZE};
 pub use luks::{Luks, LuksCreateOptions};
 pub use luks_header::{KeySlot, LuksHeader, LuksInfo, LuksParams, LuksSlotInfo};

@@ -24,6 +24,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use zeroize::Zeroizing;
+
 use crate::crypto;
 use crate::format::header::{CRYPT_AES, CRYPT_NONE};
 use crate::image::{Image, ImageError};
@@ -40,12 +42,12 @@ const PARALLEL_AT: usize = 512 << 10;
 /// A secret given to unlock an encrypted image (QEMU's `encrypt.key-secret`). Its bytes never
 /// appear in `Debug` output or messages, and are overwritten when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(Zeroizing<Vec<u8>>);
 
 impl Secret {
     /// A secret holding these bytes.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
-        Secret(bytes.into())
+        Secret(Zeroizing::new(bytes.into()))
     }
 
     /// The secret's bytes.
@@ -58,21 +60,6 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(..)")
     }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        wipe(&mut self.0);
-    }
-}
-
-/// Overwrites `bytes` with zeros in a way the optimiser may not drop.
-pub(crate) fn wipe(bytes: &mut [u8]) {
-    for b in bytes.iter_mut() {
-        // SAFETY: `b` is a valid, aligned, exclusive reference to one byte.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 /// A sector cipher with its key: ciphers whole 512-byte sectors in place, the sector number
@@ -201,18 +188,17 @@ pub(crate) fn unlock(
 /// QEMU's legacy qcow AES key: the passphrase's first 16 bytes, zero-padded; AES-128-CBC with
 /// plain64 IVs from guest sector numbers.
 fn legacy_aes(secret: &[u8]) -> Result<crypto::SectorCipher, ImageError> {
-    let mut key = [0u8; 16];
+    let mut key = Zeroizing::new([0u8; 16]);
     let n = secret.len().min(16);
     key[..n].copy_from_slice(&secret[..n]);
-    let cipher = crypto::SectorCipher::new(
+    crypto::SectorCipher::new(
         crypto::CipherAlg::Aes128,
         crypto::CipherMode::Cbc,
         crypto::IvGenAlg::Plain64,
         None,
-        &key,
-    );
-    wipe(&mut key);
-    cipher.map_err(crypto_err)
+        key.as_slice(),
+    )
+    .map_err(crypto_err)
 }
 
 /// A LUKS-layer error as an image error (its message is QEMU's where QEMU has one).
@@ -247,8 +233,8 @@ impl Image {
     /// The error for guest data of an encrypted image opened without its secret.
     fn locked_error(method: &str) -> ImageError {
         ImageError::Encryption(format!(
-            "Guest data of this {method}-encrypted image needs its secret: Parameter \
-             'encrypt.key-secret' is required for cipher"
+            "Guest data of this {method}-encrypted image needs its secret: {}",
+            crate::crypto::KEY_SECRET_REQUIRED
         ))
     }
 

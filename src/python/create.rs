@@ -121,11 +121,7 @@ fn luks_options(encrypt: &Bound<'_, PyDict>) -> PyResult<(LuksCreateOptions, Sec
     }
     let secret = match encrypt.get_item("key_secret")? {
         Some(v) => Secret::new(v.extract::<Vec<u8>>()?),
-        None => {
-            return Err(PyValueError::new_err(
-                "Parameter 'encrypt.key-secret' is required for cipher",
-            ))
-        }
+        None => return Err(PyValueError::new_err(crate::crypto::KEY_SECRET_REQUIRED)),
     };
     Ok((opts, secret))
 }

@@ -22,6 +22,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("KEY_SECRET_REQUIRED", crate::crypto::KEY_SECRET_REQUIRED)?;
     m.add_class::<map::PyMetadataMap>()?;
     m.add_class::<map::PyNaiveChecker>()?;
     m.add_class::<image::PyImage>()?;
