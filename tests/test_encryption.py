@@ -565,3 +565,44 @@ def test_metadata_verbs_take_image_opts_as_qemu_img(
     secret here, and print what qemu-img prints with one)."""
     args = [*verb, *OBJ, "--image-opts", opts_for(made[IMAGE_KEYS[0]].path)]
     same_words(run_ours(*args), run_qemu("img", *args), "img")
+
+
+#: Commands that change or measure only metadata, in qemu-img's `--object`/`--image-opts`
+#: form (`{}` is the options string); the last two name a secret no `--object` defines.
+METADATA_COMMANDS = [
+    ["resize", *OBJ, "--image-opts", "{}", "+1M"],
+    ["bitmap", *OBJ, "--add", "--image-opts", "{}", "b0"],
+    ["rebase", *OBJ, "-u", "-b", "", "--image-opts", "{}"],
+    ["measure", *OBJ, "-O", "qcow2", "--image-opts", "{}"],
+    ["check", *OBJ, "--image-opts", "{sec9}"],
+    ["resize", *OBJ, "--image-opts", "{sec9}", "+1M"],
+]
+
+
+@pytest.mark.parametrize("command", METADATA_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_metadata_commands_take_image_opts_as_qemu_img(
+    command: list[str],
+    made: dict[str, qi.ImageRef],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`resize`, `bitmap`, `rebase` and `measure` accept qemu-img's `--object`/`--image-opts`
+    form too, print what qemu-img prints (or refuse in its words), and leave twin images with
+    the same metadata. (Each twin is `disk.qcow2` in its own folder, so that the messages that
+    name it are the same.)"""
+    infos = []
+    for who in ("ours", "theirs"):
+        (tmp_path / who).mkdir()
+        monkeypatch.chdir(tmp_path / who)
+        path = Path("disk.qcow2")
+        shutil.copyfile(made[IMAGE_KEYS[0]].path, path)
+        opts = {"{}": opts_for(path), "{sec9}": opts_for(path, "sec9")}
+        args = [opts.get(a, a) for a in command]
+        if who == "ours":
+            ours = run_ours(*args)
+        else:
+            theirs = run_qemu("img", *args)
+        info = qi.qemu_info(qi.ImageRef(path, secret=True))
+        infos.append({k: v for k, v in info.items() if k not in ("filename", "children")})
+    same_words(ours, theirs, "img")
+    assert infos[0] == infos[1]

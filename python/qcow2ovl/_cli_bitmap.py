@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="which metadata types guard the writes (QEMU's overlap-check syntax; default: all)",
     )
     p.add_argument("operands", nargs="*", metavar="IMAGE BITMAP")
+    from qcow2ovl._cli_secrets import add_metadata_arguments
+
+    add_metadata_arguments(p, "operands")
     p.set_defaults(func=run, actions=[])
 
 

@@ -185,6 +185,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-s", "--size", dest="size", metavar="SIZE", help="a disk of this size")
     add_force_share(p)
     p.add_argument("files", nargs="*", metavar="IMAGE", help="the image to copy")
+    from qcow2ovl._cli_secrets import add_metadata_arguments
+
+    add_metadata_arguments(p, "files")
     p.set_defaults(func=run)
 
 

@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("-p", "--progress", action="store_true", help="show progress")
     p.add_argument("-q", "--quiet", action="store_true", help="quiet operation")
     p.add_argument("operands", nargs="*", metavar="IMAGE")
+    from qcow2ovl._cli_secrets import add_metadata_arguments
+
+    add_metadata_arguments(p, "operands")
     p.set_defaults(func=run)
 
 

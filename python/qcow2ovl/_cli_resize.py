@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="which metadata types guard the writes (QEMU's overlap-check syntax; default: all)",
     )
     p.add_argument("operands", nargs="*", metavar="IMAGE SIZE")
+    from qcow2ovl._cli_secrets import add_metadata_arguments
+
+    add_metadata_arguments(p, "operands")
     # qemu-img takes "-1G" after the image as a size: so does this parser (any word starting
     # with a minus and a digit is an operand).
     p._negative_number_matcher = re.compile(r"-\d")

@@ -143,8 +143,9 @@ class ImageOpts:
 _IGNORED_KEYS = frozenset({"file.driver", "file.locking", "node-name"})
 
 
-def image_opts(spec: str, found: dict[str, bytes]) -> ImageOpts:
-    """The image an ``--image-opts`` string names, with its secret looked up in *found*."""
+def image_opts(spec: str, found: dict[str, bytes], *, lookup: bool = True) -> ImageOpts:
+    """The image an ``--image-opts`` string names, with its secret looked up in *found*
+    (unless not *lookup*: then an unknown secret is no error, and none is given)."""
     opts: dict[str, str | None] = {}
     for key, value in split_options(spec):
         if value is None:
@@ -165,7 +166,7 @@ def image_opts(spec: str, found: dict[str, bytes]) -> ImageOpts:
         raise OptionsError(
             f"Block format '{driver}' does not support the option '{next(iter(opts))}'"
         )
-    secret = secret_by_id(found, secret_id) if secret_id is not None else None
+    secret = secret_by_id(found, secret_id) if secret_id is not None and lookup else None
     return ImageOpts(filename=filename, driver=driver, secret=secret)
 
 
@@ -189,12 +190,34 @@ def add_arguments(p: argparse.ArgumentParser, *, image_opts: bool = True) -> Non
         )
 
 
-def add_metadata_arguments(p: argparse.ArgumentParser) -> None:
+def add_metadata_arguments(p: argparse.ArgumentParser, dest: str = "image") -> None:
     """``--object`` and ``--image-opts`` on a command that reads metadata only (``info``,
-    ``map``, ``check``, ``snapshot``): accepted as qemu-img accepts them, the image argument
-    resolved to its file before the command runs; no secret is needed."""
+    ``map``, ``check``, ``snapshot``, ``resize``, ``bitmap``, ``measure``, ``rebase``):
+    accepted as qemu-img accepts them, the image argument (attribute *dest*, or the first of
+    that list) resolved to its file before the command runs; no secret is needed."""
     add_arguments(p)
-    p.set_defaults(metadata_image_opts=True)
+    p.set_defaults(metadata_image_opts=dest)
+
+
+def resolve_metadata_image(args: Any) -> None:
+    """Replaces the image argument of a command of `add_metadata_arguments` by the file it
+    names. Raises `OptionsError` in qemu-img's words: an options string it cannot open is named
+    (``Could not open 'SPEC': ...``), but for ``info``, which opens no guest data and so looks
+    up no secret (an unknown one is no error there, as in qemu-img)."""
+    found = secrets(args.objects)
+    dest = args.metadata_image_opts
+    value = getattr(args, dest)
+    spec = value[0] if isinstance(value, list) and value else value
+    if not args.image_opts or not isinstance(spec, str):
+        return
+    try:
+        filename = image_opts(spec, found, lookup=args.command != "info").filename
+    except OptionsError as exc:
+        raise OptionsError(f"Could not open '{spec}': {exc}") from None
+    if isinstance(value, list):
+        value[0] = filename
+    else:
+        setattr(args, dest, filename)
 
 
 def resolve(args: Any, image: str) -> ImageOpts:

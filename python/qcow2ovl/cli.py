@@ -242,7 +242,7 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     # What `_cli_secrets.add_metadata_arguments` gives the parsed forms (no --object here).
     values["objects"] = []
     values["image_opts"] = False
-    values["metadata_image_opts"] = True
+    values["metadata_image_opts"] = "image"
     if argv[0] == "info":
         values.setdefault("backing_chain", False)
     if argv[0] == "map":
@@ -276,10 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if getattr(args, "metadata_image_opts", False) and (args.image_opts or args.objects):
         # (Imported only then: plain `info` and `map` start in about the time Python does.)
-        from qcow2ovl._cli_secrets import OptionsError, resolve
+        from qcow2ovl._cli_secrets import OptionsError, resolve_metadata_image
 
         try:
-            args.image = resolve(args, args.image).filename
+            resolve_metadata_image(args)
         except OptionsError as exc:
             print(f"qcow2ovl: {exc}", file=sys.stderr)
             return 1
