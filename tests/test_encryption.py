@@ -19,6 +19,7 @@ import hashlib
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -606,3 +607,37 @@ def test_metadata_commands_take_image_opts_as_qemu_img(
         infos.append({k: v for k, v in info.items() if k not in ("filename", "children")})
     same_words(ours, theirs, "img")
     assert infos[0] == infos[1]
+
+
+def luks_area(path: Path) -> int:
+    """Where the LUKS header of qcow2 image *path* starts (its crypto header extension)."""
+    data = path.read_bytes()[:65536]
+    (at,) = struct.unpack_from(">I", data, 100)
+    while at + 8 <= len(data):
+        kind, length = struct.unpack_from(">II", data, at)
+        if kind == 0x0537BE77:
+            return int(struct.unpack_from(">Q", data, at + 8)[0])
+        assert kind != 0, "no crypto header extension"
+        at += 8 + (length + 7) // 8 * 8
+    raise AssertionError("no crypto header extension")
+
+
+@pytest.mark.parametrize(
+    "where, byte", [(1, 0), (7, 9), (40, ord("q"))], ids=["magic", "version", "mode"]
+)
+def test_info_refuses_a_damaged_luks_header_in_qemu_words(
+    where: int, byte: int, made: dict[str, qi.ImageRef], tmp_path: Path
+) -> None:
+    """`info` reads the LUKS header as QEMU opens it, without the secret: a damaged one is
+    refused with QEMU's message (after the file's name, as our other open errors)."""
+    path = tmp_path / "d.qcow2"
+    shutil.copyfile(made[IMAGE_KEYS[0]].path, path)
+    with open(path, "r+b") as f:
+        f.seek(luks_area(path) + where)
+        f.write(bytes([byte]))
+    ours = run_ours("info", str(path))
+    theirs = run_qemu("img", "info", str(path))
+    assert ours.returncode == theirs.returncode == 1
+    prefix = f"qemu-img: Could not open '{path}': "
+    assert theirs.stderr.startswith(prefix), theirs.stderr
+    assert ours.stderr == f"qcow2ovl: {path}: {theirs.stderr.removeprefix(prefix)}"

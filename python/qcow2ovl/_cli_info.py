@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 
 from qcow2ovl._format import size_text, size_with_bytes, snapshot_list_lines
 
@@ -60,19 +59,6 @@ _SNAPSHOT_KEYS = (
     "vm-clock-sec",
     "id",
     "vm-state-size",
-)
-_LUKS_KEYS = (
-    "ivgen-alg",
-    "detached-header",
-    "hash-alg",
-    "cipher-alg",
-    "uuid",
-    "ivgen-hash-alg",
-    "format",
-    "cipher-mode",
-    "slots",
-    "payload-offset",
-    "master-key-iters",
 )
 #: The icount QEMU records when record/replay was off (no ``icount`` key then).
 _ICOUNT_OFF = (1 << 64) - 1
@@ -196,46 +182,6 @@ def full_backing_filename(path: str, backing: str) -> str:
     return path[: path.rfind("/") + 1] + backing
 
 
-def _luks(path: str, offset: int) -> dict[str, Any]:
-    """QEMU's ``encrypt`` object of a LUKS header at *offset* of the file."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        raw = f.read(592)
-    cipher, mode, hash_spec = (
-        raw[8 + 32 * i : 40 + 32 * i].split(b"\0")[0].decode() for i in range(3)
-    )
-    payload, key_bytes = struct.unpack_from(">II", raw, 104)
-    (mk_iters,) = struct.unpack_from(">I", raw, 164)
-    uuid = raw[168:208].split(b"\0")[0].decode()
-    cipher_mode, _, ivgen = mode.partition("-")
-    ivgen_alg, _, ivgen_hash = ivgen.partition(":")
-    bits = key_bytes * 8 // (2 if cipher_mode == "xts" else 1)
-    d: dict[str, Any] = {
-        "ivgen-alg": ivgen_alg,
-        "detached-header": False,
-        "hash-alg": hash_spec,
-        "cipher-alg": f"{cipher}-{bits}" if cipher in ("aes", "serpent", "twofish") else cipher,
-        "uuid": uuid,
-        "format": "luks",
-        "cipher-mode": cipher_mode,
-        "slots": [],
-        "payload-offset": payload * 512,
-        "master-key-iters": mk_iters,
-    }
-    if ivgen_alg == "essiv":
-        d["ivgen-hash-alg"] = ivgen_hash
-    for i in range(8):
-        active, iters, key_sector, stripes = struct.unpack_from(">II32xII", raw, 208 + 48 * i)
-        slot: dict[str, Any] = {"active": active == 0x00AC71F3}
-        if slot["active"]:
-            slot["iters"] = iters
-        slot["key-offset"] = key_sector * 512
-        if slot["active"]:
-            slot["stripes"] = stripes
-        d["slots"].append(slot)
-    return _ordered(d, _LUKS_KEYS)
-
-
 def image_info(image: Image) -> dict[str, Any]:
     """``qemu-img info --output=json``'s object for *image*, plus ``"qcow2ovl"``: our own facts
     (``docs/cli.md``)."""
@@ -266,8 +212,8 @@ def image_info(image: Image) -> dict[str, Any]:
         data["data-file-raw"] = "raw external data" in i.features
     if i.crypt_method == 1:
         data["encrypt"] = {"format": "aes"}
-    elif i.crypt_method == 2 and i.crypto_header is not None:
-        data["encrypt"] = _luks(path, i.crypto_header[0])
+    elif (luks := image._core.luks_info()) is not None:
+        data["encrypt"] = luks
     snapshots = image.snapshots
     d: dict[str, Any] = {
         "children": [{"name": "file", "info": _file_node(path, st)}],

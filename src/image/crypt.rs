@@ -27,7 +27,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::crypto;
-use crate::format::header::{CRYPT_AES, CRYPT_NONE};
+use crate::format::header::{CRYPT_AES, CRYPT_LUKS, CRYPT_NONE};
 use crate::image::{Image, ImageError};
 use crate::scan::ScannedImage;
 use crate::storage::Storage;
@@ -183,6 +183,25 @@ pub(crate) fn unlock(
         iv: IvFrom::Host,
         writable: true,
     })
+}
+
+impl Image {
+    /// The `encrypt` object `qemu-img info` shows for a LUKS image, from its header read and
+    /// checked as QEMU opens one (no secret needed, QEMU's words for a bad header); `None` for
+    /// an image that is not LUKS-encrypted.
+    pub fn luks_info(&self) -> Result<Option<crypto::LuksInfo>, ImageError> {
+        let header = &self.scanned.header;
+        let Some((offset, _)) = header.crypto_header() else {
+            return Ok(None);
+        };
+        if header.crypt_method != CRYPT_LUKS {
+            return Ok(None);
+        }
+        let mut area = vec![0u8; crypto::luks_header::LUKS_HEADER_LEN];
+        self.storage.read_padded(offset, &mut area)?;
+        let (luks, params) = crypto::LuksHeader::parse(&area).map_err(crypto_err)?;
+        Ok(Some(luks.info(&params)))
+    }
 }
 
 /// QEMU's legacy qcow AES key: the passphrase's first 16 bytes, zero-padded; AES-128-CBC with

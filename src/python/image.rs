@@ -257,6 +257,51 @@ pub(crate) fn locking_notice(mode: &str) -> PyResult<Option<&'static str>> {
 
 #[pymethods]
 impl PyImage {
+    /// The `encrypt` object of `qemu-img info --output=json` for a LUKS image (QEMU's keys, in
+    /// its order), or None when the image is not LUKS-encrypted. A bad header is refused in
+    /// QEMU's words, after the file's name.
+    fn luks_info<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let found = self.image()?.luks_info();
+        let found = match (found, self.name.as_deref()) {
+            (Err(e), Some(name)) => return Err(image_err(e.in_file(name))),
+            (found, _) => found.map_err(image_err)?,
+        };
+        let Some(i) = found else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("ivgen-alg", i.ivgen_alg.to_string())?;
+        d.set_item("detached-header", i.detached_header)?;
+        d.set_item("hash-alg", i.hash_alg.to_string())?;
+        d.set_item("cipher-alg", i.cipher_alg.to_string())?;
+        d.set_item("uuid", &i.uuid)?;
+        if let Some(h) = i.ivgen_hash_alg {
+            d.set_item("ivgen-hash-alg", h.to_string())?;
+        }
+        d.set_item("format", "luks")?;
+        d.set_item("cipher-mode", i.cipher_mode.to_string())?;
+        let slots = i
+            .slots
+            .iter()
+            .map(|s| {
+                let slot = PyDict::new(py);
+                slot.set_item("active", s.active)?;
+                if let Some(n) = s.iters {
+                    slot.set_item("iters", n)?;
+                }
+                slot.set_item("key-offset", s.key_offset)?;
+                if let Some(n) = s.stripes {
+                    slot.set_item("stripes", n)?;
+                }
+                Ok(slot)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        d.set_item("slots", slots)?;
+        d.set_item("payload-offset", i.payload_offset)?;
+        d.set_item("master-key-iters", i.master_key_iters)?;
+        Ok(Some(d))
+    }
+
     /// Header facts as a dict (the Python layer turns it into `ImageInfo`).
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let img = self.image()?;
