@@ -24,8 +24,8 @@ use pyo3::types::{PyBytes, PyDict};
 use super::args::{limit_obj, range_obj, types_obj, types_to_py, u64_obj};
 use super::errors::{image_err, image_err_in};
 use super::extents::PyExtentList;
-use crate::format::features::{compression_name, feature_names};
-use crate::format::{CompatibleFeatures, GuestOffset, HostOffset};
+use super::facts;
+use crate::format::{GuestOffset, HostOffset};
 use crate::image::{Image, ImageError, NoteLevel, OpenOptions, Secret};
 use crate::lock::Locking;
 use crate::storage::CacheMode;
@@ -147,7 +147,7 @@ impl PyImage {
         op: impl FnOnce(&Image) -> Result<crate::format::SnapshotEntry, ImageError> + Send,
     ) -> PyResult<Bound<'py, PyDict>> {
         let entry = self.detached(py, op)?;
-        snapshot_dict(py, &entry)
+        facts::snapshot_dict(py, &entry)
     }
 }
 
@@ -266,73 +266,12 @@ impl PyImage {
             (Err(e), Some(name)) => return Err(image_err(e.in_file(name))),
             (found, _) => found.map_err(image_err)?,
         };
-        let Some(i) = found else {
-            return Ok(None);
-        };
-        let d = PyDict::new(py);
-        d.set_item("ivgen-alg", i.ivgen_alg.to_string())?;
-        d.set_item("detached-header", i.detached_header)?;
-        d.set_item("hash-alg", i.hash_alg.to_string())?;
-        d.set_item("cipher-alg", i.cipher_alg.to_string())?;
-        d.set_item("uuid", &i.uuid)?;
-        if let Some(h) = i.ivgen_hash_alg {
-            d.set_item("ivgen-hash-alg", h.to_string())?;
-        }
-        d.set_item("format", "luks")?;
-        d.set_item("cipher-mode", i.cipher_mode.to_string())?;
-        let slots = i
-            .slots
-            .iter()
-            .map(|s| {
-                let slot = PyDict::new(py);
-                slot.set_item("active", s.active)?;
-                if let Some(n) = s.iters {
-                    slot.set_item("iters", n)?;
-                }
-                slot.set_item("key-offset", s.key_offset)?;
-                if let Some(n) = s.stripes {
-                    slot.set_item("stripes", n)?;
-                }
-                Ok(slot)
-            })
-            .collect::<PyResult<Vec<_>>>()?;
-        d.set_item("slots", slots)?;
-        d.set_item("payload-offset", i.payload_offset)?;
-        d.set_item("master-key-iters", i.master_key_iters)?;
-        Ok(Some(d))
+        found.map(|i| facts::luks_info_dict(py, &i)).transpose()
     }
 
     /// Header facts as a dict (the Python layer turns it into `ImageInfo`).
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let img = self.image()?;
-        let h = img.header();
-        let d = PyDict::new(py);
-        d.set_item("version", h.version)?;
-        d.set_item("virtual_size", h.size)?;
-        d.set_item("cluster_size", h.cluster_size())?;
-        d.set_item("refcount_bits", h.refcount_bits())?;
-        d.set_item("compression_type", compression_name(h.compression_type))?;
-        d.set_item("extended_l2", h.is_extended_l2())?;
-        d.set_item("crypt_method", h.crypt_method)?;
-        d.set_item(
-            "lazy_refcounts",
-            h.compatible_features
-                .contains(CompatibleFeatures::LAZY_REFCOUNTS),
-        )?;
-        d.set_item("dirty", h.is_dirty())?;
-        d.set_item("corrupt", h.is_corrupt())?;
-        d.set_item("backing_file", h.backing_file.as_deref())?;
-        d.set_item("backing_format", h.backing_format())?;
-        d.set_item("data_file", h.data_file())?;
-        d.set_item("features", feature_names(h))?;
-        d.set_item("l1_table_offset", h.l1_table_offset)?;
-        d.set_item("l1_size", h.l1_size)?;
-        d.set_item("refcount_table_offset", h.refcount_table_offset)?;
-        d.set_item("refcount_table_clusters", h.refcount_table_clusters)?;
-        d.set_item("snapshots_offset", h.snapshots_offset)?;
-        d.set_item("crypto_header", h.crypto_header())?;
-        d.set_item("file_size", img.file_len())?;
-        Ok(d)
+        facts::info_dict(py, &*self.image()?)
     }
 
     /// The snapshot list as dicts (as it is now).
@@ -340,7 +279,7 @@ impl PyImage {
         self.image()?
             .snapshots()
             .iter()
-            .map(|s| snapshot_dict(py, s))
+            .map(|s| facts::snapshot_dict(py, s))
             .collect()
     }
 
@@ -776,23 +715,4 @@ fn readinto_buffer(
     .map_err(|e| image_err_in(e, name))?;
     drop(view);
     Ok(len)
-}
-
-/// A snapshot entry as the dict `qcow2ovl.Snapshot` is built from.
-fn snapshot_dict<'py>(
-    py: Python<'py>,
-    s: &crate::format::SnapshotEntry,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("id", &s.id)?;
-    d.set_item("name", &s.name)?;
-    d.set_item("l1_table_offset", s.l1_table_offset)?;
-    d.set_item("l1_size", s.l1_size)?;
-    d.set_item("vm_state_size", s.vm_state_bytes())?;
-    d.set_item("date_sec", s.date_sec)?;
-    d.set_item("date_nsec", s.date_nsec)?;
-    d.set_item("vm_clock_nsec", s.vm_clock_nsec)?;
-    d.set_item("disk_size", s.disk_size)?;
-    d.set_item("icount", s.icount)?;
-    Ok(d)
 }

@@ -10,6 +10,7 @@ mod convert;
 mod create;
 mod errors;
 mod extents;
+mod facts;
 mod fileobj;
 mod image;
 mod map;
