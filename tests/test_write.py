@@ -547,14 +547,19 @@ ZERO_AND_DISCARD_LINES = [
     "write -P 0x22 800M 64k",
     "write -z 800M 100",  # part of a data cluster: zeros written
     "write -z -u 3M 100",  # part of a zero cluster: stays zero
+    "write -P 0x33 900M 64k",
+    "write -z 900M 64k",  # a whole data cluster: v3 keeps it as zeros, v2 discards it
 ]
 
 
-@pytest.mark.parametrize("opts", [{}, {"cluster_size": 4096}])
+@pytest.mark.parametrize(
+    "opts", [{}, {"cluster_size": 4096}, {"compat": "0.10"}], ids=["v3", "v3-4k", "v2"]
+)
 def test_zeroes_and_discards_allocate_as_qemu_io(opts: dict[str, object], tmp_path: Path) -> None:
-    """The same zero writes and discards through qemu-io and through ours, on twin version 3
-    images without a backing file: `qemu-img map` shows the same clusters allocated, zero or
-    left alone (host offsets aside: allocation order differs), and the disks are the same."""
+    """The same zero writes and discards through qemu-io and through ours, on twin images
+    without a backing file: `qemu-img map` shows the same clusters allocated, zero or left
+    alone (host offsets aside: allocation order differs), and the disks are the same. (Version
+    2 has no zero flag: QEMU zeroes whole clusters there by discarding them.)"""
     theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
     qi.create(theirs, 1 << 30, opts=opts)
     shutil.copyfile(theirs, ours)

@@ -10,8 +10,10 @@ use crate::image::{Image, ImageError};
 
 impl Image {
     /// Makes `[offset, offset + len)` read as zeros: whole clusters by the zero flag (version 3;
-    /// with `unmap`, their clusters are freed), partial ones by writing zeros. Version 2 images
-    /// have no zero flag and get zeros written.
+    /// with `unmap`, their clusters are freed), partial ones by writing zeros. Version 2 has no
+    /// zero flag: without a backing file a whole cluster (or one whose rest reads zeros
+    /// already) is discarded, which makes it read zeros, as QEMU zeroes it; otherwise zeros are
+    /// written.
     pub fn write_zeroes(
         &self,
         guest: GuestOffset,
@@ -24,12 +26,15 @@ impl Image {
         let cs = self.geometry.cluster_size() as usize;
         let zeros = vec![0u8; cs];
         let v3 = w.header.version >= 3;
+        let v2_discards = !v3 && self.scanned.header.backing_file.is_none();
         let r = self
             .for_each_piece(
                 guest.0,
                 len,
                 |img, w, cluster, at, n| {
-                    if v3 && n == cs {
+                    if v2_discards && (n == cs || img.reads_zeros_without_data(w, cluster)?) {
+                        img.zero_cluster(w, cluster, true, true, true)
+                    } else if v3 && n == cs {
                         img.zero_cluster(w, cluster, unmap, false, false)
                     } else if v3 && img.geometry.is_extended_l2() {
                         img.zero_subclusters(w, cluster, at, n)
