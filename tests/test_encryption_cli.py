@@ -295,7 +295,8 @@ def test_info_refuses_a_damaged_luks_header_in_qemu_words(
     where: int, byte: int, made: dict[str, qi.ImageRef], tmp_path: Path
 ) -> None:
     """`info` reads the LUKS header as QEMU opens it, without the secret: a damaged one is
-    refused with QEMU's message (after the file's name, as our other open errors)."""
+    refused with QEMU's message (after the file's name, as our other open errors), and
+    `inspect` gives the image no clean verdict, for that reason."""
     path = tmp_path / "d.qcow2"
     shutil.copyfile(made[IMAGE_KEYS[0]].path, path)
     with open(path, "r+b") as f:
@@ -307,3 +308,6 @@ def test_info_refuses_a_damaged_luks_header_in_qemu_words(
     prefix = f"qemu-img: Could not open '{path}': "
     assert theirs.stderr.startswith(prefix), theirs.stderr
     assert ours.stderr == f"qcow2ovl: {path}: {theirs.stderr.removeprefix(prefix)}"
+    verdict = qcow2ovl.inspect(path)
+    assert not verdict.safe
+    assert verdict.reasons == (ours.stderr.removeprefix("qcow2ovl: ").rstrip("\n"),)

@@ -107,7 +107,11 @@ def inspect(
             raise
         return Verdict(name, False, False, (f"unreadable: {exc.strerror or exc}",), {})
     with image:
-        facts: dict[str, Any] = image_info(image)
+        try:
+            facts: dict[str, Any] = image_info(image)
+        except Qcow2Error as exc:
+            # A LUKS header QEMU refuses to open the image for (in its words).
+            return Verdict(name, False, True, (str(exc),), {"filename": name, "format": "qcow2"})
         facts.pop("qcow2ovl", None)
         info = image.info
         if info.backing_file is not None:
